@@ -1,0 +1,24 @@
+"""sftkit: supervised fine-tuning of Qwen3 models with one accelerate loop.
+
+`from sftkit import SFTConfig, SFTTrainer, SFTDataset`. Imports are lazy so that `sftkit --help`
+stays instant (torch and transformers take seconds to import).
+"""
+
+__version__ = "0.1.0"
+__all__ = ["SFTConfig", "SFTTrainer", "SFTDataset", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "SFTConfig":
+        from sftkit.config import SFTConfig
+
+        return SFTConfig
+    if name == "SFTTrainer":
+        from sftkit.trainer import SFTTrainer
+
+        return SFTTrainer
+    if name == "SFTDataset":
+        from sftkit.dataset import SFTDataset
+
+        return SFTDataset
+    raise AttributeError(f"module 'sftkit' has no attribute {name!r}")

@@ -1,0 +1,123 @@
+"""Checkpoints and the final model. Every write goes to a temporary directory that is renamed
+into place, so `latest` never finds a half-written checkpoint.
+
+checkpoint-N/
+  state/              accelerate.save_state: weights, optimizer, scheduler, RNG of every rank
+  model/              the model or adapter in Hugging Face format (eval and merge-lora read it)
+  trainer_state.json  step, micro-batches consumed, metrics so far
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from sftkit.accel import is_zero3
+from sftkit.errors import ConfigError
+from sftkit.io import atomic_write_json
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    found = [p for p in out_dir.glob("checkpoint-*") if CHECKPOINT_RE.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def resolve_resume(spec: str, out_dir: Path) -> Path:
+    if spec == "latest":
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {out_dir}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"--resume_from_checkpoint {spec}: not a checkpoint directory (no {TRAINER_STATE})")
+    return path
+
+
+def ensure_stop_token(generation_config, tokenizer) -> None:
+    """Make generation stop at the chat template's end-of-turn token (<|im_end|> for Qwen3)."""
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for tok_id in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id):
+        if isinstance(tok_id, int) and tok_id >= 0 and tok_id != tokenizer.unk_token_id and tok_id not in eos:
+            eos.append(tok_id)
+    generation_config.eos_token_id = eos
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
+    """Model or adapter + tokenizer + generation config + sftkit config, loadable without sftkit.
+
+    Under ZeRO-3 each rank holds a slice of every weight: get_state_dict gathers them (all ranks
+    must call it), and the files are reopened afterwards to check every shape.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model) if is_zero3(accelerator) else None
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+        unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        gen = unwrapped.generation_config
+        ensure_stop_token(gen, tokenizer)
+        gen.save_pretrained(path)
+        cfg.save_yaml(path / "sftkit_config.yaml")
+        if state_dict is not None:
+            check_saved_shapes(path, unwrapped)
+    accelerator.wait_for_everyone()
+
+
+def check_saved_shapes(path: Path, model) -> None:
+    """Reopen the saved safetensors: no tensor may be empty, and each has the model's shape."""
+    from safetensors import safe_open
+
+    # peft names "...lora_A.default.weight" in the model and "...lora_A.weight" in the file
+    expected = {n.replace(".default", ""): tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    checked = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                shape = tuple(st.get_slice(key).get_shape())
+                if 0 in shape:
+                    raise RuntimeError(f"{f.name}: tensor {key} is empty {shape}; the ZeRO-3 gather failed")
+                if key in expected and expected[key] != shape:
+                    raise RuntimeError(f"{f.name}: tensor {key} has shape {shape}, the model has {expected[key]}")
+                checked += 1
+    if checked == 0:
+        raise RuntimeError(f"no tensors were written to {path}")
+
+
+def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, step: int, state: dict) -> Path:
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    save_model(accelerator, model, tokenizer, cfg, tmp / "model")
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / TRAINER_STATE, state)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        prune(out_dir, cfg.save_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(out_dir: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    accelerator.load_state(str(path / "state"))
+    return json.loads((path / TRAINER_STATE).read_text())

@@ -1,0 +1,231 @@
+"""SFTConfig: every option of every command, each default written once, with its docstring.
+
+The docstring under each field is its `--help` text and its line in docs/CONFIG.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from sftkit.errors import ConfigError
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "custom")
+TRUNCATIONS = ("drop", "left", "right")
+TRAIN_ON = ("all", "last")
+REASONING = ("template", "drop")
+SCHEDULERS = ("cosine", "linear", "constant")
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def _group(name: str) -> dict:
+    return {"group": name}
+
+
+@dataclass
+class SFTConfig:
+    # ---- model ----------------------------------------------------------------------------
+    model_name_or_path: str = field(default="tiny-qwen3", metadata=_group("model"))
+    """Base model: `tiny-qwen3` (built-in, random init, real Qwen3 tokenizer), a local Hugging Face
+    model directory, or a Hub id such as Qwen/Qwen3-0.6B."""
+    trust_remote_code: bool = field(default=False, metadata=_group("model"))
+    """Run Python code shipped with the model. Off: Qwen3 needs none, and it executes foreign code."""
+    attn_implementation: str = field(default="sdpa", metadata=_group("model"))
+    """Attention kernel: sdpa, eager, or flash_attention_2 (GPU, needs the flash-attn package)."""
+    chat_template: str | None = field(default=None, metadata=_group("model"))
+    """A Jinja chat template file that replaces the tokenizer's own. Default: the model's template."""
+
+    # ---- data ------------------------------------------------------------------------------
+    data_path: list[str] = field(default_factory=list, metadata=_group("data"))
+    """Training data: .json/.jsonl/.parquet/.csv files, a directory, a glob, a prepared directory
+    (from prepare-data), or a Hugging Face dataset name. Repeat the flag for several sources."""
+    eval_data_path: str | None = field(default=None, metadata=_group("data"))
+    """Evaluation data, in any form `data_path` accepts."""
+    format_type: str = field(default="auto", metadata=_group("data"))
+    """Row format: auto (detected per file from the first row), alpaca, sharegpt, messages, custom."""
+    field_map: str | None = field(default=None, metadata=_group("data"))
+    """Custom columns, e.g. `instruction=question,output=answer,system=sys`."""
+    dataset_split: str = field(default="train", metadata=_group("data"))
+    """Split to read when `data_path` is a Hugging Face dataset name."""
+    dataset_config: str | None = field(default=None, metadata=_group("data"))
+    """Configuration (subset) name of a Hugging Face dataset."""
+    max_length: int = field(default=2048, metadata=_group("data"))
+    """Longest example in tokens, prompt and reply together."""
+    truncation: str = field(default="drop", metadata=_group("data"))
+    """What to do with a longer example: drop it (counted in manifest.json), or cut tokens from
+    the left or the right."""
+    train_on: str = field(default="all", metadata=_group("data"))
+    """Which assistant turns are supervised: all, or only the last one."""
+    reasoning: str = field(default="template", metadata=_group("data"))
+    """Reasoning (`<think>`) policy: `template` renders exactly as the chat template does at
+    inference (Qwen3 drops the reasoning of turns before the last user message); `drop` removes
+    all reasoning."""
+    enable_thinking: bool = field(default=True, metadata=_group("data"))
+    """False for no-think data: the empty `<think></think>` block that Qwen3 puts in the prompt
+    at inference is then part of the prompt, not of the supervised reply."""
+    skip_bad_rows: bool = field(default=False, metadata=_group("data"))
+    """Skip malformed rows (counted, the first few listed) instead of stopping at the first one."""
+    num_proc: int = field(default=1, metadata=_group("data"))
+    """Processes for tokenization."""
+
+    # ---- optimisation ----------------------------------------------------------------------
+    output_dir: str = field(default="outputs/sft", metadata=_group("train"))
+    """Where checkpoints, metrics.jsonl, config.yaml and final/ go."""
+    num_train_epochs: float = field(default=1.0, metadata=_group("train"))
+    """Passes over the training data (fractions allowed). Ignored when max_steps > 0."""
+    max_steps: int = field(default=-1, metadata=_group("train"))
+    """Optimizer steps to run; -1 means as many as num_train_epochs takes."""
+    per_device_train_batch_size: int = field(default=4, metadata=_group("train"))
+    """Examples per micro-batch on each process."""
+    per_device_eval_batch_size: int = field(default=8, metadata=_group("train"))
+    """Examples per evaluation batch on each process."""
+    gradient_accumulation_steps: int = field(default=1, metadata=_group("train"))
+    """Micro-batches per optimizer step. The loss is the token mean over all of them, all ranks."""
+    learning_rate: float = field(default=2e-5, metadata=_group("train"))
+    """Peak learning rate (after warm-up). LoRA usually wants about 10x a full fine-tune's."""
+    lr_scheduler_type: str = field(default="cosine", metadata=_group("train"))
+    """Decay after warm-up: cosine, linear, or constant."""
+    warmup_ratio: float = field(default=0.03, metadata=_group("train"))
+    """Fraction of the optimizer steps spent warming the learning rate up from 0."""
+    weight_decay: float = field(default=0.0, metadata=_group("train"))
+    """AdamW weight decay."""
+    adam_beta1: float = field(default=0.9, metadata=_group("train"))
+    """AdamW beta1."""
+    adam_beta2: float = field(default=0.999, metadata=_group("train"))
+    """AdamW beta2."""
+    adam_epsilon: float = field(default=1e-8, metadata=_group("train"))
+    """AdamW epsilon."""
+    max_grad_norm: float = field(default=1.0, metadata=_group("train"))
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    seed: int = field(default=42, metadata=_group("train"))
+    """Seed for initialisation, data order and dropout. Data order is a function of seed and epoch."""
+    bf16: bool = field(default=False, metadata=_group("train"))
+    """bfloat16 mixed precision."""
+    fp16: bool = field(default=False, metadata=_group("train"))
+    """float16 mixed precision with loss scaling (GPU only)."""
+    gradient_checkpointing: bool = field(default=False, metadata=_group("train"))
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+
+    # ---- LoRA ------------------------------------------------------------------------------
+    use_lora: bool = field(default=False, metadata=_group("lora"))
+    """Train a LoRA adapter (PEFT) instead of all weights."""
+    lora_r: int = field(default=16, metadata=_group("lora"))
+    """LoRA rank."""
+    lora_alpha: int = field(default=32, metadata=_group("lora"))
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = field(default=0.05, metadata=_group("lora"))
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata=_group("lora"),
+    )
+    """Module names that get LoRA weights (Qwen3's attention and MLP projections by default)."""
+    modules_to_save: list[str] = field(default_factory=list, metadata=_group("lora"))
+    """Modules trained in full beside the adapter, e.g. embed_tokens and lm_head for new tokens."""
+
+    # ---- logging and checkpoints -----------------------------------------------------------
+    logging_steps: int = field(default=10, metadata=_group("log"))
+    """Log metrics every N optimizer steps (and at the first and the last step)."""
+    save_steps: int = field(default=500, metadata=_group("log"))
+    """Save a checkpoint every N optimizer steps; 0 saves only the final model."""
+    save_total_limit: int | None = field(default=None, metadata=_group("log"))
+    """Keep only the last K checkpoints."""
+    eval_steps: int = field(default=0, metadata=_group("log"))
+    """Evaluate on eval_data_path every N optimizer steps; 0 evaluates only at the end."""
+    resume_from_checkpoint: str | None = field(default=None, metadata=_group("log"))
+    """A checkpoint directory to continue from, or `latest` for the newest in output_dir."""
+    run_name: str | None = field(default=None, metadata=_group("log"))
+    """Name of the run in trackers. Default: the output directory's name."""
+    report_to: str = field(default="none", metadata=_group("log"))
+    """Tracker: none, tensorboard, or wandb. metrics.jsonl is always written."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data_path, str):
+            self.data_path = [self.data_path]
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values and combinations that cannot work; each message names the fix."""
+        choices = {
+            "format_type": FORMATS, "truncation": TRUNCATIONS, "train_on": TRAIN_ON,
+            "reasoning": REASONING, "lr_scheduler_type": SCHEDULERS, "report_to": TRACKERS,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both set; choose one (--bf16 or --fp16)")
+        positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "num_proc", "lora_r")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError("save_total_limit must be at least 1 (or unset to keep every checkpoint)")
+
+    # ---- YAML ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> SFTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{source}: unknown option '{key}'{hint}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SFTConfig:
+        """Load a YAML run file; `overrides` (e.g. command-line flags) win over its values."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+        return cls.from_dict({**values, **(overrides or {})}, source=str(path))
+
+    def save_yaml(self, path: str | os.PathLike) -> None:
+        import yaml
+
+        from sftkit.io import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@cache
+def field_docs() -> dict[str, str]:
+    """The docstring written under each SFTConfig field, one line each."""
+    tree = ast.parse(inspect.getsource(SFTConfig))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def fields_in(*groups: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(SFTConfig) if f.metadata.get("group") in groups]

@@ -1,0 +1,261 @@
+"""prepare-data: sources -> validated conversations -> ids and labels -> a saved, fingerprinted set.
+
+Every row read is accounted for in manifest.json: kept, or dropped with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftkit import __version__
+from sftkit.config import SFTConfig
+from sftkit.data import formats, sources
+from sftkit.data.render import IGNORE_INDEX, RenderOptions, render_batch, template_spec
+from sftkit.errors import ConfigError, DataError
+
+MANIFEST = "manifest.json"
+DATASET_DIR = "dataset"
+CHUNK = 512  # conversations per tokenizer call: big enough that the Rust tokenizer batches well
+BAD_ROWS_LISTED = 5
+
+
+@dataclass
+class Loaded:
+    """Validated conversations plus the accounting of what was read."""
+
+    convs: list[list[dict]] = field(default_factory=list)
+    tools: list[Any] = field(default_factory=list)
+    rows_in: int = 0
+    bad_rows: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+    per_source: list[dict] = field(default_factory=list)
+
+
+def render_options(cfg: SFTConfig) -> RenderOptions:
+    return RenderOptions(train_on=cfg.train_on, reasoning=cfg.reasoning, enable_thinking=cfg.enable_thinking)
+
+
+def resolve_sources(specs: list[str], cfg: SFTConfig) -> list[sources.Source]:
+    if not specs:
+        raise ConfigError("no data given; pass --data_path FILE (JSON, JSONL, Parquet, CSV, a directory or a dataset name)")
+    return [s for spec in specs for s in sources.resolve(spec, cfg.dataset_config, cfg.dataset_split)]
+
+
+def load_conversations(srcs: list[sources.Source], cfg: SFTConfig, progress=None) -> Loaded:
+    """Read and validate every row. A bad row stops here unless cfg.skip_bad_rows."""
+    field_map = formats.parse_field_map(cfg.field_map)
+    out = Loaded()
+    for src in srcs:
+        fmt = None if cfg.format_type == "auto" else cfg.format_type
+        n_in = n_bad = 0
+        for where, row in sources.read_rows(src):
+            n_in += 1
+            try:
+                fmt = fmt or ("custom" if field_map else formats.detect_format(row))
+                msgs = formats.to_messages(row, fmt, field_map)
+                tools = row.get("tools") if isinstance(row, dict) else None
+            except formats.RowError as err:
+                error = DataError(src.path, where, err.field, err.problem)
+                if not cfg.skip_bad_rows:
+                    raise error from None
+                n_bad += 1
+                if len(out.bad_examples) < BAD_ROWS_LISTED:
+                    out.bad_examples.append(str(error))
+                continue
+            out.convs.append(msgs)
+            out.tools.append(tools or None)
+        if n_in == 0:
+            raise DataError(src.path, "", None, "holds no rows")
+        out.rows_in += n_in
+        out.bad_rows += n_bad
+        out.per_source.append({"path": src.path, "format": fmt, "rows": n_in, "bad_rows": n_bad})
+        if progress:
+            progress(n_in)
+    return out
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer, opts: RenderOptions) -> None:
+    _WORKER.update(tok=tokenizer, spec=template_spec(tokenizer), opts=opts)
+
+
+def _render_chunk(chunk):
+    convs, tools = chunk
+    return render_batch(convs, _WORKER["tok"], _WORKER["spec"], _WORKER["opts"], tools)
+
+
+def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, num_proc: int = 1, progress=None):
+    """(input_ids, labels) for every conversation, in order; `num_proc` worker processes."""
+    chunks = [(loaded.convs[i:i + CHUNK], loaded.tools[i:i + CHUNK]) for i in range(0, len(loaded.convs), CHUNK)]
+    results: list = []
+    if num_proc > 1 and len(chunks) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer, opts)) as pool:
+            for part in pool.imap(_render_chunk, chunks):
+                results.extend(part)
+                if progress:
+                    progress(len(part))
+    else:
+        _init_worker(tokenizer, opts)
+        for chunk in chunks:
+            part = _render_chunk(chunk)
+            results.extend(part)
+            if progress:
+                progress(len(part))
+    return results
+
+
+def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: str):
+    """Apply the truncation policy; returns (ids, labels, drop_reason or None)."""
+    if len(ids) > max_length:
+        if truncation == "drop":
+            return ids, labels, "too_long"
+        cut = slice(len(ids) - max_length, None) if truncation == "left" else slice(0, max_length)
+        ids, labels = ids[cut], labels[cut]
+    if all(t == IGNORE_INDEX for t in labels[1:]):  # position 0 has no context to predict from
+        return ids, labels, "no_supervised_tokens"
+    return ids, labels, None
+
+
+def fingerprint(srcs: list[sources.Source], tokenizer, cfg: SFTConfig) -> str:
+    """Changes whenever the data bytes, the tokenizer, the template or a data option changes."""
+    h = hashlib.sha256()
+    h.update(f"sftkit {__version__}\n".encode())
+    for s in srcs:
+        h.update(f"{s.path}|{s.config}|{s.split}|{s.fingerprint()}\n".encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(json.dumps(data_options(cfg), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    h.update((tokenizer.chat_template or "").encode())
+    return h.hexdigest()
+
+
+def data_options(cfg: SFTConfig) -> dict[str, Any]:
+    keys = ("format_type", "field_map", "max_length", "truncation", "train_on", "reasoning",
+            "enable_thinking", "skip_bad_rows", "dataset_split", "dataset_config")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file() and (Path(path) / DATASET_DIR).is_dir()
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    s = sorted(values)
+    return {f"p{q}": s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)} | {"max": s[-1], "min": s[0]}
+
+
+def prepare(cfg: SFTConfig, specs: list[str], out_dir: Path, tokenizer, console=None) -> dict:
+    """Build `out_dir` (dataset + manifest.json + lengths.png) unless it already holds this fingerprint."""
+    from sftkit.io import atomic_directory, atomic_write_json
+    from sftkit.progress import progress_bar
+
+    srcs = resolve_sources(specs, cfg)
+    fp = fingerprint(srcs, tokenizer, cfg)
+    old = read_manifest(out_dir)
+    if old and old.get("fingerprint") == fp and is_prepared(out_dir):
+        old["cached"] = True
+        return old
+    if out_dir.exists() and any(out_dir.iterdir()) and old is None:
+        raise ConfigError(f"{out_dir} exists and is not a prepare-data output; choose another --output_dir")
+    start = time.time()
+    with progress_bar("reading", console) as bar:
+        loaded = load_conversations(srcs, cfg, progress=bar)
+    with progress_bar("tokenizing", console, total=len(loaded.convs)) as bar:
+        rendered = tokenize_all(loaded, tokenizer, render_options(cfg), cfg.num_proc, progress=bar)
+    kept_ids, kept_labels, dropped = [], [], Counter()
+    dropped["bad_row"] = loaded.bad_rows
+    for ids, labels in rendered:
+        ids, labels, reason = fit_length(ids, labels, cfg.max_length, cfg.truncation)
+        if reason:
+            dropped[reason] += 1
+            continue
+        kept_ids.append(ids)
+        kept_labels.append(labels)
+    if not kept_ids:
+        raise DataError(", ".join(s.path for s in srcs), "", None, f"no example is left after filtering "
+                        f"(dropped: {dict(+dropped)}); raise --max_length or use --truncation left/right")
+    lengths = [len(x) for x in kept_ids]
+    supervised = [sum(t != IGNORE_INDEX for t in lab) for lab in kept_labels]
+    manifest = {
+        "sftkit_version": __version__,
+        "fingerprint": fp,
+        "sources": loaded.per_source,
+        "rows_in": loaded.rows_in,
+        "examples_kept": len(kept_ids),
+        "dropped": {k: dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
+        "bad_rows_first": loaded.bad_examples,
+        "tokens": sum(lengths),
+        "supervised_tokens": sum(supervised),
+        "length": percentiles(lengths),
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+        "options": data_options(cfg),
+        "seconds": round(time.time() - start, 2),
+    }
+    assert manifest["rows_in"] == manifest["examples_kept"] + sum(manifest["dropped"].values())
+    with atomic_directory(out_dir) as tmp:
+        _save_dataset(tmp / DATASET_DIR, kept_ids, kept_labels)
+        _plot_lengths(tmp / "lengths.png", lengths, cfg.max_length)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    manifest["cached"] = False
+    return manifest
+
+
+def _save_dataset(path: Path, ids: list[list[int]], labels: list[list[int]]) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+    })
+    datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}, features=features).save_to_disk(str(path))
+
+
+def load_prepared(path: str | Path):
+    """The saved examples of a prepare-data output (a `datasets.Dataset` with input_ids, labels)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets.load_from_disk(str(Path(path) / DATASET_DIR))
+
+
+def _plot_lengths(path: Path, lengths: list[int], max_length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="#4477aa")
+    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

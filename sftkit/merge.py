@@ -1,0 +1,92 @@
+"""merge-lora: fold a LoRA adapter into its base and save a standalone model users can serve.
+
+Before it reports success it reloads the saved model and compares its logits with base + adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sftkit.errors import ConfigError
+from sftkit.progress import console
+
+DTYPES = ("float32", "bfloat16", "float16")
+PROBES = ["Hello! What can you do?", "2 + 2 = ?", "Translate to French: good morning", "写一首关于春天的诗"]
+
+
+def _tolerance(dtype) -> float:
+    import torch
+
+    return 1e-4 if dtype == torch.float32 else 5e-2
+
+
+def merge_command(adapter: Path, output_dir: Path, dtype_name: str | None = None) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.checkpoint import ensure_stop_token
+    from sftkit.io import atomic_directory
+    from sftkit.load import adapter_base, model_dir
+    from sftkit.models import load_model, load_tokenizer
+
+    con = console()
+    adapter = Path(model_dir(str(adapter)))
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter} holds no adapter_config.json; --adapter takes a LoRA run's final/ or checkpoint")
+    if dtype_name is not None and dtype_name not in DTYPES:
+        raise ConfigError(f"--dtype {dtype_name}: choose one of {', '.join(DTYPES)}")
+    base_name = adapter_base(adapter)
+    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_name)
+    base = load_model(base_name, getattr(torch, dtype_name) if dtype_name else "auto")
+    if getattr(base.config, "quantization_config", None):
+        raise ConfigError(f"{base_name} is quantized; merge into the full-precision base (load it without "
+                          "quantization), since merged low-bit weights lose the adapter's update")
+    dtype = base.dtype
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    batch = _probe_batch(tokenizer)
+    with torch.no_grad():
+        expected = model(**batch).logits.float()
+    merged = model.merge_and_unload()
+    untied = _untie_if_needed(merged)
+    with atomic_directory(Path(output_dir)) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        gen = merged.generation_config
+        ensure_stop_token(gen, tokenizer)
+        gen.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+        with torch.no_grad():
+            got = reloaded(**batch).logits.float()
+        diff = (got - expected).abs().max().item()
+        if diff > _tolerance(dtype):
+            raise ConfigError(f"the merged model's logits differ from base + adapter by {diff:.3g} "
+                              f"(tolerance {_tolerance(dtype)}); nothing was written to {output_dir}")
+    con.print(f"merged {adapter} into {base_name} ({str(dtype).replace('torch.', '')})"
+              f"{'; untied lm_head from embed_tokens' if untied else ''}")
+    con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {diff:.2e}")
+    con.print(f"saved to {output_dir}")
+    return diff
+
+
+def _probe_batch(tokenizer):
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROBES]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _untie_if_needed(model) -> bool:
+    """A tied model whose embedding and lm_head were trained apart (modules_to_save) must be saved
+    untied; otherwise reloading overwrites lm_head with embed_tokens and the model is garbage."""
+    import torch
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not getattr(model.config, "tie_word_embeddings", False) or head is None:
+        return False
+    if emb.weight is head.weight or torch.equal(emb.weight, head.weight):
+        return False
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    return True

@@ -1,0 +1,54 @@
+"""Rich tables: what prepare-data kept and dropped, what eval measured, what is trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def print_manifest(m: dict, out: Path, con) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"prepared data: {out}" + ("  (cached: unchanged inputs)" if m.get("cached") else ""))
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("rows read", f"{m['rows_in']:,}")
+    t.add_row("examples kept", f"{m['examples_kept']:,}")
+    for reason, n in m["dropped"].items():
+        t.add_row(f"dropped: {reason}", f"{n:,}")
+    t.add_row("tokens", f"{m['tokens']:,}")
+    t.add_row("supervised tokens", f"{m['supervised_tokens']:,} ({m['supervised_tokens'] / max(m['tokens'], 1):.0%})")
+    for k, v in m["length"].items():
+        t.add_row(f"length {k}", f"{v:,}")
+    t.add_row("seconds", f"{m['seconds']}")
+    con.print(t)
+    for line in m.get("bad_rows_first", []):
+        con.print(f"[yellow]skipped: {line}[/yellow]", highlight=False)
+
+
+def print_eval(result: dict, path: Path, con) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"eval: {result['model']}")
+    for col in ("loss", "perplexity", "supervised tokens", "examples"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", f"{result['supervised_tokens']:,}",
+              f"{result['examples']:,}")
+    con.print(t)
+    con.print(f"written to {path}")
+
+
+def print_examples(dataset, tokenizer, n: int, con) -> None:
+    """Each example's text with the supervised tokens in green: exactly what the loss sees."""
+    from rich.text import Text
+
+    from sftkit.data.render import IGNORE_INDEX
+
+    for i in range(min(n, len(dataset))):
+        row = dataset[i]
+        text = Text()
+        for tok, lab in zip(row["input_ids"], row["labels"]):
+            piece = tokenizer.decode([tok])
+            text.append(piece, style="bold green" if lab != IGNORE_INDEX else "dim")
+        con.rule(f"example {i}: {len(row['input_ids'])} tokens, "
+                 f"{sum(lab != IGNORE_INDEX for lab in row['labels'])} supervised (green)")
+        con.print(text)
