@@ -27,8 +27,12 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
 def train_command(cfg: SFTConfig) -> dict:
     from sftkit.train import run
 
+    from accelerate import PartialState
+
     con = console()
     summary = run(cfg, con)
+    if not PartialState().is_main_process:
+        return summary
     if summary.get("ranks_in_sync") is False:
         con.print("[red]warning: the ranks ended with different weights; check the launch (see README)[/red]")
     con.print(f"done: {summary['step']} steps in {summary['elapsed_s']:.1f}s; model in {Path(cfg.output_dir) / 'final'}")

@@ -138,7 +138,12 @@ def fingerprint(srcs: list[sources.Source], tokenizer, cfg: SFTConfig) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    """Hash of what decides the ids: vocabulary, merges, normalizer, added tokens, template.
+    Padding and truncation settings are left out: saving a tokenizer changes them, not the ids."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     h.update((tokenizer.chat_template or "").encode())
     return h.hexdigest()
 

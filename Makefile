@@ -1,0 +1,14 @@
+# make demo: set up and run the offline demo.   make test: set up and run the test suite.
+.PHONY: setup demo test lint
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+lint:
+	.venv/bin/ruff check sftkit tests

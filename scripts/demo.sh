@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole chain on the built-in offline default: prepare -> train (LoRA) -> eval -> merge.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH"
+OUT=${OUT:-outputs/demo}
+sftkit prepare-data --data_path data/sample_alpaca.json --data_path data/sample_sharegpt.json \
+  --output_dir "$OUT/data" --max_length 512 --inspect 1
+sftkit train --config examples/tiny_lora.yaml --data_path "$OUT/data" --output_dir "$OUT/run"
+sftkit eval --model "$OUT/run/final" --data_path data/sample_sharegpt.json
+sftkit merge-lora --adapter "$OUT/run/final" --output_dir "$OUT/merged"
+echo "demo finished: adapter in $OUT/run/final, merged model in $OUT/merged, metrics in $OUT/run/metrics.jsonl"
