@@ -107,7 +107,10 @@ def _load_table(path: str, suffix: str):
     try:
         if suffix == ".parquet":
             return datasets.Dataset.from_parquet(path)
-        return datasets.Dataset.from_csv(path)
+        import pandas  # a dependency of datasets
+
+        # Every cell is text: '5' must stay the string '5', and an empty cell an empty string.
+        return pandas.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
     except Exception as err:  # pyarrow raises many types for a broken file
         raise DataError(path, "", None, f"cannot read as {suffix[1:]}: {str(err).splitlines()[0][:200]}") from None
 

@@ -1,0 +1,180 @@
+"""Formats, sources, validation errors, accounting and caching of prepare-data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from sftkit.config import SFTConfig
+from sftkit.data import formats
+from sftkit.data.prepare import prepare, read_manifest
+from sftkit.data.render import IGNORE_INDEX
+from sftkit.errors import DataError
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+ALPACA = {"instruction": "Add", "input": "2 and 3", "output": "5"}
+
+
+def test_alpaca_with_system_and_history():
+    row = {**ALPACA, "system": "be brief", "history": [["hi", "hello"]]}
+    assert formats.to_messages(row, formats.detect_format(row)) == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "Add\n\n2 and 3"},
+        {"role": "assistant", "content": "5"}]
+
+
+def test_sharegpt_roles_and_function_call():
+    row = {"conversations": [
+        {"from": "system", "value": "s"}, {"from": "human", "value": "weather?"},
+        {"from": "function_call", "value": '{"name": "w", "arguments": {"c": 1}}'},
+        {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}
+    msgs = formats.to_messages(row, formats.detect_format(row))
+    assert [x["role"] for x in msgs] == ["system", "user", "assistant", "tool", "assistant"]
+    assert msgs[2]["tool_calls"][0]["function"] == {"name": "w", "arguments": {"c": 1}}
+
+
+def test_openai_messages_with_reasoning_and_parts():
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                        {"role": "assistant", "content": "c", "thinking": "t"}]}
+    assert formats.to_messages(row, "messages") == [
+        {"role": "user", "content": "ab"}, {"role": "assistant", "content": "c", "reasoning_content": "t"}]
+
+
+def test_custom_columns_and_field_map():
+    assert formats.detect_format({"question": "q", "answer": "a"}) == "custom"
+    assert formats.to_messages({"prompt": "q", "completion": "a"}, "custom")[-1] == {"role": "assistant", "content": "a"}
+    fm = formats.parse_field_map("instruction=ask,output=reply")
+    assert formats.to_messages({"ask": "q", "reply": "a"}, "custom", fm)[0] == {"role": "user", "content": "q"}
+
+
+@pytest.mark.parametrize("row, field, problem", [
+    ({"instruction": "x"}, None, "cannot tell the format"),
+    ({"instruction": "x", "output": 3}, "output", "expected a string"),
+    ({"instruction": "x", "output": "  "}, "conversations[1].content", "reply is empty"),
+    ({"conversations": [{"from": "gpt", "value": "a"}]}, "conversations[0]", "must start with a user"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}, "conversations[1]", "two user"),
+    ({"conversations": [{"from": "alien", "value": "a"}]}, "conversations[0].from", "unknown role"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "messages[0]", "must end with an assistant"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "x"}]},
+     "messages[0].content[0]", "only text content parts"),
+])
+def test_row_errors_name_the_field(row, field, problem):
+    with pytest.raises(formats.RowError) as err:
+        formats.to_messages(row, formats.detect_format(row))
+    assert err.value.field == field and problem in err.value.problem
+
+
+def test_bad_line_deep_in_jsonl_is_named_by_cli(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [ALPACA] * 60)
+    lines = path.read_text().splitlines()
+    lines[56] = '{"instruction": "x", "output": '  # line 57 is cut short
+    path.write_text("\n".join(lines) + "\n")
+    proc = run_cli("prepare-data", "--data_path", str(path), "--output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2
+    assert f"{path}:line 57: not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_bad_field_is_named_and_skip_bad_rows_accounts_for_it(tmp_path):
+    rows = [ALPACA] * 10
+    rows[3] = {"instruction": "x", "output": None}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    proc = run_cli("prepare-data", "--data_path", str(path), "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {path}:line 4: field 'output': is missing (null)"
+    run_cli("prepare-data", "--data_path", str(path), "--output_dir", str(tmp_path / "o"), "--skip_bad_rows")
+    man = read_manifest(tmp_path / "o")
+    assert man["rows_in"] == 10 and man["examples_kept"] == 9 and man["dropped"]["bad_row"] == 1
+    assert "line 4" in man["bad_rows_first"][0]
+
+
+def test_missing_file_and_unknown_format_are_one_line_errors(tmp_path):
+    proc = run_cli("prepare-data", "--data_path", "nope/missing.json", "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "nope/missing.json: no such file or directory" in proc.stderr
+    proc = run_cli("prepare-data", "--data_path", "data/sample_alpaca.json", "--format_type", "yaml",
+                   "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "format_type: 'yaml' is not one of" in proc.stderr
+    for p in (proc,):
+        assert "Traceback" not in p.stderr
+
+
+def test_sources_json_jsonl_parquet_csv_dir_glob(tmp_path, tok):
+    import datasets
+
+    rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(6)]
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "a.json").write_text(json.dumps(rows[:2]))
+    write_jsonl(d / "b.jsonl", rows[2:4])
+    datasets.Dataset.from_list(rows[4:5]).to_parquet(str(d / "c.parquet"))
+    datasets.Dataset.from_list(rows[5:6]).to_csv(str(d / "e.csv"))
+    cfg = SFTConfig(max_length=256)
+    for spec, n in ((str(d), 6), (str(d / "*.json*"), 4), (str(d / "c.parquet"), 1), (str(d / "e.csv"), 1)):
+        man = prepare(cfg, [spec], tmp_path / f"out{n}{Path(spec).suffix}", tok)
+        assert man["examples_kept"] == n and man["rows_in"] == n
+
+
+def test_length_policies_and_accounting(tmp_path, tok):
+    rows = [{"instruction": "short", "output": "ok"}, {"instruction": "long " * 200, "output": "fine"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    man = prepare(SFTConfig(max_length=64), [str(path)], tmp_path / "drop", tok)
+    assert man["examples_kept"] == 1 and man["dropped"]["too_long"] == 1
+    # cutting from the right removes the reply: nothing left to learn, dropped and counted
+    man = prepare(SFTConfig(max_length=64, truncation="right"), [str(path)], tmp_path / "right", tok)
+    assert man["examples_kept"] == 1 and man["dropped"]["no_supervised_tokens"] == 1
+    man = prepare(SFTConfig(max_length=64, truncation="left"), [str(path)], tmp_path / "left", tok)
+    assert man["examples_kept"] == 2 and man["length"]["max"] == 64
+    for m in (man,):
+        assert m["rows_in"] == m["examples_kept"] + sum(m["dropped"].values())
+
+
+def test_repeat_run_is_cached_and_options_change_the_fingerprint(tmp_path, tok):
+    path = ROOT / "data" / "sample_sharegpt.json"
+    first = prepare(SFTConfig(max_length=512), [str(path)], tmp_path / "o", tok)
+    again = prepare(SFTConfig(max_length=512), [str(path)], tmp_path / "o", tok)
+    assert not first["cached"] and again["cached"] and again["fingerprint"] == first["fingerprint"]
+    other = prepare(SFTConfig(max_length=512, train_on="last"), [str(path)], tmp_path / "o", tok)
+    assert not other["cached"] and other["supervised_tokens"] < first["supervised_tokens"]
+    assert (tmp_path / "o" / "lengths.png").stat().st_size > 1000
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path, tok):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception, match="not a prepare-data output"):
+        prepare(SFTConfig(), [str(ROOT / "data" / "sample_alpaca.json")], tmp_path / "mine", tok)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_sft_dataset_api(tok):
+    from sftkit import SFTDataset
+
+    ds = SFTDataset(data_path=str(ROOT / "data" / "sample_alpaca.json"), tokenizer=tok, max_length=512,
+                    format_type="alpaca", use_chat_template=True)
+    assert len(ds) == 50
+    ex = ds[0]
+    assert set(ex) == {"input_ids", "attention_mask", "labels"}
+    assert len(ex["input_ids"]) == len(ex["labels"]) == len(ex["attention_mask"])
+    sup = [t for t in ex["labels"] if t != IGNORE_INDEX]
+    assert sup and tok.decode(sup).endswith("<|im_end|>")
+    # unshifted: a supervised label equals the input id at the same position
+    assert all(lab == i for lab, i in zip(ex["labels"], ex["input_ids"]) if lab != IGNORE_INDEX)
+
+
+def test_inspect_shows_examples(tmp_path):
+    proc = run_cli("prepare-data", "--data_path", "data/sample_sharegpt.json", "--output_dir", str(tmp_path / "o"),
+                   "--inspect", "2")
+    assert "example 0" in proc.stdout and "example 1" in proc.stdout and "supervised" in proc.stdout
+
+
+def test_data_error_message_format():
+    assert str(DataError("f.jsonl", "line 3", "output", "is missing")) == "f.jsonl:line 3: field 'output': is missing"
