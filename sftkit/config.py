@@ -147,12 +147,11 @@ class SFTConfig:
     """Tracker: none, tensorboard, or wandb. metrics.jsonl is always written."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.data_path, str):
-            self.data_path = [self.data_path]
         self.validate()
 
     def validate(self) -> None:
         """Reject values and combinations that cannot work; each message names the fix."""
+        self._check_types()
         choices = {
             "format_type": FORMATS, "truncation": TRUNCATIONS, "train_on": TRAIN_ON,
             "reasoning": REASONING, "lr_scheduler_type": SCHEDULERS, "report_to": TRACKERS,
@@ -174,6 +173,31 @@ class SFTConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError("save_total_limit must be at least 1 (or unset to keep every checkpoint)")
+
+    def _check_types(self) -> None:
+        """YAML and the Python API give values of any type: coerce the harmless, reject the rest."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("list"):
+                if isinstance(value, str):
+                    value = [value]
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+                value = list(value) if ok else value
+            elif kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                value = float(value) if ok else value
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                want = kind.replace(" | None", "").replace("list[str]", "list of strings")
+                raise ConfigError(f"{f.name}: expected {want}, got {value!r}")
+            setattr(self, f.name, value)
 
     # ---- YAML ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
