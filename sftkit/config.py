@@ -253,3 +253,23 @@ def field_docs() -> dict[str, str]:
 
 def fields_in(*groups: str) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(SFTConfig) if f.metadata.get("group") in groups]
+
+
+def reference_markdown() -> str:
+    """docs/CONFIG.md: every option, its default and its docstring, grouped as in the class."""
+    docs = field_docs()
+    lines = ["# Configuration reference", "",
+             "Generated from the docstrings in `sftkit/config.py` by `python -m sftkit.config > docs/CONFIG.md`;",
+             "a test fails when this file is stale. Every option works as a `--flag` and as a YAML key.", ""]
+    group = None
+    for f in dataclasses.fields(SFTConfig):
+        if f.metadata.get("group") != group:
+            group = f.metadata.get("group")
+            lines += ["", f"## {group}", "", "| option | default | meaning |", "|---|---|---|"]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"| `{f.name}` | `{default}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

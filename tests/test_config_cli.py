@@ -78,3 +78,11 @@ def test_wrong_types_are_named(tmp_path):
     with pytest.raises(ConfigError, match="lora_r: expected int, got 'sixteen'"):
         SFTConfig.from_yaml(tmp_path / "c.yaml")
     assert SFTConfig(data_path="one.json", learning_rate=1).data_path == ["one.json"]
+
+
+def test_config_reference_is_current():
+    from conftest import ROOT
+    from sftkit.config import reference_markdown
+
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == reference_markdown(), \
+        "docs/CONFIG.md is stale: run `python -m sftkit.config > docs/CONFIG.md`"

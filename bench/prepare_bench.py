@@ -1,0 +1,207 @@
+"""Benchmark sftkit's prepare-data against TRL's SFTTrainer dataset preparation. Offline, CPU only.
+
+Both tools get the same synthetic JSONL file (OpenAI `messages` rows) and must produce input_ids
+plus an assistant-only loss mask. Timed:
+  sftkit  `prepare(cfg, [file], fresh_dir, tok)`, end to end: read, validate, render, tokenize,
+          mask, length filter, save_to_disk, lengths plot.
+  TRL     `Dataset.from_json` + `SFTTrainer(...)` construction (which tokenizes and masks), minus the
+          fixed cost of constructing an SFTTrainer on a 1-row dataset. The tiny model is built
+          before the clock starts and HF datasets caching is off, so nothing is a cache hit.
+
+    .venv/bin/python bench/prepare_bench.py --n 20000 --num_proc 2
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+WORDS = ("the a of to and in is it that for on with as was at by this be from or have an they which you one "
+         "data model train loss token batch layer weight gradient learning rate step value function return "
+         "python code error file system memory process thread network server client request response query "
+         "answer question explain example simple because however therefore result number list table string "
+         "river mountain city music history science language people world time year good small large new old "
+         "first last long great little right big high different important").split()
+CJK = ("你好", "世界", "模型", "训练", "数据", "学习", "问题", "答案", "こんにちは", "ありがとう", "東京", "日本語",
+       "안녕하세요", "감사합니다", "机器学习", "深度神经网络")
+EMOJI = ("🙂", "🚀", "🔥", "✅", "🤖", "📈", "🎉", "👍🏽", "❤️", "🇯🇵")
+
+
+def text(rng: random.Random, lo: int, hi: int) -> str:
+    """lo..hi words: mostly English, ~8% CJK, ~4% emoji, with sentence punctuation and paragraphs."""
+    out, start = [], True
+    for _ in range(rng.randint(lo, hi)):
+        r = rng.random()
+        w = rng.choice(CJK) if r < 0.08 else rng.choice(EMOJI) if r < 0.12 else rng.choice(WORDS)
+        out.append(w.capitalize() if start else w)
+        start = rng.random() < 0.1
+        if start:
+            out[-1] += rng.choice((".", ".", "?", "!", ".\n\n"))
+    return " ".join(out).replace("\n ", "\n")
+
+
+def conversation(rng: random.Random) -> dict:
+    """1-4 user/assistant turns, a system message in ~30%, reasoning_content in ~35% of replies."""
+    msgs = [{"role": "system", "content": text(rng, 5, 40)}] if rng.random() < 0.3 else []
+    for _ in range(rng.randint(1, 4)):
+        msgs.append({"role": "user", "content": text(rng, 3, 60)})
+        reply = {"role": "assistant", "content": text(rng, 5, 200)}
+        if rng.random() < 0.35:
+            reply["reasoning_content"] = text(rng, 10, 120)
+        msgs.append(reply)
+    return {"messages": msgs}
+
+
+def write_data(n: int, seed: int, path: Path) -> None:
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps(conversation(rng), ensure_ascii=False) + "\n")
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def bench_sftkit(data: Path, out: Path, tok, num_proc: int) -> dict:
+    from sftkit.config import SFTConfig
+    from sftkit.data.prepare import prepare
+
+    cfg = SFTConfig(max_length=4096, num_proc=num_proc)
+    start = time.perf_counter()
+    man = prepare(cfg, [str(data)], fresh(out / f"sftkit_np{num_proc}"), tok)
+    secs = time.perf_counter() - start
+    assert not man["cached"]
+    return dict(tool=f"sftkit prepare (num_proc={num_proc})", seconds=secs, examples=man["examples_kept"],
+                tokens=man["tokens"], supervised=man["supervised_tokens"], dropped=sum(man["dropped"].values()))
+
+
+def bench_trl(data: Path, out: Path, tok, num_proc: int) -> tuple[dict, object]:
+    import datasets
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, tie_word_embeddings=True))
+    model_secs = time.perf_counter() - start
+    args = SFTConfig(output_dir=str(fresh(out / "trl_out")), assistant_only_loss=True, max_length=4096,
+                     packing=False, dataset_num_proc=num_proc, report_to=[], bf16=False)
+
+    def build(ds):
+        t0 = time.perf_counter()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        return trainer, time.perf_counter() - t0
+
+    one_row = datasets.Dataset.from_list([json.loads(data.open(encoding="utf-8").readline())])
+    build(one_row)                      # warm-up: first-construction imports and lazy init
+    _, overhead = build(one_row)        # fixed cost of SFTTrainer(...) that is not data preparation
+    t0 = time.perf_counter()
+    ds = datasets.Dataset.from_json(str(data), cache_dir=str(fresh(out / "hf_cache")))
+    load_secs = time.perf_counter() - t0
+    trainer, build_secs = build(ds)
+    prepared = trainer.train_dataset
+    supervised = sum(sum(t != -100 for t in lab) for lab in prepared["labels"])  # = sum(assistant_masks)
+    template = "TRL qwen3_training.jinja" if trainer.chat_template else "tokenizer's own (has generation markers)"
+    row = dict(tool=f"TRL 1.16 SFTTrainer (dataset_num_proc={num_proc})", seconds=load_secs + build_secs - overhead,
+               examples=len(prepared), tokens=sum(map(len, prepared["input_ids"])), supervised=supervised,
+               dropped=len(ds) - len(prepared), note=f"template: {template}; model build {model_secs:.2f}s and "
+               f"SFTTrainer fixed overhead {overhead:.2f}s excluded; Dataset.from_json {load_secs:.2f}s included")
+    return row, prepared
+
+
+def compare(sftkit_dir: Path, trl_ds) -> str:
+    """How far the two tools' outputs agree, example by example."""
+    from sftkit.data.prepare import load_prepared
+
+    ours = load_prepared(sftkit_dir)
+    if len(ours) != len(trl_ds):
+        return f"example counts differ ({len(ours)} vs {len(trl_ds)}); no per-example comparison"
+    same_ids = same_both = 0
+    for a, b in zip(ours, trl_ds):
+        if a["input_ids"] == b["input_ids"]:
+            same_ids += 1
+            same_both += a["labels"] == b["labels"]
+    return (f"identical input_ids in {same_ids}/{len(ours)} examples; identical ids AND labels in "
+            f"{same_both}/{len(ours)}")
+
+
+def versions() -> str:
+    pkgs = ("torch", "transformers", "datasets", "tokenizers", "trl")
+    found = []
+    for p in pkgs:
+        try:
+            found.append(f"{p} {metadata.version(p)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{p} (not installed)")
+    return f"python {platform.python_version()}, " + ", ".join(found) + f"; {os.cpu_count()} CPU cores"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=20000, help="synthetic conversations to generate")
+    ap.add_argument("--num_proc", type=int, default=1, help="sftkit processes (1 is always run as well)")
+    ap.add_argument("--trl_num_proc", type=int, default=1, help="TRL dataset_num_proc")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/prepare_bench"))
+    ap.add_argument("--no_trl", action="store_true", help="skip TRL even when it is installed")
+    a = ap.parse_args()
+
+    from sftkit.models import load_tokenizer
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    data = a.out / f"conversations_n{a.n}_seed{a.seed}.jsonl"
+    write_data(a.n, a.seed, data)
+    print(f"{versions()}\ndata: {data} ({data.stat().st_size / 1e6:.1f} MB, {a.n} conversations)")
+    tok = load_tokenizer("tiny-qwen3")
+
+    rows = [bench_sftkit(data, a.out, tok, 1)]
+    if a.num_proc > 1:
+        rows.append(bench_sftkit(data, a.out, tok, a.num_proc))
+    trl_row = None
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("trl is not installed: TRL comparison skipped")
+    else:
+        if not a.no_trl:
+            trl_row, trl_ds = bench_trl(data, a.out, tok, a.trl_num_proc)
+            rows.append(trl_row)
+
+    print(f"\n| tool | examples/s | tokens/s | seconds | examples | tokens | supervised tokens | dropped |\n"
+          f"|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['tool']} | {r['examples'] / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | "
+              f"{r['seconds']:.2f} | {r['examples']:,} | {r['tokens']:,} | {r['supervised']:,} | {r['dropped']} |")
+    if trl_row:
+        print(f"\nTRL: {trl_row['note']}")
+        if trl_row["supervised"] == 0:
+            print("WARNING: TRL's assistant mask is all zero: it would train on nothing")
+        for r in rows[:-1]:
+            ratio = (r["examples"] / r["seconds"]) / (trl_row["examples"] / trl_row["seconds"])
+            print(f"ratio {r['tool']} / TRL, examples/s: {ratio:.2f}x")
+        print(f"supervised tokens sftkit/TRL: {rows[0]['supervised'] / max(trl_row['supervised'], 1):.3f}; "
+              + compare(a.out / "sftkit_np1", trl_ds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The README's Python snippets run as written (in a subprocess, from the repo root)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_readme_python_snippets_run(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks
+    code = "\n".join(blocks).replace('"outputs/api"', repr(str(tmp_path / "api")))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "'loss':" in proc.stdout and "perplexity" in proc.stdout
+    assert (tmp_path / "api" / "final" / "adapter_model.safetensors").is_file()
