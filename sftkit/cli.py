@@ -23,6 +23,8 @@ CONFIG_OPTION = typer.Option(None, "--config", help="A YAML run file; flags give
 
 def _option_type(f: dataclasses.Field):
     base = f.type if isinstance(f.type, str) else str(f.type)
+    if base == "list[float]":
+        return Optional[List[float]]
     if base.startswith("list"):
         return Optional[List[str]]
     if base.startswith("bool"):

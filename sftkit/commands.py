@@ -17,7 +17,7 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
     con = console()
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     out = Path(cfg.output_dir)
-    manifest = prepare(cfg, cfg.data_path, out, tokenizer, con)
+    manifest = prepare(cfg, cfg.data_path, out, tokenizer, con, cfg.data_weights)
     print_manifest(manifest, out, con)
     if inspect_n:
         print_examples(load_prepared(out), tokenizer, inspect_n, con)

@@ -46,6 +46,9 @@ class SFTConfig:
     data_path: list[str] = field(default_factory=list, metadata=_group("data"))
     """Training data: .json/.jsonl/.parquet/.csv files, a directory, a glob, a prepared directory
     (from prepare-data), or a Hugging Face dataset name. Repeat the flag for several sources."""
+    data_weights: list[float] = field(default_factory=list, metadata=_group("data"))
+    """Mixing weight per `data_path` entry, in the same order: 2 repeats a source's examples twice,
+    0.5 keeps a seeded half of them. Default: 1 for every source."""
     eval_data_path: str | None = field(default=None, metadata=_group("data"))
     """Evaluation data, in any form `data_path` accepts."""
     format_type: str = field(default="auto", metadata=_group("data"))
@@ -171,6 +174,11 @@ class SFTConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.data_weights and len(self.data_weights) != len(self.data_path):
+            raise ConfigError(f"data_weights has {len(self.data_weights)} values for {len(self.data_path)} data_path "
+                              "entries; give one weight per source, in the same order")
+        if any(w < 0 for w in self.data_weights):
+            raise ConfigError("data_weights must not be negative")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError("save_total_limit must be at least 1 (or unset to keep every checkpoint)")
 
@@ -181,10 +189,12 @@ class SFTConfig:
             if value is None and "None" in kind:
                 continue
             if kind.startswith("list"):
-                if isinstance(value, str):
+                item = (int, float) if kind == "list[float]" else str
+                if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                     value = [value]
-                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-                value = list(value) if ok else value
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, item) and not isinstance(v, bool) for v in value)
+                value = [float(v) if item != str else v for v in value] if ok else value
             elif kind.startswith("bool"):
                 ok = isinstance(value, bool)
             elif kind.startswith("int"):
@@ -195,7 +205,8 @@ class SFTConfig:
             else:
                 ok = isinstance(value, str)
             if not ok:
-                want = kind.replace(" | None", "").replace("list[str]", "list of strings")
+                want = kind.replace(" | None", "").replace("list[str]", "list of strings").replace(
+                    "list[float]", "list of numbers")
                 raise ConfigError(f"{f.name}: expected {want}, got {value!r}")
             setattr(self, f.name, value)
 

@@ -10,10 +10,14 @@ from sftkit.data import prepare as prep
 from sftkit.errors import ConfigError
 
 
-def prepared_dir(cfg: SFTConfig, specs: list[str], tokenizer, console=None) -> Path:
-    """A directory holding the prepared form of `specs`, building it if needed."""
+def prepared_dir(cfg: SFTConfig, specs: list[str], tokenizer, console=None,
+                 weights: list[float] | None = None) -> Path:
+    """A directory holding the prepared form of `specs` (mixed by `weights`), building it if needed."""
     from sftkit.models import cache_dir
 
+    if any(prep.is_prepared(s) for s in specs) and (len(specs) > 1 or weights):
+        raise ConfigError("a prepared directory cannot be mixed with other sources or weighted; "
+                          "pass the raw files with --data_path and --data_weights, or prepare them together")
     if len(specs) == 1 and prep.is_prepared(specs[0]):
         manifest = prep.read_manifest(Path(specs[0]))
         if manifest.get("tokenizer_sha256") != prep.tokenizer_fingerprint(tokenizer):
@@ -21,8 +25,8 @@ def prepared_dir(cfg: SFTConfig, specs: list[str], tokenizer, console=None) -> P
                               f"({manifest.get('tokenizer')}); run prepare-data again with this model")
         return Path(specs[0])
     srcs = prep.resolve_sources(specs, cfg)
-    out = cache_dir() / "prepared" / prep.fingerprint(srcs, tokenizer, cfg)[:20]
-    prep.prepare(cfg, specs, out, tokenizer, console)
+    out = cache_dir() / "prepared" / prep.fingerprint(srcs, tokenizer, cfg, list(weights or []))[:20]
+    prep.prepare(cfg, specs, out, tokenizer, console, weights)
     return out
 
 

@@ -15,6 +15,10 @@ def print_manifest(m: dict, out: Path, con) -> None:
     t.add_row("examples kept", f"{m['examples_kept']:,}")
     for reason, n in m["dropped"].items():
         t.add_row(f"dropped: {reason}", f"{n:,}")
+    for mx in m.get("mixing") or []:
+        t.add_row(f"weight {mx['weight']:g}: {mx['data_path']}", f"{mx['examples']:,} -> {mx['after_weighting']:,}")
+    if m.get("mixing"):
+        t.add_row("examples saved (after weighting)", f"{m['examples_saved']:,}")
     t.add_row("tokens", f"{m['tokens']:,}")
     t.add_row("supervised tokens", f"{m['supervised_tokens']:,} ({m['supervised_tokens'] / max(m['tokens'], 1):.0%})")
     for k, v in m["length"].items():

@@ -73,7 +73,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     with accelerator.main_process_first():  # rank 0 tokenizes; the others then find its cache
-        train_dir = prepared_dir(cfg, cfg.data_path, tokenizer, console if main else None)
+        train_dir = prepared_dir(cfg, cfg.data_path, tokenizer, console if main else None, cfg.data_weights)
         eval_dir = prepared_dir(cfg, [cfg.eval_data_path], tokenizer) if cfg.eval_data_path else None
     train_set = load_prepared(train_dir)
     eval_set = load_prepared(eval_dir) if eval_dir else None

@@ -178,3 +178,50 @@ def test_inspect_shows_examples(tmp_path):
 
 def test_data_error_message_format():
     assert str(DataError("f.jsonl", "line 3", "output", "is missing")) == "f.jsonl:line 3: field 'output': is missing"
+
+
+def test_weighted_mixing_on_the_command_line_and_in_yaml(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"question": f"b{i}", "answer": "y"} for i in range(4)])
+    run_cli("prepare-data", "--data_path", str(a), "--data_path", str(b), "--data_weights", "0.5",
+            "--data_weights", "2", "--output_dir", str(tmp_path / "cli"))
+    man = read_manifest(tmp_path / "cli")
+    assert [(x["examples"], x["after_weighting"]) for x in man["mixing"]] == [(10, 5), (4, 8)]
+    assert man["examples_kept"] == 14 and man["examples_saved"] == 13
+    (tmp_path / "mix.yaml").write_text(f"data_path: [{a}, {b}]\ndata_weights: [0.5, 2]\n")
+    run_cli("prepare-data", "--config", str(tmp_path / "mix.yaml"), "--output_dir", str(tmp_path / "yaml"))
+    assert read_manifest(tmp_path / "yaml")["fingerprint"] == man["fingerprint"]
+    proc = run_cli("prepare-data", "--data_path", str(a), "--data_weights", "1", "--data_weights", "2",
+                   "--output_dir", str(tmp_path / "bad"), check=False)
+    assert proc.returncode == 2 and "one weight per source" in proc.stderr
+
+
+def test_num_proc_gives_identical_output(tmp_path, tok):
+    import datasets
+
+    path = ROOT / "data" / "sample_sharegpt.json"
+    rows = json.loads(path.read_text()) * 12  # 600 rows: two chunks of 512, so two workers share work
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(rows))
+    one = prepare(SFTConfig(max_length=512), [str(big)], tmp_path / "one", tok)
+    two = prepare(SFTConfig(max_length=512, num_proc=2), [str(big)], tmp_path / "two", tok)
+    assert one["fingerprint"] == two["fingerprint"]  # num_proc does not change the output
+    a = datasets.load_from_disk(str(tmp_path / "one" / "dataset"))
+    b = datasets.load_from_disk(str(tmp_path / "two" / "dataset"))
+    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+
+
+def test_hugging_face_dataset_loader_on_a_local_dataset_directory(tmp_path):
+    """The Hub path is `datasets.load_dataset(name, config, split)`; here it reads a local dataset
+    repository layout (no network), the same call a Hub name makes."""
+    from sftkit.data import sources
+
+    repo = tmp_path / "my_dataset" / "data"
+    repo.mkdir(parents=True)
+    write_jsonl(repo / "train.jsonl", [ALPACA, ALPACA])
+    src = sources.Source(str(tmp_path / "my_dataset"), hub=True, split="train")
+    rows = list(sources.read_rows(src))
+    assert [w for w, _ in rows] == ["row 1", "row 2"] and rows[0][1]["output"] == "5"
+    assert sources.resolve("someorg/some-dataset")[0].hub
+    with pytest.raises(DataError, match="loading it as a Hugging Face dataset failed"):
+        list(sources.read_rows(sources.Source("someorg/does-not-exist", hub=True)))

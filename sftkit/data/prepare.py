@@ -31,6 +31,7 @@ class Loaded:
 
     convs: list[list[dict]] = field(default_factory=list)
     tools: list[Any] = field(default_factory=list)
+    origin: list[int] = field(default_factory=list)  # which data_path entry each came from
     rows_in: int = 0
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
@@ -41,17 +42,18 @@ def render_options(cfg: SFTConfig) -> RenderOptions:
     return RenderOptions(train_on=cfg.train_on, reasoning=cfg.reasoning, enable_thinking=cfg.enable_thinking)
 
 
-def resolve_sources(specs: list[str], cfg: SFTConfig) -> list[sources.Source]:
+def resolve_sources(specs: list[str], cfg: SFTConfig) -> list[tuple[int, sources.Source]]:
+    """(index of the data_path entry, source) for every file or dataset the entries name."""
     if not specs:
         raise ConfigError("no data given; pass --data_path FILE (JSON, JSONL, Parquet, CSV, a directory or a dataset name)")
-    return [s for spec in specs for s in sources.resolve(spec, cfg.dataset_config, cfg.dataset_split)]
+    return [(i, s) for i, spec in enumerate(specs) for s in sources.resolve(spec, cfg.dataset_config, cfg.dataset_split)]
 
 
-def load_conversations(srcs: list[sources.Source], cfg: SFTConfig, progress=None) -> Loaded:
+def load_conversations(srcs: list[tuple[int, sources.Source]], cfg: SFTConfig, progress=None) -> Loaded:
     """Read and validate every row. A bad row stops here unless cfg.skip_bad_rows."""
     field_map = formats.parse_field_map(cfg.field_map)
     out = Loaded()
-    for src in srcs:
+    for origin, src in srcs:
         fmt = None if cfg.format_type == "auto" else cfg.format_type
         n_in = n_bad = 0
         for where, row in sources.read_rows(src):
@@ -70,6 +72,7 @@ def load_conversations(srcs: list[sources.Source], cfg: SFTConfig, progress=None
                 continue
             out.convs.append(msgs)
             out.tools.append(tools or None)
+            out.origin.append(origin)
         if n_in == 0:
             raise DataError(src.path, "", None, "holds no rows")
         out.rows_in += n_in
@@ -126,11 +129,12 @@ def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: s
     return ids, labels, None
 
 
-def fingerprint(srcs: list[sources.Source], tokenizer, cfg: SFTConfig) -> str:
+def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, cfg: SFTConfig, weights: list[float]) -> str:
     """Changes whenever the data bytes, the tokenizer, the template or a data option changes."""
     h = hashlib.sha256()
-    h.update(f"sftkit {__version__}\n".encode())
-    for s in srcs:
+    h.update(f"sftkit {__version__} weights={weights} seed={cfg.seed if weights else ''}\n".encode())
+    for i, s in srcs:
+        h.update(f"{i}|".encode())
         h.update(f"{s.path}|{s.config}|{s.split}|{s.fingerprint()}\n".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps(data_options(cfg), sort_keys=True).encode())
@@ -165,6 +169,20 @@ def is_prepared(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file() and (Path(path) / DATASET_DIR).is_dir()
 
 
+def mix(origins: list[int], weights: list[float], seed: int) -> list[int]:
+    """Indices of the kept examples after weighting each source: weight 2 repeats every example
+    twice, 0.5 keeps a seeded half, 1.5 keeps all once plus a seeded half again."""
+    import random
+
+    rng = random.Random(seed)
+    picked: list[int] = []
+    for src, w in enumerate(weights):
+        idx = [i for i, o in enumerate(origins) if o == src]
+        whole, frac = divmod(w, 1)
+        picked += idx * int(whole) + sorted(rng.sample(idx, round(frac * len(idx))))
+    return picked
+
+
 def percentiles(values: list[int]) -> dict[str, int]:
     if not values:
         return {}
@@ -172,13 +190,16 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {f"p{q}": s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)} | {"max": s[-1], "min": s[0]}
 
 
-def prepare(cfg: SFTConfig, specs: list[str], out_dir: Path, tokenizer, console=None) -> dict:
-    """Build `out_dir` (dataset + manifest.json + lengths.png) unless it already holds this fingerprint."""
+def prepare(cfg: SFTConfig, specs: list[str], out_dir: Path, tokenizer, console=None,
+            weights: list[float] | None = None) -> dict:
+    """Build `out_dir` (dataset + manifest.json + lengths.png) unless it already holds this
+    fingerprint. `weights`: one mixing weight per entry of `specs` (see `mix`)."""
     from sftkit.io import atomic_directory, atomic_write_json
     from sftkit.progress import progress_bar
 
     srcs = resolve_sources(specs, cfg)
-    fp = fingerprint(srcs, tokenizer, cfg)
+    weights = list(weights or [])
+    fp = fingerprint(srcs, tokenizer, cfg, weights)
     old = read_manifest(out_dir)
     if old and old.get("fingerprint") == fp and is_prepared(out_dir):
         old["cached"] = True
@@ -190,18 +211,29 @@ def prepare(cfg: SFTConfig, specs: list[str], out_dir: Path, tokenizer, console=
         loaded = load_conversations(srcs, cfg, progress=bar)
     with progress_bar("tokenizing", console, total=len(loaded.convs)) as bar:
         rendered = tokenize_all(loaded, tokenizer, render_options(cfg), cfg.num_proc, progress=bar)
-    kept_ids, kept_labels, dropped = [], [], Counter()
+    kept_ids, kept_labels, kept_origin, dropped = [], [], [], Counter()
     dropped["bad_row"] = loaded.bad_rows
-    for ids, labels in rendered:
+    for (ids, labels), origin in zip(rendered, loaded.origin):
         ids, labels, reason = fit_length(ids, labels, cfg.max_length, cfg.truncation)
         if reason:
             dropped[reason] += 1
             continue
         kept_ids.append(ids)
         kept_labels.append(labels)
+        kept_origin.append(origin)
     if not kept_ids:
-        raise DataError(", ".join(s.path for s in srcs), "", None, f"no example is left after filtering "
+        raise DataError(", ".join(s.path for _, s in srcs), "", None, f"no example is left after filtering "
                         f"(dropped: {dict(+dropped)}); raise --max_length or use --truncation left/right")
+    n_kept = len(kept_ids)
+    mixing = None
+    if weights:
+        order = mix(kept_origin, weights, cfg.seed)
+        mixing = [{"data_path": spec, "weight": w, "examples": kept_origin.count(i),
+                   "after_weighting": sum(kept_origin[j] == i for j in order)}
+                  for i, (spec, w) in enumerate(zip(specs, weights))]
+        kept_ids, kept_labels = [kept_ids[j] for j in order], [kept_labels[j] for j in order]
+        if not kept_ids:
+            raise ConfigError("data_weights leave no example; give at least one source a positive weight")
     lengths = [len(x) for x in kept_ids]
     supervised = [sum(t != IGNORE_INDEX for t in lab) for lab in kept_labels]
     manifest = {
@@ -209,9 +241,11 @@ def prepare(cfg: SFTConfig, specs: list[str], out_dir: Path, tokenizer, console=
         "fingerprint": fp,
         "sources": loaded.per_source,
         "rows_in": loaded.rows_in,
-        "examples_kept": len(kept_ids),
+        "examples_kept": n_kept,
         "dropped": {k: dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
         "bad_rows_first": loaded.bad_examples,
+        "mixing": mixing,
+        "examples_saved": len(kept_ids),
         "tokens": sum(lengths),
         "supervised_tokens": sum(supervised),
         "length": percentiles(lengths),
