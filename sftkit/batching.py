@@ -1,79 +1,142 @@
 """Data order and micro-batches. The order is a pure function of (seed, epoch), so a resumed run
-sees exactly the batches an uninterrupted one would."""
+sees exactly the batches an uninterrupted one would.
+
+A *unit* is what one row of a micro-batch holds: one example (padded batches) or one bin of
+examples (packing). Micro-batches are counted globally across epochs: micro-batch k of the run is
+micro-batch k % micro_per_epoch of epoch k // micro_per_epoch.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from sftkit.data.render import IGNORE_INDEX
 
+GROUP_SPAN = 64  # length grouping sorts within windows of 64 global micro-batches: little padding, still random
 
-@dataclass(frozen=True)
-class Plan:
-    """How many micro-batches and optimizer steps a run has."""
 
-    num_examples: int
-    global_micro_batch: int      # examples per micro-batch over all ranks
-    accumulation: int
-    micro_per_epoch: int
-    total_steps: int
+def bfd_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: longest example first, into the fullest bin it still fits."""
+    import bisect
 
-    @classmethod
-    def make(cls, num_examples: int, per_device: int, world: int, accumulation: int,
-             epochs: float, max_steps: int) -> Plan:
-        global_micro = per_device * world
-        micro_per_epoch = math.ceil(num_examples / global_micro)
-        if max_steps > 0:
-            steps = max_steps
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin index), sorted
+    for i in order:
+        pos = bisect.bisect_left(free, (lengths[i], -1))
+        if pos < len(free):
+            space, b = free.pop(pos)
         else:
-            steps = max(1, math.ceil(math.ceil(epochs * micro_per_epoch) / accumulation))
-        return cls(num_examples, global_micro, accumulation, micro_per_epoch, steps)
+            space, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if space - lengths[i] > 0:
+            bisect.insort(free, (space - lengths[i], b))
+    return bins
+
+
+@dataclass
+class MicroBatch:
+    inputs: dict[str, torch.Tensor]   # what the model's forward takes
+    keep: torch.Tensor                 # [rows, width] bool: the next token is supervised
+    targets: torch.Tensor              # those next tokens, row-major (the order logits come out in)
+    tokens: int                        # real (non-pad) tokens
+    slots: int                         # rows * width, padding included
+
+    def to(self, device) -> MicroBatch:
+        return MicroBatch({k: v.to(device) for k, v in self.inputs.items()}, self.keep.to(device),
+                          self.targets.to(device), self.tokens, self.slots)
+
+
+class Schedule:
+    """Which examples every rank sees in every micro-batch of the run."""
+
+    def __init__(self, lengths: list[int], per_device: int, world: int, seed: int,
+                 packing: bool = False, max_length: int = 0, group_by_length: bool = True):
+        self.units = bfd_bins(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
+        self.unit_len = [sum(lengths[i] for i in u) for u in self.units]
+        self.per_device, self.world, self.seed = per_device, world, seed
+        self.group = group_by_length and not packing
+        self.global_batch = per_device * world
+        self.micro_per_epoch = math.ceil(len(self.units) / self.global_batch)
+
+    @lru_cache(maxsize=2)
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """The epoch's global micro-batches, as lists of unit indices."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.units), generator=g).tolist()
+        size = self.global_batch
+        if not self.group:
+            return [order[i:i + size] for i in range(0, len(order), size)]
+        batches = []
+        span = size * GROUP_SPAN
+        for start in range(0, len(order), span):
+            window = sorted(order[start:start + span], key=lambda u: -self.unit_len[u])
+            batches += [window[i:i + size] for i in range(0, len(window), size)]
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in perm]
+
+    def examples(self, micro_index: int, rank: int) -> list[list[int]]:
+        """This rank's rows for micro-batch `micro_index`: each row a list of example indices.
+        Strided over ranks, so a short last batch is spread evenly and each rank gets similar lengths."""
+        epoch, j = divmod(micro_index, self.micro_per_epoch)
+        return [self.units[u] for u in self.epoch(epoch)[j][rank::self.world]]
 
     def epoch_of(self, micro_index: int) -> float:
         return micro_index / self.micro_per_epoch
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+def total_steps(schedule: Schedule, accumulation: int, epochs: float, max_steps: int) -> int:
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(math.ceil(epochs * schedule.micro_per_epoch) / accumulation))
 
 
-def micro_batch_indices(plan: Plan, seed: int, micro_index: int, rank: int, world: int) -> list[int]:
-    """This rank's example indices for global micro-batch `micro_index` (counted across epochs).
+def collate(rows: list[list[dict]], pad_id: int, packed: bool) -> MicroBatch:
+    """Rows of examples -> a right-padded micro-batch.
 
-    An empty list means the epoch's last micro-batch had too few examples for this rank.
+    Padded: one example per row, with an attention mask. Packed: several examples per row with
+    position_ids restarting at 0 at each example and NO attention mask, which is how transformers
+    recognises the packed layout and keeps examples from attending to each other. The label at
+    each example's first position is masked so no example learns to predict the next one's start.
+    A row with `weight` 0 contributes tokens to the forward but nothing to the loss.
     """
-    epoch, j = divmod(micro_index, plan.micro_per_epoch)
-    order = epoch_order(plan.num_examples, seed, epoch)
-    chunk = order[j * plan.global_micro_batch:(j + 1) * plan.global_micro_batch]
-    return chunk[rank::world]  # strided, so a short last batch is spread evenly over ranks
-
-
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; `keep` marks positions whose next token is supervised, `targets` holds
-    those next tokens in row-major order (the order boolean indexing returns logits in)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.as_tensor(e["input_ids"])
-        labels[i, :n] = torch.as_tensor(e["labels"])
-        mask[i, :n] = 1
-        if e.get("weight", 1) == 0:
-            labels[i] = IGNORE_INDEX
+    seqs, labs, poss = [], [], []
+    for row in rows:
+        ids, lab, pos = [], [], []
+        for e in row:
+            ids += e["input_ids"]
+            first = len(lab)
+            lab += e["labels"] if e.get("weight", 1) else [IGNORE_INDEX] * len(e["labels"])
+            lab[first] = IGNORE_INDEX
+            pos += range(len(e["input_ids"]))
+        seqs.append(ids)
+        labs.append(lab)
+        poss.append(pos)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(rows), 1)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (s, lab, pos) in enumerate(zip(seqs, labs, poss)):
+        ids[i, :len(s)] = torch.as_tensor(s)
+        labels[i, :len(s)] = torch.as_tensor(lab)
+        positions[i, :len(s)] = torch.as_tensor(pos)
+        positions[i, len(s):] = torch.arange(width - len(s))  # padding is a sequence of its own
+        mask[i, :len(s)] = 1
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return {"input_ids": ids, "attention_mask": mask, "keep": keep, "targets": labels[:, 1:][keep[:, :-1]]}
+    inputs = {"input_ids": ids, "position_ids": positions} if packed else {"input_ids": ids, "attention_mask": mask}
+    return MicroBatch(inputs, keep, labels[:, 1:][keep[:, :-1]], int(mask.sum()), ids.numel())
 
 
-def load_micro_batch(dataset, indices: list[int], fallback: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Collate `indices`; with none, one example with no supervised token keeps every rank in step
-    (each rank must run forward and backward) while adding nothing to the loss."""
-    if not indices:
-        return collate([{**dataset[fallback], "weight": 0}], pad_id)
-    return collate([dataset[i] for i in indices], pad_id)
+def load_micro_batch(dataset, rows: list[list[int]], pad_id: int, packed: bool = False) -> MicroBatch:
+    """Collate these rows of example indices; with none, one example with no supervised token keeps
+    every rank in step (each rank must run forward and backward) while adding nothing to the loss."""
+    if not rows:
+        return collate([[{**dataset[0], "weight": 0}]], pad_id, packed)
+    return collate([[dataset[i] for i in row] for row in rows], pad_id, packed)

@@ -23,6 +23,9 @@ TRAIN_ON = ("all", "last")
 REASONING = ("template", "drop")
 SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
+# Implementations that transformers feeds the packed layout (position_ids restarting at 0, no mask):
+# eager/sdpa build a block-diagonal mask from it, flash-attention turns it into varlen offsets.
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def _group(name: str) -> dict:
@@ -115,6 +118,13 @@ class SFTConfig:
     """float16 mixed precision with loss scaling (GPU only)."""
     gradient_checkpointing: bool = field(default=False, metadata=_group("train"))
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    packing: bool = field(default=False, metadata=_group("train"))
+    """Pack examples into rows of max_length (best-fit decreasing); each example attends only to
+    itself (position_ids restart, no cross-example attention). per_device_train_batch_size then
+    counts rows."""
+    group_by_length: bool = field(default=True, metadata=_group("train"))
+    """Without packing: put examples of similar length in the same micro-batch (less padding).
+    The order stays random between micro-batches and is a function of seed and epoch."""
 
     # ---- LoRA ------------------------------------------------------------------------------
     use_lora: bool = field(default=False, metadata=_group("lora"))
@@ -174,6 +184,9 @@ class SFTConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.packing and self.attn_implementation not in PACKING_ATTENTION:
+            raise ConfigError(f"packing needs an attention implementation that keeps packed examples apart "
+                              f"({', '.join(PACKING_ATTENTION)}); set --attn_implementation sdpa or drop --packing")
         if self.data_weights and len(self.data_weights) != len(self.data_path):
             raise ConfigError(f"data_weights has {len(self.data_weights)} values for {len(self.data_path)} data_path "
                               "entries; give one weight per source, in the same order")

@@ -20,6 +20,8 @@ def prepared_dir(cfg: SFTConfig, specs: list[str], tokenizer, console=None,
                           "pass the raw files with --data_path and --data_weights, or prepare them together")
     if len(specs) == 1 and prep.is_prepared(specs[0]):
         manifest = prep.read_manifest(Path(specs[0]))
+        if manifest.get("format") != prep.FORMAT:
+            raise ConfigError(f"{specs[0]} was prepared by an older sftkit; run prepare-data again")
         if manifest.get("tokenizer_sha256") != prep.tokenizer_fingerprint(tokenizer):
             raise ConfigError(f"{specs[0]} was prepared with another tokenizer or chat template "
                               f"({manifest.get('tokenizer')}); run prepare-data again with this model")

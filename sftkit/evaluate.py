@@ -17,14 +17,15 @@ def evaluate_loss(model, dataset, accelerator, batch_size: int, pad_id: int) -> 
     world, rank = accelerator.num_processes, accelerator.process_index
     n = len(dataset)
     # Sort by length so batches pad little; every rank runs the same number of batches.
-    order = sorted(range(n), key=lambda i: len(dataset[i]["input_ids"]))
+    lengths = dataset["length"]
+    order = sorted(range(n), key=lambda i: lengths[i])
     per_step = batch_size * world
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for start in range(0, n, per_step):
         idx = order[start:start + per_step][rank::world]
-        batch = {k: v.to(accelerator.device) for k, v in load_micro_batch(dataset, idx, 0, pad_id).items()}
+        batch = load_micro_batch(dataset, [[i] for i in idx], pad_id).to(accelerator.device)
         totals[0] += token_loss_sum(model, batch).double()
-        totals[1] += batch["targets"].numel()
+        totals[1] += batch.targets.numel()
     loss_sum, count = accelerator.reduce(totals, reduction="sum").tolist()
     loss = loss_sum / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "supervised_tokens": int(count), "examples": n}

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of cross-entropies over the batch's supervised tokens.
+def token_loss_sum(model, batch) -> torch.Tensor:
+    """Sum of cross-entropies over the micro-batch's supervised tokens.
 
     `logits_to_keep=keep` makes the model project only supervised positions onto the 151,936-word
     vocabulary: for a 4x512 batch at 50% supervision, 0.6 GB of fp32 logits instead of 1.2 GB.
-    `use_cache=False`: with a cache, transformers ignores packed position_ids silently.
+    `use_cache=False`: with a cache, transformers ignores packed position_ids silently and the
+    examples of a packed row attend to each other (../shared/PLATFORM_NOTES.md).
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                logits_to_keep=batch["keep"], use_cache=False)
-    return F.cross_entropy(out.logits.float(), batch["targets"], reduction="sum")
+    out = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False)
+    return F.cross_entropy(out.logits.float(), batch.targets, reduction="sum")

@@ -56,3 +56,28 @@ def print_examples(dataset, tokenizer, n: int, con) -> None:
         con.rule(f"example {i}: {len(row['input_ids'])} tokens, "
                  f"{sum(lab != IGNORE_INDEX for lab in row['labels'])} supervised (green)")
         con.print(text)
+
+
+def plot_losses(metrics: Path, path: Path) -> None:
+    """loss.png: train loss (and eval loss where measured) against step."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#4477aa")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="#cc3311")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("token-mean loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
 import torch
 
 from sftkit.accel import distributed_type, is_zero3, make_accelerator
-from sftkit.batching import Plan, load_micro_batch, micro_batch_indices
+from sftkit.batching import Schedule, load_micro_batch, total_steps
 from sftkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
 from sftkit.config import SFTConfig
 from sftkit.data.prepare import load_prepared
@@ -21,11 +22,11 @@ from sftkit.loss import token_loss_sum
 from sftkit.models import build_for_training, count_parameters, load_tokenizer
 
 
-def lr_lambda(total_steps: int, warmup: int, kind: str):
+def lr_lambda(total: int, warmup: int, kind: str):
     def f(step: int) -> float:
         if step < warmup:
             return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, total - warmup)
         if kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         if kind == "linear":
@@ -37,17 +38,45 @@ def lr_lambda(total_steps: int, warmup: int, kind: str):
 class MetricsLog:
     """metrics.jsonl (always) plus accelerate's trackers; main process only."""
 
-    def __init__(self, accelerator, path: Path, resume: bool):
+    def __init__(self, accelerator, path: Path, resumed_step: int | None):
         self.accelerator, self.path = accelerator, path
-        if accelerator.is_main_process and not resume:
-            path.unlink(missing_ok=True)
+        if accelerator.is_main_process:
+            kept = []
+            if resumed_step is not None and path.exists():
+                # lines the interrupted run wrote after its checkpoint are replaced by this run's
+                kept = [ln for ln in path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= resumed_step and "event" not in json.loads(ln)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(ln + "\n" for ln in kept))
 
-    def write(self, record: dict, step: int | None = None) -> None:
+    def write(self, record: dict, step: int | None = None, first: bool = False) -> None:
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            lines = self.path.read_text().splitlines() if first else []
+            with self.path.open("w" if first else "a") as f:
+                for ln in [json.dumps(record)] + lines:
+                    f.write(ln + "\n")
         if step is not None:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT (a preempted job, Ctrl-C): finish the step, save a checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def param_fingerprint(model) -> torch.Tensor:
@@ -77,70 +106,76 @@ def run(cfg: SFTConfig, console=None) -> dict:
         eval_dir = prepared_dir(cfg, [cfg.eval_data_path], tokenizer) if cfg.eval_data_path else None
     train_set = load_prepared(train_dir)
     eval_set = load_prepared(eval_dir) if eval_dir else None
+    if cfg.packing and max(train_set["length"]) > cfg.max_length:
+        raise SftkitError(f"{train_dir} holds examples longer than max_length={cfg.max_length}, which cannot be packed; "
+                          "prepare the data with the same --max_length")
 
     model = build_for_training(cfg)
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    plan = Plan.make(len(train_set), cfg.per_device_train_batch_size, world, cfg.gradient_accumulation_steps,
-                     cfg.num_train_epochs, cfg.max_steps)
+    schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, world, cfg.seed,
+                        cfg.packing, cfg.max_length, cfg.group_by_length)
+    steps = total_steps(schedule, cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    warmup = math.ceil(cfg.warmup_ratio * plan.total_steps)
+    warmup = math.ceil(cfg.warmup_ratio * steps)
     # Not passed to prepare(): accelerate would step it once per process per optimizer step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan.total_steps, warmup, cfg.lr_scheduler_type))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, warmup, cfg.lr_scheduler_type))
     accelerator.register_for_checkpointing(scheduler)
 
     state = {"step": 0, "micro_index": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
+    resumed = None
     if cfg.resume_from_checkpoint:
-        ckpt = resolve_resume(cfg.resume_from_checkpoint, out)
-        state = load_checkpoint(accelerator, ckpt)
+        state = load_checkpoint(accelerator, resolve_resume(cfg.resume_from_checkpoint, out))
+        resumed = state["step"]
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(out / "config.yaml")
     if trackers:
-        accelerator.init_trackers(cfg.run_name or out.name, config=cfg.to_dict())
-    log = MetricsLog(accelerator, out / "metrics.jsonl", resume=bool(cfg.resume_from_checkpoint))
+        # trackers take scalars only: lists become comma-separated text, None an empty string
+        flat = {k: ",".join(map(str, v)) if isinstance(v, list) else "" if v is None else v
+                for k, v in cfg.to_dict().items()}
+        accelerator.init_trackers(cfg.run_name or out.name, config=flat)
+    log = MetricsLog(accelerator, out / "metrics.jsonl", resumed)
     log.write({
         "event": "start", "world_size": world, "distributed_type": distributed_type(accelerator),
-        "mixed_precision": accelerator.mixed_precision, "num_examples": len(train_set),
-        "total_steps": plan.total_steps, "trainable_params": trainable, "total_params": total,
-        "resumed_from_step": state["step"],
-    })
+        "mixed_precision": accelerator.mixed_precision, "num_examples": len(train_set), "rows_per_epoch":
+        len(schedule.units), "total_steps": steps, "trainable_params": trainable, "total_params": total,
+        "resumed_from_step": resumed,
+    }, first=True)
 
     from sftkit.progress import train_progress
 
-    pad_id = tokenizer.pad_token_id
-    G = cfg.gradient_accumulation_steps
-    start_time, window = time.time() - state["elapsed_s"], {"tokens": 0, "t": time.time()}
+    pad_id, G = tokenizer.pad_token_id, cfg.gradient_accumulation_steps
+    start_time = time.time() - state["elapsed_s"]
+    window = {"tokens": 0, "slots": 0, "t": time.time()}
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     summary: dict = {}
     grad_norm = None
+    stopped_early = False
     model.train()
-    with train_progress(plan.total_steps, state["step"], enabled=main, console=console) as bar:
-        for step in range(state["step"], plan.total_steps):
-            batches = [
-                load_micro_batch(train_set, micro_batch_indices(plan, cfg.seed, state["micro_index"] + i, rank, world),
-                                 fallback=0, pad_id=pad_id)
-                for i in range(G)
-            ]
+    with StopRequest() as stop, train_progress(steps, state["step"], enabled=main, console=console) as bar:
+        for step in range(state["step"], steps):
+            batches = [load_micro_batch(train_set, schedule.examples(state["micro_index"] + i, rank), pad_id, cfg.packing)
+                       for i in range(G)]
             state["micro_index"] += G
-            counts = torch.tensor([sum(int(b["targets"].numel()) for b in batches),
-                                   sum(int(b["attention_mask"].sum()) for b in batches)], device=accelerator.device)
-            n_sup, n_tok = accelerator.reduce(counts, reduction="sum").tolist()  # one all-reduce per step
+            counts = torch.tensor([sum(b.targets.numel() for b in batches), sum(b.tokens for b in batches),
+                                   sum(b.slots for b in batches), int(stop.requested)], device=accelerator.device)
+            # one all-reduce per step: supervised tokens, tokens, slots, and whether any rank must stop
+            n_sup, n_tok, n_slots, n_stop = accelerator.reduce(counts, reduction="sum").tolist()
             # accelerate divides by G and DDP/DeepSpeed average over ranks: undo both, so the
             # gradient is exactly d(sum of token losses)/d(theta) / n_sup.
             scale = G * world / max(n_sup, 1)
             loss_sum.zero_()
             for batch in batches:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):
                     ce = token_loss_sum(model, batch)
                     accelerator.backward(ce * scale)
                     loss_sum += ce.detach()
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) \
-                            if cfg.max_grad_norm > 0 else None
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
@@ -149,21 +184,23 @@ def run(cfg: SFTConfig, console=None) -> dict:
             state["tokens"] += n_tok
             state["supervised_tokens"] += n_sup
             window["tokens"] += n_tok
-            last = state["step"] == plan.total_steps
-            if state["step"] % cfg.logging_steps == 0 or step == 0 or last:
+            window["slots"] += n_slots
+            last = state["step"] == steps
+            if state["step"] % cfg.logging_steps == 0 or step == 0 or last or n_stop:
                 loss = accelerator.reduce(loss_sum.clone(), reduction="sum").item() / max(n_sup, 1)
                 if not math.isfinite(loss):
                     raise SftkitError(f"the loss became {loss} at step {state['step']}; lower --learning_rate, "
-                                      "or use bf16 instead of fp16. The last checkpoint is kept.")
+                                      "or use bf16 instead of fp16. Checkpoints saved before this step are kept.")
                 now = time.time()
                 record = {
-                    "step": state["step"], "epoch": round(plan.epoch_of(state["micro_index"]), 4), "loss": loss,
+                    "step": state["step"], "epoch": round(schedule.epoch_of(state["micro_index"]), 4), "loss": loss,
                     "lr": lr, "grad_norm": _float(grad_norm), "tokens": state["tokens"],
                     "supervised_tokens": state["supervised_tokens"],
                     "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
+                    "padding_efficiency": round(window["tokens"] / max(window["slots"], 1), 4),
                     "elapsed_s": round(now - start_time, 2),
                 }
-                window.update(tokens=0, t=now)
+                window.update(tokens=0, slots=0, t=now)
                 log.write(record, step=state["step"])
                 bar.update(state["step"], loss=loss, lr=lr, tokens_per_s=record["tokens_per_s"])
             if eval_set is not None and cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and not last:
@@ -171,13 +208,24 @@ def run(cfg: SFTConfig, console=None) -> dict:
                 log.write({"step": state["step"], "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]},
                           step=state["step"])
                 model.train()
+            if n_stop and not last:
+                state["elapsed_s"] = time.time() - start_time
+                path = save_checkpoint(accelerator, model, tokenizer, cfg, out, state["step"], state)
+                log.write({"event": "stopped", "step": state["step"], "checkpoint": str(path)})
+                stopped_early = True
+                break
             if cfg.save_steps and state["step"] % cfg.save_steps == 0 and not last:
                 state["elapsed_s"] = time.time() - start_time
                 save_checkpoint(accelerator, model, tokenizer, cfg, out, state["step"], state)
+    if stopped_early:
+        if trackers:
+            accelerator.end_training()
+        return {"event": "stopped", "step": state["step"], "elapsed_s": round(time.time() - start_time, 2)}
 
     if eval_set is not None:
         ev = evaluate_loss(model, eval_set, accelerator, cfg.per_device_eval_batch_size, pad_id)
         summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
+        log.write({"step": state["step"], "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]}, step=state["step"])
     state["elapsed_s"] = time.time() - start_time
     if cfg.save_steps:
         save_checkpoint(accelerator, model, tokenizer, cfg, out, state["step"], state)
@@ -188,6 +236,10 @@ def run(cfg: SFTConfig, console=None) -> dict:
                    supervised_tokens=state["supervised_tokens"], elapsed_s=round(state["elapsed_s"], 2),
                    param_fingerprints=prints, ranks_in_sync=None if prints is None else all(p == prints[0] for p in prints))
     log.write(summary)
+    if main:
+        from sftkit.report import plot_losses
+
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
     if trackers:
         accelerator.end_training()
     return summary

@@ -94,11 +94,15 @@ def test_full_fine_tuning_end_to_end(prepared, tmp_path):
 
 
 def test_train_reads_raw_data_and_reuses_its_cache(tmp_path):
-    args = ["train", "--data_path", "data/sample_alpaca.json", "--max_steps", "1", "--save_steps", "0",
-            "--use_lora", "--max_length", "512"]
-    run_cli(*args, "--output_dir", str(tmp_path / "a"))
-    run_cli(*args, "--output_dir", str(tmp_path / "b"))
     import os
 
-    prepared = list((Path(os.environ["SFTKIT_CACHE"]) / "prepared").iterdir())
-    assert len([p for p in prepared if json.loads((p / "manifest.json").read_text())["rows_in"] == 50]) == 1
+    cache = Path(os.environ["SFTKIT_CACHE"]) / "prepared"
+    data = tmp_path / "raw.json"
+    data.write_text((Path("data") / "sample_alpaca.json").resolve().read_text())
+    args = ["train", "--data_path", str(data), "--max_steps", "1", "--save_steps", "0", "--use_lora",
+            "--max_length", "512"]
+    before = set(cache.iterdir()) if cache.exists() else set()
+    run_cli(*args, "--output_dir", str(tmp_path / "a"))
+    after_first = set(cache.iterdir())
+    run_cli(*args, "--output_dir", str(tmp_path / "b"))
+    assert len(after_first - before) == 1 and set(cache.iterdir()) == after_first

@@ -23,6 +23,7 @@ MANIFEST = "manifest.json"
 DATASET_DIR = "dataset"
 CHUNK = 512  # conversations per tokenizer call: big enough that the Rust tokenizer batches well
 BAD_ROWS_LISTED = 5
+FORMAT = 2  # layout of the saved set (2: input_ids, labels, length); part of the fingerprint
 
 
 @dataclass
@@ -132,7 +133,7 @@ def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: s
 def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, cfg: SFTConfig, weights: list[float]) -> str:
     """Changes whenever the data bytes, the tokenizer, the template or a data option changes."""
     h = hashlib.sha256()
-    h.update(f"sftkit {__version__} weights={weights} seed={cfg.seed if weights else ''}\n".encode())
+    h.update(f"sftkit {__version__} format {FORMAT} weights={weights} seed={cfg.seed if weights else ''}\n".encode())
     for i, s in srcs:
         h.update(f"{i}|".encode())
         h.update(f"{s.path}|{s.config}|{s.split}|{s.fingerprint()}\n".encode())
@@ -239,6 +240,7 @@ def prepare(cfg: SFTConfig, specs: list[str], out_dir: Path, tokenizer, console=
     manifest = {
         "sftkit_version": __version__,
         "fingerprint": fp,
+        "format": FORMAT,
         "sources": loaded.per_source,
         "rows_in": loaded.rows_in,
         "examples_kept": n_kept,
@@ -271,8 +273,10 @@ def _save_dataset(path: Path, ids: list[list[int]], labels: list[list[int]]) -> 
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
+        "length": datasets.Value("int32"),  # for batching without reading every example
     })
-    datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}, features=features).save_to_disk(str(path))
+    datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]},
+                               features=features).save_to_disk(str(path))
 
 
 def load_prepared(path: str | Path):
