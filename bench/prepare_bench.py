@@ -9,6 +9,8 @@ plus an assistant-only loss mask. Timed:
           `SFTTrainer(...)`; model building and the rest of the constructor are reported apart.
           HF datasets caching is off, so nothing is a cache hit.
 Each tool is warmed up first on a few rows, so neither pays its first imports inside the clock.
+Besides wall time, CPU seconds (this process + reaped worker processes) are reported: on a shared
+machine they are the steadier measure of work, while wall time shows what parallelism buys.
 
     .venv/bin/python bench/prepare_bench.py --n 20000 --num_proc 2
 """
@@ -25,19 +27,21 @@ import argparse
 import json
 import platform
 import random
+import resource
 import shutil
 import time
 from collections import Counter
 from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
 
-WORD_TEXT = ("the a of to and in is it that for on with as was at by this be from or have an they which you one "
-         "data model train loss token batch layer weight gradient learning rate step value function return "
-         "python code error file system memory process thread network server client request response query "
-         "answer question explain example simple because however therefore result number list table string "
-         "river mountain city music history science language people world time year good small large new old "
-         "first last long great little right big high different important")
-WORDS = WORD_TEXT.split(" ")
+_WORD_TEXT = ("the a of to and in is it that for on with as was at by this be from or have an they which you one data "
+         "model train loss token batch layer weight gradient learning rate step value function return python code "
+         "error file system memory process thread network server client request response query answer question "
+         "explain example simple because however therefore result number list table string river mountain city "
+         "music history science language people world time year good small large new old first last long great "
+         "little right big high different important")
+WORDS = _WORD_TEXT.split(" ")
 CJK = ("你好", "世界", "模型", "训练", "数据", "学习", "问题", "答案", "こんにちは", "ありがとう", "東京", "日本語",
        "안녕하세요", "감사합니다", "机器学习", "深度神经网络")
 EMOJI = ("🙂", "🚀", "🔥", "✅", "🤖", "📈", "🎉", "👍🏽", "❤️", "🇯🇵")
@@ -88,17 +92,29 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def _now() -> tuple[float, float]:
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), time.process_time() + kids.ru_utime + kids.ru_stime
+
+
+def clock():
+    """Start a clock; calling the result gives (wall, cpu) seconds since. CPU counts reaped workers too."""
+    start = _now()
+    return lambda: tuple(b - a for a, b in zip(start, _now()))
+
+
 def bench_sftkit(data: Path, out: Path, tok, num_proc: int) -> dict:
     from sftkit.config import SFTConfig
     from sftkit.data.prepare import prepare
 
     cfg = SFTConfig(max_length=4096, num_proc=num_proc)
-    start = time.perf_counter()
+    elapsed = clock()
     man = prepare(cfg, [str(data)], fresh(out / f"sftkit_np{num_proc}"), tok)
-    secs = time.perf_counter() - start
+    secs, cpu = elapsed()
     assert not man["cached"]
-    return {"tool": f"sftkit prepare (num_proc={num_proc})", "seconds": secs, "examples": man["examples_kept"],
-            "tokens": man["tokens"], "supervised": man["supervised_tokens"], "dropped": sum(man["dropped"].values())}
+    return {"tool": f"sftkit prepare (num_proc={num_proc})", "seconds": secs, "cpu": cpu,
+            "examples": man["examples_kept"], "tokens": man["tokens"], "supervised": man["supervised_tokens"],
+            "dropped": sum(man["dropped"].values())}
 
 
 def bench_trl(data: Path, out: Path, tok, num_proc: int) -> tuple[dict, object]:
@@ -119,34 +135,34 @@ def bench_trl(data: Path, out: Path, tok, num_proc: int) -> tuple[dict, object]:
                      packing=False, dataset_num_proc=num_proc, report_to=[], bf16=False)
 
     class TimedSFTTrainer(SFTTrainer):
-        prep_seconds = 0.0
+        prep = (0.0, 0.0)  # (wall, cpu) of the last _prepare_dataset
 
         def _prepare_dataset(self, *args, **kwargs):
-            t0 = time.perf_counter()
+            elapsed = clock()
             try:
                 return super()._prepare_dataset(*args, **kwargs)
             finally:
-                TimedSFTTrainer.prep_seconds = time.perf_counter() - t0
+                TimedSFTTrainer.prep = elapsed()
 
-    def build(ds):
-        t0 = time.perf_counter()
-        trainer = TimedSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-        return trainer, time.perf_counter() - t0
+    def load(path: Path):
+        return datasets.Dataset.from_json(str(path), cache_dir=str(fresh(out / "hf_cache")))
 
-    build(datasets.Dataset.from_json(str(sample(data, out))))  # warm-up: imports, template compile
+    TimedSFTTrainer(model=model, args=args, train_dataset=load(sample(data, out)), processing_class=tok)  # warm-up
+    elapsed = clock()
+    ds = load(data)
+    load_secs, load_cpu = elapsed()
     t0 = time.perf_counter()
-    ds = datasets.Dataset.from_json(str(data), cache_dir=str(fresh(out / "hf_cache")))
-    load_secs = time.perf_counter() - t0
-    trainer, build_secs = build(ds)
-    prep_secs = TimedSFTTrainer.prep_seconds
+    trainer = TimedSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    build_secs = time.perf_counter() - t0
+    prep_secs, prep_cpu = TimedSFTTrainer.prep
     prepared = trainer.train_dataset
     supervised = sum(sum(t != -100 for t in lab) for lab in prepared["labels"])  # = sum(assistant_masks)
     template = "TRL qwen3_training.jinja" if trainer.chat_template else "tokenizer's own (has generation markers)"
     note = (f"template: {template}; timed: Dataset.from_json {load_secs:.2f}s + _prepare_dataset {prep_secs:.2f}s; "
             f"excluded: model build {model_secs:.2f}s, rest of SFTTrainer(...) {build_secs - prep_secs:.2f}s")
     row = {"tool": f"TRL 1.16 SFTTrainer (dataset_num_proc={num_proc})", "seconds": load_secs + prep_secs,
-           "examples": len(prepared), "tokens": sum(map(len, prepared["input_ids"])), "supervised": supervised,
-           "dropped": len(ds) - len(prepared), "note": note}
+           "cpu": load_cpu + prep_cpu, "examples": len(prepared), "tokens": sum(map(len, prepared["input_ids"])),
+           "supervised": supervised, "dropped": len(ds) - len(prepared), "note": note}
     return row, prepared
 
 
@@ -171,13 +187,8 @@ def compare(sftkit_dir: Path, trl_ds) -> str:
 
 
 def versions() -> str:
-    pkgs = ("torch", "transformers", "datasets", "tokenizers", "trl")
-    found = []
-    for p in pkgs:
-        try:
-            found.append(f"{p} {metadata.version(p)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{p} (not installed)")
+    found = [f"{p} {metadata.version(p)}" if find_spec(p) else f"{p} (not installed)"
+             for p in ("torch", "transformers", "datasets", "tokenizers", "trl")]
     return f"python {platform.python_version()}, " + ", ".join(found) + f"; {os.cpu_count()} CPU cores"
 
 
@@ -188,7 +199,6 @@ def main() -> None:
     ap.add_argument("--trl_num_proc", type=int, default=1, help="TRL dataset_num_proc")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/prepare_bench"))
-    ap.add_argument("--no_trl", action="store_true", help="skip TRL even when it is installed")
     a = ap.parse_args()
 
     from sftkit.models import load_tokenizer
@@ -204,27 +214,26 @@ def main() -> None:
     if a.num_proc > 1:
         rows.append(bench_sftkit(data, a.out, tok, a.num_proc))
     trl_row = None
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        print("trl is not installed: TRL comparison skipped")
+    if find_spec("trl"):
+        trl_row, trl_ds = bench_trl(data, a.out, tok, a.trl_num_proc)
+        rows.append(trl_row)
     else:
-        if not a.no_trl:
-            trl_row, trl_ds = bench_trl(data, a.out, tok, a.trl_num_proc)
-            rows.append(trl_row)
+        print("trl is not installed: TRL comparison skipped (pip install trl==1.16.0)")
 
-    print("\n| tool | examples/s | tokens/s | seconds | examples | tokens | supervised tokens | dropped |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| tool | examples/s | tokens/s | seconds | CPU seconds | examples/CPU-s | examples | tokens "
+          "| supervised tokens | dropped |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['tool']} | {r['examples'] / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | "
-              f"{r['seconds']:.2f} | {r['examples']:,} | {r['tokens']:,} | {r['supervised']:,} | {r['dropped']} |")
+              f"{r['seconds']:.1f} | {r['cpu']:.1f} | {r['examples'] / r['cpu']:,.0f} | {r['examples']:,} | "
+              f"{r['tokens']:,} | {r['supervised']:,} | {r['dropped']} |")
     if trl_row:
         print(f"\nTRL: {trl_row['note']}")
         if trl_row["supervised"] == 0:
             print("WARNING: TRL's assistant mask is all zero: it would train on nothing")
         for r in rows[:-1]:
-            ratio = (r["examples"] / r["seconds"]) / (trl_row["examples"] / trl_row["seconds"])
-            print(f"ratio {r['tool']} / TRL, examples/s: {ratio:.2f}x")
+            wall = (r["examples"] / r["seconds"]) / (trl_row["examples"] / trl_row["seconds"])
+            cpu = (r["examples"] / r["cpu"]) / (trl_row["examples"] / trl_row["cpu"])
+            print(f"ratio {r['tool']} / TRL: examples/s {wall:.2f}x, examples per CPU-second {cpu:.2f}x")
         print(f"supervised tokens sftkit/TRL: {rows[0]['supervised'] / max(trl_row['supervised'], 1):.3f}; "
               + compare(a.out / "sftkit_np1", trl_ds))
 

@@ -26,6 +26,9 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
         log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
     )
     plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and cfg.skip_nan_steps:
+        raise ConfigError("--skip_nan_steps does not work under DeepSpeed (its engine steps inside backward); "
+                          "drop the flag, or use DDP")
     if plugin is not None:
         # We batch ourselves (no DataLoader goes through prepare), so fill DeepSpeed's "auto"s here.
         ds = plugin.deepspeed_config

@@ -118,6 +118,9 @@ class SFTConfig:
     """float16 mixed precision with loss scaling (GPU only)."""
     gradient_checkpointing: bool = field(default=False, metadata=_group("train"))
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    skip_nan_steps: bool = field(default=False, metadata=_group("train"))
+    """Skip an optimizer step whose gradient norm is NaN or inf (counted in metrics.jsonl) instead
+    of stopping the run. Not with DeepSpeed, whose engine steps by itself."""
     packing: bool = field(default=False, metadata=_group("train"))
     """Pack examples into rows of max_length (best-fit decreasing); each example attends only to
     itself (position_ids restart, no cross-example attention). per_device_train_batch_size then

@@ -153,7 +153,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     summary: dict = {}
     grad_norm = None
-    stopped_early = False
+    skip = stopped_early = False
     model.train()
     with StopRequest() as stop, train_progress(steps, state["step"], enabled=main, console=console) as bar:
         for step in range(state["step"], steps):
@@ -174,10 +174,16 @@ def run(cfg: SFTConfig, console=None) -> dict:
                     ce = token_loss_sum(model, batch)
                     accelerator.backward(ce * scale)
                     loss_sum += ce.detach()
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
+                    skip = False
+                    if accelerator.sync_gradients and (cfg.max_grad_norm > 0 or cfg.skip_nan_steps):
+                        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                        # the norm of the synced gradients: every rank takes the same decision
+                        skip = cfg.skip_nan_steps and not math.isfinite(_float(grad_norm))
+                    if not skip:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+            if skip:
+                state["skipped_steps"] = state.get("skipped_steps", 0) + 1
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             state["step"] = step + 1
@@ -186,15 +192,18 @@ def run(cfg: SFTConfig, console=None) -> dict:
             window["tokens"] += n_tok
             window["slots"] += n_slots
             last = state["step"] == steps
-            if state["step"] % cfg.logging_steps == 0 or step == 0 or last or n_stop:
+            saving = bool(cfg.save_steps and state["step"] % cfg.save_steps == 0)
+            if state["step"] % cfg.logging_steps == 0 or step == 0 or last or n_stop or saving:
                 loss = accelerator.reduce(loss_sum.clone(), reduction="sum").item() / max(n_sup, 1)
-                if not math.isfinite(loss):
+                if not math.isfinite(loss) and not skip:  # checked before any save: no NaN checkpoint
                     raise SftkitError(f"the loss became {loss} at step {state['step']}; lower --learning_rate, "
-                                      "or use bf16 instead of fp16. Checkpoints saved before this step are kept.")
+                                      "use bf16 instead of fp16, or pass --skip_nan_steps. "
+                                      "Checkpoints saved before this step are kept.")
                 now = time.time()
                 record = {
-                    "step": state["step"], "epoch": round(schedule.epoch_of(state["micro_index"]), 4), "loss": loss,
-                    "lr": lr, "grad_norm": _float(grad_norm), "tokens": state["tokens"],
+                    "step": state["step"], "epoch": round(schedule.epoch_of(state["micro_index"]), 4),
+                    "loss": loss if math.isfinite(loss) else None, "skipped_steps": state.get("skipped_steps", 0),
+                    "lr": lr, "grad_norm": _json_float(grad_norm), "tokens": state["tokens"],
                     "supervised_tokens": state["supervised_tokens"],
                     "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
                     "padding_efficiency": round(window["tokens"] / max(window["slots"], 1), 4),
@@ -202,7 +211,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
                 }
                 window.update(tokens=0, slots=0, t=now)
                 log.write(record, step=state["step"])
-                bar.update(state["step"], loss=loss, lr=lr, tokens_per_s=record["tokens_per_s"])
+                bar.update(state["step"], loss=record["loss"] or math.nan, lr=lr, tokens_per_s=record["tokens_per_s"])
             if eval_set is not None and cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and not last:
                 ev = evaluate_loss(model, eval_set, accelerator, cfg.per_device_eval_batch_size, pad_id)
                 log.write({"step": state["step"], "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]},
@@ -214,7 +223,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
                 log.write({"event": "stopped", "step": state["step"], "checkpoint": str(path)})
                 stopped_early = True
                 break
-            if cfg.save_steps and state["step"] % cfg.save_steps == 0 and not last:
+            if saving and not last:
                 state["elapsed_s"] = time.time() - start_time
                 save_checkpoint(accelerator, model, tokenizer, cfg, out, state["step"], state)
     if stopped_early:
@@ -245,7 +254,11 @@ def run(cfg: SFTConfig, console=None) -> dict:
     return summary
 
 
-def _float(x):
-    if x is None:
-        return None
-    return float(x.item() if hasattr(x, "item") else x)
+def _float(x) -> float:
+    return math.nan if x is None else float(x.item() if hasattr(x, "item") else x)
+
+
+def _json_float(x):
+    """JSON has no NaN: a missing or non-finite value is written as null."""
+    x = _float(x)
+    return x if math.isfinite(x) else None

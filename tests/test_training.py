@@ -167,3 +167,20 @@ def test_eval_during_training_tensorboard_and_loss_plot(eight, tmp_path):
     assert list(out.rglob("events.out.tfevents.*"))
     assert (out / "loss.png").stat().st_size > 1000
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]  # save_total_limit 1
+
+
+def test_nan_loss_stops_with_a_message_or_is_skipped(eight, tmp_path):
+    # lr 1e30: Adam moves every weight by ~1e30; a few steps later the loss is NaN
+    args = ["--data_path", str(eight), "--max_steps", "4", "--save_steps", "1", "--learning_rate", "1e30", "--warmup_ratio", "0",
+            "--max_grad_norm", "0", "--per_device_train_batch_size", "4", "--max_length", "512", "--logging_steps", "1"]
+    proc = run_cli("train", "--output_dir", str(tmp_path / "stop"), *args, check=False)
+    import re
+
+    found = re.search(r"error: the loss became nan at step (\d+);", proc.stderr)
+    assert proc.returncode == 2 and found and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    bad = int(found.group(1))
+    assert 1 < bad <= 4  # the checkpoints of the steps before it are kept, none after
+    assert sorted(p.name for p in (tmp_path / "stop").glob("checkpoint-*")) == [f"checkpoint-{i}" for i in range(1, bad)]
+    run_cli("train", "--output_dir", str(tmp_path / "skip"), *args, "--skip_nan_steps")
+    last = [r for r in read_metrics(tmp_path / "skip") if "loss" in r][-1]
+    assert last["step"] == 4 and last["skipped_steps"] >= 1 and (tmp_path / "skip" / "final").is_dir()
