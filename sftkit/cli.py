@@ -117,13 +117,22 @@ def build_app() -> typer.Typer:
     @with_options(config_options(eval_fields))
     def evaluate(model: str = typer.Option(..., "--model", help="A final/ or checkpoint directory, a merged "
                                            "model, an adapter directory, or a base model."),
-                 output_dir: Optional[Path] = typer.Option(None, "--output_dir", help="Where eval.json goes. "
-                                                           "Default: the model directory."),
+                 output_dir: Optional[Path] = typer.Option(None, "--output_dir", help="Where eval.json and "
+                                                           "samples.jsonl go. Default: the model directory."),
+                 num_samples: int = typer.Option(0, "--num_samples", help="Generate completions for this many "
+                                                 "prompts (the conversations up to their last reply)."),
+                 max_new_tokens: int = typer.Option(128, "--max_new_tokens", help="Longest completion."),
+                 do_sample: bool = typer.Option(False, "--do_sample/--greedy", help="Sample instead of greedy."),
+                 temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
+                 top_p: float = typer.Option(0.9, "--top_p", help="Nucleus sampling mass."),
                  overrides: dict = None):
-        """Token-mean loss and perplexity of a model on a data set."""
+        """Token-mean loss and perplexity of a model on a data set, and optionally generations with
+        exact match, token F1 and ROUGE-L against the references."""
         from sftkit.commands import eval_command
 
-        eval_command(model, load_config(None, overrides), output_dir)
+        gen = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                   temperature=temperature, top_p=top_p)
+        eval_command(model, load_config(None, overrides), output_dir, gen)
 
     @app.command("merge-lora")
     @with_options([])

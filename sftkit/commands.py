@@ -39,7 +39,9 @@ def train_command(cfg: SFTConfig) -> dict:
     return summary
 
 
-def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None) -> dict:
+def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None, gen: dict | None = None) -> dict:
+    """Loss and perplexity over the set; with gen["num_samples"] > 0, also completions for that
+    many prompts (samples.jsonl) and exact match, token F1 and ROUGE-L against the references."""
     from sftkit.accel import make_accelerator
     from sftkit.data.prepare import load_prepared
     from sftkit.dataset import prepared_dir
@@ -57,11 +59,37 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None) -> di
     model = accelerator.prepare(model)
     result = evaluate_loss(model, dataset, accelerator, cfg.per_device_eval_batch_size, tokenizer.pad_token_id)
     result.update(model=str(model_path), data=cfg.data_path)
+    out = Path(output_dir or (model_path if Path(model_path).is_dir() else "."))
+    if gen and gen.get("num_samples", 0) > 0:
+        samples = generate_samples(accelerator, accelerator.unwrap_model(model), tokenizer, cfg, gen)
+        if accelerator.is_main_process:
+            from sftkit.generate import reference_metrics
+            from sftkit.io import atomic_write_text
+
+            atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+            result.update(generation=reference_metrics(samples), num_samples=len(samples))
     if accelerator.is_main_process:
-        out = Path(output_dir or (model_path if Path(model_path).is_dir() else "."))
         atomic_write_json(out / "eval.json", result)
         print_eval(result, out / "eval.json", con)
     return result
+
+
+def generate_samples(accelerator, model, tokenizer, cfg: SFTConfig, gen: dict) -> list[dict]:
+    """Completions for the first N conversations, sharded over ranks and gathered in order."""
+    from accelerate.utils import gather_object
+
+    from sftkit.data.prepare import load_conversations, resolve_sources
+    from sftkit.generate import generate, split_prompt
+
+    loaded = load_conversations(resolve_sources(cfg.data_path, cfg), cfg)
+    pairs = [split_prompt(m) for m in loaded.convs[:gen["num_samples"]]]
+    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    completions = generate(model, tokenizer, [pairs[i][0] for i in mine], gen["max_new_tokens"],
+                           cfg.enable_thinking, gen["do_sample"], gen["temperature"], gen["top_p"],
+                           cfg.per_device_eval_batch_size, accelerator.device)
+    rows = gather_object([{"index": i, "prompt": pairs[i][0], "reference": pairs[i][1], "completion": c}
+                          for i, c in zip(mine, completions)])
+    return sorted(rows, key=lambda r: r["index"])
 
 
 def print_json(obj) -> None:

@@ -38,6 +38,10 @@ def print_eval(result: dict, path: Path, con) -> None:
     t.add_row(f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", f"{result['supervised_tokens']:,}",
               f"{result['examples']:,}")
     con.print(t)
+    if "generation" in result:
+        g = result["generation"]
+        con.print(f"generation on {result['num_samples']} prompts: exact match {g['exact_match']:.3f}, "
+                  f"token F1 {g['token_f1']:.3f}, ROUGE-L {g['rouge_l']:.3f} (samples.jsonl)")
     con.print(f"written to {path}")
 
 

@@ -1,0 +1,80 @@
+"""Generation for eval: completions for held-out prompts, and simple reference metrics.
+
+The prompt is the conversation up to its last assistant reply, rendered by the chat template with
+the generation prompt (and `enable_thinking` as configured), exactly as a server would render it.
+"""
+
+from __future__ import annotations
+
+import re
+
+THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
+
+
+def split_prompt(msgs: list[dict]) -> tuple[list[dict], str]:
+    """(messages before the last assistant reply, that reply's text)."""
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return msgs[:last], msgs[last]["content"]
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, enable_thinking: bool,
+             do_sample: bool, temperature: float, top_p: float, batch_size: int, device) -> list[str]:
+    import torch
+
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=enable_thinking) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    out: list[str] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature if do_sample else None,
+                                     top_p=top_p if do_sample else None, top_k=None,
+                                     pad_token_id=tokenizer.pad_token_id)
+            new = ids[:, batch["input_ids"].shape[1]:]
+            out += [THINK.sub("", t).strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def token_f1(pred: str, ref: str) -> float:
+    from collections import Counter
+
+    p, r = pred.split(), ref.split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return float(p == r)
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
+    p, r = pred.split(), ref.split()
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def reference_metrics(samples: list[dict]) -> dict:
+    n = max(len(samples), 1)
+    return {
+        "exact_match": sum(s["completion"].strip() == s["reference"].strip() for s in samples) / n,
+        "token_f1": sum(token_f1(s["completion"], s["reference"]) for s in samples) / n,
+        "rouge_l": sum(rouge_l(s["completion"], s["reference"]) for s in samples) / n,
+    }

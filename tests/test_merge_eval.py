@@ -1,0 +1,108 @@
+"""After training: merge-lora users can serve, eval on every kind of model directory, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+REPLIES = {"Say hi.": "Hi there!", "Capital of France?": "Paris.", "2+2?": "4", "Colour of the sky?": "Blue."}
+IM_END = 151645
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """LoRA trained until it has memorised 4 short replies, with its checkpoint and merged model."""
+    d = tmp_path_factory.mktemp("mem")
+    (d / "mem.json").write_text(json.dumps([{"instruction": q, "output": a} for q, a in REPLIES.items()]))
+    run_cli("train", "--data_path", str(d / "mem.json"), "--output_dir", str(d / "run"), "--use_lora",
+            "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0", "--learning_rate", "0.01",
+            "--max_steps", "60", "--per_device_train_batch_size", "4", "--warmup_ratio", "0",
+            "--lr_scheduler_type", "constant", "--logging_steps", "10", "--save_steps", "30")
+    proc = run_cli("merge-lora", "--adapter", str(d / "run" / "final"), "--output_dir", str(d / "merged"))
+    assert "max |logit difference| vs base + adapter" in proc.stdout
+    return d
+
+
+def test_merged_model_says_the_memorised_replies_and_stops(memorised):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(memorised / "merged")
+    model = AutoModelForCausalLM.from_pretrained(memorised / "merged").eval()
+    for question, reply in REPLIES.items():
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+        out = model.generate(**prompt, max_new_tokens=30, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+        assert out[-1] == IM_END and len(out) < 30  # stopped by generation_config's eos, not the limit
+        text = tok.decode(out, skip_special_tokens=True)
+        assert text.replace("<think>", "").replace("</think>", "").strip() == reply
+
+
+def test_eval_generation_metrics_and_samples(memorised):
+    run_cli("eval", "--model", str(memorised / "merged"), "--data_path", str(memorised / "mem.json"),
+            "--num_samples", "4", "--max_new_tokens", "20")
+    result = json.loads((memorised / "merged" / "eval.json").read_text())
+    assert result["generation"] == {"exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
+    samples = [json.loads(line) for line in (memorised / "merged" / "samples.jsonl").read_text().splitlines()]
+    assert [s["completion"] for s in samples] == list(REPLIES.values())
+    assert [s["reference"] for s in samples] == list(REPLIES.values())
+
+
+def test_eval_gives_one_loss_for_adapter_checkpoint_and_merged(memorised):
+    losses = {}
+    for name, path in (("adapter", memorised / "run" / "final"), ("checkpoint", memorised / "run" / "checkpoint-60"),
+                       ("merged", memorised / "merged")):
+        run_cli("eval", "--model", str(path), "--data_path", str(memorised / "mem.json"),
+                "--output_dir", str(memorised / f"eval_{name}"))
+        losses[name] = json.loads((memorised / f"eval_{name}" / "eval.json").read_text())["loss"]
+    assert losses["checkpoint"] == pytest.approx(losses["adapter"], rel=1e-5)
+    assert losses["merged"] == pytest.approx(losses["adapter"], rel=1e-5, abs=1e-6)
+
+
+def _base_plus_adapter_logits(adapter_dir, texts_tok):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(**texts_tok).logits
+
+
+@pytest.mark.parametrize("case", ["untied", "tied_modules_to_save"])
+def test_merge_parity(case, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from sftkit.models import TINY_CONFIG, bundled_tokenizer_dir
+
+    args = []
+    if case == "untied":
+        torch.manual_seed(1)
+        Qwen3ForCausalLM(Qwen3Config(**{**TINY_CONFIG, "tie_word_embeddings": False})).save_pretrained(tmp_path / "base")
+        AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp_path / "base")
+        args = ["--model_name_or_path", str(tmp_path / "base")]
+    else:  # trains the tied embedding and lm_head apart: the merged model must come out untied
+        args = ["--modules_to_save", "embed_tokens", "--modules_to_save", "lm_head"]
+    run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(tmp_path / "run"), "--use_lora",
+            "--max_steps", "3", "--learning_rate", "0.01", "--warmup_ratio", "0", "--save_steps", "0",
+            "--max_length", "512", *args)
+    run_cli("merge-lora", "--adapter", str(tmp_path / "run" / "final"), "--output_dir", str(tmp_path / "merged"))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    batch = tok(["<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n", "2 + 2 = 4"],
+                return_tensors="pt", padding=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(**batch).logits
+    expected = _base_plus_adapter_logits(tmp_path / "run" / "final", batch)
+    assert (got - expected).abs().max().item() < 1e-4
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert not torch.equal(merged.get_input_embeddings().weight, merged.get_output_embeddings().weight)
+
+
+def test_merge_refuses_a_directory_without_an_adapter(tmp_path):
+    proc = run_cli("merge-lora", "--adapter", str(tmp_path), "--output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "holds no adapter_config.json" in proc.stderr
