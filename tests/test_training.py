@@ -113,48 +113,68 @@ def test_packed_training_runs_and_logs_padding_efficiency(eight, tmp_path):
     assert proc.returncode == 2 and "packing needs an attention implementation" in proc.stderr
 
 
-def test_resume_continues_exactly(eight, tmp_path):
-    args = ["--data_path", str(eight), "--max_steps", "6", "--save_steps", "3",
-            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", *FULL]
-    full = tmp_path / "full"
-    run_cli("train", "--output_dir", str(full), *args)
-    part = tmp_path / "part"  # what a run interrupted after step 4 leaves: checkpoint-3 and 4 lines
-    part.mkdir()
-    shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
-    lines = (full / "metrics.jsonl").read_text().splitlines()
-    (part / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    run_cli("train", "--output_dir", str(part), "--resume_from_checkpoint", "latest", *args)
-    a, b = read_metrics(full), read_metrics(part)
-    assert b[0]["resumed_from_step"] == 3
-    assert [r["step"] for r in b if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in b if "loss" in r] == pytest.approx([r["loss"] for r in a if "loss" in r], rel=1e-6)
-    for name, tensor in weights(full).items():
-        torch.testing.assert_close(weights(part)[name], tensor, rtol=1e-6, atol=1e-8)
+# A constant learning rate: a run stopped by --max_steps 5 must follow the same schedule as the
+# 12-step run it is compared with. Micro-batch 1 x 4 accumulation keeps each step long enough
+# (~0.3 s) for a SIGTERM to land mid-run.
+RESUME = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4", "--lr_scheduler_type",
+          "constant", "--max_length", "512", "--learning_rate", "1e-3", "--warmup_ratio", "0", "--logging_steps", "1",
+          "--seed", "7", "--save_steps", "100"]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(eight, tmp_path):
-    out = tmp_path / "term"
-    cmd = [str(BIN / "sftkit"), "train", "--data_path", str(eight), "--output_dir", str(out), "--max_steps", "500",
-           "--save_steps", "0", "--per_device_train_batch_size", "1", *FULL]
+@pytest.fixture(scope="module")
+def straight(eight, tmp_path_factory):
+    """12 steps without a stop, on 8 examples (2 steps an epoch: step 5 is in epoch 2) and on 50
+    (12.5 steps an epoch: step 5 is in epoch 0)."""
+    runs = {}
+    for name, data in (("later_epoch", str(eight)), ("epoch_0", "data/sample_alpaca.json")):
+        out = tmp_path_factory.mktemp("straight") / name
+        run_cli("train", "--data_path", data, "--output_dir", str(out), "--max_steps", "12", *RESUME)
+        runs[name] = (data, out)
+    return runs
+
+
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in read_metrics(out) if "loss" in r]
+
+
+def _stop_by_sigterm(data, out) -> int:
+    cmd = [str(BIN / "sftkit"), "train", "--data_path", data, "--output_dir", str(out), "--max_steps", "12", *RESUME]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and sum("loss" in ln for ln in metrics.read_text().splitlines()) >= 3:
+        if metrics.exists() and sum('"loss"' in ln for ln in metrics.read_text().splitlines()) >= 3:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-3000:]
     stop = [r for r in read_metrics(out) if r.get("event") == "stopped"]
-    assert len(stop) == 1 and 3 <= stop[0]["step"] < 500
-    step = stop[0]["step"]
-    assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
-    assert not (out / "final").exists()
-    run_cli("train", "--data_path", str(eight), "--output_dir", str(out), "--max_steps", str(step + 2),
-            "--save_steps", "0", "--per_device_train_batch_size", "1", "--resume_from_checkpoint", "latest", *FULL)
-    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
-    assert steps[-2:] == [step + 1, step + 2] and (out / "final").is_dir()
+    assert len(stop) == 1, "the run ended before SIGTERM arrived"
+    assert (out / f"checkpoint-{stop[0]['step']}" / "trainer_state.json").is_file() and not (out / "final").exists()
+    return stop[0]["step"]
+
+
+@pytest.mark.parametrize("where", ["epoch_0", "later_epoch"])
+@pytest.mark.parametrize("how", ["max_steps", "sigterm"])
+def test_resume_continues_exactly(how, where, straight, tmp_path):
+    data, reference = straight[where]
+    out = tmp_path / "resumed"
+    if how == "max_steps":
+        run_cli("train", "--data_path", data, "--output_dir", str(out), "--max_steps", "5", *RESUME)
+        stopped_at = 5
+    else:
+        stopped_at = _stop_by_sigterm(data, out)
+    assert 1 <= stopped_at < 12
+    run_cli("train", "--data_path", data, "--output_dir", str(out), "--max_steps", "12",
+            "--resume_from_checkpoint", "latest", *RESUME)
+    records = read_metrics(out)
+    assert records[0]["resumed_from_step"] == stopped_at
+    got, want = _losses(out), _losses(reference)
+    assert [s for s, _ in got] == list(range(1, 13))
+    assert [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-6)
+    for name, tensor in weights(reference).items():
+        torch.testing.assert_close(weights(out)[name], tensor, rtol=1e-6, atol=1e-8)
 
 
 def test_eval_during_training_tensorboard_and_loss_plot(eight, tmp_path):
