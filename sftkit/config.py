@@ -216,6 +216,11 @@ class SFTConfig:
             elif kind.startswith("int"):
                 ok = isinstance(value, int) and not isinstance(value, bool)
             elif kind.startswith("float"):
+                if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+                    try:
+                        value = float(value)
+                    except ValueError:
+                        pass
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
                 value = float(value) if ok else value
             else:

@@ -78,6 +78,8 @@ def test_wrong_types_are_named(tmp_path):
     with pytest.raises(ConfigError, match="lora_r: expected int, got 'sixteen'"):
         SFTConfig.from_yaml(tmp_path / "c.yaml")
     assert SFTConfig(data_path="one.json", learning_rate=1).data_path == ["one.json"]
+    (tmp_path / "lr.yaml").write_text("learning_rate: 1e-5\n")  # PyYAML reads this as a string
+    assert SFTConfig.from_yaml(tmp_path / "lr.yaml").learning_rate == 1e-5
 
 
 def test_config_reference_is_current():
@@ -86,3 +88,13 @@ def test_config_reference_is_current():
 
     assert (ROOT / "docs" / "CONFIG.md").read_text() == reference_markdown(), \
         "docs/CONFIG.md is stale: run `python -m sftkit.config > docs/CONFIG.md`"
+
+
+def test_example_configs_load():
+    from conftest import ROOT
+
+    files = sorted((ROOT / "examples").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        cfg = SFTConfig.from_yaml(f)
+        assert cfg.model_name_or_path
