@@ -196,8 +196,15 @@ def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts:
             if trained and p.supervised_from == 0:
                 labels.extend(piece_ids)
             elif trained:
-                # A token that starts before the reply (e.g. "\n\n" across the header) is prompt.
-                labels.extend(t if s >= p.supervised_from else IGNORE_INDEX for t, (s, _) in zip(piece_ids, enc.offsets))
+                # The first supervised token is the first that starts at or after the reply's start;
+                # one that starts before it (e.g. "\n\n" across the header) belongs to the prompt.
+                first = enc.char_to_token(p.supervised_from)
+                if first is None:  # the reply starts at the piece's end: nothing of it is here
+                    first = len(piece_ids)
+                elif enc.token_to_chars(first)[0] < p.supervised_from:
+                    first += 1
+                labels.extend([IGNORE_INDEX] * first)
+                labels.extend(piece_ids[first:])
             else:
                 labels.extend([IGNORE_INDEX] * len(piece_ids))
         out.append((ids, labels))
