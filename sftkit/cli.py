@@ -140,11 +140,13 @@ def build_app() -> typer.Typer:
                    output_dir: Path = typer.Option(..., "--output_dir", help="Where the standalone model goes."),
                    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16. "
                                                        "Default: the base model's dtype."),
+                   max_shard_size: str = typer.Option("5GB", "--max_shard_size", help="Largest safetensors "
+                                                      "file, e.g. 2GB or 500MB."),
                    overrides: dict = None):
         """Merge a LoRA adapter into its base model and save a standalone model."""
         from sftkit.merge import merge_command
 
-        merge_command(adapter, output_dir, dtype)
+        merge_command(adapter, output_dir, dtype, max_shard_size)
 
     return app
 

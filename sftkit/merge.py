@@ -20,7 +20,7 @@ def _tolerance(dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 5e-2
 
 
-def merge_command(adapter: Path, output_dir: Path, dtype_name: str | None = None) -> float:
+def merge_command(adapter: Path, output_dir: Path, dtype_name: str | None = None, max_shard_size: str = "5GB") -> float:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -50,7 +50,7 @@ def merge_command(adapter: Path, output_dir: Path, dtype_name: str | None = None
     merged = model.merge_and_unload()
     untied = _untie_if_needed(merged)
     with atomic_directory(Path(output_dir)) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         gen = merged.generation_config
         ensure_stop_token(gen, tokenizer)

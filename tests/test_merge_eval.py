@@ -103,6 +103,28 @@ def test_merge_parity(case, tmp_path):
     assert not torch.equal(merged.get_input_embeddings().weight, merged.get_output_embeddings().weight)
 
 
+def test_merge_writes_shards_and_eval_shards_over_two_processes(memorised, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_cli("merge-lora", "--adapter", str(memorised / "run" / "final"), "--output_dir", str(tmp_path / "sharded"),
+            "--max_shard_size", "10MB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) >= 2  # the 39 MB embedding is one tensor
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sharded") is not None
+    # the same eval under accelerate launch with 2 processes: the set is sharded, the sums gathered
+    launch = ["--config_file", "accelerate_configs/multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    run_cli("eval", "--model", str(memorised / "merged"), "--data_path", str(memorised / "mem.json"),
+            "--num_samples", "4", "--max_new_tokens", "20", "--output_dir", str(tmp_path / "two"),
+            launch=launch, env={"ACCELERATE_USE_CPU": "true"})
+    run_cli("eval", "--model", str(memorised / "merged"), "--data_path", str(memorised / "mem.json"),
+            "--output_dir", str(tmp_path / "one"))
+    two = json.loads((tmp_path / "two" / "eval.json").read_text())
+    one = json.loads((tmp_path / "one" / "eval.json").read_text())
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["supervised_tokens"] == one["supervised_tokens"]
+    samples = [json.loads(line) for line in (tmp_path / "two" / "samples.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in samples] == [0, 1, 2, 3] and two["generation"]["exact_match"] == 1.0
+
+
 def test_merge_refuses_a_directory_without_an_adapter(tmp_path):
     proc = run_cli("merge-lora", "--adapter", str(tmp_path), "--output_dir", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and "holds no adapter_config.json" in proc.stderr
