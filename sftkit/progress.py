@@ -17,8 +17,12 @@ def progress_bar(label: str, con=None, total: int | None = None) -> Iterator[Cal
     """Yields advance(n). Shows count, rate and ETA; silent when output is not a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from rich.console import Console
+
+    con = con or Console()
+    # not a terminal (a log file, CI): no bar at all, not even the blank line a transient bar leaves
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=con, transient=True) as prog:
+                  console=con, transient=True, disable=not con.is_terminal) as prog:
         task = prog.add_task(label, total=total)
         yield lambda n: prog.advance(task, n)
 

@@ -1,7 +1,9 @@
 """Read rows from local files, directories, globs or a Hugging Face dataset, each with its location.
 
-JSON and JSON Lines are parsed here, line by line, so an error can name its line; Parquet, CSV and
-Hub datasets are read through the `datasets` library and named by row.
+JSON and JSON Lines are parsed here, line by line (a JSON array element by element), so an error
+can name its line; Parquet is read with pyarrow, CSV with pandas, Hub datasets with `datasets`, and
+their rows are named by number. Every problem is one line: a DataError for the file, or a row that
+formats turns into a RowError (which --skip_bad_rows skips and counts).
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from sftkit.data import formats
 from sftkit.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -30,9 +35,12 @@ class Source:
     def fingerprint(self) -> str:
         if not self.hub:
             h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            try:
+                with open(self.path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except OSError as err:
+                raise DataError(self.path, "", None, f"cannot read the file ({err.strerror or err})") from None
             return h.hexdigest()
         return _load_hub(self)._fingerprint
 
@@ -61,58 +69,213 @@ def resolve(spec: str, config: str | None = None, split: str = "train") -> list[
 
 
 def read_rows(src: Source) -> Iterator[tuple[str, Any]]:
-    """(location, row) pairs; location is 'line N' for JSON Lines, 'row N' otherwise (1-based)."""
+    """(location, row) pairs; location is 'line N' for JSON Lines, 'row N (line L)' for a JSON array
+    and 'row N' otherwise (1-based; a CSV's row 1 is the first after the header).
+
+    A JSON Lines line that cannot be read (not UTF-8, not JSON) comes as a formats.Unreadable row, so
+    that --skip_bad_rows can skip and count it; a fault of the whole file raises DataError."""
     if src.hub:
-        yield from ((f"row {i + 1}", row) for i, row in enumerate(_load_hub(src)))
+        yield from ((f"row {i + 1}", formats.TableRow(row, src.path)) for i, row in enumerate(_load_hub(src)))
         return
     suffix = Path(src.path).suffix.lower()
     if suffix in (".json", ".jsonl"):
         yield from _read_json(src.path)
+    elif suffix == ".parquet":
+        yield from _read_parquet(src.path)
     else:
-        yield from ((f"row {i + 1}", row) for i, row in enumerate(_load_table(src.path, suffix)))
+        rows = _read_csv(src.path)
+        yield from ((f"row {i + 1}", formats.TableRow(row, src.path)) for i, row in enumerate(rows))
+
+
+_BOM = b"\xef\xbb\xbf"
+_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _raw(path: str) -> bytes:
+    """The file's bytes without a UTF-8 byte-order mark; DataError for an empty or UTF-16 file."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(path, "", None, f"cannot read the file ({err.strerror or err})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(path, "", None, "the file is UTF-16 encoded; re-save it as UTF-8")
+    raw = raw.removeprefix(_BOM)  # as some Windows editors write
+    if not raw.strip():
+        raise DataError(path, "", None, "the file is empty" if not raw else "the file holds only whitespace")
+    return raw
+
+
+def _utf8_problem(data: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
+    """(line, problem) for bytes that are not UTF-8."""
+    line_start = data.rfind(b"\n", 0, err.start) + 1
+    column = len(data[line_start:err.start].decode("utf-8", "replace")) + 1
+    return (data.count(b"\n", 0, err.start) + 1,
+            f"not valid UTF-8 (byte 0x{data[err.start]:02x}, column {column}); re-save the file as UTF-8")
+
+
+def _decode(path: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, problem = _utf8_problem(raw, err)
+        raise DataError(path, f"line {line}", None, problem) from None
+
+
+def _json_problem(err: Exception, text: str) -> str:
+    """What is wrong with a piece of JSON, in one line."""
+    if isinstance(err, json.JSONDecodeError):
+        cut = "; the JSON is cut short" if err.pos >= len(text.rstrip()) else ""
+        return f"not valid JSON ({err.msg}, column {err.colno}{cut})"
+    if isinstance(err, RecursionError):
+        return "cannot read the JSON (nested too deeply)"
+    if "digits" in str(err):  # Python refuses to convert integers of more than 4300 digits
+        return "cannot read the JSON (an integer with too many digits)"
+    return f"not valid JSON ({_first_line(err)})"
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        return formats.Unreadable(_json_problem(err, text))
 
 
 def _read_json(path: str) -> Iterator[tuple[str, Any]]:
-    raw = Path(path).read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]  # a UTF-8 byte-order mark, as some Windows editors write
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(path, f"line {line}", None, f"not valid UTF-8 (byte 0x{raw[err.start]:02x}); "
-                        "re-save the file as UTF-8") from None
-    if not text.strip():
-        raise DataError(path, "", None, "the file is empty")
-    if text.lstrip()[0] == "[":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(path, f"line {err.lineno}", None, f"not valid JSON ({err.msg}, column {err.colno})") from None
-        yield from ((f"row {i + 1}", row) for i, row in enumerate(rows))
+    raw = _raw(path)
+    first = raw.lstrip()[:1]
+    if first == b"[" and not _lines_of_arrays(raw.lstrip()):
+        yield from _read_json_array(path, _decode(path, raw))
         return
-    for n, line in enumerate(text.split("\n"), start=1):
+    lines = raw.split(b"\n")
+    checked = False
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            yield f"line {n}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, f"line {n}", None, f"not valid JSON ({err.msg}, column {err.colno})") from None
+            row = _loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            row = formats.Unreadable(_utf8_problem(line, err)[1])
+        if not checked and isinstance(row, formats.Unreadable) and first == b"{":
+            _refuse_one_object(path, raw, raw.rstrip().count(b"\n") + 1)  # the first line alone is not JSON
+        checked = True
+        yield f"line {n}", row
 
 
-def _load_table(path: str, suffix: str):
-    import datasets
-
-    datasets.disable_progress_bars()
+def _lines_of_arrays(data: bytes) -> bool:
+    """Whether `data`, which starts with '[', is JSON Lines rather than one array: its first line is
+    a whole JSON value, and more lines follow."""
+    end = data.find(b"\n")
+    if end == -1 or not data[end:].strip():
+        return False
     try:
-        if suffix == ".parquet":
-            return datasets.Dataset.from_parquet(path)
-        import pandas  # a dependency of datasets
+        json.loads(data[:end])
+    except (ValueError, RecursionError):
+        return False
+    return True
 
-        # Every cell is text: '5' must stay the string '5', and an empty cell an empty string.
-        return pandas.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+
+def _refuse_one_object(path: str, raw: bytes, n_lines: int) -> None:
+    """A pretty-printed object, or {"data": [...]}: one JSON value over several lines is not JSON Lines."""
+    try:
+        whole = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return  # JSON Lines (or broken): read line by line, which names the line at fault
+    if not isinstance(whole, dict):
+        return
+    lists = [k for k, v in whole.items() if isinstance(v, list)]
+    hint = f" (its key {formats._show(lists[0])} holds a list: save that list alone)" if len(lists) == 1 else ""
+    raise DataError(path, "", None, f"holds one JSON object over {n_lines} lines{hint}; expected an array "
+                    "of rows ([{...}, {...}]) or JSON Lines (one object per line)")
+
+
+def _read_json_array(path: str, text: str) -> Iterator[tuple[str, Any]]:
+    """The elements of a JSON array, one by one, each with its index and the line it starts on.
+    A syntax error stops the file: after it, nothing can be read reliably."""
+    decoder = json.JSONDecoder()
+
+    def fail(err: Exception, pos: int):
+        line = err.lineno if isinstance(err, json.JSONDecodeError) else text.count("\n", 0, pos) + 1
+        return DataError(path, f"line {line}", None, _json_problem(err, text))
+
+    pos = _WS.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    n = 0
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            line += text.count("\n", counted, pos)
+            counted = pos
+            try:
+                row, pos = decoder.raw_decode(text, pos)
+            except (ValueError, RecursionError) as err:
+                raise fail(err, pos) from None
+            n += 1
+            yield f"row {n} (line {line})", row
+            pos = _WS.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _WS.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            msg = "Expecting ',' delimiter" if pos < len(text) else "Expecting ',' or ']'"
+            raise fail(json.JSONDecodeError(msg, text, pos), pos) from None
+    pos = _WS.match(text, pos).end()
+    if pos < len(text):
+        raise fail(json.JSONDecodeError("Extra data after the array", text, pos), pos) from None
+
+
+def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a Parquet file, a batch at a time; a file pyarrow cannot read is a DataError."""
+    import pyarrow.parquet as pq
+
+    _raw_size_check(path)
+    n = 0
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
     except Exception as err:  # pyarrow raises many types for a broken file
-        raise DataError(path, "", None, f"cannot read as {suffix[1:]}: {str(err).splitlines()[0][:200]}") from None
+        raise DataError(path, "", None, f"cannot read as parquet: {_first_line(err)}") from None
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = [] if batch is None else batch.to_pylist()
+        except Exception as err:
+            where = f"row {n + 1}" if n else ""
+            raise DataError(path, where, None, f"cannot read as parquet: {_first_line(err)}") from None
+        if batch is None:
+            return
+        for row in rows:
+            n += 1
+            yield f"row {n}", formats.TableRow(row, path)
+
+
+def _raw_size_check(path: str) -> None:
+    try:
+        size = Path(path).stat().st_size
+    except OSError as err:
+        raise DataError(path, "", None, f"cannot read the file ({err.strerror or err})") from None
+    if size == 0:
+        raise DataError(path, "", None, "the file is empty")
+
+
+def _read_csv(path: str) -> list[dict[str, Any]]:
+    import io
+
+    import pandas  # a dependency of datasets
+
+    text = _decode(path, _raw(path))
+    try:
+        # Every cell is text: '5' must stay the string '5', and an empty cell an empty string.
+        frame = pandas.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except Exception as err:  # pandas raises several types for a malformed file
+        raise DataError(path, "", None, f"cannot read as csv: {_first_line(err)}") from None
+    return frame.to_dict("records")  # a row with fewer cells than the header gets empty ones
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def _load_hub(src: Source):
