@@ -5,7 +5,7 @@ stays instant (torch and transformers take seconds to import).
 """
 
 __version__ = "0.1.0"
-__all__ = ["SFTConfig", "SFTTrainer", "SFTDataset", "__version__"]
+__all__ = ["SFTConfig", "SFTDataset", "SFTTrainer", "__version__"]
 
 
 def __getattr__(name: str):

@@ -10,8 +10,9 @@ import dataclasses
 import functools
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -24,9 +25,9 @@ CONFIG_OPTION = typer.Option(None, "--config", help="A YAML run file; flags give
 def _option_type(f: dataclasses.Field):
     base = f.type if isinstance(f.type, str) else str(f.type)
     if base == "list[float]":
-        return Optional[List[float]]
+        return Optional[list[float]]
     if base.startswith("list"):
-        return Optional[List[str]]
+        return Optional[list[str]]
     if base.startswith("bool"):
         return Optional[bool]
     if base.startswith("int"):
@@ -76,7 +77,7 @@ def with_options(extra: list[inspect.Parameter]) -> Callable:
     return wrap
 
 
-def load_config(config: Optional[Path], overrides: dict[str, Any]) -> SFTConfig:
+def load_config(config: Path | None, overrides: dict[str, Any]) -> SFTConfig:
     if config is not None:
         return SFTConfig.from_yaml(config, overrides)
     return SFTConfig.from_dict(overrides, source="command line")
@@ -91,7 +92,7 @@ def build_app() -> typer.Typer:
 
     @app.command("prepare-data")
     @with_options(config_options(data_fields + [f for f in fields_in("train") if f.name == "output_dir"], prep_help))
-    def prepare_data(config: Optional[Path] = CONFIG_OPTION,
+    def prepare_data(config: Path | None = CONFIG_OPTION,
                      inspect_n: int = typer.Option(0, "--inspect", help="Print N rendered examples with the "
                                                    "supervised tokens highlighted."),
                      overrides: dict = None):
@@ -102,7 +103,7 @@ def build_app() -> typer.Typer:
 
     @app.command("train")
     @with_options(config_options([f for f in dataclasses.fields(SFTConfig)]))
-    def train(config: Optional[Path] = CONFIG_OPTION, overrides: dict = None):
+    def train(config: Path | None = CONFIG_OPTION, overrides: dict = None):
         """Fine-tune (LoRA or full). Run under `accelerate launch -m sftkit train` for several processes."""
         from sftkit.commands import train_command
 
@@ -117,7 +118,7 @@ def build_app() -> typer.Typer:
     @with_options(config_options(eval_fields))
     def evaluate(model: str = typer.Option(..., "--model", help="A final/ or checkpoint directory, a merged "
                                            "model, an adapter directory, or a base model."),
-                 output_dir: Optional[Path] = typer.Option(None, "--output_dir", help="Where eval.json and "
+                 output_dir: Path | None = typer.Option(None, "--output_dir", help="Where eval.json and "
                                                            "samples.jsonl go. Default: the model directory."),
                  num_samples: int = typer.Option(0, "--num_samples", help="Generate completions for this many "
                                                  "prompts (the conversations up to their last reply)."),
@@ -138,7 +139,7 @@ def build_app() -> typer.Typer:
     @with_options([])
     def merge_lora(adapter: Path = typer.Option(..., "--adapter", help="The adapter directory (final/ or a checkpoint)."),
                    output_dir: Path = typer.Option(..., "--output_dir", help="Where the standalone model goes."),
-                   dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16. "
+                   dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16 or float16. "
                                                        "Default: the base model's dtype."),
                    max_shard_size: str = typer.Option("5GB", "--max_shard_size", help="Largest safetensors "
                                                       "file, e.g. 2GB or 500MB."),

@@ -25,9 +25,9 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
 
 
 def train_command(cfg: SFTConfig) -> dict:
-    from sftkit.train import run
-
     from accelerate import PartialState
+
+    from sftkit.train import run
 
     con = console()
     summary = run(cfg, con)
@@ -90,7 +90,3 @@ def generate_samples(accelerator, model, tokenizer, cfg: SFTConfig, gen: dict) -
     rows = gather_object([{"index": i, "prompt": pairs[i][0], "reference": pairs[i][1], "completion": c}
                           for i, c in zip(mine, completions)])
     return sorted(rows, key=lambda r: r["index"])
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))

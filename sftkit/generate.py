@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
+THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
 
 
 def split_prompt(msgs: list[dict]) -> tuple[list[dict], str]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 
 def console(stderr: bool = False):
@@ -15,9 +15,8 @@ def console(stderr: bool = False):
 @contextmanager
 def progress_bar(label: str, con=None, total: int | None = None) -> Iterator[Callable[[int], None]]:
     """Yields advance(n). Shows count, rate and ETA; silent when output is not a terminal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     con = con or Console()
     # not a terminal (a log file, CI): no bar at all, not even the blank line a transient bar leaves
@@ -42,7 +41,14 @@ def train_progress(total: int, start: int, enabled: bool = True, console=None):
     if not enabled:
         yield _TrainBar(None, None)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tokens_per_s]:.0f} tok/s"),

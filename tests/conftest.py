@@ -29,8 +29,9 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok():
-    from sftkit.models import bundled_tokenizer_dir
     from transformers import AutoTokenizer
+
+    from sftkit.models import bundled_tokenizer_dir
 
     return AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
 

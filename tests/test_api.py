@@ -11,7 +11,7 @@ from conftest import ROOT
 
 
 def test_readme_python_snippets_run(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     assert blocks
     code = "\n".join(blocks).replace('"outputs/api"', repr(str(tmp_path / "api")))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), capture_output=True,

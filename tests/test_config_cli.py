@@ -5,16 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from conftest import run_cli
+
 from sftkit.config import SFTConfig, field_docs
 from sftkit.errors import ConfigError
 
-ORIGINAL_FLAGS = ("--data_path --eval_data_path --output_dir --model_name_or_path --num_train_epochs --max_steps "
-                  "--per_device_train_batch_size --gradient_accumulation_steps --learning_rate --max_length "
-                  "--use_lora --lora_r --lora_alpha --lora_dropout --bf16 --fp16 --gradient_checkpointing "
-                  "--format_type --resume_from_checkpoint --run_name --report_to --seed --save_steps "
-                  "--logging_steps").split()
+ORIGINAL_FLAGS = ["--data_path", "--eval_data_path", "--output_dir", "--model_name_or_path", "--num_train_epochs", "--max_steps", "--per_device_train_batch_size", "--gradient_accumulation_steps", "--learning_rate", "--max_length", "--use_lora", "--lora_r", "--lora_alpha", "--lora_dropout", "--bf16", "--fp16", "--gradient_checkpointing", "--format_type", "--resume_from_checkpoint", "--run_name", "--report_to", "--seed", "--save_steps", "--logging_steps"]
 
 
 def test_yaml_round_trip(tmp_path):
@@ -84,6 +80,7 @@ def test_wrong_types_are_named(tmp_path):
 
 def test_config_reference_is_current():
     from conftest import ROOT
+
     from sftkit.config import reference_markdown
 
     assert (ROOT / "docs" / "CONFIG.md").read_text() == reference_markdown(), \

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from sftkit.config import SFTConfig
 from sftkit.data import formats
 from sftkit.data.prepare import prepare, read_manifest

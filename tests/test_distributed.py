@@ -10,9 +10,8 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import BIN, ROOT, read_metrics, run_cli
+from safetensors.torch import load_file
 
 # lr 1 with adam_epsilon 1: the update is proportional to the gradient, so float round-off is not
 # amplified (plain Adam turns 1e-9 gradient noise into 1e-6 weight noise), and rtol 1e-5 on the

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_metrics, run_cli
 
 SINGLE = ["--config_file", "accelerate_configs/single_gpu.yaml", "--num_processes", "1"]

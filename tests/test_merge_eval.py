@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
 
 REPLIES = {"Say hi.": "Hi there!", "Capital of France?": "Paris.", "2+2?": "4", "Colour of the sky?": "Blue."}

@@ -60,7 +60,7 @@ def reference(tok, msgs):
     starts inside `<|im_start|>assistant\\n ... <|im_end|>` (after the header, through the end token)."""
     text = tok.apply_chat_template(msgs, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [(mt.start(1), mt.end(1)) for mt in re.finditer(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.S)]
+    spans = [(mt.start(1), mt.end(1)) for mt in re.finditer(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.DOTALL)]
     labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX
               for t, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])]
     return text, enc["input_ids"], labels

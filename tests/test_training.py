@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import BIN, ROOT, read_metrics, run_cli
+from safetensors.torch import load_file
 
 FULL = ["--max_length", "512", "--learning_rate", "1e-3", "--warmup_ratio", "0", "--logging_steps", "1",
         "--seed", "7"]
