@@ -202,3 +202,13 @@ def test_nan_loss_stops_with_a_message_or_is_skipped(eight, tmp_path):
     run_cli("train", "--output_dir", str(tmp_path / "skip"), *args, "--skip_nan_steps")
     last = [r for r in read_metrics(tmp_path / "skip") if "loss" in r][-1]
     assert last["step"] == 4 and last["skipped_steps"] >= 1 and (tmp_path / "skip" / "final").is_dir()
+
+
+def test_wandb_offline(eight, tmp_path):
+    """--report_to wandb with WANDB_MODE=offline needs no network (runs where the wandb extra is installed)."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "wb"
+    run_cli("train", "--data_path", str(eight), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0",
+            "--report_to", "wandb", "--use_lora", *FULL, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len([r for r in read_metrics(out) if "loss" in r]) == 2
