@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from sftkit.accel import is_zero3
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, SftkitError
 from sftkit.io import atomic_write_json
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -99,14 +99,23 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, step: int
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
-    save_model(accelerator, model, tokenizer, cfg, tmp / "model")
-    if accelerator.is_main_process:
-        atomic_write_json(tmp / TRAINER_STATE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        prune(out_dir, cfg.save_total_limit)
+    try:
+        accelerator.save_state(str(tmp / "state"))
+        save_model(accelerator, model, tokenizer, cfg, tmp / "model")
+        if accelerator.is_main_process:
+            # trainer_state.json is written last: a directory without it is never a checkpoint
+            atomic_write_json(tmp / TRAINER_STATE, state)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            prune(out_dir, cfg.save_total_limit)
+    except Exception as err:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError: a full disk is any of them
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(out_dir)
+        cause = "No space left on device" if "No space left" in str(err) else (str(err).splitlines() or [repr(err)])[0][:200]
+        raise SftkitError(f"saving checkpoint-{step} failed ({cause}); "
+                          + (f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists")
+                          + "; free space and resume with --resume_from_checkpoint latest") from None
     accelerator.wait_for_everyone()
     return final
 

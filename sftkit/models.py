@@ -107,8 +107,8 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
             path, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, use_safetensors=True if Path(path).is_dir() else None,
         )
-    except OSError as err:
-        raise ConfigError(f"cannot load model '{name}': {str(err).splitlines()[0][:200]}") from None
+    except (OSError, ValueError) as err:  # ValueError: e.g. custom code refused without trust_remote_code
+        raise ConfigError(f"cannot load model '{name}': {' '.join(str(err).split())[:300]}") from None
 
 
 def build_for_training(cfg):

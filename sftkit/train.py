@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -77,6 +78,15 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory now (Linux), so leaks show in metrics.jsonl."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def param_fingerprint(model) -> torch.Tensor:
@@ -207,6 +217,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
                     "supervised_tokens": state["supervised_tokens"],
                     "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
                     "padding_efficiency": round(window["tokens"] / max(window["slots"], 1), 4),
+                    "rss_mb": rss_mb(),
                     "elapsed_s": round(now - start_time, 2),
                 }
                 window.update(tokens=0, slots=0, t=now)
