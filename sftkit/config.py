@@ -187,6 +187,13 @@ class SFTConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.use_lora:
+            defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                        for f in dataclasses.fields(self) if f.metadata.get("group") == "lora" and f.name != "use_lora"}
+            changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} set without use_lora; add --use_lora (use_lora: true) "
+                                  "or drop the LoRA options")
         if self.packing and self.attn_implementation not in PACKING_ATTENTION:
             raise ConfigError(f"packing needs an attention implementation that keeps packed examples apart "
                               f"({', '.join(PACKING_ATTENTION)}); set --attn_implementation sdpa or drop --packing")

@@ -129,8 +129,6 @@ def build_for_training(cfg):
             model = get_peft_model(model, lora)
         except ValueError as err:
             raise ConfigError(f"LoRA: {str(err).splitlines()[0]}; check --lora_target_modules") from None
-    elif cfg.modules_to_save:
-        raise ConfigError("modules_to_save only applies to LoRA; add --use_lora or drop --modules_to_save")
     return model
 
 

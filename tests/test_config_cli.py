@@ -20,7 +20,7 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_overrides_win_over_yaml(tmp_path):
-    (tmp_path / "c.yaml").write_text("learning_rate: 0.1\nlora_r: 4\n")
+    (tmp_path / "c.yaml").write_text("learning_rate: 0.1\nuse_lora: true\nlora_r: 4\n")
     cfg = SFTConfig.from_yaml(tmp_path / "c.yaml", {"lora_r": 8})
     assert cfg.learning_rate == 0.1 and cfg.lora_r == 8
 
@@ -36,6 +36,9 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     ({"format_type": "xml"}, "format_type"),
     ({"per_device_train_batch_size": 0}, "at least 1"),
     ({"truncation": "middle"}, "truncation"),
+    ({"lora_r": 64}, "lora_r set without use_lora; add --use_lora"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save set without use_lora"),
+    ({"packing": True, "attn_implementation": "sdpa_paged"}, "packing needs an attention implementation"),
 ])
 def test_invalid_values_fail_with_the_fix(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -64,6 +67,7 @@ def test_help_lists_commands_and_documents_options():
 def test_bad_flag_and_bad_yaml_are_one_line_errors(tmp_path):
     proc = run_cli("train", "--learning_rte", "1", check=False)
     assert proc.returncode == 2 and "No such option" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--learning_rate" in proc.stderr  # click suggests the closest flag
     (tmp_path / "c.yaml").write_text("lora_r: [unclosed\n")
     proc = run_cli("train", "--config", str(tmp_path / "c.yaml"), check=False)
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
@@ -95,3 +99,21 @@ def test_example_configs_load():
     for f in files:
         cfg = SFTConfig.from_yaml(f)
         assert cfg.model_name_or_path
+
+
+def test_deepspeed_batch_size_that_contradicts_the_flags(tmp_path):
+    import json
+
+    from conftest import ROOT
+
+    ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = 2
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    yaml_text = (ROOT / "accelerate_configs" / "deepspeed_zero2.yaml").read_text()
+    (tmp_path / "a.yaml").write_text(yaml_text.replace("ds_configs/zero2.json", str(tmp_path / "ds.json")))
+    proc = run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(tmp_path / "o"),
+                   "--per_device_train_batch_size", "4", "--max_steps", "1",
+                   launch=["--config_file", str(tmp_path / "a.yaml"), "--num_processes", "1"], check=False)
+    # accelerate's launcher reports the failed child with its own traceback; sftkit's is absent
+    assert proc.returncode != 0 and f'File "{ROOT / "sftkit"}' not in proc.stderr
+    assert "the DeepSpeed config sets train_micro_batch_size_per_gpu=2 but the flags give 4" in proc.stderr
