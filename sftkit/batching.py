@@ -8,6 +8,7 @@ micro-batch k % micro_per_epoch of epoch k // micro_per_epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,10 +47,16 @@ class MicroBatch:
     targets: torch.Tensor              # those next tokens, row-major (the order logits come out in)
     tokens: int                        # real (non-pad) tokens
     slots: int                         # rows * width, padding included
+    attn_pairs: int = 0                # sum of length^2 over examples: the attention's share of FLOPs
 
     def to(self, device) -> MicroBatch:
-        return MicroBatch({k: v.to(device) for k, v in self.inputs.items()}, self.keep.to(device),
-                          self.targets.to(device), self.tokens, self.slots)
+        move = {"device": device, "non_blocking": True}  # from pinned memory the copy overlaps compute
+        return dataclasses.replace(self, inputs={k: v.to(**move) for k, v in self.inputs.items()},
+                                   keep=self.keep.to(**move), targets=self.targets.to(**move))
+
+    def pin_memory(self) -> MicroBatch:  # called by the DataLoader's pinning thread
+        return dataclasses.replace(self, inputs={k: v.pin_memory() for k, v in self.inputs.items()},
+                                   keep=self.keep.pin_memory(), targets=self.targets.pin_memory())
 
 
 class Schedule:
@@ -96,7 +103,7 @@ def total_steps(schedule: Schedule, accumulation: int, epochs: float, max_steps:
     return max(1, math.ceil(math.ceil(epochs * schedule.micro_per_epoch) / accumulation))
 
 
-def collate(rows: list[list[dict]], pad_id: int, packed: bool) -> MicroBatch:
+def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: bool = False) -> MicroBatch:
     """Rows of examples -> a right-padded micro-batch.
 
     Padded: one example per row, with an attention mask. Packed: several examples per row with
@@ -104,7 +111,12 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool) -> MicroBatch:
     recognises the packed layout and keeps examples from attending to each other. The label at
     each example's first position is masked so no example learns to predict the next one's start.
     A row with `weight` 0 contributes tokens to the forward but nothing to the loss.
+    `padding_free` (packed only) puts all rows in one row: no padding at all, for attention that
+    turns position_ids into varlen offsets (flash-attention); eager/sdpa would build a mask
+    quadratic in the whole micro-batch instead.
     """
+    if packed and padding_free:
+        rows = [[e for row in rows for e in row]]
     seqs, labs, poss = [], [], []
     for row in rows:
         ids, lab, pos = [], [], []
@@ -131,12 +143,29 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool) -> MicroBatch:
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     inputs = {"input_ids": ids, "position_ids": positions} if packed else {"input_ids": ids, "attention_mask": mask}
-    return MicroBatch(inputs, keep, labels[:, 1:][keep[:, :-1]], int(mask.sum()), ids.numel())
+    pairs = sum(len(e["input_ids"]) ** 2 for row in rows for e in row)
+    return MicroBatch(inputs, keep, labels[:, 1:][keep[:, :-1]], int(mask.sum()), ids.numel(), pairs)
 
 
-def load_micro_batch(dataset, rows: list[list[int]], pad_id: int, packed: bool = False) -> MicroBatch:
+def load_micro_batch(dataset, rows: list[list[int]], pad_id: int, packed: bool = False,
+                     padding_free: bool = False) -> MicroBatch:
     """Collate these rows of example indices; with none, one example with no supervised token keeps
     every rank in step (each rank must run forward and backward) while adding nothing to the loss."""
     if not rows:
         return collate([[{**dataset[0], "weight": 0}]], pad_id, packed)
-    return collate([[dataset[i] for i in row] for row in rows], pad_id, packed)
+    return collate([[dataset[i] for i in row] for row in rows], pad_id, packed, padding_free)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k: this rank's micro-batches of optimizer step k, a pure function of k. A DataLoader's
+    workers can then collate ahead of the training loop, and a resumed run starts at any step."""
+
+    def __init__(self, dataset, schedule: Schedule, accumulation: int, rank: int, pad_id: int,
+                 packed: bool, padding_free: bool = False):
+        self.dataset, self.schedule, self.accumulation, self.rank = dataset, schedule, accumulation, rank
+        self.pad_id, self.packed, self.padding_free = pad_id, packed, padding_free
+
+    def __getitem__(self, step: int) -> list[MicroBatch]:
+        first = step * self.accumulation
+        return [load_micro_batch(self.dataset, self.schedule.examples(first + i, self.rank), self.pad_id,
+                                 self.packed, self.padding_free) for i in range(self.accumulation)]

@@ -118,6 +118,24 @@ class SFTConfig:
     """float16 mixed precision with loss scaling (GPU only)."""
     gradient_checkpointing: bool = field(default=False, metadata=_group("train"))
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    checkpoint_every_n_layers: int = field(default=1, metadata=_group("train"))
+    """With gradient_checkpointing: recompute only every n-th decoder layer (1: all). 2 keeps half
+    the layers' activations and skips half the recompute; the gradients are the same."""
+    loss_chunk_size: int = field(default=1024, metadata=_group("train"))
+    """Rows of logits the fused cross-entropy computes at once (1024 rows x 151,936 words: 0.6 GB
+    in fp32). 0 takes the plain path, which keeps every supervised position's logits for the
+    backward. ZeRO-3, fp16 and a LoRA/modules_to_save lm_head always take the plain path."""
+    fused_adamw: bool = field(default=True, metadata=_group("train"))
+    """torch's fused AdamW (one kernel per step, CPU and GPU); False: the foreach implementation."""
+    torch_compile: bool = field(default=False, metadata=_group("train"))
+    """Compile each decoder layer with torch.compile (inductor). The first steps are slower while
+    it compiles; helps most on GPU with packing."""
+    dataloader_num_workers: int = field(default=1, metadata=_group("train"))
+    """Processes that collate the next steps' micro-batches while this one trains (0: in the
+    training process). Batches are pinned for the copy to the GPU."""
+    mfu_peak_tflops: float = field(default=0.0, metadata=_group("train"))
+    """The device's dense bf16 peak for MFU in metrics.jsonl. 0 looks it up for known GPUs
+    (H100/H200 989, A100 312); on a CPU or an unknown GPU MFU is then not reported."""
     skip_nan_steps: bool = field(default=False, metadata=_group("train"))
     """Skip an optimizer step whose gradient norm is NaN or inf (counted in metrics.jsonl) instead
     of stopping the run. Not with DeepSpeed, whose engine steps by itself."""
@@ -183,6 +201,11 @@ class SFTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("loss_chunk_size", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.checkpoint_every_n_layers < 1:
+            raise ConfigError(f"checkpoint_every_n_layers must be at least 1, got {self.checkpoint_every_n_layers}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:

@@ -11,7 +11,7 @@ from sftkit.loss import token_loss_sum
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataset, accelerator, batch_size: int, pad_id: int) -> dict:
+def evaluate_loss(model, dataset, accelerator, batch_size: int, pad_id: int, head=None) -> dict:
     """Sum of token losses over the whole set / its supervised tokens, sharded over ranks."""
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -24,7 +24,7 @@ def evaluate_loss(model, dataset, accelerator, batch_size: int, pad_id: int) -> 
     for start in range(0, n, per_step):
         idx = order[start:start + per_step][rank::world]
         batch = load_micro_batch(dataset, [[i] for i in idx], pad_id).to(accelerator.device)
-        totals[0] += token_loss_sum(model, batch).double()
+        totals[0] += token_loss_sum(model, batch, head).double()
         totals[1] += batch.targets.numel()
     loss_sum, count = accelerator.reduce(totals, reduction="sum").tolist()
     loss = loss_sum / max(count, 1)

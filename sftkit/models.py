@@ -119,6 +119,8 @@ def build_for_training(cfg):
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(decoder_layers(model)):  # selective: only every n-th layer recomputes
+            layer.gradient_checkpointing = i % cfg.checkpoint_every_n_layers == 0
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
@@ -129,7 +131,19 @@ def build_for_training(cfg):
             model = get_peft_model(model, lora)
         except ValueError as err:
             raise ConfigError(f"LoRA: {str(err).splitlines()[0]}; check --lora_target_modules") from None
+    if cfg.torch_compile:
+        # Layer by layer (regional): one graph serves every layer, so compiling takes seconds, not
+        # minutes, and state_dict keys, PEFT and DDP see the same modules as without compile.
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)
     return model
+
+
+def decoder_layers(model) -> list:
+    """The repeated transformer blocks, in order (transformers marks them GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def count_parameters(model) -> tuple[int, int]:

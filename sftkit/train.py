@@ -12,15 +12,20 @@ from pathlib import Path
 import torch
 
 from sftkit.accel import distributed_type, is_zero3, make_accelerator
-from sftkit.batching import Schedule, load_micro_batch, total_steps
+from sftkit.batching import Schedule, StepBatches, total_steps
 from sftkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
 from sftkit.config import SFTConfig
 from sftkit.data.prepare import load_prepared
 from sftkit.dataset import prepared_dir
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
-from sftkit.loss import token_loss_sum
+from sftkit.flops import flops_per_step_fn, peak_flops
+from sftkit.loss import fused_head, token_loss_sum
 from sftkit.models import build_for_training, count_parameters, load_tokenizer
+
+# flash-attention turns packed position_ids into varlen offsets, so a packed micro-batch can be one
+# row with no padding at all; eager/sdpa would build a block mask quadratic in that row instead.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 def lr_lambda(total: int, warmup: int, kind: str):
@@ -89,6 +94,21 @@ def rss_mb() -> float | None:
         return None
 
 
+def peak_rss_mb() -> float | None:
+    """The most resident memory this process has held (Linux VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(round(int(ln.split()[1]) / 1024, 1) for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def peak_gpu_gb() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
 def param_fingerprint(model) -> torch.Tensor:
     """Sum and sum of squares of the trainable weights, in float64: equal on every rank when the
     ranks are in sync (the check that catches a launch where each rank trains alone)."""
@@ -124,11 +144,16 @@ def run(cfg: SFTConfig, console=None) -> dict:
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                                  fused=cfg.fused_adamw or None, foreach=None if cfg.fused_adamw else True)
     schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, world, cfg.seed,
                         cfg.packing, cfg.max_length, cfg.group_by_length)
     steps = total_steps(schedule, cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    head = fused_head(accelerator.unwrap_model(model), accelerator.mixed_precision, is_zero3(accelerator),
+                      cfg.loss_chunk_size)
+    step_flops = flops_per_step_fn(accelerator.unwrap_model(model).config, cfg.use_lora)
+    peak = peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None, cfg.mfu_peak_tflops)
     warmup = math.ceil(cfg.warmup_ratio * steps)
     # Not passed to prepare(): accelerate would step it once per process per optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, warmup, cfg.lr_scheduler_type))
@@ -152,28 +177,36 @@ def run(cfg: SFTConfig, console=None) -> dict:
         "event": "start", "world_size": world, "distributed_type": distributed_type(accelerator),
         "mixed_precision": accelerator.mixed_precision, "num_examples": len(train_set), "rows_per_epoch":
         len(schedule.units), "total_steps": steps, "trainable_params": trainable, "total_params": total,
-        "resumed_from_step": resumed,
+        "resumed_from_step": resumed, "fused_loss": head is not None,
     }, first=True)
 
     from sftkit.progress import train_progress
 
     pad_id, G = tokenizer.pad_token_id, cfg.gradient_accumulation_steps
+    padding_free = cfg.packing and cfg.attn_implementation in VARLEN_ATTENTION
+    loader = torch.utils.data.DataLoader(
+        StepBatches(train_set, schedule, G, rank, pad_id, cfg.packing, padding_free),
+        sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=2 if cfg.dataloader_num_workers else None)
     start_time = time.time() - state["elapsed_s"]
-    window = {"tokens": 0, "slots": 0, "t": time.time()}
+    loop_start = time.time()
+    window = {"tokens": 0, "slots": 0, "flops": 0.0, "t": time.time()}
+    run_flops = 0.0
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     summary: dict = {}
     grad_norm = None
     skip = stopped_early = False
     model.train()
     with StopRequest() as stop, train_progress(steps, state["step"], enabled=main, console=console) as bar:
-        for step in range(state["step"], steps):
-            batches = [load_micro_batch(train_set, schedule.examples(state["micro_index"] + i, rank), pad_id, cfg.packing)
-                       for i in range(G)]
+        for step, batches in zip(range(state["step"], steps), loader):
             state["micro_index"] += G
             counts = torch.tensor([sum(b.targets.numel() for b in batches), sum(b.tokens for b in batches),
-                                   sum(b.slots for b in batches), int(stop.requested)], device=accelerator.device)
-            # one all-reduce per step: supervised tokens, tokens, slots, and whether any rank must stop
-            n_sup, n_tok, n_slots, n_stop = accelerator.reduce(counts, reduction="sum").tolist()
+                                   sum(b.slots for b in batches), int(stop.requested),
+                                   sum(b.attn_pairs for b in batches)], device=accelerator.device)
+            # The step's one host sync: supervised tokens, tokens, slots, attention pairs, and whether
+            # any rank must stop, all-reduced. The backward's scale needs the first before it starts;
+            # everything else in the step stays on the device (.item() only at logging steps).
+            n_sup, n_tok, n_slots, n_stop, n_pairs = accelerator.reduce(counts, reduction="sum").tolist()
             # accelerate divides by G and DDP/DeepSpeed average over ranks: undo both, so the
             # gradient is exactly d(sum of token losses)/d(theta) / n_sup.
             scale = G * world / max(n_sup, 1)
@@ -181,7 +214,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
             for batch in batches:
                 batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):
-                    ce = token_loss_sum(model, batch)
+                    ce = token_loss_sum(model, batch, head)
                     accelerator.backward(ce * scale)
                     loss_sum += ce.detach()
                     skip = False
@@ -201,6 +234,9 @@ def run(cfg: SFTConfig, console=None) -> dict:
             state["supervised_tokens"] += n_sup
             window["tokens"] += n_tok
             window["slots"] += n_slots
+            flops = step_flops(n_tok, n_sup, n_pairs) / world  # per device
+            window["flops"] += flops
+            run_flops += flops
             last = state["step"] == steps
             saving = bool(cfg.save_steps and state["step"] % cfg.save_steps == 0)
             if state["step"] % cfg.logging_steps == 0 or step == 0 or last or n_stop or saving:
@@ -217,14 +253,16 @@ def run(cfg: SFTConfig, console=None) -> dict:
                     "supervised_tokens": state["supervised_tokens"],
                     "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
                     "padding_efficiency": round(window["tokens"] / max(window["slots"], 1), 4),
-                    "rss_mb": rss_mb(),
+                    "tflops_per_device": _sig(window["flops"] / max(now - window["t"], 1e-9) / 1e12),
+                    "mfu": None if peak is None else _sig(window["flops"] / max(now - window["t"], 1e-9) / peak),
+                    "rss_mb": rss_mb(), "peak_gpu_mem_gb": peak_gpu_gb(),
                     "elapsed_s": round(now - start_time, 2),
                 }
-                window.update(tokens=0, slots=0, t=now)
+                window.update(tokens=0, slots=0, flops=0.0, t=now)
                 log.write(record, step=state["step"])
                 bar.update(state["step"], loss=record["loss"] or math.nan, lr=lr, tokens_per_s=record["tokens_per_s"])
             if eval_set is not None and cfg.eval_steps and state["step"] % cfg.eval_steps == 0 and not last:
-                ev = evaluate_loss(model, eval_set, accelerator, cfg.per_device_eval_batch_size, pad_id)
+                ev = evaluate_loss(model, eval_set, accelerator, cfg.per_device_eval_batch_size, pad_id, head)
                 log.write({"step": state["step"], "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]},
                           step=state["step"])
                 model.train()
@@ -243,7 +281,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
         return {"event": "stopped", "step": state["step"], "elapsed_s": round(time.time() - start_time, 2)}
 
     if eval_set is not None:
-        ev = evaluate_loss(model, eval_set, accelerator, cfg.per_device_eval_batch_size, pad_id)
+        ev = evaluate_loss(model, eval_set, accelerator, cfg.per_device_eval_batch_size, pad_id, head)
         summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
         log.write({"step": state["step"], "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]}, step=state["step"])
     state["elapsed_s"] = time.time() - start_time
@@ -252,8 +290,11 @@ def run(cfg: SFTConfig, console=None) -> dict:
     save_model(accelerator, model, tokenizer, cfg, out / "final")
     prints = None if is_zero3(accelerator) else accelerator.gather(
         param_fingerprint(model).to(accelerator.device).unsqueeze(0)).tolist()
+    achieved = run_flops / max(time.time() - loop_start, 1e-9)  # this process's steps, evals and saves
     summary.update(event="end", step=state["step"], tokens=state["tokens"],
                    supervised_tokens=state["supervised_tokens"], elapsed_s=round(state["elapsed_s"], 2),
+                   tflops_per_device=_sig(achieved / 1e12), mfu=None if peak is None else _sig(achieved / peak),
+                   peak_rss_mb=peak_rss_mb(), peak_gpu_mem_gb=peak_gpu_gb(),
                    param_fingerprints=prints, ranks_in_sync=None if prints is None else all(p == prints[0] for p in prints))
     log.write(summary)
     if main:
@@ -263,6 +304,11 @@ def run(cfg: SFTConfig, console=None) -> dict:
     if trackers:
         accelerator.end_training()
     return summary
+
+
+def _sig(x: float) -> float:
+    """Four significant digits: TFLOPS span 1e-3 (a CPU) to 1e3 (a GPU)."""
+    return float(f"{x:.4g}")
 
 
 def _float(x) -> float:
