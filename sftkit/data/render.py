@@ -45,9 +45,20 @@ class TemplateSpec:
     no_think_prefix: str           # "<think>\n\n</think>\n\n": prompt part when enable_thinking=False
     encoder: Any = field(compare=False, repr=False, default=None)  # plain_text_encoder(tokenizer)
 
-    @property
-    def split_re(self) -> re.Pattern:
-        return re.compile("(" + "|".join(map(re.escape, self.specials)) + ")")
+    # Built once here rather than per conversation (they are on the tokenizing hot path):
+    # special string -> private-use sentinel, the inverse, and the two regexes that use them.
+    escapes: dict[str, str] = field(init=False, compare=False, repr=False)
+    unescapes: dict[str, str] = field(init=False, compare=False, repr=False)
+    restore_re: re.Pattern = field(init=False, compare=False, repr=False)
+    split_re: re.Pattern = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        escapes = {s: chr(_SENTINEL_BASE + i) for i, s in enumerate(self.specials)}
+        set_ = object.__setattr__  # frozen dataclass
+        set_(self, "escapes", escapes)
+        set_(self, "unescapes", {v: k for k, v in escapes.items()})
+        set_(self, "restore_re", re.compile("[" + "".join(escapes.values()) + "]"))
+        set_(self, "split_re", re.compile("(" + "|".join(map(re.escape, self.specials)) + ")"))
 
 
 def template_spec(tokenizer) -> TemplateSpec:
@@ -105,9 +116,8 @@ def prepare_messages(msgs: Conversation, opts: RenderOptions, table: dict[str, s
 
 def render_text(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderOptions, tools=None) -> str:
     """The template's text for a whole conversation, special-token strings in content escaped."""
-    table = {s: chr(_SENTINEL_BASE + i) for i, s in enumerate(spec.specials)}
     return tokenizer.apply_chat_template(
-        prepare_messages(msgs, opts, table), tools=tools, tokenize=False,
+        prepare_messages(msgs, opts, spec.escapes), tools=tools, tokenize=False,
         add_generation_prompt=False, enable_thinking=opts.enable_thinking,
     )
 
@@ -122,8 +132,7 @@ class _Piece:
 
 def split_pieces(text: str, spec: TemplateSpec, opts: RenderOptions) -> list[_Piece]:
     """Cut the rendered text at special tokens and mark which parts belong to assistant replies."""
-    unescape = {chr(_SENTINEL_BASE + i): s for i, s in enumerate(spec.specials)}
-    restore = re.compile("[" + "".join(unescape) + "]")
+    unescape, restore = spec.unescapes, spec.restore_re
     pieces: list[_Piece] = []
     in_reply, block, after_open = False, -1, False
     for part in spec.split_re.split(text):
