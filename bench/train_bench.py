@@ -1,0 +1,421 @@
+"""Training throughput: sftkit against TRL's SFTTrainer and a bare PyTorch loop, same model, same tokens.
+
+Every system trains one epoch over the same examples (tokenized once, by sftkit's prepare-data)
+from the same saved model, with the same micro-batch size, max_length, learning rate, seed and
+precision:
+  sftkit       `sftkit.train.run(SFTConfig(...))`, timed by the `elapsed_s` of its metrics.jsonl.
+  trl_default  TRL 1.16 `SFTTrainer` with its own defaults (gradient checkpointing on, no packing,
+               random order), fed the same input_ids and labels (-100 outside assistant replies).
+  trl_best     TRL with packing="bfd", which turns on padding-free batches, and no gradient
+               checkpointing. Without flash-attention (a CPU) the padding-free row, the whole
+               micro-batch end to end, gets a block-diagonal mask from transformers under sdpa:
+               correct, but its attention is quadratic in rows x max_length.
+  bare         a plain loop over exactly the micro-batches sftkit builds (`sftkit.batching`), with
+               sftkit's loss (`sftkit.loss`) and AdamW kernel: no accelerate, no logging, and no
+               DataLoader worker (so sftkit, which collates ahead in one, can beat it on wall time).
+Each system runs in a fresh child process (`--child SYSTEM`), so its peak memory (VmHWM of that
+process on CPU, torch.cuda.max_memory_allocated on GPU) is its own. Only the training loop is
+timed: imports, model loading and data preparation are not. The first step (warm-up) is reported
+apart, and the throughput columns exclude it. Supervised tokens are the positions whose next token
+is trained on; padding efficiency is real tokens / (rows x width) slots of the micro-batches.
+The 1-minute load average is printed: on a shared CPU, wall times vary by tens of percent.
+
+    .venv/bin/python bench/train_bench.py --model tiny --out /tmp/train_bench.json
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")  # inherited by the children
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN3_DIR = REPO.parent / "shared" / "qwen3"  # Qwen's published configs (no weights)
+SYSTEMS = ("sftkit", "trl_default", "trl_best", "bare")
+RESULT = "TRAIN_BENCH_RESULT "  # prefix of the one line a child prints for the parent
+TINY128 = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 32, "initializer_range": 0.02}  # the size PLATFORM_NOTES measured
+REAL = {"qwen3-0.6b": "Qwen3-0.6B", "qwen3-1.7b": "Qwen3-1.7B", "qwen3-8b": "Qwen3-8B"}
+
+
+def work_dir() -> Path:
+    cache = os.environ.get("SFTKIT_CACHE")
+    return Path(cache) / "train_bench" if cache else Path("/tmp/sftkit_train_bench")
+
+
+# ---- set-up shared by all systems, done once by the parent ----------------------------------------
+def build_model(name: str) -> Path:
+    """A random-init model directory (safetensors + sftkit's bundled Qwen3 tokenizer), built once."""
+    if Path(name).is_dir():
+        return Path(name)
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from sftkit.io import atomic_directory
+    from sftkit.models import TINY_CONFIG, TINY_INIT_SEED, bundled_tokenizer_dir
+
+    if name in REAL:
+        if not (QWEN3_DIR / REAL[name] / "config.json").is_file():
+            raise SystemExit(f"--model {name}: {QWEN3_DIR / REAL[name]}/config.json not found (../shared/qwen3)")
+        config = Qwen3Config.from_pretrained(QWEN3_DIR / REAL[name])
+    elif name in ("tiny", "tiny128"):
+        config = Qwen3Config(**{**TINY_CONFIG, **(TINY128 if name == "tiny128" else {})})
+    else:
+        raise SystemExit(f"--model: '{name}' is neither a preset (tiny, tiny128, {', '.join(REAL)}) nor a directory")
+    key = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:12]  # a changed preset never reuses a build
+    path = work_dir() / "models" / f"{name}-{key}"
+    if any(path.glob("model*.safetensors*")):
+        return path
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 8B takes minutes on a CPU
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(TINY_INIT_SEED)
+        model = Qwen3ForCausalLM(config)
+    if name in REAL:
+        model = model.to(torch.bfloat16)  # as published; every system loads it in fp32 all the same
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp)
+        GenerationConfig.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp)
+    del model
+    torch.cuda.empty_cache()  # the children need the GPU memory, not this process
+    return path
+
+
+def prepare_data(a, model_dir: Path) -> tuple[Path, dict]:
+    """Synthetic conversations (bench/prepare_bench.py), tokenized once by sftkit's prepare-data."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from prepare_bench import write_data
+
+    from sftkit.config import SFTConfig
+    from sftkit.data.prepare import prepare
+    from sftkit.models import load_tokenizer
+
+    raw = work_dir() / "data" / f"conversations_n{a.n}_seed{a.seed}.jsonl"
+    if not raw.is_file():
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        write_data(a.n, a.seed, raw)
+    out = work_dir() / "prepared" / f"n{a.n}_seed{a.seed}_len{a.max_length}"  # prepare() rebuilds it if stale
+    return out, prepare(SFTConfig(max_length=a.max_length), [str(raw)], out, load_tokenizer(str(model_dir)))
+
+
+def sftkit_config(a, out: Path):
+    """The sftkit run's SFTConfig; the bare loop builds its model and batches from it too."""
+    import yaml
+
+    from sftkit.config import SFTConfig
+
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.sftkit_args)}
+    return SFTConfig(
+        model_name_or_path=str(a.model_dir), data_path=[str(a.data_dir)], output_dir=str(out),
+        max_length=a.max_length, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=a.grad_accum,
+        packing=a.packing, learning_rate=a.lr, num_train_epochs=1.0, max_steps=-1, logging_steps=1, save_steps=0,
+        bf16=a.bf16, use_lora=a.lora, report_to="none", seed=a.seed, attn_implementation=a.attn, **extra)
+
+
+# ---- the children: each trains one system and returns its per-step record -------------------------
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/status") as f:  # VmHWM: the most this process has held resident
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+
+
+def sync() -> None:
+    """Wait for the GPU, so that a step ends when its work is done rather than when it was queued."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def diffs(cumulative: list[int]) -> list[int]:
+    return [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
+
+
+def child_sftkit(a) -> dict:
+    import sftkit.train
+
+    peak = {}
+    save_model = sftkit.train.save_model
+
+    def note_peak_then_save(*args, **kwargs):  # the peak of training, not of writing final/ after it
+        peak["mb"] = peak_memory_mb()
+        return save_model(*args, **kwargs)
+
+    sftkit.train.save_model = note_peak_then_save
+    sftkit.train.run(sftkit_config(a, a.scratch / "sftkit"))
+    lines = [json.loads(ln) for ln in (a.scratch / "sftkit" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "elapsed_s" in r and "tokens" in r and "event" not in r]
+    sup, tok = (diffs([r[k] for r in steps]) for k in ("supervised_tokens", "tokens"))
+    # slots are not logged, but each step's padding_efficiency (logging_steps=1) gives them to 4 digits
+    return {"ends": [r["elapsed_s"] for r in steps], "sup": sup, "tok": tok,
+            "slots": sum(t / r["padding_efficiency"] for t, r in zip(tok, steps)), "first_loss": steps[0]["loss"],
+            "peak_mb": peak["mb"], "note": f"fused_loss={lines[0].get('fused_loss')}, logging_steps=1"}
+
+
+def child_bare(a) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from sftkit.batching import Schedule, load_micro_batch, total_steps
+    from sftkit.data.prepare import load_prepared
+    from sftkit.loss import fused_head, token_loss_sum
+    from sftkit.models import build_for_training, load_tokenizer
+    from sftkit.train import VARLEN_ATTENTION
+
+    cfg = sftkit_config(a, a.scratch / "bare")
+    set_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_for_training(cfg).to(device).train()
+    # sftkit's math: its loss head, its AdamW kernel, its one-row packing under flash-attention
+    head = fused_head(model, "bf16" if cfg.bf16 else "no", False, cfg.loss_chunk_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  fused=cfg.fused_adamw or None, foreach=None if cfg.fused_adamw else True)
+    padding_free = cfg.packing and cfg.attn_implementation in VARLEN_ATTENTION
+    pad_id = load_tokenizer(cfg.model_name_or_path).pad_token_id
+    data = load_prepared(cfg.data_path[0])
+    schedule = Schedule(data["length"], cfg.per_device_train_batch_size, 1, cfg.seed, cfg.packing, cfg.max_length,
+                        cfg.group_by_length)
+    G = cfg.gradient_accumulation_steps
+    rec = {"ends": [], "sup": [], "tok": [], "slots": 0, "note": f"sftkit's batches and loss, fused_loss={bool(head)}"}
+    start = time.perf_counter()
+    for step in range(total_steps(schedule, G, cfg.num_train_epochs, cfg.max_steps)):  # as sftkit counts them
+        batches = [load_micro_batch(data, schedule.examples(step * G + i, 0), pad_id, cfg.packing, padding_free)
+                   for i in range(G)]
+        n_sup = sum(b.targets.numel() for b in batches)
+        loss_sum = 0.0
+        for batch in batches:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
+                ce = token_loss_sum(model, batch.to(device), head)
+            (ce / n_sup).backward()  # the mean over the whole step's supervised tokens, as in sftkit
+            loss_sum += ce.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            rec["first_loss"] = float(loss_sum) / n_sup
+        sync()
+        rec["ends"].append(time.perf_counter() - start)
+        rec["sup"].append(n_sup)
+        rec["tok"].append(sum(b.tokens for b in batches))
+        rec["slots"] += sum(b.slots for b in batches)
+    return {**rec, "peak_mb": peak_memory_mb()}
+
+
+def child_trl(a, best: bool) -> dict:
+    import datasets
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from sftkit.data.prepare import load_prepared
+    from sftkit.models import load_model, load_tokenizer
+
+    cfg = sftkit_config(a, a.scratch / "unused")  # for the LoRA settings, so that TRL's adapter is sftkit's
+    prepared = load_prepared(a.data_dir)
+    # In memory, so TRL's dataset maps write no cache files into sftkit's prepared directory. With a
+    # labels column TRL tokenizes nothing and builds no mask: it trains on exactly these labels.
+    train = datasets.Dataset.from_dict({"input_ids": prepared["input_ids"], "labels": prepared["labels"]})
+    rec = {"ends": [], "sup": [], "tok": [], "slots": 0, "first": []}
+    pending = {"sup": 0, "tok": 0}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            rec["start"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            rec["ends"].append(time.perf_counter() - rec["start"])
+            for k, count in pending.items():
+                rec[k].append(count)
+                pending[k] = 0
+
+    class CountingSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            labels = inputs["labels"]
+            pending["sup"] += int((labels[:, 1:] != -100).sum())  # TRL's loss scores labels[:, 1:]
+            mask = inputs.get("attention_mask")  # none when padding-free: one row, no padding
+            pending["tok"] += int(mask.sum()) if mask is not None else labels.numel()
+            rec["slots"] += labels.numel()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.state.global_step == 0:  # divided by the whole step's supervised tokens, the parts add up
+                rec["first"].append(loss.item() / (1 if num_items_in_batch is not None else a.grad_accum))
+            return loss
+
+    # bf16 always given: TRL's default is on. use_cpu: transformers refuses bf16 on a CPU without it.
+    args = SFTConfig(
+        output_dir=str(a.scratch / "trl"), per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, num_train_epochs=1, max_length=a.max_length,
+        seed=a.seed, bf16=a.bf16, use_cpu=not a.cuda, save_strategy="no", eval_strategy="no", report_to="none",
+        **({"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False} if best else {}))
+    peft_config = None
+    if a.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+    trainer = CountingSFTTrainer(model=load_model(str(a.model_dir), attn_implementation=a.attn), args=args,
+                                 train_dataset=train, processing_class=load_tokenizer(str(a.model_dir)),
+                                 callbacks=[Clock()], peft_config=peft_config)
+    trainer.train()
+    note = (f"gradient_checkpointing={args.gradient_checkpointing}, packing={args.packing}, "
+            f"padding_free={trainer.padding_free}, {len(trainer.train_dataset)} rows")
+    return {**rec, "first_loss": sum(rec.pop("first")), "peak_mb": peak_memory_mb(), "note": note}
+
+
+def summarize(rec: dict) -> dict:
+    """Throughput over all steps, and without the first (warm-up) step."""
+    ends, sup, tok = rec["ends"], rec["sup"], rec["tok"]
+    n, rest = len(ends), ends[-1] - ends[0]  # rest: the steps after the first
+    ok = n > 1 and rest > 0
+    return {"steps": n, "first_step_s": ends[0], "loop_s": ends[-1], "step_s": rest / (n - 1) if ok else ends[0],
+            "sup_tok_s": sum(sup[1:]) / rest if ok else math.nan, "tok_s": sum(tok[1:]) / rest if ok else math.nan,
+            "sup_tok_s_all": sum(sup) / ends[-1], "tok_s_all": sum(tok) / ends[-1],
+            "supervised_tokens": sum(sup), "tokens": sum(tok), "padding_efficiency": sum(tok) / rec["slots"],
+            "peak_mb": rec["peak_mb"], "first_loss": rec["first_loss"], "note": rec["note"], "step_ends_s": ends}
+
+
+# ---- the parent ------------------------------------------------------------------------------------
+def run_child(system: str, a, model_dir: Path, data_dir: Path) -> dict:
+    """One system in a fresh process; its output goes to a log file, its result is the marked line."""
+    log = work_dir() / "logs" / f"{system}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", system, "--model_dir", str(model_dir),
+           "--data_dir", str(data_dir)]
+    start = time.time()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, check=False).returncode
+    lines = log.read_text(errors="replace").splitlines()
+    found = [ln[len(RESULT):] for ln in lines if ln.startswith(RESULT)]
+    if code or not found:
+        print(f"{system}: FAILED (exit {code}); the end of {log}:\n    " + "\n    ".join(lines[-15:]))
+        return {"system": system, "error": lines[-1] if lines else f"exit {code}", "log": str(log)}
+    print(f"{system}: {time.time() - start:.0f} s in all (log {log})")
+    return {"system": system, **json.loads(found[-1]), "log": str(log)}
+
+
+def environment() -> dict:
+    import torch
+
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, check=False).stdout.strip()
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    versions = {p: metadata.version(p) if find_spec(p) else "not installed"
+                for p in ("torch", "transformers", "trl", "accelerate", "peft")}
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "sftkit") else ""
+    return {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "versions": {"python": platform.python_version(), **versions, "sftkit": git("rev-parse", "--short", "HEAD")
+                         + dirty}, "machine": f"{gpu or cpu}; {os.cpu_count()} CPU cores",
+            "load_average_at_start": round(os.getloadavg()[0], 2)}  # above the core count: CPU timings are shared
+
+
+def print_table(rows: list[dict], mem: str) -> None:
+    print(f"\n| system | steps | supervised tok/s | tok/s | supervised tok/s, all steps | padding eff. | peak {mem} MB "
+          "| step s | first step s | first_loss | supervised tokens |\n|---|" + "---:|" * 10)
+    for r in rows:
+        print(f"| {r['system']} | {r['steps']} | {r['sup_tok_s']:,.0f} | {r['tok_s']:,.0f} | {r['sup_tok_s_all']:,.0f} "
+              f"| {r['padding_efficiency']:.3f} | {r['peak_mb']:,.0f} | {r['step_s']:.3f} | {r['first_step_s']:.2f} "
+              f"| {r['first_loss']:.6f} | {r['supervised_tokens']:,} |")
+    ours = next((r for r in rows if r["system"] == "sftkit"), None)
+    if ours and len(rows) > 1:
+        cols = ("sup_tok_s", "tok_s", "sup_tok_s_all", "padding_efficiency", "peak_mb", "step_s")
+        print("\n| ratio | supervised tok/s | tok/s | supervised tok/s, all steps | padding eff. | peak memory | step s |"
+              "\n|---|" + "---:|" * len(cols))
+        for r in rows:
+            if r is not ours:
+                print(f"| sftkit / {r['system']} | " + " | ".join(f"{ours[c] / r[c]:.2f}x" for c in cols) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny", help="tiny, tiny128, qwen3-0.6b, qwen3-1.7b, qwen3-8b, or a directory")
+    ap.add_argument("--n", type=int, help="synthetic conversations; those over max_length are dropped. Default: 512 "
+                    "on a GPU, 32 on a CPU (where TRL trains the tiny model at about 50 supervised tokens/s)")
+    ap.add_argument("--max_length", type=int, default=1024)
+    ap.add_argument("--batch_size", type=int, default=8, help="per-device micro-batch: examples, or packed rows")
+    ap.add_argument("--grad_accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast; default: on with a GPU")
+    ap.add_argument("--lora", action="store_true", help="LoRA with sftkit's default adapter settings")
+    ap.add_argument("--packing", action="store_true", help="pack for sftkit and bare (trl_best always packs)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from " + ", ".join(SYSTEMS))
+    ap.add_argument("--sftkit_args", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more SFTConfig fields for sftkit and bare, e.g. loss_chunk_size=0")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="also write the results here, as JSON")
+    ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--model_dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--data_dir", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if set(a.systems.split(",")) - set(SYSTEMS):
+        ap.error(f"--systems: choose from {', '.join(SYSTEMS)}")
+    import torch
+
+    a.cuda = cuda = torch.cuda.is_available()
+    a.n = a.n or (512 if cuda else 32)
+    a.bf16 = cuda if a.bf16 is None else a.bf16
+    a.attn = "flash_attention_2" if cuda and find_spec("flash_attn") else "sdpa"
+    if a.child:
+        import shutil
+
+        a.scratch = work_dir() / "runs" / a.child
+        shutil.rmtree(a.scratch, ignore_errors=True)
+        run = {"sftkit": child_sftkit, "bare": child_bare, "trl_default": lambda a: child_trl(a, best=False),
+               "trl_best": lambda a: child_trl(a, best=True)}[a.child]
+        print(RESULT + json.dumps(summarize(run(a))), flush=True)
+        return
+
+    env = environment()
+    print("\n".join(f"{k}: {v}" for k, v in env.items()))
+    model_dir = build_model(a.model)
+    data_dir, man = prepare_data(a, model_dir)
+    print(f"model: {model_dir}\ndata: {data_dir}: {man['examples_kept']} examples ({sum(man['dropped'].values())} "
+          f"of {man['rows_in']} dropped, longer than {a.max_length}), {man['tokens']:,} tokens, "
+          f"{man['supervised_tokens']:,} supervised\nsettings: batch {a.batch_size} x accum {a.grad_accum}, "
+          f"max_length {a.max_length}, lr {a.lr}, {'bf16' if a.bf16 else 'fp32'}, attn {a.attn}, lora {a.lora}, "
+          f"packing (sftkit, bare) {a.packing}, sftkit_args {a.sftkit_args}\n")
+    results = [run_child(s, a, model_dir, data_dir) for s in a.systems.split(",")]
+    rows = [r for r in results if "error" not in r]
+    print_table(rows, "GPU allocated" if cuda else "RSS")
+    for r in rows:
+        print(f"{r['system']}: {r['note']}")
+        if r["supervised_tokens"] != man["supervised_tokens"]:  # every system must train on the same tokens
+            print(f"  WARNING: {r['supervised_tokens']:,} supervised tokens trained, the data holds "
+                  f"{man['supervised_tokens']:,}")
+    by = {r["system"]: r for r in rows}
+    if "sftkit" in by and "bare" in by:
+        diff = abs(by["sftkit"]["first_loss"] - by["bare"]["first_loss"])
+        print(f"first-step loss, sftkit vs bare (identical batches): |diff| = {diff:.1e} "
+              f"({'OK' if diff <= 1e-5 else 'MISMATCH'})")
+    env["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    print(f"1-minute load average: {env['load_average_at_start']} at the start, {env['load_average_at_end']} at the end "
+          f"({os.cpu_count()} cores)")
+    if a.out:
+        settings = {k: v for k, v in vars(a).items() if k not in ("child", "model_dir", "data_dir", "cuda")}
+        a.out.write_text(json.dumps({**env, "settings": settings, "model_dir": model_dir, "data": man,
+                                     "results": results}, indent=2, default=str) + "\n")
+        print(f"results: {a.out}")
+
+
+if __name__ == "__main__":
+    main()
