@@ -118,9 +118,13 @@ def build_for_training(cfg):
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for i, layer in enumerate(decoder_layers(model)):  # selective: only every n-th layer recomputes
-            layer.gradient_checkpointing = i % cfg.checkpoint_every_n_layers == 0
+        every = cfg.checkpoint_every_n_layers
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: selective built in
+            model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for i, layer in enumerate(decoder_layers(model)):  # selective: only every n-th layer recomputes
+                layer.gradient_checkpointing = i % every == 0
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
