@@ -156,6 +156,16 @@ def load_micro_batch(dataset, rows: list[list[int]], pad_id: int, packed: bool =
     return collate([[dataset[i] for i in row] for row in rows], pad_id, packed, padding_free)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn. SLURM's scancel, a container stop or Ctrl-C signal the whole
+    process group: a worker killed by SIGTERM would make the training process raise mid-step
+    instead of saving its checkpoint. Workers leave the decision to it and exit with it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Item k: this rank's micro-batches of optimizer step k, a pure function of k. A DataLoader's
     workers can then collate ahead of the training loop, and a resumed run starts at any step."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sftkit.accel import distributed_type, is_zero3, make_accelerator
-from sftkit.batching import Schedule, StepBatches, total_steps
+from sftkit.batching import Schedule, StepBatches, ignore_stop_signals, total_steps
 from sftkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
 from sftkit.config import SFTConfig
 from sftkit.data.prepare import load_prepared
@@ -104,8 +104,6 @@ def peak_rss_mb() -> float | None:
 
 
 def peak_gpu_gb() -> float | None:
-    import torch
-
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
 
 
@@ -187,7 +185,11 @@ def run(cfg: SFTConfig, console=None) -> dict:
     loader = torch.utils.data.DataLoader(
         StepBatches(train_set, schedule, G, rank, pad_id, cfg.packing, padding_free),
         sampler=range(state["step"], steps), batch_size=None, num_workers=cfg.dataloader_num_workers,
-        pin_memory=torch.cuda.is_available(), prefetch_factor=2 if cfg.dataloader_num_workers else None)
+        pin_memory=torch.cuda.is_available(), prefetch_factor=2 if cfg.dataloader_num_workers else None,
+        worker_init_fn=ignore_stop_signals,
+        # its own generator: starting an iterator draws a worker seed, and a draw from the global RNG
+        # would shift the dropout masks of a resumed run (caught by the kill -9 resume test)
+        generator=torch.Generator().manual_seed(cfg.seed))
     start_time = time.time() - state["elapsed_s"]
     loop_start = time.time()
     window = {"tokens": 0, "slots": 0, "flops": 0.0, "t": time.time()}

@@ -136,15 +136,18 @@ def _losses(out):
 
 
 def _stop_by_sigterm(data, out) -> int:
+    """SIGTERM to the whole process group, as SLURM's scancel or a container stop sends it: the
+    DataLoader worker gets it too, and the run must still save its checkpoint and exit 0."""
     cmd = [str(BIN / "sftkit"), "train", "--data_path", data, "--output_dir", str(out), "--max_steps", "12", *RESUME]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         metrics = out / "metrics.jsonl"
         if metrics.exists() and sum('"loss"' in ln for ln in metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-3000:]
     stop = [r for r in read_metrics(out) if r.get("event") == "stopped"]
