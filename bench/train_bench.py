@@ -128,12 +128,11 @@ def sftkit_config(a, out: Path):
 
 # ---- the children: each trains one system and returns its per-step record -------------------------
 def peak_memory_mb() -> float:
-    import torch
+    """sftkit's own readings: torch.cuda.max_memory_allocated on GPU, VmHWM (peak RSS) on CPU."""
+    from sftkit.train import peak_gpu_gb, peak_rss_mb
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    with open("/proc/self/status") as f:  # VmHWM: the most this process has held resident
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    gpu = peak_gpu_gb()
+    return gpu * 1024 if gpu is not None else peak_rss_mb()
 
 
 def sync() -> None:
@@ -173,11 +172,11 @@ def child_bare(a) -> dict:
     import torch
     from transformers import set_seed
 
-    from sftkit.batching import Schedule, load_micro_batch, total_steps
+    from sftkit.batching import Schedule, StepBatches, total_steps
     from sftkit.data.prepare import load_prepared
     from sftkit.loss import fused_head, token_loss_sum
     from sftkit.models import build_for_training, load_tokenizer
-    from sftkit.train import VARLEN_ATTENTION
+    from sftkit.train import VARLEN_ATTENTION, build_optimizer
 
     cfg = sftkit_config(a, a.scratch / "bare")
     set_seed(cfg.seed)
@@ -185,19 +184,18 @@ def child_bare(a) -> dict:
     model = build_for_training(cfg).to(device).train()
     # sftkit's math: its loss head, its AdamW kernel, its one-row packing under flash-attention
     head = fused_head(model, "bf16" if cfg.bf16 else "no", False, cfg.loss_chunk_size)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  fused=cfg.fused_adamw or None, foreach=None if cfg.fused_adamw else True)
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     padding_free = cfg.packing and cfg.attn_implementation in VARLEN_ATTENTION
     pad_id = load_tokenizer(cfg.model_name_or_path).pad_token_id
     data = load_prepared(cfg.data_path[0])
     schedule = Schedule(data["length"], cfg.per_device_train_batch_size, 1, cfg.seed, cfg.packing, cfg.max_length,
                         cfg.group_by_length)
     G = cfg.gradient_accumulation_steps
+    step_batches = StepBatches(data, schedule, G, 0, pad_id, cfg.packing, padding_free)  # collated in this process
     rec = {"ends": [], "sup": [], "tok": [], "slots": 0, "note": f"sftkit's batches and loss, fused_loss={bool(head)}"}
     start = time.perf_counter()
     for step in range(total_steps(schedule, G, cfg.num_train_epochs, cfg.max_steps)):  # as sftkit counts them
-        batches = [load_micro_batch(data, schedule.examples(step * G + i, 0), pad_id, cfg.packing, padding_free)
-                   for i in range(G)]
+        batches = step_batches[step]
         n_sup = sum(b.targets.numel() for b in batches)
         loss_sum = 0.0
         for batch in batches:

@@ -118,6 +118,12 @@ def param_fingerprint(model) -> torch.Tensor:
     return total
 
 
+def build_optimizer(cfg: SFTConfig, params: list) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                             fused=cfg.fused_adamw or None, foreach=None if cfg.fused_adamw else True)
+
+
 def run(cfg: SFTConfig, console=None) -> dict:
     """Train as `cfg` says; returns the final summary (also the last line of metrics.jsonl)."""
     out = Path(cfg.output_dir)
@@ -141,9 +147,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
     model = build_for_training(cfg)
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
-                                  fused=cfg.fused_adamw or None, foreach=None if cfg.fused_adamw else True)
+    optimizer = build_optimizer(cfg, params)
     schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, world, cfg.seed,
                         cfg.packing, cfg.max_length, cfg.group_by_length)
     steps = total_steps(schedule, cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.max_steps)
@@ -248,6 +252,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
                                       "use bf16 instead of fp16, or pass --skip_nan_steps. "
                                       "Checkpoints saved before this step are kept.")
                 now = time.time()
+                achieved = window["flops"] / max(now - window["t"], 1e-9)  # FLOPs per second, this window
                 record = {
                     "step": state["step"], "epoch": round(schedule.epoch_of(state["micro_index"]), 4),
                     "loss": loss if math.isfinite(loss) else None, "skipped_steps": state.get("skipped_steps", 0),
@@ -255,8 +260,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
                     "supervised_tokens": state["supervised_tokens"],
                     "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
                     "padding_efficiency": round(window["tokens"] / max(window["slots"], 1), 4),
-                    "tflops_per_device": _sig(window["flops"] / max(now - window["t"], 1e-9) / 1e12),
-                    "mfu": None if peak is None else _sig(window["flops"] / max(now - window["t"], 1e-9) / peak),
+                    "tflops_per_device": _sig(achieved / 1e12), "mfu": None if peak is None else _sig(achieved / peak),
                     "rss_mb": rss_mb(), "peak_gpu_mem_gb": peak_gpu_gb(),
                     "elapsed_s": round(now - start_time, 2),
                 }

@@ -40,7 +40,7 @@ class Source:
                     for block in iter(lambda: f.read(1 << 20), b""):
                         h.update(block)
             except OSError as err:
-                raise DataError(self.path, "", None, f"cannot read the file ({err.strerror or err})") from None
+                raise _cannot_read(self.path, err) from None
             return h.hexdigest()
         return _load_hub(self)._fingerprint
 
@@ -96,7 +96,7 @@ def _raw(path: str) -> bytes:
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
-        raise DataError(path, "", None, f"cannot read the file ({err.strerror or err})") from None
+        raise _cannot_read(path, err) from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(path, "", None, "the file is UTF-16 encoded; re-save it as UTF-8")
     raw = raw.removeprefix(_BOM)  # as some Windows editors write
@@ -254,7 +254,7 @@ def _raw_size_check(path: str) -> None:
     try:
         size = Path(path).stat().st_size
     except OSError as err:
-        raise DataError(path, "", None, f"cannot read the file ({err.strerror or err})") from None
+        raise _cannot_read(path, err) from None
     if size == 0:
         raise DataError(path, "", None, "the file is empty")
 
@@ -271,6 +271,10 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
     except Exception as err:  # pandas raises several types for a malformed file
         raise DataError(path, "", None, f"cannot read as csv: {_first_line(err)}") from None
     return frame.to_dict("records")  # a row with fewer cells than the header gets empty ones
+
+
+def _cannot_read(path: str, err: OSError) -> DataError:
+    return DataError(path, "", None, f"cannot read the file ({err.strerror or err})")
 
 
 def _first_line(err: Exception) -> str:
