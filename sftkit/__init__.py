@@ -4,7 +4,8 @@
 stays instant (torch and transformers take seconds to import).
 """
 
-__version__ = "0.1.0"
+from sftkit._version import __version__
+
 __all__ = ["SFTConfig", "SFTDataset", "SFTTrainer", "__version__"]
 
 
@@ -14,11 +15,11 @@ def __getattr__(name: str):
 
         return SFTConfig
     if name == "SFTTrainer":
-        from sftkit.trainer import SFTTrainer
+        from sftkit.api import SFTTrainer
 
         return SFTTrainer
     if name == "SFTDataset":
-        from sftkit.dataset import SFTDataset
+        from sftkit.data.dataset import SFTDataset
 
         return SFTDataset
     raise AttributeError(f"module 'sftkit' has no attribute {name!r}")

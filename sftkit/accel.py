@@ -21,7 +21,7 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     backend = "gloo" if launched and not torch.cuda.is_available() else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(hours=2))] if launched else []
     accelerator = Accelerator(
-        mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
+        mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
     )

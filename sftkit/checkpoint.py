@@ -4,14 +4,18 @@ into place, so `latest` never finds a half-written checkpoint.
 checkpoint-N/
   state/              accelerate.save_state: weights, optimizer, scheduler, RNG of every rank
   model/              the model or adapter in Hugging Face format (eval and merge-lora read it)
-  trainer_state.json  step, micro-batches consumed, metrics so far
+  trainer_state.json  the TrainState: step, micro-batches consumed, token counts, time, skipped steps
+
+This module owns those names: nothing else spells them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from sftkit.accel import is_zero3
@@ -20,6 +24,45 @@ from sftkit.io import atomic_write_json
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+STATE_DIR = "state"
+MODEL_DIR = "model"
+
+
+@dataclass
+class TrainState:
+    """Where a run is: everything besides the tensors that a resumed run needs to continue exactly.
+
+    Version 1 (sftkit 0.1 before this class) wrote the same keys without "version", and
+    "skipped_steps" only once a step had been skipped; it still loads.
+    """
+
+    VERSION = 2
+
+    step: int = 0                 # optimizer steps done
+    micro_index: int = 0          # micro-batches consumed (the data position; step x accumulation)
+    tokens: int = 0               # real tokens trained on, all ranks
+    supervised_tokens: int = 0    # tokens in the loss, all ranks
+    elapsed_s: float = 0.0        # training time before this process, for the end summary
+    skipped_steps: int = 0        # steps skipped by --skip_nan_steps
+
+    def advance(self, micro_batches: int, tokens: int, supervised: int, skipped: bool) -> None:
+        """Count one optimizer step."""
+        self.step += 1
+        self.micro_index += micro_batches
+        self.tokens += tokens
+        self.supervised_tokens += supervised
+        self.skipped_steps += int(skipped)
+
+    def to_dict(self) -> dict:
+        return {"version": self.VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = TRAINER_STATE) -> TrainState:
+        version = values.get("version", 1)
+        if version > cls.VERSION:
+            raise ConfigError(f"{source} was written by a newer sftkit (state version {version}); upgrade sftkit")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -36,6 +79,14 @@ def resolve_resume(spec: str, out_dir: Path) -> Path:
     path = Path(spec)
     if not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"--resume_from_checkpoint {spec}: not a checkpoint directory (no {TRAINER_STATE})")
+    return path
+
+
+def model_in(path: str) -> str:
+    """The model directory of `path`: a checkpoint holds its model under model/; anything else is one."""
+    p = Path(path)
+    if (p / TRAINER_STATE).is_file() and (p / MODEL_DIR).is_dir():
+        return str(p / MODEL_DIR)
     return path
 
 
@@ -92,7 +143,8 @@ def check_saved_shapes(path: Path, model) -> None:
         raise RuntimeError(f"no tensors were written to {path}")
 
 
-def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, step: int, state: dict) -> Path:
+def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: TrainState) -> Path:
+    step = state.step
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -100,11 +152,11 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, step: int
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp / "state"))
-        save_model(accelerator, model, tokenizer, cfg, tmp / "model")
+        accelerator.save_state(str(tmp / STATE_DIR))
+        save_model(accelerator, model, tokenizer, cfg, tmp / MODEL_DIR)
         if accelerator.is_main_process:
             # trainer_state.json is written last: a directory without it is never a checkpoint
-            atomic_write_json(tmp / TRAINER_STATE, state)
+            atomic_write_json(tmp / TRAINER_STATE, state.to_dict())
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -127,6 +179,6 @@ def prune(out_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path / "state"))
-    return json.loads((path / TRAINER_STATE).read_text())
+def load_checkpoint(accelerator, path: Path) -> TrainState:
+    accelerator.load_state(str(path / STATE_DIR))
+    return TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text()), str(path / TRAINER_STATE))

@@ -1,23 +1,24 @@
-"""What each CLI command does, between parsing (cli.py) and the work (data/, train.py, ...)."""
+"""What each CLI command does, between parsing (cli.py) and the work (data/, train.py, merge.py, ...)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from sftkit.config import SFTConfig
+from sftkit.config import GenerationOptions, MergeOptions, SFTConfig
 from sftkit.progress import console
 
 
 def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
-    from sftkit.data.prepare import load_prepared, prepare
+    from sftkit.data.prepare import Mixing, load_prepared, prepare
     from sftkit.models import load_tokenizer
     from sftkit.report import print_examples, print_manifest
 
     con = console()
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     out = Path(cfg.output_dir)
-    manifest = prepare(cfg, cfg.data_path, out, tokenizer, con, cfg.data_weights)
+    mixing = Mixing(cfg.data_weights, cfg.seed) if cfg.data_weights else None
+    manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, mixing)
     print_manifest(manifest, out, con)
     if inspect_n:
         print_examples(load_prepared(out), tokenizer, inspect_n, con)
@@ -39,33 +40,35 @@ def train_command(cfg: SFTConfig) -> dict:
     return summary
 
 
-def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None, gen: dict | None = None) -> dict:
-    """Loss and perplexity over the set; with gen["num_samples"] > 0, also completions for that
+def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
+                 gen: GenerationOptions | None = None) -> dict:
+    """Loss and perplexity over the set; with gen.num_samples > 0, also completions for that
     many prompts (samples.jsonl) and exact match, token F1 and ROUGE-L against the references."""
     from sftkit.accel import make_accelerator
+    from sftkit.data.dataset import prepared_dir
     from sftkit.data.prepare import load_prepared
-    from sftkit.dataset import prepared_dir
     from sftkit.evaluate import evaluate_loss
     from sftkit.io import atomic_write_json
-    from sftkit.load import load_for_eval
+    from sftkit.models import load_for_eval
     from sftkit.report import print_eval
 
     con = console()
     accelerator = make_accelerator(cfg)
     model, tokenizer = load_for_eval(model_path, cfg)
     with accelerator.main_process_first():
-        data_dir = prepared_dir(cfg, cfg.data_path, tokenizer, con if accelerator.is_main_process else None)
+        data_dir = prepared_dir(cfg.data_options(), cfg.data_path, tokenizer,
+                                con if accelerator.is_main_process else None)
     dataset = load_prepared(data_dir)
     model = accelerator.prepare(model)
     result = evaluate_loss(model, dataset, accelerator, cfg.per_device_eval_batch_size, tokenizer.pad_token_id)
     result.update(model=str(model_path), data=cfg.data_path)
     out = Path(output_dir or (model_path if Path(model_path).is_dir() else "."))
-    if gen and gen.get("num_samples", 0) > 0:
+    if gen is not None and gen.num_samples > 0:
+        from sftkit.generate import generate_samples, reference_metrics
+        from sftkit.io import atomic_write_text
+
         samples = generate_samples(accelerator, accelerator.unwrap_model(model), tokenizer, cfg, gen)
         if accelerator.is_main_process:
-            from sftkit.generate import reference_metrics
-            from sftkit.io import atomic_write_text
-
             atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
             result.update(generation=reference_metrics(samples), num_samples=len(samples))
     if accelerator.is_main_process:
@@ -74,19 +77,14 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None, gen: 
     return result
 
 
-def generate_samples(accelerator, model, tokenizer, cfg: SFTConfig, gen: dict) -> list[dict]:
-    """Completions for the first N conversations, sharded over ranks and gathered in order."""
-    from accelerate.utils import gather_object
+def merge_command(adapter: Path, output_dir: Path, opts: MergeOptions) -> float:
+    """Merge, then say what was merged, how closely the saved model matches, and where it is."""
+    from sftkit.merge import PROBES, merge_adapter
 
-    from sftkit.data.prepare import load_conversations, resolve_sources
-    from sftkit.generate import generate, split_prompt
-
-    loaded = load_conversations(resolve_sources(cfg.data_path, cfg), cfg)
-    pairs = [split_prompt(m) for m in loaded.convs[:gen["num_samples"]]]
-    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
-    completions = generate(model, tokenizer, [pairs[i][0] for i in mine], gen["max_new_tokens"],
-                           cfg.enable_thinking, gen["do_sample"], gen["temperature"], gen["top_p"],
-                           cfg.per_device_eval_batch_size, accelerator.device)
-    rows = gather_object([{"index": i, "prompt": pairs[i][0], "reference": pairs[i][1], "completion": c}
-                          for i, c in zip(mine, completions)])
-    return sorted(rows, key=lambda r: r["index"])
+    con = console()
+    report = merge_adapter(adapter, output_dir, opts)
+    con.print(f"merged {report.adapter} into {report.base} ({report.dtype})"
+              f"{'; untied lm_head from embed_tokens' if report.untied else ''}")
+    con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {report.max_logit_diff:.2e}")
+    con.print(f"saved to {output_dir}")
+    return report.max_logit_diff

@@ -1,266 +1,207 @@
 """SFTConfig: every option of every command, each default written once, with its docstring.
 
-The docstring under each field is its `--help` text and its line in docs/CONFIG.md.
+SFTConfig is made of field groups, one dataclass each: model, data (`sftkit.data.options`, the data
+package's own), train, lora and log. The docstring under each field is its `--help` text and its
+line in docs/CONFIG.md. `eval` and `merge-lora` have their own options here too.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
 import os
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
+from sftkit.data.options import DataOptions
 from sftkit.errors import ConfigError
+from sftkit.options import EVAL, PREPARE, check_choice, check_types, declared_in, default_of, values_of
+from sftkit.options import field_docs as docs_of
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "custom")
-TRUNCATIONS = ("drop", "left", "right")
-TRAIN_ON = ("all", "last")
-REASONING = ("template", "drop")
 SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
 # Implementations that transformers feeds the packed layout (position_ids restarting at 0, no mask):
 # eager/sdpa build a block-diagonal mask from it, flash-attention turns it into varlen offsets.
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-
-
-def _group(name: str) -> dict:
-    return {"group": name}
+# flash-attention turns packed position_ids into varlen offsets, so a packed micro-batch can be one
+# row with no padding at all; eager/sdpa would build a block mask quadratic in that row instead.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class SFTConfig:
-    # ---- model ----------------------------------------------------------------------------
-    model_name_or_path: str = field(default="tiny-qwen3", metadata=_group("model"))
+class ModelOptions:
+    model_name_or_path: str = "tiny-qwen3"
     """Base model: `tiny-qwen3` (built-in, random init, real Qwen3 tokenizer), a local Hugging Face
     model directory, or a Hub id such as Qwen/Qwen3-0.6B."""
-    trust_remote_code: bool = field(default=False, metadata=_group("model"))
+    trust_remote_code: bool = field(default=False, metadata=EVAL)
     """Run Python code shipped with the model. Off: Qwen3 needs none, and it executes foreign code."""
-    attn_implementation: str = field(default="sdpa", metadata=_group("model"))
+    attn_implementation: str = field(default="sdpa", metadata=EVAL)
     """Attention kernel: sdpa, eager, or flash_attention_2 (GPU, needs the flash-attn package)."""
-    chat_template: str | None = field(default=None, metadata=_group("model"))
+    chat_template: str | None = None
     """A Jinja chat template file that replaces the tokenizer's own. Default: the model's template."""
 
-    # ---- data ------------------------------------------------------------------------------
-    data_path: list[str] = field(default_factory=list, metadata=_group("data"))
-    """Training data: .json/.jsonl/.parquet/.csv files, a directory, a glob, a prepared directory
-    (from prepare-data), or a Hugging Face dataset name. Repeat the flag for several sources."""
-    data_weights: list[float] = field(default_factory=list, metadata=_group("data"))
-    """Mixing weight per `data_path` entry, in the same order: 2 repeats a source's examples twice,
-    0.5 keeps a seeded half of them. Default: 1 for every source."""
-    eval_data_path: str | None = field(default=None, metadata=_group("data"))
-    """Evaluation data, in any form `data_path` accepts."""
-    format_type: str = field(default="auto", metadata=_group("data"))
-    """Row format: auto (detected per file from the first row), alpaca, sharegpt, messages, custom."""
-    field_map: str | None = field(default=None, metadata=_group("data"))
-    """Custom columns, e.g. `instruction=question,output=answer,system=sys`."""
-    dataset_split: str = field(default="train", metadata=_group("data"))
-    """Split to read when `data_path` is a Hugging Face dataset name."""
-    dataset_config: str | None = field(default=None, metadata=_group("data"))
-    """Configuration (subset) name of a Hugging Face dataset."""
-    max_length: int = field(default=2048, metadata=_group("data"))
-    """Longest example in tokens, prompt and reply together."""
-    truncation: str = field(default="drop", metadata=_group("data"))
-    """What to do with a longer example: drop it (counted in manifest.json), or cut tokens from
-    the left or the right."""
-    train_on: str = field(default="all", metadata=_group("data"))
-    """Which assistant turns are supervised: all, or only the last one."""
-    reasoning: str = field(default="template", metadata=_group("data"))
-    """Reasoning (`<think>`) policy: `template` renders exactly as the chat template does at
-    inference (Qwen3 drops the reasoning of turns before the last user message); `drop` removes
-    all reasoning."""
-    enable_thinking: bool = field(default=True, metadata=_group("data"))
-    """False for no-think data: the empty `<think></think>` block that Qwen3 puts in the prompt
-    at inference is then part of the prompt, not of the supervised reply."""
-    skip_bad_rows: bool = field(default=False, metadata=_group("data"))
-    """Skip malformed rows (counted, the first few listed) instead of stopping at the first one."""
-    num_proc: int = field(default=1, metadata=_group("data"))
-    """Processes for tokenization."""
 
-    # ---- optimisation ----------------------------------------------------------------------
-    output_dir: str = field(default="outputs/sft", metadata=_group("train"))
+@dataclass
+class TrainOptions:
+    output_dir: str = field(default="outputs/sft", metadata=PREPARE)
     """Where checkpoints, metrics.jsonl, config.yaml and final/ go."""
-    num_train_epochs: float = field(default=1.0, metadata=_group("train"))
+    num_train_epochs: float = 1.0
     """Passes over the training data (fractions allowed). Ignored when max_steps > 0."""
-    max_steps: int = field(default=-1, metadata=_group("train"))
+    max_steps: int = -1
     """Optimizer steps to run; -1 means as many as num_train_epochs takes."""
-    per_device_train_batch_size: int = field(default=4, metadata=_group("train"))
+    per_device_train_batch_size: int = 4
     """Examples per micro-batch on each process."""
-    per_device_eval_batch_size: int = field(default=8, metadata=_group("train"))
+    per_device_eval_batch_size: int = field(default=8, metadata=EVAL)
     """Examples per evaluation batch on each process."""
-    gradient_accumulation_steps: int = field(default=1, metadata=_group("train"))
+    gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step. The loss is the token mean over all of them, all ranks."""
-    learning_rate: float = field(default=2e-5, metadata=_group("train"))
+    learning_rate: float = 2e-5
     """Peak learning rate (after warm-up). LoRA usually wants about 10x a full fine-tune's."""
-    lr_scheduler_type: str = field(default="cosine", metadata=_group("train"))
+    lr_scheduler_type: str = "cosine"
     """Decay after warm-up: cosine, linear, or constant."""
-    warmup_ratio: float = field(default=0.03, metadata=_group("train"))
+    warmup_ratio: float = 0.03
     """Fraction of the optimizer steps spent warming the learning rate up from 0."""
-    weight_decay: float = field(default=0.0, metadata=_group("train"))
+    weight_decay: float = 0.0
     """AdamW weight decay."""
-    adam_beta1: float = field(default=0.9, metadata=_group("train"))
+    adam_beta1: float = 0.9
     """AdamW beta1."""
-    adam_beta2: float = field(default=0.999, metadata=_group("train"))
+    adam_beta2: float = 0.999
     """AdamW beta2."""
-    adam_epsilon: float = field(default=1e-8, metadata=_group("train"))
+    adam_epsilon: float = 1e-8
     """AdamW epsilon."""
-    max_grad_norm: float = field(default=1.0, metadata=_group("train"))
+    max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off."""
-    seed: int = field(default=42, metadata=_group("train"))
+    seed: int = 42
     """Seed for initialisation, data order and dropout. Data order is a function of seed and epoch."""
-    bf16: bool = field(default=False, metadata=_group("train"))
+    bf16: bool = field(default=False, metadata=EVAL)
     """bfloat16 mixed precision."""
-    fp16: bool = field(default=False, metadata=_group("train"))
+    fp16: bool = False
     """float16 mixed precision with loss scaling (GPU only)."""
-    gradient_checkpointing: bool = field(default=False, metadata=_group("train"))
+    gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
-    checkpoint_every_n_layers: int = field(default=1, metadata=_group("train"))
+    checkpoint_every_n_layers: int = 1
     """With gradient_checkpointing: recompute only every n-th decoder layer (1: all). 2 keeps half
     the layers' activations and skips half the recompute; the gradients are the same."""
-    loss_chunk_size: int = field(default=512, metadata=_group("train"))
+    loss_chunk_size: int = 512
     """Rows of logits the fused cross-entropy computes at once (512 rows x 151,936 words: 0.3 GB
     in fp32; on 2 CPU cores 512 and 1024 ran at the same speed, 1024 with 0.6 GB more RSS).
     0 takes the plain path, which keeps every supervised position's logits for the backward.
     ZeRO-3, fp16 and a LoRA/modules_to_save lm_head always take the plain path."""
-    fused_adamw: bool = field(default=True, metadata=_group("train"))
+    fused_adamw: bool = True
     """torch's fused AdamW (one kernel per step, CPU and GPU); False: the foreach implementation."""
-    torch_compile: bool = field(default=False, metadata=_group("train"))
+    torch_compile: bool = False
     """Compile each decoder layer with torch.compile (inductor). The first steps are slower while
     it compiles; helps most on GPU with packing."""
-    dataloader_num_workers: int = field(default=1, metadata=_group("train"))
+    dataloader_num_workers: int = 1
     """Processes that collate the next steps' micro-batches while this one trains (0: in the
     training process). Batches are pinned for the copy to the GPU."""
-    mfu_peak_tflops: float = field(default=0.0, metadata=_group("train"))
+    mfu_peak_tflops: float = 0.0
     """The device's dense bf16 peak for MFU in metrics.jsonl. 0 looks it up for known GPUs
     (H100/H200 989, A100 312); on a CPU or an unknown GPU MFU is then not reported."""
-    skip_nan_steps: bool = field(default=False, metadata=_group("train"))
+    skip_nan_steps: bool = False
     """Skip an optimizer step whose gradient norm is NaN or inf (counted in metrics.jsonl) instead
     of stopping the run. Not with DeepSpeed, whose engine steps by itself."""
-    packing: bool = field(default=False, metadata=_group("train"))
+    packing: bool = False
     """Pack examples into rows of max_length (best-fit decreasing); each example attends only to
     itself (position_ids restart, no cross-example attention). per_device_train_batch_size then
     counts rows."""
-    group_by_length: bool = field(default=True, metadata=_group("train"))
+    group_by_length: bool = True
     """Without packing: put examples of similar length in the same micro-batch (less padding).
     The order stays random between micro-batches and is a function of seed and epoch."""
 
-    # ---- LoRA ------------------------------------------------------------------------------
-    use_lora: bool = field(default=False, metadata=_group("lora"))
+
+@dataclass
+class LoraOptions:
+    use_lora: bool = False
     """Train a LoRA adapter (PEFT) instead of all weights."""
-    lora_r: int = field(default=16, metadata=_group("lora"))
+    lora_r: int = 16
     """LoRA rank."""
-    lora_alpha: int = field(default=32, metadata=_group("lora"))
+    lora_alpha: int = 32
     """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
-    lora_dropout: float = field(default=0.05, metadata=_group("lora"))
+    lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata=_group("lora"),
     )
     """Module names that get LoRA weights (Qwen3's attention and MLP projections by default)."""
-    modules_to_save: list[str] = field(default_factory=list, metadata=_group("lora"))
+    modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapter, e.g. embed_tokens and lm_head for new tokens."""
 
-    # ---- logging and checkpoints -----------------------------------------------------------
-    logging_steps: int = field(default=10, metadata=_group("log"))
+
+@dataclass
+class LogOptions:
+    logging_steps: int = 10
     """Log metrics every N optimizer steps (and at the first and the last step)."""
-    save_steps: int = field(default=500, metadata=_group("log"))
+    save_steps: int = 500
     """Save a checkpoint every N optimizer steps; 0 saves only the final model."""
-    save_total_limit: int | None = field(default=None, metadata=_group("log"))
+    save_total_limit: int | None = None
     """Keep only the last K checkpoints."""
-    eval_steps: int = field(default=0, metadata=_group("log"))
+    eval_steps: int = 0
     """Evaluate on eval_data_path every N optimizer steps; 0 evaluates only at the end."""
-    resume_from_checkpoint: str | None = field(default=None, metadata=_group("log"))
+    resume_from_checkpoint: str | None = None
     """A checkpoint directory to continue from, or `latest` for the newest in output_dir."""
-    run_name: str | None = field(default=None, metadata=_group("log"))
+    run_name: str | None = None
     """Name of the run in trackers. Default: the output directory's name."""
-    report_to: str = field(default="none", metadata=_group("log"))
+    report_to: str = "none"
     """Tracker: none, tensorboard, or wandb. metrics.jsonl is always written."""
 
-    def __post_init__(self) -> None:
-        self.validate()
+
+@dataclass
+class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions):
+    """Every option of `sftkit train` (and of prepare-data, which takes the model and data groups).
+    The fields come in the order model, data, train, lora, log (dataclasses collect the bases'
+    fields from the last base to the first)."""
 
     def validate(self) -> None:
         """Reject values and combinations that cannot work; each message names the fix."""
-        self._check_types()
-        choices = {
-            "format_type": FORMATS, "truncation": TRUNCATIONS, "train_on": TRAIN_ON,
-            "reasoning": REASONING, "lr_scheduler_type": SCHEDULERS, "report_to": TRACKERS,
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
+        DataOptions.validate(self)  # every field's type, then the data group's values
+        check_choice(self, "lr_scheduler_type", SCHEDULERS)
+        check_choice(self, "report_to", TRACKERS)
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set; choose one (--bf16 or --fp16)")
-        positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "num_proc", "lora_r")
-        for name in positive:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "lora_r", "checkpoint_every_n_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("loss_chunk_size", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.checkpoint_every_n_layers < 1:
-            raise ConfigError(f"checkpoint_every_n_layers must be at least 1, got {self.checkpoint_every_n_layers}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not self.use_lora:
-            defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                        for f in dataclasses.fields(self) if f.metadata.get("group") == "lora" and f.name != "use_lora"}
-            changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+            changed = [f.name for f in declared_in(LoraOptions)
+                       if f.name != "use_lora" and getattr(self, f.name) != default_of(f)]
             if changed:
                 raise ConfigError(f"{', '.join(changed)} set without use_lora; add --use_lora (use_lora: true) "
                                   "or drop the LoRA options")
         if self.packing and self.attn_implementation not in PACKING_ATTENTION:
             raise ConfigError(f"packing needs an attention implementation that keeps packed examples apart "
                               f"({', '.join(PACKING_ATTENTION)}); set --attn_implementation sdpa or drop --packing")
-        if self.data_weights and len(self.data_weights) != len(self.data_path):
-            raise ConfigError(f"data_weights has {len(self.data_weights)} values for {len(self.data_path)} data_path "
-                              "entries; give one weight per source, in the same order")
-        if any(w < 0 for w in self.data_weights):
-            raise ConfigError("data_weights must not be negative")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError("save_total_limit must be at least 1 (or unset to keep every checkpoint)")
 
-    def _check_types(self) -> None:
-        """YAML and the Python API give values of any type: coerce the harmless, reject the rest."""
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), str(f.type)
-            if value is None and "None" in kind:
-                continue
-            if kind.startswith("list"):
-                item = (int, float) if kind == "list[float]" else str
-                if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                    value = [value]
-                ok = isinstance(value, (list, tuple)) and all(
-                    isinstance(v, item) and not isinstance(v, bool) for v in value)
-                value = [float(v) if item != str else v for v in value] if ok else value
-            elif kind.startswith("bool"):
-                ok = isinstance(value, bool)
-            elif kind.startswith("int"):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif kind.startswith("float"):
-                if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
-                    try:
-                        value = float(value)
-                    except ValueError:
-                        pass
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                value = float(value) if ok else value
-            else:
-                ok = isinstance(value, str)
-            if not ok:
-                want = kind.replace(" | None", "").replace("list[str]", "list of strings").replace(
-                    "list[float]", "list of numbers")
-                raise ConfigError(f"{f.name}: expected {want}, got {value!r}")
-            setattr(self, f.name, value)
+    # ---- derived values ----------------------------------------------------------------------
+    def data_options(self) -> DataOptions:
+        """The data group alone: what the data package is given."""
+        return DataOptions(**values_of(DataOptions, self))
+
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for the precision: bf16, fp16 or no."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
+    @property
+    def padding_free(self) -> bool:
+        """Packed micro-batches become one row with no padding (attention that takes varlen offsets)."""
+        return self.packing and self.attn_implementation in VARLEN_ATTENTION
+
+    @property
+    def trackers(self) -> str | None:
+        return None if self.report_to == "none" else self.report_to
 
     # ---- YAML ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -302,35 +243,79 @@ class SFTConfig:
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-@cache
-def field_docs() -> dict[str, str]:
-    """The docstring written under each SFTConfig field, one line each."""
-    tree = ast.parse(inspect.getsource(SFTConfig))
-    body = tree.body[0].body
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
+@dataclass
+class GenerationOptions:
+    """`sftkit eval --num_samples N`: completions for held-out prompts."""
+
+    num_samples: int = 0
+    """Generate completions for this many prompts (the conversations up to their last reply)."""
+    max_new_tokens: int = 128
+    """Longest completion, in tokens."""
+    do_sample: bool = field(default=False, metadata={"off_flag": "--greedy"})
+    """Sample instead of decoding greedily."""
+    temperature: float = 0.7
+    """Sampling temperature (with --do_sample)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass (with --do_sample)."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
-def fields_in(*groups: str) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(SFTConfig) if f.metadata.get("group") in groups]
+@dataclass
+class MergeOptions:
+    """`sftkit merge-lora`: how the standalone model is written."""
+
+    dtype: str | None = None
+    """float32, bfloat16 or float16. Default: the base model's dtype."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file, e.g. 2GB or 500MB."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+
+
+# The groups of SFTConfig, in its field order; a group's name titles its --help panel and its
+# section of docs/CONFIG.md.
+GROUPS = {"model": ModelOptions, "data": DataOptions, "train": TrainOptions, "lora": LoraOptions,
+          "log": LogOptions}
+COMMAND_OPTIONS = {"eval": GenerationOptions, "merge-lora": MergeOptions}
+
+
+def field_docs(cls: type = SFTConfig) -> dict[str, str]:
+    """The docstring written under each field of `cls` (default SFTConfig), one line each."""
+    return docs_of(cls)
+
+
+def group_of(f: dataclasses.Field) -> str:
+    """The name of the SFTConfig group that declares the field."""
+    return next(g for g, cls in GROUPS.items() if f.name in {x.name for x in declared_in(cls)})
+
+
+def eval_fields() -> list[dataclasses.Field]:
+    """The SFTConfig options `sftkit eval` takes: those marked EVAL."""
+    return [f for f in dataclasses.fields(SFTConfig) if f.metadata.get("eval")]
+
+
+def prepare_fields() -> list[dataclasses.Field]:
+    """The SFTConfig options `sftkit prepare-data` takes: the model and data groups, and those marked PREPARE."""
+    return [f for f in dataclasses.fields(SFTConfig) if group_of(f) in ("model", "data") or f.metadata.get("prepare")]
 
 
 def reference_markdown() -> str:
     """docs/CONFIG.md: every option, its default and its docstring, grouped as in the class."""
-    docs = field_docs()
     lines = ["# Configuration reference", "",
-             "Generated from the docstrings in `sftkit/config.py` by `python -m sftkit.config > docs/CONFIG.md`;",
-             "a test fails when this file is stale. Every option works as a `--flag` and as a YAML key.", ""]
-    group = None
-    for f in dataclasses.fields(SFTConfig):
-        if f.metadata.get("group") != group:
-            group = f.metadata.get("group")
-            lines += ["", f"## {group}", "", "| option | default | meaning |", "|---|---|---|"]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"| `{f.name}` | `{default}` | {docs.get(f.name, '')} |")
+             "Generated from the docstrings in `sftkit/config.py` and `sftkit/data/options.py` by",
+             "`python -m sftkit.config > docs/CONFIG.md`; a test fails when this file is stale.",
+             "Every option of the first five groups works as a `--flag` and as a YAML key; the last two",
+             "are flags of `sftkit eval` and `sftkit merge-lora`.", ""]
+    sections = [(g, declared_in(cls), field_docs()) for g, cls in GROUPS.items()]
+    sections += [(f"{cmd} (flags)", dataclasses.fields(cls), field_docs(cls)) for cmd, cls in COMMAND_OPTIONS.items()]
+    for title, fields, docs in sections:
+        lines += ["", f"## {title}", "", "| option | default | meaning |", "|---|---|---|"]
+        lines += [f"| `{f.name}` | `{default_of(f)}` | {docs.get(f.name, '')} |" for f in fields]
     return "\n".join(lines) + "\n"
 
 

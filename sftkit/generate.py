@@ -1,4 +1,5 @@
-"""Generation for eval: completions for held-out prompts, and simple reference metrics.
+"""Generation for eval: completions for held-out prompts (sharded over ranks), and simple reference
+metrics.
 
 The prompt is the conversation up to its last assistant reply, rendered by the chat template with
 the generation prompt (and `enable_thinking` as configured), exactly as a server would render it.
@@ -78,3 +79,22 @@ def reference_metrics(samples: list[dict]) -> dict:
         "token_f1": sum(token_f1(s["completion"], s["reference"]) for s in samples) / n,
         "rouge_l": sum(rouge_l(s["completion"], s["reference"]) for s in samples) / n,
     }
+
+
+def generate_samples(accelerator, model, tokenizer, cfg, gen) -> list[dict]:
+    """Completions for the first gen.num_samples conversations of cfg.data_path, sharded over
+    ranks and gathered in order; each with its prompt and its reference reply."""
+    from accelerate.utils import gather_object
+
+    from sftkit.data.prepare import load_conversations, resolve_sources
+
+    opts = cfg.data_options()
+    loaded = load_conversations(resolve_sources(cfg.data_path, opts), opts)
+    pairs = [split_prompt(m) for m in loaded.convs[:gen.num_samples]]
+    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    completions = generate(model, tokenizer, [pairs[i][0] for i in mine], gen.max_new_tokens,
+                           cfg.enable_thinking, gen.do_sample, gen.temperature, gen.top_p,
+                           cfg.per_device_eval_batch_size, accelerator.device)
+    rows = gather_object([{"index": i, "prompt": pairs[i][0], "reference": pairs[i][1], "completion": c}
+                          for i, c in zip(mine, completions)])
+    return sorted(rows, key=lambda r: r["index"])

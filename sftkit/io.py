@@ -1,4 +1,5 @@
-"""Writes that never leave a half-written file or directory behind: temp path, then rename."""
+"""Where sftkit keeps its caches, and writes that never leave a half-written file or directory
+behind: temp path, then rename."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Built models and prepared sets: $SFTKIT_CACHE, default ~/.cache/sftkit."""
+    return Path(os.environ.get("SFTKIT_CACHE", Path.home() / ".cache" / "sftkit"))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

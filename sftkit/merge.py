@@ -5,13 +5,21 @@ Before it reports success it reloads the saved model and compares its logits wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from sftkit.errors import ConfigError
-from sftkit.progress import console
 
-DTYPES = ("float32", "bfloat16", "float16")
 PROBES = ["Hello! What can you do?", "2 + 2 = ?", "Translate to French: good morning", "写一首关于春天的诗"]
+
+
+@dataclass
+class MergeReport:
+    adapter: Path
+    base: str
+    dtype: str            # the merged model's dtype, e.g. "bfloat16"
+    untied: bool          # lm_head was saved apart from embed_tokens
+    max_logit_diff: float  # reloaded merged model vs base + adapter, over PROBES
 
 
 def _tolerance(dtype) -> float:
@@ -20,25 +28,22 @@ def _tolerance(dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 5e-2
 
 
-def merge_command(adapter: Path, output_dir: Path, dtype_name: str | None = None, max_shard_size: str = "5GB") -> float:
+def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
+    """Merge, save into `output_dir` (atomically), reload and compare; `opts` is a MergeOptions."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sftkit.checkpoint import ensure_stop_token
+    from sftkit.checkpoint import ensure_stop_token, model_in
     from sftkit.io import atomic_directory
-    from sftkit.load import adapter_base, model_dir
-    from sftkit.models import load_model, load_tokenizer
+    from sftkit.models import adapter_base, load_model, load_tokenizer
 
-    con = console()
-    adapter = Path(model_dir(str(adapter)))
+    adapter = Path(model_in(str(adapter)))
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter} holds no adapter_config.json; --adapter takes a LoRA run's final/ or checkpoint")
-    if dtype_name is not None and dtype_name not in DTYPES:
-        raise ConfigError(f"--dtype {dtype_name}: choose one of {', '.join(DTYPES)}")
     base_name = adapter_base(adapter)
     tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_name)
-    base = load_model(base_name, getattr(torch, dtype_name) if dtype_name else "auto")
+    base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto")
     if getattr(base.config, "quantization_config", None):
         raise ConfigError(f"{base_name} is quantized; merge into the full-precision base (load it without "
                           "quantization), since merged low-bit weights lose the adapter's update")
@@ -50,7 +55,7 @@ def merge_command(adapter: Path, output_dir: Path, dtype_name: str | None = None
     merged = model.merge_and_unload()
     untied = _untie_if_needed(merged)
     with atomic_directory(Path(output_dir)) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=opts.max_shard_size)
         tokenizer.save_pretrained(tmp)
         gen = merged.generation_config
         ensure_stop_token(gen, tokenizer)
@@ -62,11 +67,7 @@ def merge_command(adapter: Path, output_dir: Path, dtype_name: str | None = None
         if diff > _tolerance(dtype):
             raise ConfigError(f"the merged model's logits differ from base + adapter by {diff:.3g} "
                               f"(tolerance {_tolerance(dtype)}); nothing was written to {output_dir}")
-    con.print(f"merged {adapter} into {base_name} ({str(dtype).replace('torch.', '')})"
-              f"{'; untied lm_head from embed_tokens' if untied else ''}")
-    con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {diff:.2e}")
-    con.print(f"saved to {output_dir}")
-    return diff
+    return MergeReport(adapter, base_name, str(dtype).replace("torch.", ""), untied, diff)
 
 
 def _probe_batch(tokenizer):

@@ -1,8 +1,9 @@
-"""Load tokenizers and models: the built-in `tiny-qwen3`, a local directory, or a Hub id."""
+"""Load and build models and tokenizers: the built-in `tiny-qwen3`, a local directory, a Hub id;
+the model as it trains (LoRA, checkpointing, compile); and whatever eval is pointed at (an adapter,
+a merged or full model, a checkpoint, a base)."""
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -28,10 +29,6 @@ def bundled_tokenizer_dir() -> Path:
     return Path(str(resources.files("sftkit") / "assets" / "qwen3_tokenizer"))
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SFTKIT_CACHE", Path.home() / ".cache" / "sftkit"))
-
-
 def resolve_model_path(name: str) -> str:
     """`tiny-qwen3` -> a materialised local directory (built once); anything else unchanged."""
     if name != TINY:
@@ -41,6 +38,8 @@ def resolve_model_path(name: str) -> str:
 
     # keyed by the preset's definition: a changed preset never reuses an old build
     key = hashlib.sha256(json.dumps([TINY_CONFIG, TINY_INIT_SEED], sort_keys=True).encode()).hexdigest()[:12]
+    from sftkit.io import cache_dir
+
     path = cache_dir() / "models" / f"{TINY}-{key}"
     if not (path / "model.safetensors").is_file():
         _build_tiny(path)
@@ -141,6 +140,41 @@ def build_for_training(cfg):
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
     return model
+
+
+def load_for_eval(path: str, cfg):
+    """(model in eval mode, tokenizer) for an adapter, a merged or full model, a checkpoint, or a base."""
+    import torch
+
+    from sftkit.checkpoint import model_in
+
+    path = model_in(path)
+    p = Path(path)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    if (p / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = adapter_base(p)
+        model = PeftModel.from_pretrained(load_model(base, dtype, cfg.attn_implementation, cfg.trust_remote_code), path)
+    else:
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--model {path}: expected a model directory")
+        check_weights_format(path)
+        model = load_model(path, dtype, cfg.attn_implementation, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(path if (p / "tokenizer_config.json").is_file() else cfg.model_name_or_path,
+                               cfg.trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+def adapter_base(adapter: Path) -> str:
+    """The base model an adapter was trained on, from its adapter_config.json."""
+    import json
+
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter}/adapter_config.json names no base model (base_model_name_or_path)")
+    return base
 
 
 def decoder_layers(model) -> list:

@@ -66,15 +66,13 @@ def plot_losses(metrics: Path, path: Path) -> None:
     """loss.png: train loss (and eval loss where measured) against step."""
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss", color="#4477aa")
     if evals:
@@ -84,4 +82,3 @@ def plot_losses(metrics: Path, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

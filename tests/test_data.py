@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from sftkit.config import SFTConfig
 from sftkit.data import formats
+from sftkit.data.options import DataOptions
 from sftkit.data.prepare import prepare, read_manifest
 from sftkit.data.render import IGNORE_INDEX
 from sftkit.errors import DataError
@@ -117,7 +117,7 @@ def test_sources_json_jsonl_parquet_csv_dir_glob(tmp_path, tok):
     write_jsonl(d / "b.jsonl", rows[2:4])
     datasets.Dataset.from_list(rows[4:5]).to_parquet(str(d / "c.parquet"))
     datasets.Dataset.from_list(rows[5:6]).to_csv(str(d / "e.csv"))
-    cfg = SFTConfig(max_length=256)
+    cfg = DataOptions(max_length=256)
     for spec, n in ((str(d), 6), (str(d / "*.json*"), 4), (str(d / "c.parquet"), 1), (str(d / "e.csv"), 1)):
         man = prepare(cfg, [spec], tmp_path / f"out{n}{Path(spec).suffix}", tok)
         assert man["examples_kept"] == n and man["rows_in"] == n
@@ -126,12 +126,12 @@ def test_sources_json_jsonl_parquet_csv_dir_glob(tmp_path, tok):
 def test_length_policies_and_accounting(tmp_path, tok):
     rows = [{"instruction": "short", "output": "ok"}, {"instruction": "long " * 200, "output": "fine"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    man = prepare(SFTConfig(max_length=64), [str(path)], tmp_path / "drop", tok)
+    man = prepare(DataOptions(max_length=64), [str(path)], tmp_path / "drop", tok)
     assert man["examples_kept"] == 1 and man["dropped"]["too_long"] == 1
     # cutting from the right removes the reply: nothing left to learn, dropped and counted
-    man = prepare(SFTConfig(max_length=64, truncation="right"), [str(path)], tmp_path / "right", tok)
+    man = prepare(DataOptions(max_length=64, truncation="right"), [str(path)], tmp_path / "right", tok)
     assert man["examples_kept"] == 1 and man["dropped"]["no_supervised_tokens"] == 1
-    man = prepare(SFTConfig(max_length=64, truncation="left"), [str(path)], tmp_path / "left", tok)
+    man = prepare(DataOptions(max_length=64, truncation="left"), [str(path)], tmp_path / "left", tok)
     assert man["examples_kept"] == 2 and man["length"]["max"] == 64
     for m in (man,):
         assert m["rows_in"] == m["examples_kept"] + sum(m["dropped"].values())
@@ -139,10 +139,10 @@ def test_length_policies_and_accounting(tmp_path, tok):
 
 def test_repeat_run_is_cached_and_options_change_the_fingerprint(tmp_path, tok):
     path = ROOT / "data" / "sample_sharegpt.json"
-    first = prepare(SFTConfig(max_length=512), [str(path)], tmp_path / "o", tok)
-    again = prepare(SFTConfig(max_length=512), [str(path)], tmp_path / "o", tok)
+    first = prepare(DataOptions(max_length=512), [str(path)], tmp_path / "o", tok)
+    again = prepare(DataOptions(max_length=512), [str(path)], tmp_path / "o", tok)
     assert not first["cached"] and again["cached"] and again["fingerprint"] == first["fingerprint"]
-    other = prepare(SFTConfig(max_length=512, train_on="last"), [str(path)], tmp_path / "o", tok)
+    other = prepare(DataOptions(max_length=512, train_on="last"), [str(path)], tmp_path / "o", tok)
     assert not other["cached"] and other["supervised_tokens"] < first["supervised_tokens"]
     assert (tmp_path / "o" / "lengths.png").stat().st_size > 1000
 
@@ -151,7 +151,7 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path, tok):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(Exception, match="not a prepare-data output"):
-        prepare(SFTConfig(), [str(ROOT / "data" / "sample_alpaca.json")], tmp_path / "mine", tok)
+        prepare(DataOptions(), [str(ROOT / "data" / "sample_alpaca.json")], tmp_path / "mine", tok)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
@@ -203,8 +203,8 @@ def test_num_proc_gives_identical_output(tmp_path, tok):
     rows = json.loads(path.read_text()) * 12  # 600 rows: two chunks of 512, so two workers share work
     big = tmp_path / "big.json"
     big.write_text(json.dumps(rows))
-    one = prepare(SFTConfig(max_length=512), [str(big)], tmp_path / "one", tok)
-    two = prepare(SFTConfig(max_length=512, num_proc=2), [str(big)], tmp_path / "two", tok)
+    one = prepare(DataOptions(max_length=512), [str(big)], tmp_path / "one", tok)
+    two = prepare(DataOptions(max_length=512, num_proc=2), [str(big)], tmp_path / "two", tok)
     assert one["fingerprint"] == two["fingerprint"]  # num_proc does not change the output
     a = datasets.load_from_disk(str(tmp_path / "one" / "dataset"))
     b = datasets.load_from_disk(str(tmp_path / "two" / "dataset"))

@@ -215,3 +215,65 @@ def test_wandb_offline(eight, tmp_path):
             "--report_to", "wandb", "--use_lora", *FULL, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len([r for r in read_metrics(out) if "loss" in r]) == 2
+
+
+def _train_steps(eight, out, steps: int = 2, **options):
+    """`steps` calls of train_step in this process (what fit and the bench's bare loop call), on the
+    eight examples; returns (losses, weights before, weights after)."""
+    from sftkit.config import SFTConfig
+    from sftkit.train import setup, step_batches, train_step
+
+    run = setup(SFTConfig(data_path=[str(eight)], output_dir=str(out), max_steps=steps, save_steps=0, max_length=512,
+                          learning_rate=1, adam_epsilon=1, warmup_ratio=0, seed=7, **options))
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    batches = step_batches(run)
+    run.model.train()
+    losses = [train_step(run, batches[k]).loss(run.accelerator) for k in range(steps)]
+    return losses, before, {n: p.detach().clone() for n, p in run.model.named_parameters()}
+
+
+def test_train_step_parity_across_splits_and_loss_paths(eight, tmp_path):
+    """train_step: 8 x 1, 2 x 4 and 1 x 8 micro-batches train the same step (losses and weights
+    within rtol 1e-5; adam_epsilon 1 as in test_accumulation_parity), and the plain loss path the
+    same as the fused one (loss rtol 1e-6; weights within 1e-4 of each tensor's largest change:
+    the two paths' gradients differ by float round-off, about 2e-7 here, see test_performance)."""
+    want_losses, before, want = _train_steps(eight, tmp_path / "ref", per_device_train_batch_size=8)
+    assert want_losses[1] < want_losses[0]
+    for i, split in enumerate(({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4},
+                               {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8})):
+        losses, _, got = _train_steps(eight, tmp_path / f"split{i}", **split)
+        assert losses == pytest.approx(want_losses, rel=1e-5), split
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7, msg=f"{split} {name}")
+    losses, _, got = _train_steps(eight, tmp_path / "plain", per_device_train_batch_size=8, loss_chunk_size=0)
+    assert losses == pytest.approx(want_losses, rel=1e-6)
+    for name, tensor in want.items():
+        change = (tensor - before[name]).abs().max().item()
+        assert change > 0 and (got[name] - tensor).abs().max().item() <= 1e-4 * change, name
+
+
+def test_checkpoints_of_the_first_state_version_still_resume(eight, tmp_path):
+    """trainer_state.json before TrainState had no "version" and no "skipped_steps": a run resumed
+    from such a checkpoint continues exactly (same last loss as the uninterrupted run)."""
+    from sftkit.checkpoint import TrainState
+    from sftkit.config import SFTConfig
+    from sftkit.errors import ConfigError
+    from sftkit.train import run
+
+    def train(out, steps: int, **extra) -> None:  # in this process: three runs, no start-up cost
+        run(SFTConfig(data_path=[str(eight)], output_dir=str(out), max_steps=steps, save_steps=1, max_length=512,
+                      per_device_train_batch_size=1, gradient_accumulation_steps=4, lr_scheduler_type="constant",
+                      learning_rate=1e-3, warmup_ratio=0, logging_steps=1, seed=7, **extra))
+
+    train(tmp_path / "whole", 3)
+    out = tmp_path / "old"
+    train(out, 2)
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["version"] == TrainState.VERSION
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k not in ("version", "skipped_steps")}))
+    train(out, 3, resume_from_checkpoint="latest")
+    assert read_metrics(out)[0]["resumed_from_step"] == 2
+    assert _losses(out)[-1] == pytest.approx(_losses(tmp_path / "whole")[-1], rel=1e-6)
+    with pytest.raises(ConfigError, match="newer sftkit"):
+        TrainState.from_dict({**state, "version": TrainState.VERSION + 1})

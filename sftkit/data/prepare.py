@@ -9,13 +9,15 @@ import hashlib
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftkit import __version__
-from sftkit.config import SFTConfig
+from sftkit._version import __version__
 from sftkit.data import formats, sources
+from sftkit.data.options import DataOptions
 from sftkit.data.render import IGNORE_INDEX, RenderOptions, render_batch, template_spec
 from sftkit.errors import ConfigError, DataError
 
@@ -39,23 +41,31 @@ class Loaded:
     per_source: list[dict] = field(default_factory=list)
 
 
-def render_options(cfg: SFTConfig) -> RenderOptions:
-    return RenderOptions(train_on=cfg.train_on, reasoning=cfg.reasoning, enable_thinking=cfg.enable_thinking)
+@dataclass(frozen=True)
+class Mixing:
+    """`--data_weights`: one weight per data_path entry, and the seed that picks fractional shares."""
+
+    weights: list[float]
+    seed: int
 
 
-def resolve_sources(specs: list[str], cfg: SFTConfig) -> list[tuple[int, sources.Source]]:
+def render_options(opts: DataOptions) -> RenderOptions:
+    return RenderOptions(train_on=opts.train_on, reasoning=opts.reasoning, enable_thinking=opts.enable_thinking)
+
+
+def resolve_sources(specs: list[str], opts: DataOptions) -> list[tuple[int, sources.Source]]:
     """(index of the data_path entry, source) for every file or dataset the entries name."""
     if not specs:
         raise ConfigError("no data given; pass --data_path FILE (JSON, JSONL, Parquet, CSV, a directory or a dataset name)")
-    return [(i, s) for i, spec in enumerate(specs) for s in sources.resolve(spec, cfg.dataset_config, cfg.dataset_split)]
+    return [(i, s) for i, spec in enumerate(specs) for s in sources.resolve(spec, opts.dataset_config, opts.dataset_split)]
 
 
-def load_conversations(srcs: list[tuple[int, sources.Source]], cfg: SFTConfig, progress=None) -> Loaded:
-    """Read and validate every row. A bad row stops here unless cfg.skip_bad_rows."""
-    field_map = formats.parse_field_map(cfg.field_map)
+def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, progress=None) -> Loaded:
+    """Read and validate every row. A bad row stops here unless opts.skip_bad_rows."""
+    field_map = formats.parse_field_map(opts.field_map)
     out = Loaded()
     for origin, src in srcs:
-        fmt = None if cfg.format_type == "auto" else cfg.format_type
+        fmt = None if opts.format_type == "auto" else opts.format_type
         n_in = n_bad = 0
         for where, row in sources.read_rows(src):
             n_in += 1
@@ -65,7 +75,7 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], cfg: SFTConfig, p
                 tools = row.get("tools") if isinstance(row, dict) else None
             except formats.RowError as err:
                 error = DataError(src.path, where, err.field, err.problem)
-                if not cfg.skip_bad_rows:
+                if not opts.skip_bad_rows:
                     raise error from None
                 n_bad += 1
                 if len(out.bad_examples) < BAD_ROWS_LISTED:
@@ -130,16 +140,17 @@ def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: s
     return ids, labels, None
 
 
-def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, cfg: SFTConfig, weights: list[float],
+def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, opts: DataOptions, mixing: Mixing | None,
                 tokenizer_fp: str | None = None) -> str:
     """Changes whenever the data bytes, the tokenizer, the template or a data option changes."""
     h = hashlib.sha256()
-    h.update(f"sftkit {__version__} format {FORMAT} weights={weights} seed={cfg.seed if weights else ''}\n".encode())
+    weights, seed = (mixing.weights, mixing.seed) if mixing else ([], "")
+    h.update(f"sftkit {__version__} format {FORMAT} weights={weights} seed={seed}\n".encode())
     for i, s in srcs:
         h.update(f"{i}|".encode())
         h.update(f"{s.path}|{s.config}|{s.split}|{s.fingerprint()}\n".encode())
     h.update((tokenizer_fp or tokenizer_fingerprint(tokenizer)).encode())
-    h.update(json.dumps(data_options(cfg), sort_keys=True).encode())
+    h.update(json.dumps(opts.example_options(), sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -152,12 +163,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256(text[max(text.find('"added_tokens"'), 0):].encode())
     h.update((tokenizer.chat_template or "").encode())
     return h.hexdigest()
-
-
-def data_options(cfg: SFTConfig) -> dict[str, Any]:
-    keys = ("format_type", "field_map", "max_length", "truncation", "train_on", "reasoning",
-            "enable_thinking", "skip_bad_rows", "dataset_split", "dataset_config")
-    return {k: getattr(cfg, k) for k in keys}
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -192,17 +197,16 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {f"p{q}": s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)} | {"max": s[-1], "min": s[0]}
 
 
-def prepare(cfg: SFTConfig, specs: list[str], out_dir: Path, tokenizer, console=None,
-            weights: list[float] | None = None) -> dict:
+def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, console=None,
+            mixing: Mixing | None = None) -> dict:
     """Build `out_dir` (dataset + manifest.json + lengths.png) unless it already holds this
-    fingerprint. `weights`: one mixing weight per entry of `specs` (see `mix`)."""
+    fingerprint. `mixing`: one weight per entry of `specs` (see `mix`)."""
     from sftkit.io import atomic_directory, atomic_write_json
     from sftkit.progress import progress_bar
 
-    srcs = resolve_sources(specs, cfg)
-    weights = list(weights or [])
+    srcs = resolve_sources(specs, opts)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
-    fp = fingerprint(srcs, tokenizer, cfg, weights, tokenizer_fp)
+    fp = fingerprint(srcs, tokenizer, opts, mixing, tokenizer_fp)
     old = read_manifest(out_dir)
     if old and old.get("fingerprint") == fp and is_prepared(out_dir):
         old["cached"] = True
@@ -211,91 +215,114 @@ def prepare(cfg: SFTConfig, specs: list[str], out_dir: Path, tokenizer, console=
         raise ConfigError(f"{out_dir} exists and is not a prepare-data output; choose another --output_dir")
     start = time.time()
     with progress_bar("reading", console) as bar:
-        loaded = load_conversations(srcs, cfg, progress=bar)
+        loaded = load_conversations(srcs, opts, progress=bar)
     with progress_bar("tokenizing", console, total=len(loaded.convs)) as bar:
-        rendered = tokenize_all(loaded, tokenizer, render_options(cfg), cfg.num_proc, progress=bar)
-    kept_ids, kept_labels, kept_origin, dropped = [], [], [], Counter()
-    dropped["bad_row"] = loaded.bad_rows
-    for (ids, labels), origin in zip(rendered, loaded.origin):
-        ids, labels, reason = fit_length(ids, labels, cfg.max_length, cfg.truncation)
-        if reason:
-            dropped[reason] += 1
-            continue
-        kept_ids.append(ids)
-        kept_labels.append(labels)
-        kept_origin.append(origin)
-    if not kept_ids:
+        rendered = tokenize_all(loaded, tokenizer, render_options(opts), opts.num_proc, progress=bar)
+    kept = keep_fitting(rendered, loaded, opts)
+    if not kept.ids:
         raise DataError(", ".join(s.path for _, s in srcs), "", None, f"no example is left after filtering "
-                        f"(dropped: {dict(+dropped)}); raise --max_length or use --truncation left/right")
-    n_kept = len(kept_ids)
-    mixing = None
-    if weights:
-        order = mix(kept_origin, weights, cfg.seed)
-        mixing = [{"data_path": spec, "weight": w, "examples": kept_origin.count(i),
-                   "after_weighting": sum(kept_origin[j] == i for j in order)}
-                  for i, (spec, w) in enumerate(zip(specs, weights))]
-        kept_ids, kept_labels = [kept_ids[j] for j in order], [kept_labels[j] for j in order]
-        if not kept_ids:
-            raise ConfigError("data_weights leave no example; give at least one source a positive weight")
-    lengths = [len(x) for x in kept_ids]
-    supervised = [len(lab) - lab.count(IGNORE_INDEX) for lab in kept_labels]
+                        f"(dropped: {dict(+kept.dropped)}); raise --max_length or use --truncation left/right")
+    ids, labels, mixed = weigh(kept, specs, mixing)
+    lengths = [len(x) for x in ids]
     manifest = {
-        "sftkit_version": __version__,
-        "fingerprint": fp,
-        "format": FORMAT,
-        "sources": loaded.per_source,
-        "rows_in": loaded.rows_in,
-        "examples_kept": n_kept,
-        "dropped": {k: dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
-        "bad_rows_first": loaded.bad_examples,
-        "mixing": mixing,
-        "examples_saved": len(kept_ids),
-        "tokens": sum(lengths),
-        "supervised_tokens": sum(supervised),
-        "length": percentiles(lengths),
-        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "sftkit_version": __version__, "fingerprint": fp, "format": FORMAT, "sources": loaded.per_source,
+        "rows_in": loaded.rows_in, "examples_kept": len(kept.ids),
+        "dropped": {k: kept.dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
+        "bad_rows_first": loaded.bad_examples, "mixing": mixed, "examples_saved": len(ids),
+        "tokens": sum(lengths), "supervised_tokens": sum(len(lab) - lab.count(IGNORE_INDEX) for lab in labels),
+        "length": percentiles(lengths), "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "tokenizer_sha256": tokenizer_fp,
         "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
-        "options": data_options(cfg),
-        "seconds": round(time.time() - start, 2),
+        "options": opts.example_options(), "seconds": round(time.time() - start, 2),
     }
     assert manifest["rows_in"] == manifest["examples_kept"] + sum(manifest["dropped"].values())
     with atomic_directory(out_dir) as tmp:
-        _save_dataset(tmp / DATASET_DIR, kept_ids, kept_labels)
-        _plot_lengths(tmp / "lengths.png", lengths, cfg.max_length)
+        _save_dataset(tmp / DATASET_DIR, ids, labels)
+        _plot_lengths(tmp / "lengths.png", lengths, opts.max_length)
         atomic_write_json(tmp / MANIFEST, manifest)
     manifest["cached"] = False
     return manifest
 
 
+@dataclass
+class Kept:
+    """The examples that fit, where each came from, and the count of the others by reason."""
+
+    ids: list[list[int]] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
+    origin: list[int] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+
+
+def keep_fitting(rendered: list, loaded: Loaded, opts: DataOptions) -> Kept:
+    """Apply the length policy to every rendered example; bad rows are counted as dropped too."""
+    kept = Kept()
+    kept.dropped["bad_row"] = loaded.bad_rows
+    for (ids, labels), origin in zip(rendered, loaded.origin):
+        ids, labels, reason = fit_length(ids, labels, opts.max_length, opts.truncation)
+        if reason:
+            kept.dropped[reason] += 1
+            continue
+        kept.ids.append(ids)
+        kept.labels.append(labels)
+        kept.origin.append(origin)
+    return kept
+
+
+def weigh(kept: Kept, specs: list[str], mixing: Mixing | None) -> tuple[list, list, list[dict] | None]:
+    """(ids, labels, what each weight did) after mixing; unchanged without weights."""
+    if not mixing:
+        return kept.ids, kept.labels, None
+    order = mix(kept.origin, mixing.weights, mixing.seed)
+    report = [{"data_path": spec, "weight": w, "examples": kept.origin.count(i),
+               "after_weighting": sum(kept.origin[j] == i for j in order)}
+              for i, (spec, w) in enumerate(zip(specs, mixing.weights))]
+    if not order:
+        raise ConfigError("data_weights leave no example; give at least one source a positive weight")
+    return [kept.ids[j] for j in order], [kept.labels[j] for j in order], report
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets' own progress bars off for this call only: they are a process-wide switch, and a
+    user's own code in the same process keeps whatever it had set."""
+    import datasets
+
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+
+
 def _save_dataset(path: Path, ids: list[list[int]], labels: list[list[int]]) -> None:
     import datasets
 
-    datasets.disable_progress_bars()
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),  # for batching without reading every example
     })
-    datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]},
-                               features=features).save_to_disk(str(path))
+    with quiet_datasets():
+        datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]},
+                                   features=features).save_to_disk(str(path))
 
 
 def load_prepared(path: str | Path):
     """The saved examples of a prepare-data output (a `datasets.Dataset` with input_ids, labels)."""
     import datasets
 
-    datasets.disable_progress_bars()
-    return datasets.load_from_disk(str(Path(path) / DATASET_DIR))
+    with quiet_datasets():
+        return datasets.load_from_disk(str(Path(path) / DATASET_DIR))
 
 
 def _plot_lengths(path: Path, lengths: list[int], max_length: int) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="#4477aa")
     ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length {max_length}")
     ax.set_xlabel("tokens per example")
@@ -303,4 +330,3 @@ def _plot_lengths(path: Path, lengths: list[int], max_length: int) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sftkit.config import SFTConfig
 from sftkit.data import prepare as prep
+from sftkit.data.options import DataOptions
 from sftkit.errors import ConfigError
 
 
-def prepared_dir(cfg: SFTConfig, specs: list[str], tokenizer, console=None,
-                 weights: list[float] | None = None) -> Path:
-    """A directory holding the prepared form of `specs` (mixed by `weights`), building it if needed."""
-    from sftkit.models import cache_dir
+def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
+                 mixing: prep.Mixing | None = None) -> Path:
+    """A directory holding the prepared form of `specs` (mixed by `mixing`), building it if needed."""
+    from sftkit.io import cache_dir
 
-    if any(prep.is_prepared(s) for s in specs) and (len(specs) > 1 or weights):
+    if any(prep.is_prepared(s) for s in specs) and (len(specs) > 1 or mixing):
         raise ConfigError("a prepared directory cannot be mixed with other sources or weighted; "
                           "pass the raw files with --data_path and --data_weights, or prepare them together")
     if len(specs) == 1 and prep.is_prepared(specs[0]):
@@ -26,9 +26,9 @@ def prepared_dir(cfg: SFTConfig, specs: list[str], tokenizer, console=None,
             raise ConfigError(f"{specs[0]} was prepared with another tokenizer or chat template "
                               f"({manifest.get('tokenizer')}); run prepare-data again with this model")
         return Path(specs[0])
-    srcs = prep.resolve_sources(specs, cfg)
-    out = cache_dir() / "prepared" / prep.fingerprint(srcs, tokenizer, cfg, list(weights or []))[:20]
-    prep.prepare(cfg, specs, out, tokenizer, console, weights)
+    srcs = prep.resolve_sources(specs, opts)
+    out = cache_dir() / "prepared" / prep.fingerprint(srcs, tokenizer, opts, mixing)[:20]
+    prep.prepare(opts, specs, out, tokenizer, console, mixing)
     return out
 
 
@@ -49,8 +49,8 @@ class SFTDataset:
             values["max_length"] = max_length
         if format_type is not None:
             values["format_type"] = format_type
-        cfg = SFTConfig(data_path=[str(s) for s in specs], **values)
-        self.path = prepared_dir(cfg, cfg.data_path, tokenizer)
+        opts = DataOptions(data_path=[str(s) for s in specs], **values)
+        self.path = prepared_dir(opts, opts.data_path, tokenizer)
         self.manifest = prep.read_manifest(self.path)
         self._data = prep.load_prepared(self.path)
 

@@ -31,4 +31,4 @@ class SFTTrainer:
             raise ConfigError("evaluate() needs data: pass data_path= or set eval_data_path in the config")
         target = model or str(Path(self.config.output_dir) / "final")
         cfg = SFTConfig(**{**self.config.to_dict(), "data_path": [data]})
-        return eval_command(target, cfg, None)
+        return eval_command(target, cfg, None)  # loss and perplexity only: no generation options

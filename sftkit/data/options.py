@@ -1,0 +1,84 @@
+"""DataOptions: what the data package needs to read, render and prepare a set, and nothing else.
+
+SFTConfig inherits these fields (they are its data group); `SFTConfig.data_options()` builds a
+DataOptions from a run's config, and `SFTDataset` builds one directly. The defaults are written here
+once. The data package never sees the rest of a run's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sftkit.errors import ConfigError
+from sftkit.options import EVAL, check_choice, check_types
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "custom")
+TRUNCATIONS = ("drop", "left", "right")
+TRAIN_ON = ("all", "last")
+REASONING = ("template", "drop")
+# Options that choose which data is read or how fast, not what a prepared example holds: they are
+# left out of the prepared set's fingerprint and its manifest's "options".
+NOT_IN_EXAMPLES = {"in_examples": False}
+
+
+@dataclass
+class DataOptions:
+    data_path: list[str] = field(default_factory=list, metadata=EVAL)
+    """Training data: .json/.jsonl/.parquet/.csv files, a directory, a glob, a prepared directory
+    (from prepare-data), or a Hugging Face dataset name. Repeat the flag for several sources."""
+    data_weights: list[float] = field(default_factory=list, metadata=NOT_IN_EXAMPLES)
+    """Mixing weight per `data_path` entry, in the same order: 2 repeats a source's examples twice,
+    0.5 keeps a seeded half of them. Default: 1 for every source."""
+    eval_data_path: str | None = field(default=None, metadata=NOT_IN_EXAMPLES)
+    """Evaluation data, in any form `data_path` accepts."""
+    format_type: str = field(default="auto", metadata=EVAL)
+    """Row format: auto (detected per file from the first row), alpaca, sharegpt, messages, custom."""
+    field_map: str | None = field(default=None, metadata=EVAL)
+    """Custom columns, e.g. `instruction=question,output=answer,system=sys`."""
+    dataset_split: str = field(default="train", metadata=EVAL)
+    """Split to read when `data_path` is a Hugging Face dataset name."""
+    dataset_config: str | None = field(default=None, metadata=EVAL)
+    """Configuration (subset) name of a Hugging Face dataset."""
+    max_length: int = field(default=2048, metadata=EVAL)
+    """Longest example in tokens, prompt and reply together."""
+    truncation: str = field(default="drop", metadata=EVAL)
+    """What to do with a longer example: drop it (counted in manifest.json), or cut tokens from
+    the left or the right."""
+    train_on: str = field(default="all", metadata=EVAL)
+    """Which assistant turns are supervised: all, or only the last one."""
+    reasoning: str = field(default="template", metadata=EVAL)
+    """Reasoning (`<think>`) policy: `template` renders exactly as the chat template does at
+    inference (Qwen3 drops the reasoning of turns before the last user message); `drop` removes
+    all reasoning."""
+    enable_thinking: bool = field(default=True, metadata=EVAL)
+    """False for no-think data: the empty `<think></think>` block that Qwen3 puts in the prompt
+    at inference is then part of the prompt, not of the supervised reply."""
+    skip_bad_rows: bool = field(default=False, metadata=EVAL)
+    """Skip malformed rows (counted, the first few listed) instead of stopping at the first one."""
+    num_proc: int = field(default=1, metadata=NOT_IN_EXAMPLES)
+    """Processes for tokenization."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Types of every field (SFTConfig's too, when it is one), then the data options' values."""
+        check_types(self)
+        for name, allowed in (("format_type", FORMATS), ("truncation", TRUNCATIONS), ("train_on", TRAIN_ON),
+                              ("reasoning", REASONING)):
+            check_choice(self, name, allowed)
+        for name in ("max_length", "num_proc"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.data_weights and len(self.data_weights) != len(self.data_path):
+            raise ConfigError(f"data_weights has {len(self.data_weights)} values for {len(self.data_path)} data_path "
+                              "entries; give one weight per source, in the same order")
+        if any(w < 0 for w in self.data_weights):
+            raise ConfigError("data_weights must not be negative")
+
+    def example_options(self) -> dict[str, Any]:
+        """The options that decide what a prepared example holds (fingerprinted, in the manifest)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DataOptions)
+                if f.name != "data_path" and f.metadata.get("in_examples", True)}
