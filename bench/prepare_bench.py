@@ -2,7 +2,7 @@
 
 Both tools get the same synthetic JSONL file (OpenAI `messages` rows) and must produce input_ids
 plus an assistant-only loss mask. Timed:
-  sftkit  `prepare(cfg, [file], fresh_dir, tok)`, end to end: read, validate, render, tokenize,
+  sftkit  `prepare(DataOptions(...), [file], fresh_dir, tok)`, end to end: read, validate, render, tokenize,
           mask, length filter, save_to_disk, lengths plot.
   TRL     `Dataset.from_json` + `SFTTrainer._prepare_dataset` (ChatML check, tokenize with the
           assistant mask, build labels, truncate, drop fully masked rows), timed inside
@@ -104,10 +104,10 @@ def clock():
 
 
 def bench_sftkit(data: Path, out: Path, tok, num_proc: int) -> dict:
-    from sftkit.config import SFTConfig
+    from sftkit.data.options import DataOptions
     from sftkit.data.prepare import prepare
 
-    cfg = SFTConfig(max_length=4096, num_proc=num_proc)
+    cfg = DataOptions(max_length=4096, num_proc=num_proc)
     elapsed = clock()
     man = prepare(cfg, [str(data)], fresh(out / f"sftkit_np{num_proc}"), tok)
     secs, cpu = elapsed()

@@ -3,16 +3,18 @@
 Every system trains one epoch over the same examples (tokenized once, by sftkit's prepare-data)
 from the same saved model, with the same micro-batch size, max_length, learning rate, seed and
 precision:
-  sftkit       `sftkit.train.run(SFTConfig(...))`, timed by the `elapsed_s` of its metrics.jsonl.
+  sftkit       sftkit's own loop, `setup` -> `fit` -> `finish` of sftkit.train (what `sftkit train`
+               runs), timed by the `elapsed_s` of its metrics.jsonl.
   trl_default  TRL 1.16 `SFTTrainer` with its own defaults (gradient checkpointing on, no packing,
                random order), fed the same input_ids and labels (-100 outside assistant replies).
   trl_best     TRL with packing="bfd", which turns on padding-free batches, and no gradient
                checkpointing. Without flash-attention (a CPU) the padding-free row, the whole
                micro-batch end to end, gets a block-diagonal mask from transformers under sdpa:
                correct, but its attention is quadratic in rows x max_length.
-  bare         a plain loop over exactly the micro-batches sftkit builds (`sftkit.batching`), with
-               sftkit's loss (`sftkit.loss`) and AdamW kernel: no accelerate, no logging, and no
-               DataLoader worker (so sftkit, which collates ahead in one, can beat it on wall time).
+  bare         `sftkit.train.train_step` called in a plain for loop over the same run's steps: the
+               step itself (the exact loss, backward, clip, optimizer step, its one all-reduce)
+               with no logging, no progress bar, no signal handling and no DataLoader worker (so
+               sftkit, which collates ahead in one, can beat it on wall time).
 Each system runs in a fresh child process (`--child SYSTEM`), so its peak memory (VmHWM of that
 process on CPU, torch.cuda.max_memory_allocated on GPU) is its own. Only the training loop is
 timed: imports, model loading and data preparation are not. The first step (warm-up) is reported
@@ -100,7 +102,7 @@ def prepare_data(a, model_dir: Path) -> tuple[Path, dict]:
     sys.path.insert(0, str(REPO / "bench"))
     from prepare_bench import write_data
 
-    from sftkit.config import SFTConfig
+    from sftkit.data.options import DataOptions
     from sftkit.data.prepare import prepare
     from sftkit.models import load_tokenizer
 
@@ -109,7 +111,7 @@ def prepare_data(a, model_dir: Path) -> tuple[Path, dict]:
         raw.parent.mkdir(parents=True, exist_ok=True)
         write_data(a.n, a.seed, raw)
     out = work_dir() / "prepared" / f"n{a.n}_seed{a.seed}_len{a.max_length}"  # prepare() rebuilds it if stale
-    return out, prepare(SFTConfig(max_length=a.max_length), [str(raw)], out, load_tokenizer(str(model_dir)))
+    return out, prepare(DataOptions(max_length=a.max_length), [str(raw)], out, load_tokenizer(str(model_dir)))
 
 
 def sftkit_config(a, out: Path):
@@ -129,7 +131,7 @@ def sftkit_config(a, out: Path):
 # ---- the children: each trains one system and returns its per-step record -------------------------
 def peak_memory_mb() -> float:
     """sftkit's own readings: torch.cuda.max_memory_allocated on GPU, VmHWM (peak RSS) on CPU."""
-    from sftkit.train import peak_gpu_gb, peak_rss_mb
+    from sftkit.metrics import peak_gpu_gb, peak_rss_mb
 
     gpu = peak_gpu_gb()
     return gpu * 1024 if gpu is not None else peak_rss_mb()
@@ -148,70 +150,38 @@ def diffs(cumulative: list[int]) -> list[int]:
 
 
 def child_sftkit(a) -> dict:
-    import sftkit.train
+    from sftkit.train import finish, fit, setup
 
-    peak = {}
-    save_model = sftkit.train.save_model
-
-    def note_peak_then_save(*args, **kwargs):  # the peak of training, not of writing final/ after it
-        peak["mb"] = peak_memory_mb()
-        return save_model(*args, **kwargs)
-
-    sftkit.train.save_model = note_peak_then_save
-    sftkit.train.run(sftkit_config(a, a.scratch / "sftkit"))
+    run = setup(sftkit_config(a, a.scratch / "sftkit"))
+    fit(run)
+    peak_mb = peak_memory_mb()  # the peak of training, not of writing final/ after it
+    finish(run)
     lines = [json.loads(ln) for ln in (a.scratch / "sftkit" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "elapsed_s" in r and "tokens" in r and "event" not in r]
     sup, tok = (diffs([r[k] for r in steps]) for k in ("supervised_tokens", "tokens"))
     # slots are not logged, but each step's padding_efficiency (logging_steps=1) gives them to 4 digits
     return {"ends": [r["elapsed_s"] for r in steps], "sup": sup, "tok": tok,
             "slots": sum(t / r["padding_efficiency"] for t, r in zip(tok, steps)), "first_loss": steps[0]["loss"],
-            "peak_mb": peak["mb"], "note": f"fused_loss={lines[0].get('fused_loss')}, logging_steps=1"}
+            "peak_mb": peak_mb, "note": f"fused_loss={lines[0].get('fused_loss')}, logging_steps=1"}
 
 
 def child_bare(a) -> dict:
-    import torch
-    from transformers import set_seed
+    from sftkit.train import setup, step_batches, train_step
 
-    from sftkit.batching import Schedule, StepBatches, total_steps
-    from sftkit.data.prepare import load_prepared
-    from sftkit.loss import fused_head, token_loss_sum
-    from sftkit.models import build_for_training, load_tokenizer
-    from sftkit.train import VARLEN_ATTENTION, build_optimizer
-
-    cfg = sftkit_config(a, a.scratch / "bare")
-    set_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_for_training(cfg).to(device).train()
-    # sftkit's math: its loss head, its AdamW kernel, its one-row packing under flash-attention
-    head = fused_head(model, "bf16" if cfg.bf16 else "no", False, cfg.loss_chunk_size)
-    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    padding_free = cfg.packing and cfg.attn_implementation in VARLEN_ATTENTION
-    pad_id = load_tokenizer(cfg.model_name_or_path).pad_token_id
-    data = load_prepared(cfg.data_path[0])
-    schedule = Schedule(data["length"], cfg.per_device_train_batch_size, 1, cfg.seed, cfg.packing, cfg.max_length,
-                        cfg.group_by_length)
-    G = cfg.gradient_accumulation_steps
-    step_batches = StepBatches(data, schedule, G, 0, pad_id, cfg.packing, padding_free)  # collated in this process
-    rec = {"ends": [], "sup": [], "tok": [], "slots": 0, "note": f"sftkit's batches and loss, fused_loss={bool(head)}"}
+    run = setup(sftkit_config(a, a.scratch / "bare"))
+    batches = step_batches(run)  # collated in this process, step by step
+    rec = {"ends": [], "sup": [], "tok": [], "slots": 0, "note": f"sftkit's train_step, fused_loss={bool(run.head)}"}
+    run.model.train()
     start = time.perf_counter()
-    for step in range(total_steps(schedule, G, cfg.num_train_epochs, cfg.max_steps)):  # as sftkit counts them
-        batches = step_batches[step]
-        n_sup = sum(b.targets.numel() for b in batches)
-        loss_sum = 0.0
-        for batch in batches:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
-                ce = token_loss_sum(model, batch.to(device), head)
-            (ce / n_sup).backward()  # the mean over the whole step's supervised tokens, as in sftkit
-            loss_sum += ce.detach()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for step in range(run.total_steps):
+        stats = train_step(run, batches[step])
         if step == 0:
-            rec["first_loss"] = float(loss_sum) / n_sup
+            rec["first_loss"] = stats.loss(run.accelerator)
         sync()
         rec["ends"].append(time.perf_counter() - start)
-        rec["sup"].append(n_sup)
-        rec["tok"].append(sum(b.tokens for b in batches))
-        rec["slots"] += sum(b.slots for b in batches)
+        rec["sup"].append(stats.supervised)
+        rec["tok"].append(stats.tokens)
+        rec["slots"] += stats.slots
     return {**rec, "peak_mb": peak_memory_mb()}
 
 
