@@ -9,6 +9,49 @@ from sftkit.config import SFTConfig
 from sftkit.errors import ConfigError
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started, by its own variables: torchrun and accelerate's
+    multi-process launcher set WORLD_SIZE, mpirun OMPI_COMM_WORLD_SIZE or PMI_SIZE."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def check_launch(accelerator) -> None:
+    """Every process compares the launcher's count with the Accelerator's: a mismatch means the
+    ranks would train alone, each on all the data, and nothing would say so."""
+    started, kind = launched_processes(), distributed_type(accelerator)
+    if started > 1 and (accelerator.num_processes != started or kind == "NO"):
+        raise ConfigError(f"the launcher started {started} processes but accelerate runs them as {kind} with "
+                          f"{accelerator.num_processes}: each would train alone. Launch with accelerate launch "
+                          "--config_file accelerate_configs/multi_gpu.yaml (DDP) or a deepspeed_*.yaml")
+    # accelerate launch --num_processes N without --multi_gpu or a config file starts ONE process;
+    # its simple launcher still exports MASTER_ADDR for the N it was asked for
+    simple_launch = "ACCELERATE_MIXED_PRECISION" in os.environ and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true"
+    if started == 1 and simple_launch and "MASTER_ADDR" in os.environ:
+        raise ConfigError("accelerate launch was asked for several processes but started one (MASTER_ADDR is set, "
+                          "WORLD_SIZE is not: no --multi_gpu and no config file). Add --config_file "
+                          "accelerate_configs/multi_gpu.yaml, or drop --num_processes (and MASTER_ADDR) for one process")
+
+
+def check_device(cfg: SFTConfig, console=None) -> None:
+    """Options that cannot work, or work badly, on this machine; before anything loads."""
+    import importlib.util
+
+    import torch
+
+    if cfg.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a CUDA GPU (its loss scaling is a GPU feature); on a CPU train in fp32 "
+                          "(drop --fp16), or use --bf16")
+    if cfg.bf16 and not torch.cuda.is_available() and console is not None:
+        console.print("note: bf16 on a CPU is emulated and was about 4x slower than fp32 on 2 cores; "
+                      "drop --bf16 for CPU runs", highlight=False)
+    if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--report_to wandb: wandb is not installed; pip install 'sftkit[wandb]' "
+                          "(or pip install wandb), or use --report_to tensorboard")
+
+
 def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     import torch
     from accelerate import Accelerator
@@ -17,14 +60,19 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     # Without a GPU, DeepSpeed needs gloo named here: otherwise every rank silently trains alone
     # (../shared/PLATFORM_NOTES.md: data not split, loss doubled). Tokenizing a big set on rank 0
     # can take a while, hence the generous collective time-out.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    launched = launched_processes() > 1 or deepspeed
     backend = "gloo" if launched and not torch.cuda.is_available() else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(hours=2))] if launched else []
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
+        # several processes on a machine without a GPU (torchrun, or multi_gpu.yaml without
+        # ACCELERATE_USE_CPU): accelerate would leave each alone; cpu=True makes them MULTI_CPU
+        cpu=launched and not deepspeed and not torch.cuda.is_available(),
     )
+    check_launch(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and cfg.skip_nan_steps:
         raise ConfigError("--skip_nan_steps does not work under DeepSpeed (its engine steps inside backward); "

@@ -20,12 +20,14 @@ from pathlib import Path
 
 from sftkit.accel import is_zero3
 from sftkit.errors import ConfigError, SftkitError
-from sftkit.io import atomic_write_json
+from sftkit.io import apply_umask, atomic_write_json
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 STATE_DIR = "state"
 MODEL_DIR = "model"
+FINAL_DIR = "final"
+CONFIG_FILE = "sftkit_config.yaml"  # beside every saved model: the options that trained it
 
 
 @dataclass
@@ -33,10 +35,11 @@ class TrainState:
     """Where a run is: everything besides the tensors that a resumed run needs to continue exactly.
 
     Version 1 (sftkit 0.1 before this class) wrote the same keys without "version", and
-    "skipped_steps" only once a step had been skipped; it still loads.
+    "skipped_steps" only once a step had been skipped; version 2 had no run identity. Both load:
+    the missing fields keep their defaults (0 and "": unknown).
     """
 
-    VERSION = 2
+    VERSION = 3
 
     step: int = 0                 # optimizer steps done
     micro_index: int = 0          # micro-batches consumed (the data position; step x accumulation)
@@ -44,6 +47,9 @@ class TrainState:
     supervised_tokens: int = 0    # tokens in the loss, all ranks
     elapsed_s: float = 0.0        # training time before this process, for the end summary
     skipped_steps: int = 0        # steps skipped by --skip_nan_steps
+    total_steps: int = 0          # the length of the run's schedule (0: unknown, before version 3)
+    run_id: str = ""              # run_dir.run_identity: which run wrote this ("": unknown)
+    data_fingerprint: str = ""    # the prepared training set's fingerprint
 
     def advance(self, micro_batches: int, tokens: int, supervised: int, skipped: bool) -> None:
         """Count one optimizer step."""
@@ -70,16 +76,21 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
-def resolve_resume(spec: str, out_dir: Path) -> Path:
-    if spec == "latest":
-        found = list_checkpoints(out_dir)
-        if not found:
-            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {out_dir}")
-        return found[-1]
-    path = Path(spec)
-    if not (path / TRAINER_STATE).is_file():
-        raise ConfigError(f"--resume_from_checkpoint {spec}: not a checkpoint directory (no {TRAINER_STATE})")
-    return path
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    return out_dir / f"checkpoint-{step}"
+
+
+def read_state(path: Path) -> TrainState:
+    """The TrainState of a checkpoint, without loading any tensor."""
+    return TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text()), str(path / TRAINER_STATE))
+
+
+def saved_config(path: Path) -> dict:
+    """The options of the run that wrote a checkpoint or a final/ ({} when not recorded)."""
+    import yaml
+
+    file = path / MODEL_DIR / CONFIG_FILE if (path / TRAINER_STATE).is_file() else path / CONFIG_FILE
+    return yaml.safe_load(file.read_text()) or {} if file.is_file() else {}
 
 
 def model_in(path: str) -> str:
@@ -117,9 +128,10 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
         gen = unwrapped.generation_config
         ensure_stop_token(gen, tokenizer)
         gen.save_pretrained(path)
-        cfg.save_yaml(path / "sftkit_config.yaml")
+        cfg.save_yaml(path / CONFIG_FILE)
         if state_dict is not None:
             check_saved_shapes(path, unwrapped)
+        apply_umask(path)
     accelerator.wait_for_everyone()
 
 
@@ -145,7 +157,7 @@ def check_saved_shapes(path: Path, model) -> None:
 
 def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: TrainState) -> Path:
     step = state.step
-    final = out_dir / f"checkpoint-{step}"
+    final = checkpoint_dir(out_dir, step)
     tmp = out_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,6 +169,7 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
         if accelerator.is_main_process:
             # trainer_state.json is written last: a directory without it is never a checkpoint
             atomic_write_json(tmp / TRAINER_STATE, state.to_dict())
+            apply_umask(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

@@ -9,39 +9,99 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from sftkit.config import COMMAND_OPTIONS, SFTConfig, eval_fields, field_docs, group_of, prepare_fields
-from sftkit.errors import SftkitError
+from sftkit.errors import ConfigError, NothingToDo, SftkitError
 from sftkit.options import cli_type, default_of
 
 CONFIG_OPTION = typer.Option(None, "--config", help="A YAML run file; flags given here override its values.")
+VERBOSE = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+    False, "--verbose", help="Show the third-party warnings and progress bars that sftkit hides as expected."))
+
+
+# What click's BOOL accepts after a boolean flag: `--use_lora true` as HF-style scripts pass it.
+BOOL_WORDS = {"1", "0", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off"}
 
 
 def _default_text(f: dataclasses.Field) -> str:
+    """" [default: X]", escaped: rich would read an unescaped [default: X] as markup and drop it."""
+    from rich.markup import escape
+
     value = default_of(f)
     if value in (None, [], ""):
         return ""
-    return f" [default: {','.join(value) if isinstance(value, list) else value}]"
+    return escape(f" [default: {', '.join(map(str, value)) if isinstance(value, list) else value}]")
 
 
 def config_options(fields: list[dataclasses.Field], docs: dict[str, str], panel: str | None = None,
                    help_overrides: dict[str, str] | None = None) -> list[inspect.Parameter]:
-    """One `--name` option per field; unset options stay None so YAML values and defaults survive."""
+    """One `--name` option per field; unset options stay None so YAML values and defaults survive.
+    A boolean is one option that takes an optional value (see BoolFlagCommand): one name column,
+    so the names fit an 80-column terminal."""
     params = []
     for f in fields:
         flag_type = cli_type(f)
-        names = f"--{f.name}/{f.metadata.get('off_flag', '--no-' + f.name)}" if flag_type is Optional[bool] else f"--{f.name}"
+        is_bool = flag_type is Optional[bool]
         text = (help_overrides or {}).get(f.name, docs.get(f.name, "")) + _default_text(f)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=flag_type,
-                                        default=typer.Option(None, names, help=text, show_default=False,
+        # a boolean is read as text and converted by `with_options`: a click flag takes no value
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=Optional[str] if is_bool else flag_type,
+                                        default=typer.Option(None, f"--{f.name}", help=text, show_default=False,
+                                                             metavar="BOOL" if is_bool else None,
                                                              rich_help_panel=(panel or group_of(f)).title())))
     return params
+
+
+def bool_fields() -> dict[str, dataclasses.Field]:
+    """Every boolean option of every command, by flag."""
+    fields = [*dataclasses.fields(SFTConfig), *(f for cls in COMMAND_OPTIONS.values() for f in dataclasses.fields(cls))]
+    return {f"--{f.name}": f for f in fields if cli_type(f) is Optional[bool]}
+
+
+def normalize_bool_flags(args: list[str]) -> list[str]:
+    """`--flag` -> `--flag true`; `--no-flag` (and a field's off_flag, eval's `--greedy`) ->
+    `--flag false`; `--flag false` stays. Everything after a bare `--` is left alone."""
+    flags = bool_fields()
+    aliases = {f"--no-{name[2:]}": name for name in flags}
+    aliases.update({f.metadata["off_flag"]: name for name, f in flags.items() if "off_flag" in f.metadata})
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        if arg in aliases:
+            out += [aliases[arg], "false"]
+        elif arg in flags and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out += [arg, "true"]  # a bare flag; a word after it is its value (commands take no arguments)
+        else:
+            out.append(arg)
+    return out
+
+
+def parse_bools(values: dict[str, Any]) -> dict[str, Any]:
+    """The text of boolean options as bool; anything else unchanged."""
+    flags = bool_fields()
+    out = dict(values)
+    for name, value in values.items():
+        if f"--{name}" in flags and isinstance(value, str):
+            if value.lower() not in BOOL_WORDS:
+                raise ConfigError(f"--{name} {value}: expected true or false")
+            out[name] = value.lower() in ("1", "true", "t", "yes", "y", "on")
+    return out
+
+
+class BoolFlagCommand(TyperCommand):
+    """Booleans accept `--flag`, `--flag true|false` and `--no-flag`, as HF-style scripts pass them."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, normalize_bool_flags(list(args)))
 
 
 def sft_options(fields: list[dataclasses.Field], help_overrides: dict[str, str] | None = None) -> list[inspect.Parameter]:
@@ -60,15 +120,22 @@ def with_options(extra: list[inspect.Parameter]) -> Callable:
         names = {p.name for p in extra}
 
         @functools.wraps(fn)
-        def command(**kwargs):
+        def command(verbose: bool = False, **kwargs):
+            if not verbose:
+                from sftkit.quiet import quiet_third_party
+
+                quiet_third_party()
             overrides = {k: v for k, v in kwargs.items() if k in names and v not in (None, [])}
             rest = {k: v for k, v in kwargs.items() if k not in names}
             try:
-                return fn(overrides=overrides, **rest)
+                return fn(overrides=parse_bools(overrides), **rest)
             except SftkitError as err:
                 typer.secho(f"error: {err}", fg="red", err=True)
                 raise typer.Exit(2) from None
-        command.__signature__ = inspect.Signature(own + extra)
+            except NothingToDo as done:
+                if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every process
+                    typer.echo(str(done))
+        command.__signature__ = inspect.Signature(own + extra + [VERBOSE])
         return command
     return wrap
 
@@ -90,7 +157,7 @@ def build_app() -> typer.Typer:
                       help="Supervised fine-tuning of Qwen3 models. Run `sftkit COMMAND --help` for options.")
     prep_help = {"output_dir": "Directory for the prepared set: dataset/, manifest.json, lengths.png."}
 
-    @app.command("prepare-data")
+    @app.command("prepare-data", cls=BoolFlagCommand)
     @with_options(sft_options(prepare_fields(), prep_help))
     def prepare_data(config: Path | None = CONFIG_OPTION,
                      inspect_n: int = typer.Option(0, "--inspect", help="Print N rendered examples with the "
@@ -101,15 +168,17 @@ def build_app() -> typer.Typer:
 
         prepare_command(load_config(config, overrides), inspect_n)
 
-    @app.command("train")
+    @app.command("train", cls=BoolFlagCommand)
     @with_options(sft_options(dataclasses.fields(SFTConfig)))
     def train(config: Path | None = CONFIG_OPTION, overrides: dict = None):
         """Fine-tune (LoRA or full). Run under `accelerate launch -m sftkit train` for several processes."""
         from sftkit.commands import train_command
+        from sftkit.train import EXIT_STOPPED
 
-        train_command(load_config(config, overrides))
+        if train_command(load_config(config, overrides))["event"] == "stopped":
+            raise typer.Exit(EXIT_STOPPED)
 
-    @app.command("eval")
+    @app.command("eval", cls=BoolFlagCommand)
     @with_options(sft_options(eval_fields()) + command_options("eval"))
     def evaluate(model: str = typer.Option(..., "--model", help="A final/ or checkpoint directory, a merged "
                                            "model, an adapter directory, or a base model."),
@@ -124,7 +193,7 @@ def build_app() -> typer.Typer:
         gen, rest = split_options(overrides, GenerationOptions)
         eval_command(model, load_config(None, rest), output_dir, GenerationOptions(**gen))
 
-    @app.command("merge-lora")
+    @app.command("merge-lora", cls=BoolFlagCommand)
     @with_options(command_options("merge-lora"))
     def merge_lora(adapter: Path = typer.Option(..., "--adapter", help="The adapter directory (final/ or a checkpoint)."),
                    output_dir: Path = typer.Option(..., "--output_dir", help="Where the standalone model goes."),

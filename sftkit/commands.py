@@ -13,10 +13,12 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
     from sftkit.data.prepare import Mixing, load_prepared, prepare
     from sftkit.models import load_tokenizer
     from sftkit.report import print_examples, print_manifest
+    from sftkit.run_dir import check_output_dir
 
     con = console()
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     out = Path(cfg.output_dir)
+    check_output_dir(out)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     mixing = Mixing(cfg.data_weights, cfg.seed) if cfg.data_weights else None
     manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, mixing)
     print_manifest(manifest, out, con)
@@ -34,9 +36,13 @@ def train_command(cfg: SFTConfig) -> dict:
     summary = run(cfg, con)
     if not PartialState().is_main_process:
         return summary
-    if summary.get("ranks_in_sync") is False:
-        con.print("[red]warning: the ranks ended with different weights; check the launch (see README)[/red]")
-    con.print(f"done: {summary['step']} steps in {summary['elapsed_s']:.1f}s; model in {Path(cfg.output_dir) / 'final'}")
+    if summary["event"] == "stopped":
+        config = Path(cfg.output_dir) / "config.yaml"
+        con.print(f"stopped at step {summary['step']}: saved {summary['checkpoint']}. Resume with the same launcher:\n"
+                  f"  sftkit train --config {config} --resume_from_checkpoint latest", highlight=False)
+        return summary
+    con.print(f"done: {summary['step']} steps in {summary['elapsed_s']:.1f}s; model in {Path(cfg.output_dir) / 'final'}",
+              highlight=False)
     return summary
 
 

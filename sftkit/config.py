@@ -16,7 +16,7 @@ from typing import Any
 
 from sftkit.data.options import DataOptions
 from sftkit.errors import ConfigError
-from sftkit.options import EVAL, PREPARE, check_choice, check_types, declared_in, default_of, values_of
+from sftkit.options import EVAL, NOT_IDENTITY, PREPARE, check_choice, check_types, declared_in, default_of, values_of
 from sftkit.options import field_docs as docs_of
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -35,7 +35,7 @@ class ModelOptions:
     model_name_or_path: str = "tiny-qwen3"
     """Base model: `tiny-qwen3` (built-in, random init, real Qwen3 tokenizer), a local Hugging Face
     model directory, or a Hub id such as Qwen/Qwen3-0.6B."""
-    trust_remote_code: bool = field(default=False, metadata=EVAL)
+    trust_remote_code: bool = field(default=False, metadata={**EVAL, **NOT_IDENTITY})
     """Run Python code shipped with the model. Off: Qwen3 needs none, and it executes foreign code."""
     attn_implementation: str = field(default="sdpa", metadata=EVAL)
     """Attention kernel: sdpa, eager, or flash_attention_2 (GPU, needs the flash-attn package)."""
@@ -45,15 +45,15 @@ class ModelOptions:
 
 @dataclass
 class TrainOptions:
-    output_dir: str = field(default="outputs/sft", metadata=PREPARE)
+    output_dir: str = field(default="outputs/sft", metadata={**PREPARE, **NOT_IDENTITY})
     """Where checkpoints, metrics.jsonl, config.yaml and final/ go."""
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = field(default=1.0, metadata=NOT_IDENTITY)
     """Passes over the training data (fractions allowed). Ignored when max_steps > 0."""
-    max_steps: int = -1
+    max_steps: int = field(default=-1, metadata=NOT_IDENTITY)
     """Optimizer steps to run; -1 means as many as num_train_epochs takes."""
     per_device_train_batch_size: int = 4
     """Examples per micro-batch on each process."""
-    per_device_eval_batch_size: int = field(default=8, metadata=EVAL)
+    per_device_eval_batch_size: int = field(default=8, metadata={**EVAL, **NOT_IDENTITY})
     """Examples per evaluation batch on each process."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step. The loss is the token mean over all of them, all ranks."""
@@ -79,25 +79,25 @@ class TrainOptions:
     """bfloat16 mixed precision."""
     fp16: bool = False
     """float16 mixed precision with loss scaling (GPU only)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata=NOT_IDENTITY)
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
-    checkpoint_every_n_layers: int = 1
+    checkpoint_every_n_layers: int = field(default=1, metadata=NOT_IDENTITY)
     """With gradient_checkpointing: recompute only every n-th decoder layer (1: all). 2 keeps half
     the layers' activations and skips half the recompute; the gradients are the same."""
-    loss_chunk_size: int = 512
+    loss_chunk_size: int = field(default=512, metadata=NOT_IDENTITY)
     """Rows of logits the fused cross-entropy computes at once (512 rows x 151,936 words: 0.3 GB
     in fp32; on 2 CPU cores 512 and 1024 ran at the same speed, 1024 with 0.6 GB more RSS).
     0 takes the plain path, which keeps every supervised position's logits for the backward.
     ZeRO-3, fp16 and a LoRA/modules_to_save lm_head always take the plain path."""
-    fused_adamw: bool = True
+    fused_adamw: bool = field(default=True, metadata=NOT_IDENTITY)
     """torch's fused AdamW (one kernel per step, CPU and GPU); False: the foreach implementation."""
-    torch_compile: bool = False
+    torch_compile: bool = field(default=False, metadata=NOT_IDENTITY)
     """Compile each decoder layer with torch.compile (inductor). The first steps are slower while
     it compiles; helps most on GPU with packing."""
-    dataloader_num_workers: int = 1
+    dataloader_num_workers: int = field(default=1, metadata=NOT_IDENTITY)
     """Processes that collate the next steps' micro-batches while this one trains (0: in the
     training process). Batches are pinned for the copy to the GPU."""
-    mfu_peak_tflops: float = 0.0
+    mfu_peak_tflops: float = field(default=0.0, metadata=NOT_IDENTITY)
     """The device's dense bf16 peak for MFU in metrics.jsonl. 0 looks it up for known GPUs
     (H100/H200 989, A100 312); on a CPU or an unknown GPU MFU is then not reported."""
     skip_nan_steps: bool = False
@@ -145,7 +145,10 @@ class LogOptions:
     run_name: str | None = None
     """Name of the run in trackers. Default: the output directory's name."""
     report_to: str = "none"
-    """Tracker: none, tensorboard, or wandb. metrics.jsonl is always written."""
+    """Tracker: none, tensorboard, or wandb (`pip install 'sftkit[wandb]'`). metrics.jsonl is always written."""
+    overwrite_output_dir: bool = False
+    """Replace another run's checkpoints, final/ and metrics in output_dir. Without it a new run
+    (no resume) refuses a directory that holds them."""
 
 
 @dataclass
@@ -185,6 +188,14 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
             raise ConfigError("save_total_limit must be at least 1 (or unset to keep every checkpoint)")
 
     # ---- derived values ----------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """The options that decide what each step computes: the model, the optimizer, the batch
+        geometry, LoRA. The data's part of a run's identity is its prepared set's fingerprint, and
+        the log group only says how a run is watched and saved."""
+        groups = ("model", "train", "lora")
+        return {f.name: getattr(self, f.name) for g in groups for f in declared_in(GROUPS[g])
+                if f.metadata.get("identity", True)}
+
     def data_options(self) -> DataOptions:
         """The data group alone: what the data package is given."""
         return DataOptions(**values_of(DataOptions, self))

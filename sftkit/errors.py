@@ -18,3 +18,8 @@ class DataError(SftkitError):
         self.source, self.where, self.field, self.problem = source, where, field, problem
         at = f"{source}:{where}" if where else source
         super().__init__(f"{at}: field '{field}': {problem}" if field else f"{at}: {problem}")
+
+
+class NothingToDo(Exception):
+    """Not an error: the work asked for is already done (e.g. resuming a finished run). The CLI
+    prints the message and exits 0."""

@@ -17,6 +17,9 @@ from sftkit.errors import ConfigError
 
 EVAL = {"eval": True}  # field metadata: `sftkit eval` takes this option too
 PREPARE = {"prepare": True}  # field metadata: `sftkit prepare-data` takes this option of another group
+# field metadata: the option changes how a run is carried out or how long it is, not what one of
+# its steps computes, so a checkpoint resumes under any value of it (see SFTConfig.identity)
+NOT_IDENTITY = {"identity": False}
 
 def _plain(value: Any, kind: type) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 def console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    # soft wrap: a long line (a path, a resume command) stays one line that can be copied whole
+    return Console(stderr=stderr, soft_wrap=True)
 
 
 @contextmanager

@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -20,12 +23,12 @@ from typing import Any
 
 import torch
 
-from sftkit.accel import distributed_type, is_zero3, make_accelerator
+from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator
 from sftkit.batching import MicroBatch, Schedule, StepBatches, ignore_stop_signals, total_steps
-from sftkit.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint, save_model
+from sftkit.checkpoint import TrainState, checkpoint_dir, load_checkpoint, save_checkpoint, save_model
 from sftkit.config import SFTConfig
 from sftkit.data.dataset import prepared_dir
-from sftkit.data.prepare import Mixing, load_prepared
+from sftkit.data.prepare import Mixing, load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
 from sftkit.flops import flops_per_step_fn, peak_flops
@@ -40,7 +43,8 @@ from sftkit.metrics import (
     peak_rss_mb,
     rss_mb,
 )
-from sftkit.models import build_for_training, count_parameters, load_tokenizer
+from sftkit.models import build_for_training, count_parameters, load_tokenizer, resolve_model_path
+from sftkit.run_dir import Resume, claim, find_resume, run_identity
 
 
 @dataclass
@@ -103,10 +107,20 @@ def lr_lambda(total: int, warmup: int, kind: str):
     return f
 
 
+def lr_schedule(cfg: SFTConfig) -> Callable[[int, int], float]:
+    """(total steps, step) -> the factor on the peak learning rate, as this configuration sets it."""
+    return lambda total, step: lr_lambda(total, math.ceil(cfg.warmup_ratio * total), cfg.lr_scheduler_type)(step)
+
+
 def build_optimizer(cfg: SFTConfig, params: list) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                              fused=cfg.fused_adamw or None, foreach=None if cfg.fused_adamw else True)
+
+
+# `sftkit train` stopped by SIGTERM/SIGINT after saving a checkpoint exits with this code (sysexits'
+# EX_TEMPFAIL, "try again later"): not 0, which means finished, and not 2, a mistake to fix.
+EXIT_STOPPED = 75
 
 
 class StopRequest:
@@ -114,6 +128,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signal: str | None = None
         self._old = {}
 
     def __enter__(self):
@@ -123,6 +138,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -131,41 +147,53 @@ class StopRequest:
 
 # ---- setup --------------------------------------------------------------------------------------
 def setup(cfg: SFTConfig, console=None) -> Run:
-    """Build the run: accelerator, data, model, optimizer, schedule, and the state to start from."""
+    """Build the run: accelerator, data, model, optimizer, schedule, and the state to start from.
+    The output folder and the checkpoint to resume are checked before the model loads."""
     from accelerate.utils import set_seed
 
+    check_device(cfg, console if int(os.environ.get("RANK", "0")) == 0 else None)
     accelerator = make_accelerator(cfg, log_with=cfg.trackers)
+    claim(cfg, accelerator)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
-    train_set, eval_set = load_sets(cfg, accelerator, tokenizer, console)
+    train_set, eval_set, data_fp = load_sets(cfg, accelerator, tokenizer, console)
+    schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, accelerator.num_processes, cfg.seed,
+                        cfg.packing, cfg.max_length, cfg.group_by_length)
+    steps = total_steps(schedule, cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.max_steps)
+    state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
+                       data_fingerprint=data_fp)
+    resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
+    with accelerator.main_process_first():  # the tiny preset is built once, by rank 0, not by two at once
+        resolve_model_path(cfg.model_name_or_path)
     model = build_for_training(cfg)
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
-    schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, accelerator.num_processes, cfg.seed,
-                        cfg.packing, cfg.max_length, cfg.group_by_length)
-    steps = total_steps(schedule, cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     # Not passed to prepare(): accelerate would step it once per process per optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(steps, math.ceil(cfg.warmup_ratio * steps), cfg.lr_scheduler_type))
+        optimizer, functools.partial(lr_schedule(cfg), steps))
     accelerator.register_for_checkpointing(scheduler)
-    state = TrainState()
-    if cfg.resume_from_checkpoint:
-        state = load_checkpoint(accelerator, resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir)))
+    if resume:
+        # the counters continue; the identity, length and data are this configuration's from now on
+        state = dataclasses.replace(load_checkpoint(accelerator, resume.path), total_steps=steps,
+                                    run_id=state.run_id, data_fingerprint=data_fp)
+        if accelerator.is_main_process and console is not None:
+            report_resume(resume, steps, console)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     run = Run(cfg, accelerator, model, optimizer, scheduler, params,
               fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk_size),
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s)
-    start_outputs(run, trainable, total, resumed=state.step if cfg.resume_from_checkpoint else None)
+    start_outputs(run, trainable, total, resumed=state.step if resume else None)
     return run
 
 
 def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
-    """(train set, eval set or None), prepared on rank 0 first; the other ranks then find its cache."""
+    """(train set, eval set or None, the train set's fingerprint), prepared on rank 0 first; the
+    other ranks then find its cache."""
     main = accelerator.is_main_process
     mixing = Mixing(cfg.data_weights, cfg.seed) if cfg.data_weights else None
     with accelerator.main_process_first():
@@ -175,7 +203,16 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
     if cfg.packing and max(train_set["length"]) > cfg.max_length:
         raise SftkitError(f"{train_dir} holds examples longer than max_length={cfg.max_length}, which cannot be packed; "
                           "prepare the data with the same --max_length")
-    return train_set, load_prepared(eval_dir) if eval_dir else None
+    return train_set, load_prepared(eval_dir) if eval_dir else None, read_manifest(train_dir)["fingerprint"]
+
+
+def report_resume(resume: Resume, steps: int, console) -> None:
+    """Say which checkpoint the run continues from and what changed since it was written."""
+    console.print(f"resuming from {resume.path}: step {resume.saved.step} of {steps}", highlight=False)
+    if resume.changes:
+        what = "changed since that checkpoint" if resume.same_run else \
+            "[yellow]warning: this is not the run that wrote it, so it will not continue exactly; changed[/yellow]"
+        console.print(f"{what}: {'; '.join(resume.changes)}", highlight=False)
 
 
 def start_outputs(run: Run, trainable: int, total: int, resumed: int | None) -> None:
@@ -274,7 +311,8 @@ def fit(run: Run, console=None) -> bool:
             if run.eval_set is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0 and not last:
                 log_eval(run)
             if stats.stop and not last:
-                run.log.write({"event": "stopped", "step": state.step, "checkpoint": str(save(run))})
+                run.log.write({"event": "stopped", "step": state.step, "checkpoint": str(save(run)),
+                               "signal": stop.signal or "on another rank"})
                 return False
             if saving and not last:
                 save(run)
@@ -338,6 +376,10 @@ def finish(run: Run) -> dict:
         from sftkit.report import plot_losses
 
         plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
+    if summary["ranks_in_sync"] is False:  # every rank holds the gathered fingerprints: all stop here
+        raise SftkitError(f"the {len(prints)} ranks ended with different weights (fingerprints {prints}): they did not "
+                          "train as one model, so final/ holds rank 0's alone. Check that every process was started "
+                          "by the same launch with the same options (see README: several processes)")
     return summary
 
 
@@ -346,7 +388,8 @@ def run(cfg: SFTConfig, console=None) -> dict:
     r = setup(cfg, console)
     try:
         if not fit(r, console):
-            return {"event": "stopped", "step": r.state.step, "elapsed_s": round(time.time() - r.start_time, 2)}
+            return {"event": "stopped", "step": r.state.step, "elapsed_s": round(time.time() - r.start_time, 2),
+                    "checkpoint": str(checkpoint_dir(r.out, r.state.step))}
         return finish(r)
     finally:
         if cfg.trackers:

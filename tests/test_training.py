@@ -135,9 +135,10 @@ def _losses(out):
     return [(r["step"], r["loss"]) for r in read_metrics(out) if "loss" in r]
 
 
-def _stop_by_sigterm(data, out) -> int:
-    """SIGTERM to the whole process group, as SLURM's scancel or a container stop sends it: the
-    DataLoader worker gets it too, and the run must still save its checkpoint and exit 0."""
+def _stop_by_signal(data, out, sig=signal.SIGTERM) -> int:
+    """SIGTERM to the whole process group, as SLURM's scancel or a container stop sends it (or
+    SIGINT, as Ctrl-C does): the DataLoader worker gets it too, and the run must still save its
+    checkpoint, say how to resume, and exit with the documented code 75."""
     cmd = [str(BIN / "sftkit"), "train", "--data_path", data, "--output_dir", str(out), "--max_steps", "12", *RESUME]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -147,17 +148,22 @@ def _stop_by_sigterm(data, out) -> int:
         if metrics.exists() and sum('"loss"' in ln for ln in metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()[-3000:]
+    os.killpg(proc.pid, sig)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err.decode()[-3000:]
     stop = [r for r in read_metrics(out) if r.get("event") == "stopped"]
-    assert len(stop) == 1, "the run ended before SIGTERM arrived"
-    assert (out / f"checkpoint-{stop[0]['step']}" / "trainer_state.json").is_file() and not (out / "final").exists()
+    assert len(stop) == 1, "the run ended before the signal arrived"
+    assert stop[0]["signal"] == sig.name
+    checkpoint = out / f"checkpoint-{stop[0]['step']}"
+    assert (checkpoint / "trainer_state.json").is_file() and not (out / "final").exists()
+    said = stdout.decode()
+    assert f"stopped at step {stop[0]['step']}: saved {checkpoint}." in said and "done:" not in said
+    assert f"sftkit train --config {out / 'config.yaml'} --resume_from_checkpoint latest" in said
     return stop[0]["step"]
 
 
-@pytest.mark.parametrize("where", ["epoch_0", "later_epoch"])
-@pytest.mark.parametrize("how", ["max_steps", "sigterm"])
+@pytest.mark.parametrize("how, where", [("max_steps", "epoch_0"), ("max_steps", "later_epoch"),
+                                        ("sigterm", "epoch_0"), ("sigterm", "later_epoch"), ("sigint", "later_epoch")])
 def test_resume_continues_exactly(how, where, straight, tmp_path):
     data, reference = straight[where]
     out = tmp_path / "resumed"
@@ -165,7 +171,7 @@ def test_resume_continues_exactly(how, where, straight, tmp_path):
         run_cli("train", "--data_path", data, "--output_dir", str(out), "--max_steps", "5", *RESUME)
         stopped_at = 5
     else:
-        stopped_at = _stop_by_sigterm(data, out)
+        stopped_at = _stop_by_signal(data, out, signal.SIGTERM if how == "sigterm" else signal.SIGINT)
     assert 1 <= stopped_at < 12
     run_cli("train", "--data_path", data, "--output_dir", str(out), "--max_steps", "12",
             "--resume_from_checkpoint", "latest", *RESUME)

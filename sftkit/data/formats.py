@@ -226,8 +226,12 @@ def _text(value: Any, field: str, allow_empty: bool = True) -> str:
 
 
 def _custom_map(row: dict[str, Any]) -> dict[str, str]:
-    instruction = next(k for k in CUSTOM_INSTRUCTION if k in row)
-    output = next(k for k in CUSTOM_OUTPUT if k in row)
+    instruction = next((k for k in CUSTOM_INSTRUCTION if k in row), None)
+    output = next((k for k in CUSTOM_OUTPUT if k in row), None)
+    if instruction is None or output is None:
+        missing = "question, prompt or query" if instruction is None else "answer, response or completion"
+        raise RowError(None, f"custom format: no {missing} column among the keys ({_keys(row)}); name the "
+                       "columns with --field_map instruction=COLUMN,output=COLUMN")
     return {"instruction": instruction, "output": output}
 
 

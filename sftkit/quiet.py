@@ -1,0 +1,49 @@
+"""Third-party output that is expected, and therefore noise, switched off at its source.
+
+Each line below was printed by every plain `sftkit train` on a CPU (2026-11-27) and says nothing
+the user must act on. Only these exact messages are dropped: any other warning of the same
+libraries still shows. `--verbose` keeps all of them. Called by the CLI for its own process,
+never at import time: a user's program that imports sftkit keeps its settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# logger name -> a message that is expected
+EXPECTED_LOG_LINES = {
+    # DeepSpeed on a machine without a GPU, at import (accelerate imports it): the CPU is what we use
+    "DeepSpeed": "Setting accelerator to CPU",
+    # accelerate.save_state on a model whose lm_head is tied to the embedding (Qwen3 0.6B-4B, our
+    # tiny preset): the tie is restored on load, which the reload tests check
+    "accelerate.utils.other": "Removed shared tensor",
+}
+# warnings raised inside libraries by calls of other libraries, not by sftkit's use of them
+EXPECTED_WARNINGS = [
+    # PEFT asks transformers 5.2x for is_gradient_checkpointing, deprecated there
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+]
+
+
+class _DropExpected(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.start not in str(record.msg)  # accelerate prefixes "[RANK 0] "
+
+
+def quiet_third_party() -> None:
+    """Drop the expected lines above and the per-file progress bars of model loading and saving
+    ("Loading weights", "Writing model shards"): sftkit shows its own progress."""
+    for name, start in EXPECTED_LOG_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropExpected(start))
+    for category, message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    # read by huggingface_hub, whose switch transformers' own bars follow; set before they import
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,0 +1,125 @@
+"""A run directory belongs to one run: a new run does not write over another's checkpoints, and a
+resume takes a checkpoint of its own run, says what it continues, and never bends a schedule.
+
+A run's identity is the hash of what decides each of its steps: the options of
+`SFTConfig.identity()`, the prepared training set's fingerprint and the number of processes.
+Checkpoints record it (TrainState.run_id); `--resume_from_checkpoint latest` only takes those that
+match, so a folder reused by a different run is never resumed by mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftkit.checkpoint import (
+    FINAL_DIR,
+    TRAINER_STATE,
+    TrainState,
+    list_checkpoints,
+    read_state,
+    saved_config,
+)
+from sftkit.errors import ConfigError, NothingToDo
+
+RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml")  # written beside checkpoint-N/ and final/
+NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # differ on every resume
+
+
+def run_identity(cfg, data_fingerprint: str, world_size: int) -> str:
+    text = json.dumps({"options": cfg.identity(), "data": data_fingerprint, "world_size": world_size},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} is a file; pass a directory (it is created if missing)")
+
+
+def claim(cfg, accelerator) -> None:
+    """A new run (no resume) refuses a folder that holds another run's checkpoints or final/;
+    with overwrite_output_dir it removes them (and that run's metrics) first."""
+    out = Path(cfg.output_dir)
+    check_output_dir(out)
+    if cfg.resume_from_checkpoint:
+        return
+    found = [p.name for p in list_checkpoints(out)] + ([f"{FINAL_DIR}/"] if (out / FINAL_DIR).exists() else [])
+    if not found:
+        return
+    if not cfg.overwrite_output_dir:
+        shown = ", ".join(found[-3:]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(f"{out} holds another run ({shown}); continue it with --resume_from_checkpoint latest, "
+                          "choose a new --output_dir, or pass --overwrite_output_dir to replace it")
+    if accelerator.is_main_process:
+        for p in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*.tmp"), out / FINAL_DIR]:
+            shutil.rmtree(p, ignore_errors=True)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+@dataclass
+class Resume:
+    path: Path           # the checkpoint
+    saved: TrainState    # its state
+    changes: list[str]   # options (and data) that differ from the run that wrote it
+    same_run: bool       # its identity is this configuration's
+
+
+def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float]) -> Resume:
+    """The checkpoint `cfg.resume_from_checkpoint` names, checked against this configuration
+    (whose identity, schedule length and data `state` holds; `lr_factor(total_steps, step)` is its
+    schedule). Raises NothingToDo for a finished run, ConfigError for a checkpoint of another run
+    (`latest`) or a schedule that would bend."""
+    out, spec = Path(cfg.output_dir), cfg.resume_from_checkpoint
+    if spec == "latest":
+        found = list_checkpoints(out)
+        mine = [p for p in found if read_state(p).run_id in ("", state.run_id)]  # "": written before run ids
+        if not found and (out / FINAL_DIR).is_dir():
+            raise NothingToDo(f"the run in {out} has finished ({FINAL_DIR}/ is there, and it kept no checkpoint); "
+                              "nothing to resume")
+        if not found:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {out}")
+        if not mine:
+            changes = "; ".join(describe_changes(found[-1], cfg, read_state(found[-1]), state))
+            raise ConfigError(f"the checkpoints in {out} belong to another run (changed: "
+                              f"{changes or 'the number of processes'}); restore those options to continue it, pass "
+                              "--resume_from_checkpoint with a checkpoint's path to continue it with these options "
+                              "anyway, or choose a new --output_dir")
+        path = mine[-1]
+    else:
+        path = Path(spec)
+        if not (path / TRAINER_STATE).is_file():
+            raise ConfigError(f"--resume_from_checkpoint {spec}: not a checkpoint directory (no {TRAINER_STATE})")
+    saved = read_state(path)
+    check_schedule(path, saved, state.total_steps, lr_factor)
+    return Resume(path, saved, describe_changes(path, cfg, saved, state), saved.run_id in ("", state.run_id))
+
+
+def check_schedule(path: Path, saved: TrainState, total: int, lr_factor: Callable[[int, int], float]) -> None:
+    """Nothing is left after the checkpoint's step: the run has finished. A different length is
+    fine where the learning rate of every remaining step stays what it was (constant, no warm-up
+    left); otherwise resuming would bend the schedule."""
+    if saved.step >= total:
+        raise NothingToDo(f"{path} is step {saved.step}, and these options give {total} steps: the run has "
+                          "finished; nothing to resume")
+    old = saved.total_steps or total  # unknown before state version 3: taken as unchanged
+    if any(lr_factor(old, k) != lr_factor(total, k) for k in range(saved.step, max(old, total))):
+        raise ConfigError(f"{path} is step {saved.step} of a {old}-step schedule, and these options give {total} "
+                          f"steps: resuming would bend the learning-rate schedule. Resume with --max_steps {old}, "
+                          "or start a new run (another --output_dir) to train longer")
+
+
+def describe_changes(path: Path, cfg, saved: TrainState, state: TrainState) -> list[str]:
+    """'name old -> new' for each option that differs from the run that wrote the checkpoint."""
+    old = saved_config(path)
+    changes = [f"{k} {old[k]!r} -> {v!r}" for k, v in cfg.to_dict().items()
+               if k in old and k not in NOT_COMPARED and old[k] != v]
+    if saved.data_fingerprint and saved.data_fingerprint != state.data_fingerprint:
+        changes.append("the training data (its prepared set has another fingerprint)")
+    return changes
