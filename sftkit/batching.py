@@ -179,3 +179,48 @@ class StepBatches(torch.utils.data.Dataset):
         first = step * self.accumulation
         return [load_micro_batch(self.dataset, self.schedule.examples(first + i, self.rank), self.pad_id,
                                  self.packed, self.padding_free) for i in range(self.accumulation)]
+
+
+@dataclass
+class PackedStep:
+    """One step's micro-batches as ONE int64 tensor. A DataLoader worker hands every tensor to
+    the training process through shared memory, one file descriptor each: 4 per micro-batch, so
+    --gradient_accumulation_steps 200 with two steps prefetched needed 1,600 and died of
+    `ulimit -n 1024`. Packed, a step needs one."""
+
+    buffer: torch.Tensor
+    layout: list[tuple]  # per micro-batch: ([(field, shape, dtype), ...], tokens, slots, attn_pairs)
+
+    def pin_memory(self) -> PackedStep:  # called by the DataLoader's pinning thread
+        return PackedStep(self.buffer.pin_memory(), self.layout)
+
+    def unpack(self) -> list[MicroBatch]:
+        out, at = [], 0
+        for fields, tokens, slots, pairs in self.layout:
+            parts = {}
+            for name, shape, dtype in fields:
+                n = math.prod(shape)
+                parts[name] = self.buffer[at:at + n].view(shape).to(dtype)
+                at += n
+            keep, targets = parts.pop("keep"), parts.pop("targets")
+            out.append(MicroBatch(parts, keep, targets, tokens, slots, pairs))
+        return out
+
+
+def pack(batches: list[MicroBatch]) -> PackedStep:
+    pieces, layout = [], []
+    for b in batches:
+        tensors = {**b.inputs, "keep": b.keep, "targets": b.targets}
+        layout.append(([(k, tuple(t.shape), t.dtype) for k, t in tensors.items()], b.tokens, b.slots, b.attn_pairs))
+        pieces += [t.reshape(-1).long() for t in tensors.values()]
+    return PackedStep(torch.cat(pieces), layout)
+
+
+class PackedSteps(torch.utils.data.Dataset):
+    """StepBatches, each item packed for the trip from a DataLoader worker (see PackedStep)."""
+
+    def __init__(self, steps: StepBatches):
+        self.steps = steps
+
+    def __getitem__(self, step: int) -> PackedStep:
+        return pack(self.steps[step])

@@ -4,7 +4,9 @@ into place, so `latest` never finds a half-written checkpoint.
 checkpoint-N/
   state/              accelerate.save_state: weights, optimizer, scheduler, RNG of every rank
   model/              the model or adapter in Hugging Face format (eval and merge-lora read it)
+  scheduler.json      the learning-rate scheduler's state
   trainer_state.json  the TrainState: step, micro-batches consumed, token counts, time, skipped steps
+  checksums.json      written last: the size and sha256 of every other file (resume verifies them)
 
 This module owns those names: nothing else spells them.
 """
@@ -12,9 +14,12 @@ This module owns those names: nothing else spells them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import pickle
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,9 @@ STATE_DIR = "state"
 MODEL_DIR = "model"
 FINAL_DIR = "final"
 CONFIG_FILE = "sftkit_config.yaml"  # beside every saved model: the options that trained it
+SCHEDULER_FILE = "scheduler.json"
+CHECKSUMS = "checksums.json"        # written last: size and sha256 of every other file
+LEGACY_SCHEDULER = "custom_checkpoint_0.pkl"  # where accelerate kept our scheduler before scheduler.json
 
 
 @dataclass
@@ -82,7 +90,11 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
 
 def read_state(path: Path) -> TrainState:
     """The TrainState of a checkpoint, without loading any tensor."""
-    return TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text()), str(path / TRAINER_STATE))
+    try:
+        values = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path / TRAINER_STATE} is unreadable ({str(err).splitlines()[0][:120]})") from None
+    return TrainState.from_dict(values, str(path / TRAINER_STATE))
 
 
 def saved_config(path: Path) -> dict:
@@ -135,6 +147,21 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+def save_final(accelerator, model, tokenizer, cfg, out_dir: Path) -> Path:
+    """final/, written to a temporary folder and renamed: a run stopped while saving leaves no
+    half-written or empty final/."""
+    final, tmp = out_dir / FINAL_DIR, out_dir / f".{FINAL_DIR}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    save_model(accelerator, model, tokenizer, cfg, tmp)
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
 def check_saved_shapes(path: Path, model) -> None:
     """Reopen the saved safetensors: no tensor may be empty, and each has the model's shape."""
     from safetensors import safe_open
@@ -155,7 +182,7 @@ def check_saved_shapes(path: Path, model) -> None:
         raise RuntimeError(f"no tensors were written to {path}")
 
 
-def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: TrainState) -> Path:
+def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: TrainState, scheduler) -> Path:
     step = state.step
     final = checkpoint_dir(out_dir, step)
     tmp = out_dir / f".checkpoint-{step}.tmp"
@@ -167,9 +194,12 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
         accelerator.save_state(str(tmp / STATE_DIR))
         save_model(accelerator, model, tokenizer, cfg, tmp / MODEL_DIR)
         if accelerator.is_main_process:
-            # trainer_state.json is written last: a directory without it is never a checkpoint
+            # JSON, not accelerate's custom_checkpoint pickle, which it loads with weights_only=False
+            atomic_write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
             atomic_write_json(tmp / TRAINER_STATE, state.to_dict())
             apply_umask(tmp)
+            # the list of every file's size and checksum is written last: it marks a complete checkpoint
+            atomic_write_json(tmp / CHECKSUMS, checksums(tmp))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -192,6 +222,69 @@ def prune(out_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, path: Path) -> TrainState:
-    accelerator.load_state(str(path / STATE_DIR))
-    return TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text()), str(path / TRAINER_STATE))
+def checksums(folder: Path) -> dict[str, list]:
+    """relative path -> [size, sha256] of every file in a checkpoint (the marker itself excluded)."""
+    out = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        out[f.relative_to(folder).as_posix()] = [f.stat().st_size, h.hexdigest()]
+    return out
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when it is intact. With a checksum list
+    (sftkit >= 0.1 state version 3) every file must match it and no other file may be there;
+    older checkpoints get the checks their layout allows."""
+    try:
+        read_state(path)
+    except (OSError, ValueError, ConfigError) as err:
+        return f"{TRAINER_STATE} is unreadable ({str(err).splitlines()[0][:120]})"
+    marker = path / CHECKSUMS
+    if not marker.is_file():
+        if json.loads((path / TRAINER_STATE).read_text()).get("version", 1) >= 3:  # which always wrote one
+            return f"{CHECKSUMS} is missing (a copy cut short?)"
+        if not any((path / STATE_DIR).glob("*")) or not any((path / MODEL_DIR).glob("*")):
+            return f"{STATE_DIR}/ or {MODEL_DIR}/ is missing or empty (a copy cut short?)"
+        return None
+    try:
+        listed = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is unreadable"
+    found = checksums(path)
+    for name in sorted(set(listed) | set(found)):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in listed:
+            return f"{name} was not written by sftkit (an added file is never loaded)"
+        if found[name] != listed[name]:
+            return f"{name} differs from what was saved ({'size' if found[name][0] != listed[name][0] else 'checksum'})"
+    return None
+
+
+def load_checkpoint(accelerator, path: Path, scheduler) -> TrainState:
+    """Weights, optimizer, RNG states (accelerate, which reads with weights_only=True), the
+    scheduler (JSON; older checkpoints: accelerate's pickle, read with weights_only=True), state."""
+    legacy = path / STATE_DIR / LEGACY_SCHEDULER
+    if (path / SCHEDULER_FILE).is_file():
+        scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+        accelerator.load_state(str(path / STATE_DIR))
+        return read_state(path)
+    if legacy.is_file():
+        import torch
+
+        try:
+            scheduler.load_state_dict(torch.load(legacy, weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # not plain data: never run
+            raise ConfigError(f"{legacy} holds more than plain data ({str(err).splitlines()[0][:120]}); refused: "
+                              "resume from another checkpoint") from None
+    # accelerate would load the legacy pickle itself, with weights_only=False: it sees the state
+    # folder without it (links to the other files)
+    with tempfile.TemporaryDirectory(prefix=".sftkit-load-") as view:
+        for item in (path / STATE_DIR).iterdir():
+            if item.name != LEGACY_SCHEDULER:
+                (Path(view) / item.name).symlink_to(item.resolve())
+        accelerator.load_state(view)
+    return read_state(path)

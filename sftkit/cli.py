@@ -175,7 +175,8 @@ def build_app() -> typer.Typer:
         from sftkit.commands import train_command
         from sftkit.train import EXIT_STOPPED
 
-        if train_command(load_config(config, overrides))["event"] == "stopped":
+        summary = train_command(load_config(config, overrides))
+        if summary["event"] == "stopped" or "final_eval" in summary:
             raise typer.Exit(EXIT_STOPPED)
 
     @app.command("eval", cls=BoolFlagCommand)

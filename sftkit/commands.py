@@ -17,7 +17,7 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
 
     con = console()
     out = Path(cfg.output_dir)
-    check_output_dir(out)
+    check_output_dir(out, cfg.data_path)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     mixing = Mixing(cfg.data_weights, cfg.seed) if cfg.data_weights else None
     manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, mixing)
@@ -43,6 +43,9 @@ def train_command(cfg: SFTConfig) -> dict:
         return summary
     con.print(f"done: {summary['step']} steps in {summary['elapsed_s']:.1f}s; model in {Path(cfg.output_dir) / 'final'}",
               highlight=False)
+    if "final_eval" in summary:  # a stop signal came during the final eval: the model is complete
+        con.print(f"the final eval was {summary['final_eval']}; run it with: sftkit eval --model "
+                  f"{Path(cfg.output_dir) / 'final'} --data_path {cfg.eval_data_path}", highlight=False)
     return summary
 
 

@@ -281,6 +281,8 @@ class MergeOptions:
     """float32, bfloat16 or float16. Default: the base model's dtype."""
     max_shard_size: str = "5GB"
     """Largest safetensors file, e.g. 2GB or 500MB."""
+    overwrite_output_dir: bool = False
+    """Replace an output_dir that is not empty. Without it merge-lora refuses one (and a file)."""
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -11,8 +11,11 @@ from sftkit.loss import token_loss_sum
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataset, accelerator, batch_size: int, pad_id: int, head=None) -> dict:
-    """Sum of token losses over the whole set / its supervised tokens, sharded over ranks."""
+def evaluate_loss(model, dataset, accelerator, batch_size: int, pad_id: int, head=None,
+                  should_stop=None) -> dict | None:
+    """Sum of token losses over the whole set / its supervised tokens, sharded over ranks.
+    `should_stop()` true on any rank (checked before each batch, one all-reduce each) ends it on
+    every rank, and it returns None."""
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
     n = len(dataset)
@@ -22,6 +25,9 @@ def evaluate_loss(model, dataset, accelerator, batch_size: int, pad_id: int, hea
     per_step = batch_size * world
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for start in range(0, n, per_step):
+        if should_stop is not None and accelerator.reduce(
+                torch.tensor(int(should_stop()), device=accelerator.device), reduction="sum").item():
+            return None
         idx = order[start:start + per_step][rank::world]
         batch = load_micro_batch(dataset, [[i] for i in idx], pad_id).to(accelerator.device)
         totals[0] += token_loss_sum(model, batch, head).double()

@@ -3,9 +3,12 @@ behind: temp path, then rename."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +24,32 @@ def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it back at once
     os.umask(mask)
     return mask
+
+
+def check_not_an_input(out: Path, inputs: list, flag: str = "--output_dir") -> None:
+    """Refuse an output that is, holds, or lies inside one of the command's inputs: writing it
+    would overwrite, delete or change what is being read."""
+    from sftkit.errors import ConfigError
+
+    target = out.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue  # a Hub id or a glob: nothing on disk to overwrite
+        source = Path(item).resolve()
+        if target == source or source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
+            raise ConfigError(f"{flag} {out} would overwrite an input ({item}): the output may not be, hold or lie "
+                              f"inside it; choose another {flag}")
+
+
+def check_free_output(out: Path, overwrite: bool, flag: str = "--output_dir") -> None:
+    """An existing file or a non-empty folder is someone's data: refused unless overwrite."""
+    from sftkit.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out} is a file; pass a directory (it is created if missing)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{flag} {out} is not empty; choose a new folder, or pass --overwrite_output_dir to "
+                          "replace its contents")
 
 
 def apply_umask(tree: Path) -> None:
@@ -53,17 +82,61 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _writer_tag() -> str:
+    """Who writes a temporary folder: this host (hashed: names may hold no dots) and process."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"sftkit-{host}-{os.getpid()}"
+
+
+_TMP_NAME = re.compile(r"\.sftkit-([0-9a-f]{8})-(\d+)-[^.]*\.tmp$")
+
+
+def remove_stale_tmp(parent: Path) -> list[Path]:
+    """Remove the temporary folders in `parent` whose writer, a process on this host, is gone
+    (killed mid-write: nothing else would ever clean them). Returns what was removed."""
+    here = _writer_tag().split("-")[1]
+    removed = []
+    for path in parent.glob(".*.tmp") if parent.is_dir() else []:
+        found = _TMP_NAME.search(path.name)
+        if found and found.group(1) == here and not _alive(int(found.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
+def atomic_directory(final: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it becomes `final` in one rename.
+
+    replace=True: an existing `final` (this command's own earlier output) is replaced.
+    replace=False, for content-addressed cache entries that several processes may build at once:
+    the first complete writer wins, a later one discards its copy, and a finished directory is
+    never moved while another process may be reading it.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{_writer_tag()}-", suffix=".tmp"))
     try:
         yield tmp
         apply_umask(tmp)  # mkdtemp made it 0700
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        if not replace:
+            try:
+                os.rename(tmp, final)  # fails when another writer's complete copy is there
+            except OSError:
+                if not final.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif final.exists():
+            old = final.with_name(f".{final.name}.{_writer_tag()}-old.tmp")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -12,17 +12,33 @@ from pathlib import Path
 import torch
 
 
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The records of a JSON-lines log, and how many lines were dropped as unreadable: a process
+    killed mid-append leaves a torn last line, which must not block a resume."""
+    records, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                torn += 1
+    return records, torn
+
+
 class MetricsLog:
     """metrics.jsonl (always) plus accelerate's trackers; main process only."""
 
-    def __init__(self, accelerator, path: Path, resumed_step: int | None):
+    def __init__(self, accelerator, path: Path, resumed_step: int | None, console=None):
         self.accelerator, self.path = accelerator, path
         if accelerator.is_main_process:
             kept = []
             if resumed_step is not None and path.exists():
+                records, torn = read_jsonl(path)
+                if torn and console is not None:
+                    console.print(f"note: {path}: dropped {torn} unreadable line(s), the torn end of the interrupted "
+                                  "run's log", highlight=False)
                 # lines the interrupted run wrote after its checkpoint are replaced by this run's
-                kept = [ln for ln in path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= resumed_step and "event" not in json.loads(ln)]
+                kept = [json.dumps(r) for r in records if r.get("step", 0) <= resumed_step and "event" not in r]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(ln + "\n" for ln in kept))
 

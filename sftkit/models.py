@@ -38,10 +38,11 @@ def resolve_model_path(name: str) -> str:
 
     # keyed by the preset's definition: a changed preset never reuses an old build
     key = hashlib.sha256(json.dumps([TINY_CONFIG, TINY_INIT_SEED], sort_keys=True).encode()).hexdigest()[:12]
-    from sftkit.io import cache_dir
+    from sftkit.io import cache_dir, remove_stale_tmp
 
     path = cache_dir() / "models" / f"{TINY}-{key}"
     if not (path / "model.safetensors").is_file():
+        remove_stale_tmp(path.parent)
         _build_tiny(path)
     return str(path)
 
@@ -55,7 +56,7 @@ def _build_tiny(path: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_INIT_SEED)
         model = Qwen3ForCausalLM(Qwen3Config(**TINY_CONFIG))
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, replace=False) as tmp:  # a cache entry: first complete writer wins
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp)
         GenerationConfig.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp)

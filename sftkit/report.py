@@ -64,11 +64,12 @@ def print_examples(dataset, tokenizer, n: int, con) -> None:
 
 def plot_losses(metrics: Path, path: Path) -> None:
     """loss.png: train loss (and eval loss where measured) against step."""
-    import json
 
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    from sftkit.metrics import read_jsonl
+
+    rows, _ = read_jsonl(metrics)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig = Figure(figsize=(6, 3.5))

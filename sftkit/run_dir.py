@@ -20,11 +20,13 @@ from sftkit.checkpoint import (
     FINAL_DIR,
     TRAINER_STATE,
     TrainState,
+    damage,
     list_checkpoints,
     read_state,
     saved_config,
 )
 from sftkit.errors import ConfigError, NothingToDo
+from sftkit.io import check_not_an_input
 
 RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml")  # written beside checkpoint-N/ and final/
 NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # differ on every resume
@@ -36,16 +38,22 @@ def run_identity(cfg, data_fingerprint: str, world_size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_output_dir(out: Path) -> None:
+def check_output_dir(out: Path, inputs: list) -> None:
+    """Not a file, and not one of the inputs (nor holding or inside one)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out} is a file; pass a directory (it is created if missing)")
+    check_not_an_input(out, inputs)
 
 
 def claim(cfg, accelerator) -> None:
     """A new run (no resume) refuses a folder that holds another run's checkpoints or final/;
-    with overwrite_output_dir it removes them (and that run's metrics) first."""
+    with overwrite_output_dir it removes them (and that run's metrics) first. Temporary folders a
+    killed save left here are removed (the folder belongs to this run)."""
     out = Path(cfg.output_dir)
-    check_output_dir(out)
+    check_output_dir(out, [*cfg.data_path, cfg.eval_data_path, cfg.model_name_or_path, cfg.chat_template])
+    if accelerator.is_main_process and out.is_dir():
+        for stale in [*out.glob(".checkpoint-*.tmp"), out / f".{FINAL_DIR}.tmp"]:
+            shutil.rmtree(stale, ignore_errors=True)
     if cfg.resume_from_checkpoint:
         return
     found = [p.name for p in list_checkpoints(out)] + ([f"{FINAL_DIR}/"] if (out / FINAL_DIR).exists() else [])
@@ -69,6 +77,7 @@ class Resume:
     saved: TrainState    # its state
     changes: list[str]   # options (and data) that differ from the run that wrote it
     same_run: bool       # its identity is this configuration's
+    skipped: list[str]   # newer checkpoints of this run that were damaged, with what was wrong
 
 
 def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float]) -> Resume:
@@ -79,7 +88,7 @@ def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float]) 
     out, spec = Path(cfg.output_dir), cfg.resume_from_checkpoint
     if spec == "latest":
         found = list_checkpoints(out)
-        mine = [p for p in found if read_state(p).run_id in ("", state.run_id)]  # "": written before run ids
+        mine = [p for p in found if _run_of(p) in (None, "", state.run_id)]  # "": written before run ids
         if not found and (out / FINAL_DIR).is_dir():
             raise NothingToDo(f"the run in {out} has finished ({FINAL_DIR}/ is there, and it kept no checkpoint); "
                               "nothing to resume")
@@ -91,14 +100,38 @@ def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float]) 
                               f"{changes or 'the number of processes'}); restore those options to continue it, pass "
                               "--resume_from_checkpoint with a checkpoint's path to continue it with these options "
                               "anyway, or choose a new --output_dir")
-        path = mine[-1]
+        path, skipped = newest_intact(mine)
     else:
-        path = Path(spec)
+        path, skipped = Path(spec), []
         if not (path / TRAINER_STATE).is_file():
             raise ConfigError(f"--resume_from_checkpoint {spec}: not a checkpoint directory (no {TRAINER_STATE})")
+        problem = damage(path)
+        if problem:
+            intact = [p.name for p in list_checkpoints(path.parent) if damage(p) is None]
+            raise ConfigError(f"{path} is damaged: {problem}; intact checkpoints beside it: "
+                              f"{', '.join(intact) or 'none'}")
     saved = read_state(path)
     check_schedule(path, saved, state.total_steps, lr_factor)
-    return Resume(path, saved, describe_changes(path, cfg, saved, state), saved.run_id in ("", state.run_id))
+    return Resume(path, saved, describe_changes(path, cfg, saved, state), saved.run_id in ("", state.run_id),
+                  skipped)
+
+
+def _run_of(path: Path) -> str | None:
+    try:
+        return read_state(path).run_id
+    except ConfigError:
+        return None  # unreadable: a damaged checkpoint, judged by newest_intact
+
+
+def newest_intact(candidates: list[Path]) -> tuple[Path, list[str]]:
+    """The newest checkpoint that verifies, and what was skipped on the way (newest first)."""
+    skipped = []
+    for path in reversed(candidates):
+        problem = damage(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path.name} ({problem})")
+    raise ConfigError(f"no intact checkpoint to resume: {'; '.join(skipped)}")
 
 
 def check_schedule(path: Path, saved: TrainState, total: int, lr_factor: Callable[[int, int], float]) -> None:

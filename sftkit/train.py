@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -24,8 +25,15 @@ from typing import Any
 import torch
 
 from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator
-from sftkit.batching import MicroBatch, Schedule, StepBatches, ignore_stop_signals, total_steps
-from sftkit.checkpoint import TrainState, checkpoint_dir, load_checkpoint, save_checkpoint, save_model
+from sftkit.batching import MicroBatch, PackedSteps, Schedule, StepBatches, ignore_stop_signals, total_steps
+from sftkit.checkpoint import (
+    TrainState,
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_final,
+)
 from sftkit.config import SFTConfig
 from sftkit.data.dataset import prepared_dir
 from sftkit.data.prepare import Mixing, load_prepared, read_manifest
@@ -123,12 +131,17 @@ def build_optimizer(cfg: SFTConfig, params: list) -> torch.optim.AdamW:
 EXIT_STOPPED = 75
 
 
+class StoppedWaiting(Exception):
+    """A stop signal arrived while the loop waited for the next step's data."""
+
+
 class StopRequest:
     """SIGTERM/SIGINT (a preempted job, Ctrl-C): finish the step, save a checkpoint, exit cleanly."""
 
     def __init__(self):
         self.requested = False
         self.signal: str | None = None
+        self.waiting = False  # blocked on the data workers: a signal then ends the wait at once
         self._old = {}
 
     def __enter__(self):
@@ -139,6 +152,8 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.requested = True
         self.signal = signal.Signals(signum).name
+        if self.waiting:  # a step boundary: nothing is half done, and a hung worker must not hold the run
+            raise StoppedWaiting()
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -174,10 +189,9 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     # Not passed to prepare(): accelerate would step it once per process per optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_schedule(cfg), steps))
-    accelerator.register_for_checkpointing(scheduler)
     if resume:
         # the counters continue; the identity, length and data are this configuration's from now on
-        state = dataclasses.replace(load_checkpoint(accelerator, resume.path), total_steps=steps,
+        state = dataclasses.replace(load_checkpoint(accelerator, resume.path, scheduler), total_steps=steps,
                                     run_id=state.run_id, data_fingerprint=data_fp)
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
@@ -187,7 +201,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s)
-    start_outputs(run, trainable, total, resumed=state.step if resume else None)
+    start_outputs(run, trainable, total, resumed=state.step if resume else None, console=console)
     return run
 
 
@@ -208,6 +222,8 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
 
 def report_resume(resume: Resume, steps: int, console) -> None:
     """Say which checkpoint the run continues from and what changed since it was written."""
+    for skipped in resume.skipped:
+        console.print(f"[yellow]skipped damaged {skipped}[/yellow]", highlight=False)
     console.print(f"resuming from {resume.path}: step {resume.saved.step} of {steps}", highlight=False)
     if resume.changes:
         what = "changed since that checkpoint" if resume.same_run else \
@@ -215,7 +231,7 @@ def report_resume(resume: Resume, steps: int, console) -> None:
         console.print(f"{what}: {'; '.join(resume.changes)}", highlight=False)
 
 
-def start_outputs(run: Run, trainable: int, total: int, resumed: int | None) -> None:
+def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, console=None) -> None:
     """config.yaml, the trackers, and metrics.jsonl with its start line."""
     cfg, acc = run.cfg, run.accelerator
     if acc.is_main_process:
@@ -226,7 +242,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None) -> 
         flat = {k: ",".join(map(str, v)) if isinstance(v, list) else "" if v is None else v
                 for k, v in cfg.to_dict().items()}
         acc.init_trackers(cfg.run_name or run.out.name, config=flat)
-    run.log = MetricsLog(acc, run.out / "metrics.jsonl", resumed)
+    run.log = MetricsLog(acc, run.out / "metrics.jsonl", resumed, console)
     run.log.write({
         "event": "start", "world_size": acc.num_processes, "distributed_type": distributed_type(acc),
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
@@ -242,11 +258,28 @@ def step_batches(run: Run) -> StepBatches:
                        run.cfg.padding_free)
 
 
-def step_loader(run: Run) -> torch.utils.data.DataLoader:
-    """The remaining steps' micro-batches, collated ahead in `dataloader_num_workers` processes."""
+def step_loader(run: Run, stop: StopRequest | None = None):
+    """The remaining steps' micro-batches, collated ahead in `dataloader_num_workers` processes
+    and handed over packed (one tensor a step). While it waits, a stop signal ends the wait."""
+    batches = iter(data_loader(run))
+    while True:
+        if stop is not None:
+            stop.waiting = True
+        try:
+            packed = next(batches)
+        except StopIteration:
+            return
+        finally:
+            if stop is not None:
+                stop.waiting = False
+        yield packed.unpack()
+
+
+def data_loader(run: Run) -> torch.utils.data.DataLoader:
     workers = run.cfg.dataloader_num_workers
     return torch.utils.data.DataLoader(
-        step_batches(run), sampler=range(run.state.step, run.total_steps), batch_size=None, num_workers=workers,
+        PackedSteps(step_batches(run)), sampler=range(run.state.step, run.total_steps), batch_size=None,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None,
         worker_init_fn=ignore_stop_signals,
         # its own generator: starting an iterator draws a worker seed, and a draw from the global RNG
@@ -290,33 +323,49 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def fit(run: Run, console=None) -> bool:
-    """Train to the last step; False when a stop signal ended the run early (a checkpoint is saved)."""
+def fit(run: Run, console=None, stop: StopRequest | None = None) -> bool:
+    """Train to the last step; False when a stop signal ended the run early (a checkpoint is saved).
+    `stop`: the signal handling of the caller (run() keeps it on through finish), or fit's own."""
     from sftkit.progress import train_progress
 
     cfg, state = run.cfg, run.state
     run.model.train()
     run.meter = Throughput(run.peak_flops)
     main = run.accelerator.is_main_process
-    with StopRequest() as stop, train_progress(run.total_steps, state.step, enabled=main, console=console) as bar:
-        for batches in step_loader(run):
-            stats = train_step(run, batches, stop.requested)
-            state.advance(cfg.gradient_accumulation_steps, stats.tokens, stats.supervised, stats.skipped)
-            run.meter.add(stats.tokens, stats.slots,
-                          run.step_flops(stats.tokens, stats.supervised, stats.attn_pairs) / run.accelerator.num_processes)
-            last = state.step == run.total_steps
-            saving = bool(cfg.save_steps) and state.step % cfg.save_steps == 0
-            if state.step % cfg.logging_steps == 0 or state.step == 1 or last or stats.stop or saving:
-                log_step(run, stats, bar)
-            if run.eval_set is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0 and not last:
-                log_eval(run)
-            if stats.stop and not last:
-                run.log.write({"event": "stopped", "step": state.step, "checkpoint": str(save(run)),
-                               "signal": stop.signal or "on another rank"})
-                return False
-            if saving and not last:
-                save(run)
+    with contextlib.nullcontext(stop) if stop else StopRequest() as signals, \
+            train_progress(run.total_steps, state.step, enabled=main, console=console) as bar:
+        try:
+            for batches in step_loader(run, signals):
+                stats = train_step(run, batches, signals.requested)
+                state.advance(cfg.gradient_accumulation_steps, stats.tokens, stats.supervised, stats.skipped)
+                run.meter.add(stats.tokens, stats.slots, run.step_flops(stats.tokens, stats.supervised,
+                                                                        stats.attn_pairs) / run.accelerator.num_processes)
+                last = state.step == run.total_steps
+                saving = bool(cfg.save_steps) and state.step % cfg.save_steps == 0
+                if state.step % cfg.logging_steps == 0 or state.step == 1 or last or stats.stop or saving:
+                    log_step(run, stats, bar)
+                if run.eval_set is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0 and not last:
+                    log_eval(run)
+                if stats.stop and not last:
+                    run.log.write({"event": "stopped", "step": state.step, "checkpoint": str(save(run)),
+                                   "signal": signals.signal or "on another rank"})
+                    return False
+                if saving and not last:
+                    save(run)
+        except StoppedWaiting:
+            return stopped_waiting(run, signals)
     return True
+
+
+def stopped_waiting(run: Run, stop: StopRequest) -> bool:
+    """A signal ended the wait for the next step's data. One process saves the step it finished
+    and returns False (stopped); several cannot (the others may be inside the next step's
+    collectives), so each stops, naming the last checkpoint."""
+    if run.accelerator.num_processes > 1:
+        raise SftkitError(f"stopped by {stop.signal} while waiting for the data of step {run.state.step + 1}. "
+                          f"{last_finite(run)} Resume with --resume_from_checkpoint latest")
+    run.log.write({"event": "stopped", "step": run.state.step, "checkpoint": str(save(run)), "signal": stop.signal})
+    return False
 
 
 def log_step(run: Run, stats: StepStats, bar) -> None:
@@ -325,9 +374,8 @@ def log_step(run: Run, stats: StepStats, bar) -> None:
     state = run.state
     loss = stats.loss(run.accelerator)
     if not math.isfinite(loss) and not stats.skipped:
-        raise SftkitError(f"the loss became {loss} at step {state.step}; lower --learning_rate, "
-                          "use bf16 instead of fp16, or pass --skip_nan_steps. "
-                          "Checkpoints saved before this step are kept.")
+        raise SftkitError(f"training diverged at step {state.step}: the loss became {loss}. {last_finite(run)} "
+                          "Lower --learning_rate, use bf16 instead of fp16, or pass --skip_nan_steps")
     record = {
         "step": state.step, "epoch": round(run.schedule.epoch_of(state.micro_index), 4),
         "loss": loss if math.isfinite(loss) else None, "skipped_steps": state.skipped_steps,
@@ -339,32 +387,60 @@ def log_step(run: Run, stats: StepStats, bar) -> None:
     bar.update(state.step, loss=record["loss"] or math.nan, lr=stats.lr, tokens_per_s=record["tokens_per_s"])
 
 
-def log_eval(run: Run) -> dict:
-    """Eval loss and perplexity on the eval set, logged at this step; the model goes back to train mode."""
+def log_eval(run: Run, stop: StopRequest | None = None) -> dict | None:
+    """Eval loss and perplexity on the eval set, logged at this step; the model goes back to train
+    mode. With `stop`, a stop signal cuts the eval short (on every rank) and it returns None."""
     ev = evaluate_loss(run.model, run.eval_set, run.accelerator, run.cfg.per_device_eval_batch_size,
-                       run.tokenizer.pad_token_id, run.head)
-    run.log.write({"step": run.state.step, "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]}, step=run.state.step)
+                       run.tokenizer.pad_token_id, run.head, should_stop=stop and (lambda: stop.requested))
+    if ev is not None:
+        run.log.write({"step": run.state.step, "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]},
+                      step=run.state.step)
     run.model.train()
     return ev
 
 
 def save(run: Run) -> Path:
-    """checkpoint-N for the current step."""
+    """checkpoint-N for the current step, written only from finite weights and optimizer state."""
+    if not state_is_finite(run):
+        raise SftkitError(f"training diverged at step {run.state.step}: a weight or an optimizer moment became "
+                          f"nan or inf, so checkpoint-{run.state.step} was not written. {last_finite(run)} "
+                          "Lower --learning_rate, use bf16 instead of fp16, or pass --skip_nan_steps")
     run.state.elapsed_s = time.time() - run.start_time
-    return save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state)
+    return save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler)
+
+
+def state_is_finite(run: Run) -> bool:
+    """Every trainable weight and optimizer tensor finite, on every rank (one all-reduce)."""
+    device = run.accelerator.device
+    tensors = [p.detach() for p in run.params]
+    tensors += [v for st in getattr(run.optimizer, "state", {}).values() for v in st.values()
+                if torch.is_tensor(v) and v.is_floating_point()]
+    bad = torch.stack([(~torch.isfinite(t).all()).to(device) for t in tensors]).sum() if tensors else \
+        torch.zeros((), device=device)
+    return run.accelerator.reduce(bad.long(), reduction="sum").item() == 0
+
+
+def last_finite(run: Run) -> str:
+    """Which checkpoint to go back to: every checkpoint this run wrote was checked finite."""
+    kept = list_checkpoints(run.out)
+    return f"The last checkpoint, {kept[-1]}, holds finite weights." if kept else "No checkpoint was written before it."
 
 
 # ---- the end ------------------------------------------------------------------------------------
-def finish(run: Run) -> dict:
-    """Final eval, checkpoint and model; the summary, also written as the last line of metrics.jsonl."""
+def finish(run: Run, stop: StopRequest | None = None) -> dict:
+    """The last checkpoint and final/ (written first, atomically), then the final eval (which a
+    stop signal cuts short); the summary, also the last line of metrics.jsonl."""
     acc, state, summary = run.accelerator, run.state, {}
-    if run.eval_set is not None:
-        ev = log_eval(run)
-        summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
     state.elapsed_s = time.time() - run.start_time
     if run.cfg.save_steps:
         save(run)
-    save_model(acc, run.model, run.tokenizer, run.cfg, run.out / "final")
+    save_final(acc, run.model, run.tokenizer, run.cfg, run.out)
+    if run.eval_set is not None:
+        ev = log_eval(run, stop)
+        if ev is None:
+            summary["final_eval"] = f"skipped: stopped by {stop.signal or 'a signal on another rank'}"
+        else:
+            summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
     prints = None if is_zero3(acc) else acc.gather(
         param_fingerprint(run.model).to(acc.device).unsqueeze(0)).tolist()
     summary.update(event="end", step=state.step, tokens=state.tokens, supervised_tokens=state.supervised_tokens,
@@ -387,10 +463,17 @@ def run(cfg: SFTConfig, console=None) -> dict:
     """Train as `cfg` says; returns the final summary (also the last line of metrics.jsonl)."""
     r = setup(cfg, console)
     try:
-        if not fit(r, console):
-            return {"event": "stopped", "step": r.state.step, "elapsed_s": round(time.time() - r.start_time, 2),
-                    "checkpoint": str(checkpoint_dir(r.out, r.state.step))}
-        return finish(r)
+        with StopRequest() as stop:  # the end of the run is as protected as its steps
+            if not fit(r, console, stop):
+                return {"event": "stopped", "step": r.state.step, "elapsed_s": round(time.time() - r.start_time, 2),
+                        "checkpoint": str(checkpoint_dir(r.out, r.state.step))}
+            return finish(r, stop)
+    except RuntimeError as err:
+        # torch raises this from its SIGCHLD handler, wherever the loop is, within seconds of the death
+        if "DataLoader worker" not in str(err):
+            raise
+        raise SftkitError(f"the data worker process died ({str(err).splitlines()[0][:200]}); run again with "
+                          "--dataloader_num_workers 0 to see the cause in the training process") from None
     finally:
         if cfg.trackers:
             r.accelerator.end_training()

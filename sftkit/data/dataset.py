@@ -13,7 +13,7 @@ from sftkit.errors import ConfigError
 def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
                  mixing: prep.Mixing | None = None) -> Path:
     """A directory holding the prepared form of `specs` (mixed by `mixing`), building it if needed."""
-    from sftkit.io import cache_dir
+    from sftkit.io import cache_dir, remove_stale_tmp
 
     if any(prep.is_prepared(s) for s in specs) and (len(specs) > 1 or mixing):
         raise ConfigError("a prepared directory cannot be mixed with other sources or weighted; "
@@ -28,7 +28,9 @@ def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
         return Path(specs[0])
     srcs = prep.resolve_sources(specs, opts)
     out = cache_dir() / "prepared" / prep.fingerprint(srcs, tokenizer, opts, mixing)[:20]
-    prep.prepare(opts, specs, out, tokenizer, console, mixing)
+    if not prep.is_prepared(out):
+        remove_stale_tmp(out.parent)
+    prep.prepare(opts, specs, out, tokenizer, console, mixing, cache=True)
     return out
 
 

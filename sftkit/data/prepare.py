@@ -198,9 +198,10 @@ def percentiles(values: list[int]) -> dict[str, int]:
 
 
 def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, console=None,
-            mixing: Mixing | None = None) -> dict:
+            mixing: Mixing | None = None, cache: bool = False) -> dict:
     """Build `out_dir` (dataset + manifest.json + lengths.png) unless it already holds this
-    fingerprint. `mixing`: one weight per entry of `specs` (see `mix`)."""
+    fingerprint. `mixing`: one weight per entry of `specs` (see `mix`). `cache`: out_dir is a
+    content-addressed cache entry that other processes may be building or reading at once."""
     from sftkit.io import atomic_directory, atomic_write_json
     from sftkit.progress import progress_bar
 
@@ -236,7 +237,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
         "options": opts.example_options(), "seconds": round(time.time() - start, 2),
     }
     assert manifest["rows_in"] == manifest["examples_kept"] + sum(manifest["dropped"].values())
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, replace=not cache) as tmp:
         _save_dataset(tmp / DATASET_DIR, ids, labels)
         _plot_lengths(tmp / "lengths.png", lengths, opts.max_length)
         atomic_write_json(tmp / MANIFEST, manifest)
