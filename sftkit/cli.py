@@ -173,7 +173,7 @@ def build_app() -> typer.Typer:
     def train(config: Path | None = CONFIG_OPTION, overrides: dict = None):
         """Fine-tune (LoRA or full). Run under `accelerate launch -m sftkit train` for several processes."""
         from sftkit.commands import train_command
-        from sftkit.train import EXIT_STOPPED
+        from sftkit.signals import EXIT_STOPPED
 
         summary = train_command(load_config(config, overrides))
         if summary["event"] == "stopped" or "final_eval" in summary:

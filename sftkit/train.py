@@ -5,7 +5,9 @@
   setup       the accelerator, the data, the model, optimizer and schedule, the state (resumed or new)
   train_step  one optimizer step over its micro-batches: the exact loss, backward, clip, step
   fit         the loop, top to bottom; logging, eval and saving are one line each
-  finish      the final eval, checkpoint and model, and the end line of metrics.jsonl
+  finish      the last checkpoint and final/, then the final eval, and the end line of metrics.jsonl
+
+A stop signal (signals.StopRequest) is honoured at step boundaries from the first step to the end.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from sftkit.metrics import (
 )
 from sftkit.models import build_for_training, count_parameters, load_tokenizer, resolve_model_path
 from sftkit.run_dir import Resume, claim, find_resume, run_identity
+from sftkit.signals import StoppedWaiting, StopRequest
 
 
 @dataclass
@@ -124,40 +126,6 @@ def build_optimizer(cfg: SFTConfig, params: list) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                              fused=cfg.fused_adamw or None, foreach=None if cfg.fused_adamw else True)
-
-
-# `sftkit train` stopped by SIGTERM/SIGINT after saving a checkpoint exits with this code (sysexits'
-# EX_TEMPFAIL, "try again later"): not 0, which means finished, and not 2, a mistake to fix.
-EXIT_STOPPED = 75
-
-
-class StoppedWaiting(Exception):
-    """A stop signal arrived while the loop waited for the next step's data."""
-
-
-class StopRequest:
-    """SIGTERM/SIGINT (a preempted job, Ctrl-C): finish the step, save a checkpoint, exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal: str | None = None
-        self.waiting = False  # blocked on the data workers: a signal then ends the wait at once
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        self.signal = signal.Signals(signum).name
-        if self.waiting:  # a step boundary: nothing is half done, and a hung worker must not hold the run
-            raise StoppedWaiting()
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 # ---- setup --------------------------------------------------------------------------------------
