@@ -239,12 +239,13 @@ def damage(path: Path) -> str | None:
     (sftkit >= 0.1 state version 3) every file must match it and no other file may be there;
     older checkpoints get the checks their layout allows."""
     try:
-        read_state(path)
-    except (OSError, ValueError, ConfigError) as err:
+        values = json.loads((path / TRAINER_STATE).read_text())
+        TrainState.from_dict(values)
+    except (OSError, ValueError, TypeError, AttributeError, ConfigError) as err:  # AttributeError: not an object
         return f"{TRAINER_STATE} is unreadable ({str(err).splitlines()[0][:120]})"
     marker = path / CHECKSUMS
     if not marker.is_file():
-        if json.loads((path / TRAINER_STATE).read_text()).get("version", 1) >= 3:  # which always wrote one
+        if values.get("version", 1) >= 3:  # which always wrote one
             return f"{CHECKSUMS} is missing (a copy cut short?)"
         if not any((path / STATE_DIR).glob("*")) or not any((path / MODEL_DIR).glob("*")):
             return f"{STATE_DIR}/ or {MODEL_DIR}/ is missing or empty (a copy cut short?)"

@@ -10,7 +10,7 @@ from sftkit.progress import console
 
 
 def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
-    from sftkit.data.prepare import Mixing, load_prepared, prepare
+    from sftkit.data.prepare import load_prepared, prepare
     from sftkit.models import load_tokenizer
     from sftkit.report import print_examples, print_manifest
     from sftkit.run_dir import check_output_dir
@@ -19,8 +19,7 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.data_path)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
-    mixing = Mixing(cfg.data_weights, cfg.seed) if cfg.data_weights else None
-    manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, mixing)
+    manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, cfg.mixing())
     print_manifest(manifest, out, con)
     if inspect_n:
         print_examples(load_prepared(out), tokenizer, inspect_n, con)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftkit.data.options import DataOptions
+from sftkit.data.options import DataOptions, Mixing
 from sftkit.errors import ConfigError
 from sftkit.options import EVAL, NOT_IDENTITY, PREPARE, check_choice, check_types, declared_in, default_of, values_of
 from sftkit.options import field_docs as docs_of
@@ -199,6 +199,10 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
     def data_options(self) -> DataOptions:
         """The data group alone: what the data package is given."""
         return DataOptions(**values_of(DataOptions, self))
+
+    def mixing(self) -> Mixing | None:
+        """data_weights with the seed that picks their fractional shares; None without weights."""
+        return Mixing(self.data_weights, self.seed) if self.data_weights else None
 
     @property
     def mixed_precision(self) -> str:

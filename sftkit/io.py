@@ -41,12 +41,18 @@ def check_not_an_input(out: Path, inputs: list, flag: str = "--output_dir") -> N
                               f"inside it; choose another {flag}")
 
 
-def check_free_output(out: Path, overwrite: bool, flag: str = "--output_dir") -> None:
-    """An existing file or a non-empty folder is someone's data: refused unless overwrite."""
+def check_not_a_file(out: Path, flag: str = "--output_dir") -> None:
     from sftkit.errors import ConfigError
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file; pass a directory (it is created if missing)")
+
+
+def check_free_output(out: Path, overwrite: bool, flag: str = "--output_dir") -> None:
+    """An existing file or a non-empty folder is someone's data: refused unless overwrite."""
+    from sftkit.errors import ConfigError
+
+    check_not_a_file(out, flag)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{flag} {out} is not empty; choose a new folder, or pass --overwrite_output_dir to "
                           "replace its contents")
@@ -82,10 +88,14 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _host_tag() -> str:
+    """This host, hashed: a temporary folder's name may hold no dots."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _writer_tag() -> str:
-    """Who writes a temporary folder: this host (hashed: names may hold no dots) and process."""
-    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-    return f"sftkit-{host}-{os.getpid()}"
+    """Who writes a temporary folder: this host and process."""
+    return f"sftkit-{_host_tag()}-{os.getpid()}"
 
 
 _TMP_NAME = re.compile(r"\.sftkit-([0-9a-f]{8})-(\d+)-[^.]*\.tmp$")
@@ -94,7 +104,7 @@ _TMP_NAME = re.compile(r"\.sftkit-([0-9a-f]{8})-(\d+)-[^.]*\.tmp$")
 def remove_stale_tmp(parent: Path) -> list[Path]:
     """Remove the temporary folders in `parent` whose writer, a process on this host, is gone
     (killed mid-write: nothing else would ever clean them). Returns what was removed."""
-    here = _writer_tag().split("-")[1]
+    here = _host_tag()
     removed = []
     for path in parent.glob(".*.tmp") if parent.is_dir() else []:
         found = _TMP_NAME.search(path.name)

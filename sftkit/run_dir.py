@@ -26,7 +26,7 @@ from sftkit.checkpoint import (
     saved_config,
 )
 from sftkit.errors import ConfigError, NothingToDo
-from sftkit.io import check_not_an_input
+from sftkit.io import check_not_a_file, check_not_an_input
 
 RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml")  # written beside checkpoint-N/ and final/
 NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # differ on every resume
@@ -40,8 +40,7 @@ def run_identity(cfg, data_fingerprint: str, world_size: int) -> str:
 
 def check_output_dir(out: Path, inputs: list) -> None:
     """Not a file, and not one of the inputs (nor holding or inside one)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output_dir {out} is a file; pass a directory (it is created if missing)")
+    check_not_a_file(out)
     check_not_an_input(out, inputs)
 
 
@@ -64,7 +63,7 @@ def claim(cfg, accelerator) -> None:
         raise ConfigError(f"{out} holds another run ({shown}); continue it with --resume_from_checkpoint latest, "
                           "choose a new --output_dir, or pass --overwrite_output_dir to replace it")
     if accelerator.is_main_process:
-        for p in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*.tmp"), out / FINAL_DIR]:
+        for p in [*out.glob("checkpoint-*"), out / FINAL_DIR]:  # temporary folders went above
             shutil.rmtree(p, ignore_errors=True)
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)

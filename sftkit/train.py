@@ -37,7 +37,7 @@ from sftkit.checkpoint import (
 )
 from sftkit.config import SFTConfig
 from sftkit.data.dataset import prepared_dir
-from sftkit.data.prepare import Mixing, load_prepared, read_manifest
+from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
 from sftkit.flops import flops_per_step_fn, peak_flops
@@ -176,11 +176,10 @@ def setup(cfg: SFTConfig, console=None) -> Run:
 def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
     """(train set, eval set or None, the train set's fingerprint), prepared on rank 0 first; the
     other ranks then find its cache."""
-    main = accelerator.is_main_process
-    mixing = Mixing(cfg.data_weights, cfg.seed) if cfg.data_weights else None
+    main, opts = accelerator.is_main_process, cfg.data_options()
     with accelerator.main_process_first():
-        train_dir = prepared_dir(cfg.data_options(), cfg.data_path, tokenizer, console if main else None, mixing)
-        eval_dir = prepared_dir(cfg.data_options(), [cfg.eval_data_path], tokenizer) if cfg.eval_data_path else None
+        train_dir = prepared_dir(opts, cfg.data_path, tokenizer, console if main else None, cfg.mixing())
+        eval_dir = prepared_dir(opts, [cfg.eval_data_path], tokenizer) if cfg.eval_data_path else None
     train_set = load_prepared(train_dir)
     if cfg.packing and max(train_set["length"]) > cfg.max_length:
         raise SftkitError(f"{train_dir} holds examples longer than max_length={cfg.max_length}, which cannot be packed; "
@@ -315,9 +314,7 @@ def fit(run: Run, console=None, stop: StopRequest | None = None) -> bool:
                 if run.eval_set is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0 and not last:
                     log_eval(run)
                 if stats.stop and not last:
-                    run.log.write({"event": "stopped", "step": state.step, "checkpoint": str(save(run)),
-                                   "signal": signals.signal or "on another rank"})
-                    return False
+                    return save_and_stop(run, signals)
                 if saving and not last:
                     save(run)
         except StoppedWaiting:
@@ -332,7 +329,13 @@ def stopped_waiting(run: Run, stop: StopRequest) -> bool:
     if run.accelerator.num_processes > 1:
         raise SftkitError(f"stopped by {stop.signal} while waiting for the data of step {run.state.step + 1}. "
                           f"{last_finite(run)} Resume with --resume_from_checkpoint latest")
-    run.log.write({"event": "stopped", "step": run.state.step, "checkpoint": str(save(run)), "signal": stop.signal})
+    return save_and_stop(run, stop)
+
+
+def save_and_stop(run: Run, stop: StopRequest) -> bool:
+    """checkpoint-N of the step just finished and the stopped line of metrics.jsonl; False for fit."""
+    run.log.write({"event": "stopped", "step": run.state.step, "checkpoint": str(save(run)),
+                   "signal": stop.signal or "on another rank"})
     return False
 
 

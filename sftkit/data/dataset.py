@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftkit.data import prepare as prep
-from sftkit.data.options import DataOptions
+from sftkit.data.options import DataOptions, Mixing
 from sftkit.errors import ConfigError
 
 
 def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
-                 mixing: prep.Mixing | None = None) -> Path:
+                 mixing: Mixing | None = None) -> Path:
     """A directory holding the prepared form of `specs` (mixed by `mixing`), building it if needed."""
     from sftkit.io import cache_dir, remove_stale_tmp
 
@@ -27,10 +27,11 @@ def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
                               f"({manifest.get('tokenizer')}); run prepare-data again with this model")
         return Path(specs[0])
     srcs = prep.resolve_sources(specs, opts)
-    out = cache_dir() / "prepared" / prep.fingerprint(srcs, tokenizer, opts, mixing)[:20]
+    fp = prep.fingerprint(srcs, tokenizer, opts, mixing)  # names the entry; prepare reuses it
+    out = cache_dir() / "prepared" / fp[:20]
     if not prep.is_prepared(out):
         remove_stale_tmp(out.parent)
-    prep.prepare(opts, specs, out, tokenizer, console, mixing, cache=True)
+    prep.prepare(opts, specs, out, tokenizer, console, mixing, cache=True, fp=fp)
     return out
 
 

@@ -23,6 +23,14 @@ REASONING = ("template", "drop")
 NOT_IN_EXAMPLES = {"in_examples": False}
 
 
+@dataclass(frozen=True)
+class Mixing:
+    """`--data_weights`: one weight per data_path entry, and the seed that picks fractional shares."""
+
+    weights: list[float]
+    seed: int
+
+
 @dataclass
 class DataOptions:
     data_path: list[str] = field(default_factory=list, metadata=EVAL)

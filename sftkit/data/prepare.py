@@ -17,7 +17,7 @@ from typing import Any
 
 from sftkit._version import __version__
 from sftkit.data import formats, sources
-from sftkit.data.options import DataOptions
+from sftkit.data.options import DataOptions, Mixing
 from sftkit.data.render import IGNORE_INDEX, RenderOptions, render_batch, template_spec
 from sftkit.errors import ConfigError, DataError
 
@@ -39,14 +39,6 @@ class Loaded:
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
     per_source: list[dict] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Mixing:
-    """`--data_weights`: one weight per data_path entry, and the seed that picks fractional shares."""
-
-    weights: list[float]
-    seed: int
 
 
 def render_options(opts: DataOptions) -> RenderOptions:
@@ -198,16 +190,17 @@ def percentiles(values: list[int]) -> dict[str, int]:
 
 
 def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, console=None,
-            mixing: Mixing | None = None, cache: bool = False) -> dict:
+            mixing: Mixing | None = None, cache: bool = False, fp: str | None = None) -> dict:
     """Build `out_dir` (dataset + manifest.json + lengths.png) unless it already holds this
     fingerprint. `mixing`: one weight per entry of `specs` (see `mix`). `cache`: out_dir is a
-    content-addressed cache entry that other processes may be building or reading at once."""
+    content-addressed cache entry that other processes may be building or reading at once.
+    `fp`: the fingerprint when the caller has computed it (it reads every byte of the data)."""
     from sftkit.io import atomic_directory, atomic_write_json
     from sftkit.progress import progress_bar
 
     srcs = resolve_sources(specs, opts)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
-    fp = fingerprint(srcs, tokenizer, opts, mixing, tokenizer_fp)
+    fp = fp or fingerprint(srcs, tokenizer, opts, mixing, tokenizer_fp)
     old = read_manifest(out_dir)
     if old and old.get("fingerprint") == fp and is_prepared(out_dir):
         old["cached"] = True
