@@ -99,10 +99,10 @@ def read_state(path: Path) -> TrainState:
 
 def saved_config(path: Path) -> dict:
     """The options of the run that wrote a checkpoint or a final/ ({} when not recorded)."""
-    import yaml
+    from sftkit.io import read_yaml
 
     file = path / MODEL_DIR / CONFIG_FILE if (path / TRAINER_STATE).is_file() else path / CONFIG_FILE
-    return yaml.safe_load(file.read_text()) or {} if file.is_file() else {}
+    return read_yaml(file) or {} if file.is_file() else {}
 
 
 def model_in(path: str) -> str:

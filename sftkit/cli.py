@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperCommand
 
 from sftkit.config import COMMAND_OPTIONS, SFTConfig, eval_fields, field_docs, group_of, prepare_fields
-from sftkit.errors import ConfigError, NothingToDo, SftkitError
+from sftkit.errors import ConfigError, NothingToDo, SftkitError, clip
 from sftkit.options import cli_type, default_of
 
 CONFIG_OPTION = typer.Option(None, "--config", help="A YAML run file; flags given here override its values.")
@@ -32,13 +32,16 @@ BOOL_WORDS = {"1", "0", "true", "false", "t", "f", "yes", "no", "y", "n", "on", 
 
 
 def _default_text(f: dataclasses.Field) -> str:
-    """" [default: X]", escaped: rich would read an unescaped [default: X] as markup and drop it."""
+    """" [default: X] [range: R]", escaped: rich would read an unescaped [default: X] as markup
+    and drop it."""
     from rich.markup import escape
 
     value = default_of(f)
-    if value in (None, [], ""):
-        return ""
-    return escape(f" [default: {', '.join(map(str, value)) if isinstance(value, list) else value}]")
+    text = "" if value in (None, [], "") else \
+        f" [default: {', '.join(map(str, value)) if isinstance(value, list) else value}]"
+    if "range" in f.metadata:
+        text += f" [range: {f.metadata['range'].bounds()}]"
+    return escape(text)
 
 
 def config_options(fields: list[dataclasses.Field], docs: dict[str, str], panel: str | None = None,
@@ -92,7 +95,7 @@ def parse_bools(values: dict[str, Any]) -> dict[str, Any]:
     for name, value in values.items():
         if f"--{name}" in flags and isinstance(value, str):
             if value.lower() not in BOOL_WORDS:
-                raise ConfigError(f"--{name} {value}: expected true or false")
+                raise ConfigError(f"--{name} {clip(value)}: expected true or false")
             out[name] = value.lower() in ("1", "true", "t", "yes", "y", "on")
     return out
 

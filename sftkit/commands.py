@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from sftkit.config import GenerationOptions, MergeOptions, SFTConfig
+from sftkit.errors import ConfigError
 from sftkit.progress import console
 
 
@@ -17,6 +18,8 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
 
     con = console()
     out = Path(cfg.output_dir)
+    if inspect_n < 0:
+        raise ConfigError(f"--inspect must be at least 0, got {inspect_n}")
     check_output_dir(out, cfg.data_path)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, cfg.mixing())
@@ -42,6 +45,10 @@ def train_command(cfg: SFTConfig) -> dict:
         return summary
     con.print(f"done: {summary['step']} steps in {summary['elapsed_s']:.1f}s; model in {Path(cfg.output_dir) / 'final'}",
               highlight=False)
+    if summary.get("skipped_steps"):
+        con.print(f"[yellow]warning: {summary['skipped_steps']} of the {summary['step']} steps had a nan or inf "
+                  "gradient and were skipped (--skip_nan_steps); see skipped_steps in metrics.jsonl[/yellow]",
+                  highlight=False)
     if "final_eval" in summary:  # a stop signal came during the final eval: the model is complete
         con.print(f"the final eval was {summary['final_eval']}; run it with: sftkit eval --model "
                   f"{Path(cfg.output_dir) / 'final'} --data_path {cfg.eval_data_path}", highlight=False)
@@ -56,11 +63,13 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
     from sftkit.data.dataset import prepared_dir
     from sftkit.data.prepare import load_prepared
     from sftkit.evaluate import evaluate_loss
-    from sftkit.io import atomic_write_json
+    from sftkit.io import atomic_write_json, check_writable
     from sftkit.models import load_for_eval
     from sftkit.report import print_eval
 
     con = console()
+    out = Path(output_dir or (model_path if Path(model_path).is_dir() else "."))
+    check_writable(out, "eval.json's folder", "pass --output_dir to write eval.json elsewhere")
     accelerator = make_accelerator(cfg)
     model, tokenizer = load_for_eval(model_path, cfg)
     with accelerator.main_process_first():
@@ -70,7 +79,6 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
     model = accelerator.prepare(model)
     result = evaluate_loss(model, dataset, accelerator, cfg.per_device_eval_batch_size, tokenizer.pad_token_id)
     result.update(model=str(model_path), data=cfg.data_path)
-    out = Path(output_dir or (model_path if Path(model_path).is_dir() else "."))
     if gen is not None and gen.num_samples > 0:
         from sftkit.generate import generate_samples, reference_metrics
         from sftkit.io import atomic_write_text

@@ -10,13 +10,26 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sftkit.data.options import DataOptions, Mixing
-from sftkit.errors import ConfigError
-from sftkit.options import EVAL, NOT_IDENTITY, PREPARE, check_choice, check_types, declared_in, default_of, values_of
+from sftkit.errors import ConfigError, quote
+from sftkit.options import (
+    EVAL,
+    NOT_IDENTITY,
+    PREPARE,
+    above,
+    at_least,
+    between,
+    check_choice,
+    check_types,
+    declared_in,
+    default_of,
+    values_of,
+)
 from sftkit.options import field_docs as docs_of
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -47,44 +60,45 @@ class ModelOptions:
 class TrainOptions:
     output_dir: str = field(default="outputs/sft", metadata={**PREPARE, **NOT_IDENTITY})
     """Where checkpoints, metrics.jsonl, config.yaml and final/ go."""
-    num_train_epochs: float = field(default=1.0, metadata=NOT_IDENTITY)
+    num_train_epochs: float = field(default=1.0, metadata={**NOT_IDENTITY, **above(0, unless="max_steps")})
     """Passes over the training data (fractions allowed). Ignored when max_steps > 0."""
-    max_steps: int = field(default=-1, metadata=NOT_IDENTITY)
+    max_steps: int = field(default=-1, metadata={**NOT_IDENTITY, **at_least(1, off=-1)})
     """Optimizer steps to run; -1 means as many as num_train_epochs takes."""
-    per_device_train_batch_size: int = 4
+    per_device_train_batch_size: int = field(default=4, metadata=at_least(1))
     """Examples per micro-batch on each process."""
-    per_device_eval_batch_size: int = field(default=8, metadata={**EVAL, **NOT_IDENTITY})
+    per_device_eval_batch_size: int = field(default=8, metadata={**EVAL, **NOT_IDENTITY, **at_least(1)})
     """Examples per evaluation batch on each process."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
     """Micro-batches per optimizer step. The loss is the token mean over all of them, all ranks."""
-    learning_rate: float = 2e-5
+    learning_rate: float = field(default=2e-5, metadata=above(0))
     """Peak learning rate (after warm-up). LoRA usually wants about 10x a full fine-tune's."""
     lr_scheduler_type: str = "cosine"
     """Decay after warm-up: cosine, linear, or constant."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = field(default=0.03, metadata=between(0, 1, hi_open=True))
     """Fraction of the optimizer steps spent warming the learning rate up from 0."""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
     """AdamW weight decay."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = field(default=0.9, metadata=between(0, 1, hi_open=True))
     """AdamW beta1."""
-    adam_beta2: float = 0.999
+    adam_beta2: float = field(default=0.999, metadata=between(0, 1, hi_open=True))
     """AdamW beta2."""
-    adam_epsilon: float = 1e-8
+    adam_epsilon: float = field(default=1e-8, metadata=above(0))
     """AdamW epsilon."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(default=1.0, metadata=at_least(0))
     """Clip the global gradient norm to this; 0 turns clipping off."""
-    seed: int = 42
-    """Seed for initialisation, data order and dropout. Data order is a function of seed and epoch."""
+    seed: int = field(default=42, metadata=between(0, 2**32 - 1))
+    """Seed for initialisation, data order and dropout. Data order is a function of seed and epoch.
+    numpy takes seeds below 2^32."""
     bf16: bool = field(default=False, metadata=EVAL)
     """bfloat16 mixed precision."""
     fp16: bool = False
     """float16 mixed precision with loss scaling (GPU only)."""
     gradient_checkpointing: bool = field(default=False, metadata=NOT_IDENTITY)
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
-    checkpoint_every_n_layers: int = field(default=1, metadata=NOT_IDENTITY)
+    checkpoint_every_n_layers: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(1)})
     """With gradient_checkpointing: recompute only every n-th decoder layer (1: all). 2 keeps half
     the layers' activations and skips half the recompute; the gradients are the same."""
-    loss_chunk_size: int = field(default=512, metadata=NOT_IDENTITY)
+    loss_chunk_size: int = field(default=512, metadata={**NOT_IDENTITY, **at_least(0)})
     """Rows of logits the fused cross-entropy computes at once (512 rows x 151,936 words: 0.3 GB
     in fp32; on 2 CPU cores 512 and 1024 ran at the same speed, 1024 with 0.6 GB more RSS).
     0 takes the plain path, which keeps every supervised position's logits for the backward.
@@ -94,10 +108,10 @@ class TrainOptions:
     torch_compile: bool = field(default=False, metadata=NOT_IDENTITY)
     """Compile each decoder layer with torch.compile (inductor). The first steps are slower while
     it compiles; helps most on GPU with packing."""
-    dataloader_num_workers: int = field(default=1, metadata=NOT_IDENTITY)
+    dataloader_num_workers: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(0)})
     """Processes that collate the next steps' micro-batches while this one trains (0: in the
     training process). Batches are pinned for the copy to the GPU."""
-    mfu_peak_tflops: float = field(default=0.0, metadata=NOT_IDENTITY)
+    mfu_peak_tflops: float = field(default=0.0, metadata={**NOT_IDENTITY, **at_least(0)})
     """The device's dense bf16 peak for MFU in metrics.jsonl. 0 looks it up for known GPUs
     (H100/H200 989, A100 312); on a CPU or an unknown GPU MFU is then not reported."""
     skip_nan_steps: bool = False
@@ -116,11 +130,11 @@ class TrainOptions:
 class LoraOptions:
     use_lora: bool = False
     """Train a LoRA adapter (PEFT) instead of all weights."""
-    lora_r: int = 16
+    lora_r: int = field(default=16, metadata=at_least(1))
     """LoRA rank."""
-    lora_alpha: int = 32
+    lora_alpha: int = field(default=32, metadata=at_least(1))
     """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = field(default=0.05, metadata=between(0, 1, hi_open=True))
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -132,13 +146,13 @@ class LoraOptions:
 
 @dataclass
 class LogOptions:
-    logging_steps: int = 10
+    logging_steps: int = field(default=10, metadata=at_least(1))
     """Log metrics every N optimizer steps (and at the first and the last step)."""
-    save_steps: int = 500
+    save_steps: int = field(default=500, metadata=at_least(0))
     """Save a checkpoint every N optimizer steps; 0 saves only the final model."""
-    save_total_limit: int | None = None
+    save_total_limit: int | None = field(default=None, metadata=at_least(1))
     """Keep only the last K checkpoints."""
-    eval_steps: int = 0
+    eval_steps: int = field(default=0, metadata=at_least(0))
     """Evaluate on eval_data_path every N optimizer steps; 0 evaluates only at the end."""
     resume_from_checkpoint: str | None = None
     """A checkpoint directory to continue from, or `latest` for the newest in output_dir."""
@@ -164,17 +178,6 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         check_choice(self, "report_to", TRACKERS)
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set; choose one (--bf16 or --fp16)")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "lora_r", "checkpoint_every_n_layers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("loss_chunk_size", "dataloader_num_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not self.use_lora:
             changed = [f.name for f in declared_in(LoraOptions)
                        if f.name != "use_lora" and getattr(self, f.name) != default_of(f)]
@@ -184,8 +187,6 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         if self.packing and self.attn_implementation not in PACKING_ATTENTION:
             raise ConfigError(f"packing needs an attention implementation that keeps packed examples apart "
                               f"({', '.join(PACKING_ATTENTION)}); set --attn_implementation sdpa or drop --packing")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ConfigError("save_total_limit must be at least 1 (or unset to keep every checkpoint)")
 
     # ---- derived values ----------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -235,17 +236,12 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SFTConfig:
         """Load a YAML run file; `overrides` (e.g. command-line flags) win over its values."""
-        import yaml
+        from sftkit.io import read_yaml
 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
         return cls.from_dict({**values, **(overrides or {})}, source=str(path))
@@ -262,15 +258,15 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
 class GenerationOptions:
     """`sftkit eval --num_samples N`: completions for held-out prompts."""
 
-    num_samples: int = 0
+    num_samples: int = field(default=0, metadata=at_least(0))
     """Generate completions for this many prompts (the conversations up to their last reply)."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = field(default=128, metadata=at_least(1))
     """Longest completion, in tokens."""
     do_sample: bool = field(default=False, metadata={"off_flag": "--greedy"})
     """Sample instead of decoding greedily."""
-    temperature: float = 0.7
+    temperature: float = field(default=0.7, metadata=above(0))
     """Sampling temperature (with --do_sample)."""
-    top_p: float = 0.9
+    top_p: float = field(default=0.9, metadata=between(0, 1, lo_open=True))
     """Nucleus sampling mass (with --do_sample)."""
 
     def __post_init__(self) -> None:
@@ -291,7 +287,11 @@ class MergeOptions:
     def __post_init__(self) -> None:
         check_types(self)
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+            raise ConfigError(f"--dtype {quote(self.dtype)}: choose one of {', '.join(DTYPES)}")
+        size = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B)?\s*", self.max_shard_size, re.IGNORECASE)
+        if not size or int(size.group(1)) < 1:
+            raise ConfigError(f"--max_shard_size {quote(self.max_shard_size)}: expected a size such as 5GB, 500MB "
+                              "or 2GiB (at least 1 byte)")
 
 
 # The groups of SFTConfig, in its field order; a group's name titles its --help panel and its
@@ -331,8 +331,9 @@ def reference_markdown() -> str:
     sections = [(g, declared_in(cls), field_docs()) for g, cls in GROUPS.items()]
     sections += [(f"{cmd} (flags)", dataclasses.fields(cls), field_docs(cls)) for cmd, cls in COMMAND_OPTIONS.items()]
     for title, fields, docs in sections:
-        lines += ["", f"## {title}", "", "| option | default | meaning |", "|---|---|---|"]
-        lines += [f"| `{f.name}` | `{default_of(f)}` | {docs.get(f.name, '')} |" for f in fields]
+        lines += ["", f"## {title}", "", "| option | default | range | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{f.name}` | `{default_of(f)}` | {f.metadata['range'].bounds() if 'range' in f.metadata else ''} "
+                  f"| {docs.get(f.name, '')} |" for f in fields]
     return "\n".join(lines) + "\n"
 
 

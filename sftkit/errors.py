@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+QUOTE_LIMIT = 200  # characters of a user's value an error quotes: a 722 MB value once made a 722 MB line
+# reprlib stops at depth 3 and 6 items a level, so quoting costs the same for any size of value
+# (a YAML alias bomb expands to 10^9 items); the cut to QUOTE_LIMIT is then exact.
+def quote(value: Any) -> str:
+    """A user's value as an error quotes it: its repr, at most QUOTE_LIMIT characters."""
+    short = reprlib.Repr()  # python 3.11's takes no arguments
+    short.maxlevel, short.maxlong = 3, 60
+    short.maxlist = short.maxdict = short.maxtuple = short.maxset = 6
+    short.maxstring = short.maxother = QUOTE_LIMIT
+    return clip(short.repr(value))
+
+
+def clip(text: str) -> str:
+    """Text from elsewhere (a library's message) cut to QUOTE_LIMIT characters for an error line."""
+    text = " ".join(text.split())
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT - 1] + "…"
+
 
 class SftkitError(Exception):
     """A mistake the user can fix; the message says how."""

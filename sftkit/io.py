@@ -13,11 +13,19 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from sftkit.errors import ConfigError
 
 
 def cache_dir() -> Path:
     """Built models and prepared sets: $SFTKIT_CACHE, default ~/.cache/sftkit."""
     return Path(os.environ.get("SFTKIT_CACHE", Path.home() / ".cache" / "sftkit"))
+
+
+def check_cache_writable(entry: Path) -> None:
+    """A cache entry about to be built can be written, or one line says how to move the cache."""
+    check_writable(entry, "the cache folder", "set SFTKIT_CACHE to a folder you can write to")
 
 
 def _umask() -> int:
@@ -48,11 +56,30 @@ def check_not_a_file(out: Path, flag: str = "--output_dir") -> None:
         raise ConfigError(f"{flag} {out} is a file; pass a directory (it is created if missing)")
 
 
+def check_writable(path: Path, what: str = "--output_dir", fix: str = "choose a folder you can write to") -> None:
+    """`path` (created later if missing) can be written: a temporary file is made and removed in
+    it, or in its nearest existing parent. A read-only file system or a folder without write
+    permission is then one line here, before any model loads, not a traceback at the first save."""
+    path = Path(path).absolute()
+    place = path
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"{what} {path}: {place} is a file, so no folder can be made there; choose another place")
+    try:
+        fd, probe = tempfile.mkstemp(dir=place, prefix=".sftkit-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{what} {path}: cannot write in {place} ({err.strerror or err}); {fix}") from None
+
+
 def check_free_output(out: Path, overwrite: bool, flag: str = "--output_dir") -> None:
     """An existing file or a non-empty folder is someone's data: refused unless overwrite."""
     from sftkit.errors import ConfigError
 
     check_not_a_file(out, flag)
+    check_writable(out, flag)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{flag} {out} is not empty; choose a new folder, or pass --overwrite_output_dir to "
                           "replace its contents")
@@ -155,3 +182,47 @@ def atomic_directory(final: Path, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# A run file holds about 80 options; YAML aliases can make 445 bytes expand to 10^7 values at 7
+# levels of 10 (and 10^9 at 9), which printing or copying then multiplies: refused above this.
+YAML_MAX_VALUES = 100_000
+
+
+def read_yaml(path: Path) -> Any:
+    """yaml.safe_load of a file, refusing documents whose aliases expand beyond YAML_MAX_VALUES
+    values (counted on the node graph before anything is built) and naming the line of a syntax
+    error; every failure is one ConfigError."""
+    import yaml
+
+    loader = yaml.SafeLoader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > YAML_MAX_VALUES:
+            raise ConfigError(f"{path}: its aliases (*name) expand to more than {YAML_MAX_VALUES:,} values; a run "
+                              "file needs no aliases this large: write the options out")
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a run file") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, seen: dict[int, int]) -> int:
+    """Values the node stands for once every alias is expanded; each distinct node is counted once
+    (`seen`), so a bomb costs its size in bytes, not in expanded values."""
+    if id(node) in seen:
+        return seen[id(node)]
+    size = 1
+    if isinstance(node.value, list):
+        for item in node.value:
+            for child in item if isinstance(item, tuple) else (item,):  # a mapping's (key, value) pairs
+                size += _expanded_size(child, seen)
+                if size > YAML_MAX_VALUES:
+                    break
+    seen[id(node)] = size
+    return size

@@ -7,7 +7,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, clip, quote
 
 TINY = "tiny-qwen3"
 # Small enough to train on 2 CPU cores in seconds, with the REAL 151,936-row vocabulary so the real
@@ -38,10 +38,11 @@ def resolve_model_path(name: str) -> str:
 
     # keyed by the preset's definition: a changed preset never reuses an old build
     key = hashlib.sha256(json.dumps([TINY_CONFIG, TINY_INIT_SEED], sort_keys=True).encode()).hexdigest()[:12]
-    from sftkit.io import cache_dir, remove_stale_tmp
+    from sftkit.io import cache_dir, check_cache_writable, remove_stale_tmp
 
     path = cache_dir() / "models" / f"{TINY}-{key}"
     if not (path / "model.safetensors").is_file():
+        check_cache_writable(path)
         remove_stale_tmp(path.parent)
         _build_tiny(path)
     return str(path)
@@ -62,22 +63,75 @@ def _build_tiny(path: Path) -> None:
         GenerationConfig.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp)
 
 
+def check_model_code(name: str, trust_remote_code: bool) -> None:
+    """A local model whose model_type transformers does not know needs code shipped with it
+    (auto_map) or a newer transformers: one line before anything of it loads, not a traceback."""
+    import json
+
+    config = Path(name) / "config.json"
+    if trust_remote_code or name == TINY or not config.is_file():
+        return
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{config}: not readable JSON ({str(err)[:200]})") from None
+    kind = values.get("model_type") if isinstance(values, dict) else None
+    if kind in CONFIG_MAPPING:
+        return
+    if "auto_map" in values:
+        raise ConfigError(f"{config}: model_type {quote(kind)} comes with its own Python code (auto_map), which sftkit "
+                          "does not run unless asked; read that code, then pass --trust_remote_code")
+    raise ConfigError(f"{config}: model_type {quote(kind)} is unknown to transformers {transformers.__version__}; "
+                      "pass a Qwen3 model, or upgrade transformers")
+
+
+def check_chat_template(tok, source: str) -> None:
+    """Render one plain exchange with the template now, so that a broken or hostile template is
+    one line naming its file before any data or model loads. Jinja's sandbox (which transformers
+    renders in) has already refused anything that reaches outside it: nothing was executed."""
+    import jinja2
+
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                                tokenize=False)
+        return
+    except jinja2.TemplateSyntaxError as err:
+        what = f"has a syntax error at line {err.lineno} ({err.message})"
+    except jinja2.exceptions.SecurityError as err:
+        what = f"reaches outside Jinja's sandbox ({err})"
+    except TypeError as err:
+        if "no loader" not in str(err):
+            raise
+        what = "uses {% include %} or {% import %}, which a chat template cannot: no other file is loaded"
+    except jinja2.TemplateError as err:
+        what = f"fails on a plain user/assistant exchange ({type(err).__name__}: {err})"
+    raise ConfigError(f"{source}: the chat template {clip(what)}; fix it, or use the model's own template")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
+    check_model_code(name, trust_remote_code)
     try:
         path = bundled_tokenizer_dir() if name == TINY else name
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ConfigError(f"cannot load a tokenizer from '{name}': {str(err).splitlines()[0][:200]}; "
+    except (OSError, ValueError) as err:  # ValueError: e.g. a tokenizer class that needs its own code
+        raise ConfigError(f"cannot load a tokenizer from '{name}': {' '.join(str(err).split())[:200]}; "
                           "pass a local model directory or a Hub id (tiny-qwen3 works offline)") from None
+    # the file the template came from, for the error that names it
+    source = next((str(p) for p in (Path(path) / "chat_template.jinja", Path(path) / "tokenizer_config.json")
+                   if p.is_file()), f"'{name}'")
     if chat_template:
         p = Path(chat_template)
         if not p.is_file():
             raise ConfigError(f"chat_template file not found: {p}")
-        tok.chat_template = p.read_text()
+        tok.chat_template, source = p.read_text(), str(p)
     if not getattr(tok, "chat_template", None):
         raise ConfigError(f"'{name}' has no chat template; pass --chat_template FILE")
+    check_chat_template(tok, source)
     if tok.pad_token is None:
         raise ConfigError(f"'{name}' has no pad token; sftkit never reuses eos as pad, since that would hide "
                           "the stop token from the loss. Add a pad token to the tokenizer.")
@@ -101,6 +155,7 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
+    check_model_code(path, trust_remote_code)
     check_weights_format(path)
     try:
         return AutoModelForCausalLM.from_pretrained(

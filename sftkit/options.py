@@ -10,16 +10,90 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, Optional
 
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, quote
 
 EVAL = {"eval": True}  # field metadata: `sftkit eval` takes this option too
 PREPARE = {"prepare": True}  # field metadata: `sftkit prepare-data` takes this option of another group
 # field metadata: the option changes how a run is carried out or how long it is, not what one of
 # its steps computes, so a checkpoint resumes under any value of it (see SFTConfig.identity)
 NOT_IDENTITY = {"identity": False}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option takes, written beside its default (field metadata `range`),
+    checked with its type before anything loads, and shown in --help and docs/CONFIG.md."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False      # lo itself is excluded
+    hi_open: bool = False      # hi itself is excluded
+    off: int | None = None     # one value outside the range with a meaning of its own (max_steps -1)
+    off_means: str = "off"     # what that value means, as --help says it
+    unless: str | None = None  # the range holds only while this other option is not positive
+
+    def allows(self, value: float) -> bool:
+        if value == self.off:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def text(self) -> str:
+        """As an error says it: `in [0, 1)`, `at least 1, or -1 (off)`."""
+        return self.bounds(words=True)
+
+    def bounds(self, words: bool = False) -> str:
+        """As --help and docs/CONFIG.md show it: `[0, 1)`, `>= 1, or -1 (off)`."""
+        if self.lo is not None and self.hi is not None:
+            said = f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+            said = f"in {said}" if words else said
+        else:
+            strict, end = (self.lo_open, self.lo) if self.lo is not None else (self.hi_open, self.hi)
+            sign = (">" if strict else ">=") if self.lo is not None else ("<" if strict else "<=")
+            if words:
+                sign = {">": "above", ">=": "at least", "<": "below", "<=": "at most"}[sign]
+            said = f"{sign} {_num(end)}"
+        return said + (f", or {self.off} ({self.off_means})" if self.off is not None else "")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> dict:
+    """Field metadata: lo <= value <= hi (an open end excludes it)."""
+    return {"range": Range(lo, hi, lo_open, hi_open)}
+
+
+def at_least(lo: float, *, off: int | None = None, off_means: str = "off", unless: str | None = None) -> dict:
+    """Field metadata: value >= lo, or `off`, one value with a meaning of its own (`off_means`)."""
+    return {"range": Range(lo, off=off, off_means=off_means, unless=unless)}
+
+
+def above(lo: float, *, unless: str | None = None) -> dict:
+    """Field metadata: value > lo."""
+    return {"range": Range(lo, lo_open=True, unless=unless)}
+
+
+def check_ranges(obj) -> None:
+    """Every field with a `range` in its metadata holds a value in it (each item, for a list)."""
+    for f in dataclasses.fields(obj):
+        rng, value = f.metadata.get("range"), getattr(obj, f.name)
+        if rng is None or value is None or (rng.unless and (getattr(obj, rng.unless, 0) or 0) > 0):
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if not rng.allows(v):
+                but = f" (while {rng.unless} is not set)" if rng.unless else ""
+                raise ConfigError(f"{f.name} must be {rng.text()}{but}, got {quote(v)}")
+
 
 def _plain(value: Any, kind: type) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
@@ -72,7 +146,8 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def check_types(obj) -> None:
-    """YAML and the Python API give values of any type: coerce the harmless, reject the rest."""
+    """YAML and the Python API give values of any type: coerce the harmless, reject the rest;
+    then every value must lie in its field's range."""
     for f in dataclasses.fields(obj):
         kind, optional = field_kind(f)
         value = getattr(obj, f.name)
@@ -81,14 +156,15 @@ def check_types(obj) -> None:
         _, coerce, ok, name = TYPES[kind]
         value = coerce(value)
         if not ok(value):
-            raise ConfigError(f"{f.name}: expected {name}, got {value!r}")
+            raise ConfigError(f"{f.name}: expected {name}, got {quote(value)}")
         setattr(obj, f.name, value)
+    check_ranges(obj)
 
 
 def check_choice(obj, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in allowed:
-        raise ConfigError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{name}: {quote(value)} is not one of {', '.join(allowed)}")
 
 
 @cache

@@ -25,8 +25,8 @@ from sftkit.checkpoint import (
     read_state,
     saved_config,
 )
-from sftkit.errors import ConfigError, NothingToDo
-from sftkit.io import check_not_a_file, check_not_an_input
+from sftkit.errors import ConfigError, NothingToDo, quote
+from sftkit.io import check_not_a_file, check_not_an_input, check_writable
 
 RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml")  # written beside checkpoint-N/ and final/
 NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # differ on every resume
@@ -39,9 +39,10 @@ def run_identity(cfg, data_fingerprint: str, world_size: int) -> str:
 
 
 def check_output_dir(out: Path, inputs: list) -> None:
-    """Not a file, and not one of the inputs (nor holding or inside one)."""
+    """Not a file, not one of the inputs (nor holding or inside one), and writable."""
     check_not_a_file(out)
     check_not_an_input(out, inputs)
+    check_writable(out)
 
 
 def claim(cfg, accelerator) -> None:
@@ -150,7 +151,7 @@ def check_schedule(path: Path, saved: TrainState, total: int, lr_factor: Callabl
 def describe_changes(path: Path, cfg, saved: TrainState, state: TrainState) -> list[str]:
     """'name old -> new' for each option that differs from the run that wrote the checkpoint."""
     old = saved_config(path)
-    changes = [f"{k} {old[k]!r} -> {v!r}" for k, v in cfg.to_dict().items()
+    changes = [f"{k} {quote(old[k])} -> {quote(v)}" for k, v in cfg.to_dict().items()
                if k in old and k not in NOT_COMPARED and old[k] != v]
     if saved.data_fingerprint and saved.data_fingerprint != state.data_fingerprint:
         changes.append("the training data (its prepared set has another fingerprint)")

@@ -143,6 +143,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, accelerator.num_processes, cfg.seed,
                         cfg.packing, cfg.max_length, cfg.group_by_length)
     steps = total_steps(schedule, cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.max_steps)
+    check_step_size(cfg, schedule, len(train_set), console if accelerator.is_main_process else None)
     state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
                        data_fingerprint=data_fp)
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
@@ -185,6 +186,24 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
         raise SftkitError(f"{train_dir} holds examples longer than max_length={cfg.max_length}, which cannot be packed; "
                           "prepare the data with the same --max_length")
     return train_set, load_prepared(eval_dir) if eval_dir else None, read_manifest(train_dir)["fingerprint"]
+
+
+def check_step_size(cfg: SFTConfig, schedule: Schedule, examples: int, console=None) -> None:
+    """One optimizer step must not hold more data than the run was asked to train on: 1,000
+    accumulation steps on 50 rows once made one step of 77 epochs, silently. Longer than an epoch
+    under --max_steps (which sets the length itself) is only a warning."""
+    accum, per_epoch = cfg.gradient_accumulation_steps, schedule.micro_per_epoch
+    if accum <= per_epoch:
+        return
+    what = "rows" if cfg.packing else "examples"
+    said = (f"one optimizer step is {accum} micro-batches of {cfg.per_device_train_batch_size} {what} on "
+            f"{schedule.world} process(es), {accum / per_epoch:.1f} epochs of this data ({examples} examples)")
+    if cfg.max_steps <= 0 and accum > math.ceil(cfg.num_train_epochs * per_epoch):
+        raise SftkitError(f"{said}, more than num_train_epochs={cfg.num_train_epochs}; lower "
+                          f"--gradient_accumulation_steps to {max(1, math.floor(cfg.num_train_epochs * per_epoch))} "
+                          "or less, or give more data")
+    if console is not None:
+        console.print(f"[yellow]warning: {said}: each step repeats the data[/yellow]", highlight=False)
 
 
 def report_resume(resume: Resume, steps: int, console) -> None:
@@ -305,6 +324,7 @@ def fit(run: Run, console=None, stop: StopRequest | None = None) -> bool:
             for batches in step_loader(run, signals):
                 stats = train_step(run, batches, signals.requested)
                 state.advance(cfg.gradient_accumulation_steps, stats.tokens, stats.supervised, stats.skipped)
+                check_skipped(run)
                 run.meter.add(stats.tokens, stats.slots, run.step_flops(stats.tokens, stats.supervised,
                                                                         stats.attn_pairs) / run.accelerator.num_processes)
                 last = state.step == run.total_steps
@@ -320,6 +340,20 @@ def fit(run: Run, console=None, stop: StopRequest | None = None) -> bool:
         except StoppedWaiting:
             return stopped_waiting(run, signals)
     return True
+
+
+# --skip_nan_steps rides out a rare overflow; a run that skips more than this share of its steps
+# (after SKIP_GRACE of them) is diverging, and went on silently: 26 of 30 steps once, exit 0.
+MAX_SKIPPED_SHARE = 0.1
+SKIP_GRACE = 10
+
+
+def check_skipped(run: Run) -> None:
+    state = run.state
+    if state.step >= SKIP_GRACE and state.skipped_steps > MAX_SKIPPED_SHARE * state.step:
+        raise SftkitError(f"training diverged: {state.skipped_steps} of the first {state.step} steps had a nan or inf "
+                          f"gradient and were skipped (--skip_nan_steps allows {MAX_SKIPPED_SHARE:.0%}). "
+                          f"{last_finite(run)} Lower --learning_rate, use bf16 instead of fp16, or check the data")
 
 
 def stopped_waiting(run: Run, stop: StopRequest) -> bool:
@@ -414,7 +448,8 @@ def finish(run: Run, stop: StopRequest | None = None) -> dict:
             summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
     prints = None if is_zero3(acc) else acc.gather(
         param_fingerprint(run.model).to(acc.device).unsqueeze(0)).tolist()
-    summary.update(event="end", step=state.step, tokens=state.tokens, supervised_tokens=state.supervised_tokens,
+    summary.update(event="end", step=state.step, skipped_steps=state.skipped_steps, tokens=state.tokens,
+                   supervised_tokens=state.supervised_tokens,
                    elapsed_s=round(state.elapsed_s, 2), **run.meter.whole_run(),
                    peak_rss_mb=peak_rss_mb(), peak_gpu_mem_gb=peak_gpu_gb(), param_fingerprints=prints,
                    ranks_in_sync=None if prints is None else all(p == prints[0] for p in prints))

@@ -13,7 +13,7 @@ from sftkit.errors import ConfigError
 def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
                  mixing: Mixing | None = None) -> Path:
     """A directory holding the prepared form of `specs` (mixed by `mixing`), building it if needed."""
-    from sftkit.io import cache_dir, remove_stale_tmp
+    from sftkit.io import cache_dir, check_cache_writable, remove_stale_tmp
 
     if any(prep.is_prepared(s) for s in specs) and (len(specs) > 1 or mixing):
         raise ConfigError("a prepared directory cannot be mixed with other sources or weighted; "
@@ -30,6 +30,7 @@ def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
     fp = prep.fingerprint(srcs, tokenizer, opts, mixing)  # names the entry; prepare reuses it
     out = cache_dir() / "prepared" / fp[:20]
     if not prep.is_prepared(out):
+        check_cache_writable(out)
         remove_stale_tmp(out.parent)
     prep.prepare(opts, specs, out, tokenizer, console, mixing, cache=True, fp=fp)
     return out

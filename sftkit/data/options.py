@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftkit.errors import ConfigError
-from sftkit.options import EVAL, check_choice, check_types
+from sftkit.options import EVAL, at_least, check_choice, check_types
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "custom")
 TRUNCATIONS = ("drop", "left", "right")
@@ -36,7 +36,7 @@ class DataOptions:
     data_path: list[str] = field(default_factory=list, metadata=EVAL)
     """Training data: .json/.jsonl/.parquet/.csv files, a directory, a glob, a prepared directory
     (from prepare-data), or a Hugging Face dataset name. Repeat the flag for several sources."""
-    data_weights: list[float] = field(default_factory=list, metadata=NOT_IN_EXAMPLES)
+    data_weights: list[float] = field(default_factory=list, metadata={**NOT_IN_EXAMPLES, **at_least(0)})
     """Mixing weight per `data_path` entry, in the same order: 2 repeats a source's examples twice,
     0.5 keeps a seeded half of them. Default: 1 for every source."""
     eval_data_path: str | None = field(default=None, metadata=NOT_IN_EXAMPLES)
@@ -49,7 +49,7 @@ class DataOptions:
     """Split to read when `data_path` is a Hugging Face dataset name."""
     dataset_config: str | None = field(default=None, metadata=EVAL)
     """Configuration (subset) name of a Hugging Face dataset."""
-    max_length: int = field(default=2048, metadata=EVAL)
+    max_length: int = field(default=2048, metadata={**EVAL, **at_least(1)})
     """Longest example in tokens, prompt and reply together."""
     truncation: str = field(default="drop", metadata=EVAL)
     """What to do with a longer example: drop it (counted in manifest.json), or cut tokens from
@@ -65,7 +65,7 @@ class DataOptions:
     at inference is then part of the prompt, not of the supervised reply."""
     skip_bad_rows: bool = field(default=False, metadata=EVAL)
     """Skip malformed rows (counted, the first few listed) instead of stopping at the first one."""
-    num_proc: int = field(default=1, metadata=NOT_IN_EXAMPLES)
+    num_proc: int = field(default=1, metadata={**NOT_IN_EXAMPLES, **at_least(1)})
     """Processes for tokenization."""
 
     def __post_init__(self) -> None:
@@ -77,14 +77,9 @@ class DataOptions:
         for name, allowed in (("format_type", FORMATS), ("truncation", TRUNCATIONS), ("train_on", TRAIN_ON),
                               ("reasoning", REASONING)):
             check_choice(self, name, allowed)
-        for name in ("max_length", "num_proc"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.data_weights and len(self.data_weights) != len(self.data_path):
             raise ConfigError(f"data_weights has {len(self.data_weights)} values for {len(self.data_path)} data_path "
                               "entries; give one weight per source, in the same order")
-        if any(w < 0 for w in self.data_weights):
-            raise ConfigError("data_weights must not be negative")
 
     def example_options(self) -> dict[str, Any]:
         """The options that decide what a prepared example holds (fingerprinted, in the manifest)."""
