@@ -224,6 +224,8 @@ def test_a_dataset_info_json_entry_prepares_by_name(tmp_path, tok, registry, nam
 def test_dataset_info_option_and_the_entry_s_mapping_in_the_fingerprint(tmp_path, tok, registry):
     saved, first = prepared(tmp_path, tok, ["chat"], "a", dataset_info=str(registry))
     assert_exact(tok, saved, REGISTRY_EXPECTED["chat"])
+    saved, alone = prepared(tmp_path, tok, [], "a2", dataset_info=f"{registry}:glaive")  # no data_path
+    assert_exact(tok, saved, REGISTRY_EXPECTED["glaive"])
     info = json.loads(registry.read_text())
     info["chat"]["tags"]["assistant_tag"] = "person"  # same file, other roles: another prepared set
     info["chat"]["tags"]["user_tag"] = "bot"

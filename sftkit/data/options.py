@@ -51,8 +51,8 @@ class DataOptions:
     `messages=conversations,role=from,content=value,user=human,assistant=gpt`."""
     dataset_info: str | None = field(default=None, metadata=NOT_IN_EXAMPLES)
     """A LLaMA-Factory dataset_info.json: a `data_path` entry that is one of its names is read as the
-    entry says (file_name or hf_hub_url, formatting, columns, tags). `--data_path REGISTRY.json:NAME`
-    does the same without this option."""
+    entry says (file_name or hf_hub_url, formatting, columns, tags). `REGISTRY.json:NAME` with no
+    `data_path` trains on that entry; `--data_path REGISTRY.json:NAME` works without this option."""
     dataset_split: str = field(default="train", metadata=EVAL)
     """Split to read when `data_path` is a Hugging Face dataset name."""
     dataset_config: str | None = field(default=None, metadata=EVAL)

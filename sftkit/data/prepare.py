@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftkit._version import __version__
-from sftkit.data import formats, sources
+from sftkit.data import formats, registry, sources
 from sftkit.data.options import DataOptions, Mixing
 from sftkit.data.render import IGNORE_INDEX, RenderOptions, render_batch, template_spec
 from sftkit.errors import ConfigError, DataError
@@ -48,6 +48,8 @@ def render_options(opts: DataOptions) -> RenderOptions:
 
 def resolve_sources(specs: list[str], opts: DataOptions) -> list[tuple[int, sources.Source]]:
     """(index of the data_path entry, source) for every file or dataset the entries name."""
+    if not specs and opts.dataset_info and registry.split_spec(opts.dataset_info):
+        specs = [opts.dataset_info]  # --dataset_info REGISTRY.json:NAME alone names the data
     if not specs:
         raise ConfigError("no data given; pass --data_path FILE (JSON, JSONL, Parquet, CSV, a directory or a dataset name)")
     return [(i, s) for i, spec in enumerate(specs)

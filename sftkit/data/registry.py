@@ -39,12 +39,13 @@ class Entry:
 
 def split_spec(spec: str, registry: str | None = None) -> tuple[str, str] | None:
     """(registry path, entry name) for 'REGISTRY.json:NAME', or for NAME when `registry` (the
-    --dataset_info option) is set and NAME is not a path; None otherwise."""
+    --dataset_info option, REGISTRY.json or REGISTRY.json:NAME) is set and NAME is not a path;
+    None otherwise."""
     path, sep, name = spec.rpartition(":")
     if sep and name and path.lower().endswith(".json") and Path(path).is_file() and not Path(spec).exists():
         return path, name
     if registry and not Path(spec).exists() and "/" not in spec and Path(spec).suffix == "":
-        return registry, spec
+        return (split_spec(registry) or (registry,))[0], spec
     return None
 
 
