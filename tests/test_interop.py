@@ -224,7 +224,7 @@ def test_a_dataset_info_json_entry_prepares_by_name(tmp_path, tok, registry, nam
 def test_dataset_info_option_and_the_entry_s_mapping_in_the_fingerprint(tmp_path, tok, registry):
     saved, first = prepared(tmp_path, tok, ["chat"], "a", dataset_info=str(registry))
     assert_exact(tok, saved, REGISTRY_EXPECTED["chat"])
-    saved, alone = prepared(tmp_path, tok, [], "a2", dataset_info=f"{registry}:glaive")  # no data_path
+    saved, _ = prepared(tmp_path, tok, [], "a2", dataset_info=f"{registry}:glaive")  # no data_path
     assert_exact(tok, saved, REGISTRY_EXPECTED["glaive"])
     info = json.loads(registry.read_text())
     info["chat"]["tags"]["assistant_tag"] = "person"  # same file, other roles: another prepared set
@@ -292,6 +292,7 @@ def test_the_console_script_prepares_a_new_format_and_refuses_a_bad_file(tmp_pat
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [u("Hi"), {"role": "assistant", "content": None}]}])
     proc = run_cli("prepare-data", "--data_path", str(bad), "--output_dir", str(tmp_path / "no"), check=False, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: {bad}:line 1: field 'messages[1].content': is null; the chat "
-                                                'template needs text here (write "" for an empty turn)']
+    line = (f"error: {bad}:line 1: field 'messages[1].content': is null; the chat template needs text here "
+            '(write "" for an empty turn)')
+    assert proc.stderr.strip().splitlines() == [line]
     assert not (tmp_path / "no").exists()
