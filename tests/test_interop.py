@@ -274,8 +274,9 @@ def test_a_format_type_that_does_not_fit_names_the_missing_key(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [u("Hi"), a("Hey")]}])
     with pytest.raises(DataError) as err:
         prepared(tmp_path, tok, [str(path)], format_type="sharegpt")
-    assert str(err.value) == (f"{path}:line 1: field 'conversations': is missing (the row's keys are messages: "
-                              "it looks like the messages format; drop --format_type or set --format_type messages)")
+    assert str(err.value) == (f"{path}:line 1: field 'conversations': is missing (the row's keys are messages, "
+                              "which fit the messages format, not sharegpt: set --format_type messages, or auto to "
+                              "detect it)")
 
 
 def test_the_console_script_prepares_a_new_format_and_refuses_a_bad_file(tmp_path):

@@ -303,15 +303,16 @@ def _from_alpaca(row: dict[str, Any], mapping: dict[str, str]) -> Conversation:
 
 
 def _other_format(row: dict[str, Any], fmt: str) -> str:
-    """'; the row looks like ... format' when --format_type names another format than the row's keys."""
+    """' (the row's keys ... fit the X format ...)' when the format asked for is not the one the row's
+    keys fit (e.g. --format_type sharegpt on a messages file); '' otherwise."""
     try:
         found = detect_format(dict(row))
     except RowError:
         return ""
     if found == fmt or (found, fmt) in (("custom", "alpaca"), ("alpaca", "custom")):
         return ""
-    return (f" (the row's keys are {_keys(row)}: it looks like the {found} format; drop --format_type "
-            f"or set --format_type {found})")
+    return (f" (the row's keys are {_keys(row)}, which fit the {found} format, not {fmt}: set --format_type "
+            f"{found}, or auto to detect it)")
 
 
 @dataclass(frozen=True)

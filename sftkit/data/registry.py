@@ -44,8 +44,10 @@ def split_spec(spec: str, registry: str | None = None) -> tuple[str, str] | None
     path, sep, name = spec.rpartition(":")
     if sep and name and path.lower().endswith(".json") and Path(path).is_file() and not Path(spec).exists():
         return path, name
-    if registry and not Path(spec).exists() and "/" not in spec and Path(spec).suffix == "":
-        return (split_spec(registry) or (registry,))[0], spec
+    if registry and "/" not in spec and not Path(spec).exists():
+        path = (split_spec(registry) or (registry,))[0]
+        if Path(spec).suffix == "" or spec in entries(path):  # 'data.jsonl' that is missing is a file
+            return path, spec
     return None
 
 
