@@ -297,3 +297,11 @@ def test_the_console_script_prepares_a_new_format_and_refuses_a_bad_file(tmp_pat
             '(write "" for an empty turn)')
     assert proc.stderr.strip().splitlines() == [line]
     assert not (tmp_path / "no").exists()
+
+
+def test_generation_samples_skip_a_conversation_with_no_prompt_before_its_reply():
+    """Kept for training since the template renders it, but eval's generation needs a prompt."""
+    from sftkit.generate import sample_pairs
+
+    convs = [[a("I speak first.")], [u("q1"), a("a1"), u("q2"), a("a2")], [a("hi"), u("ok"), a("fine")], [u("x"), a("y")]]
+    assert sample_pairs(convs, 2) == [([u("q1"), a("a1"), u("q2")], "a2"), ([a("hi"), u("ok")], "fine")]
