@@ -189,7 +189,8 @@ REGISTRY_ROWS = {
 REGISTRY = {
     "qa": {"file_name": "qa.json", "columns": {"prompt": "q", "query": "ctx", "response": "a", "system": "sys"}},
     "chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "dialog"},
-             "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "person", "assistant_tag": "bot"}},
+             "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "person", "assistant_tag": "bot",
+                      "tool_calls_tag": "tool_calls"}},  # as some registries on the Hub write it
     "glaive": {"file_name": "glaive.json", "formatting": "sharegpt",
                "columns": {"messages": "conversations", "tools": "functions"}},
 }
@@ -236,6 +237,10 @@ def test_dataset_info_option_and_the_entry_s_mapping_in_the_fingerprint(tmp_path
         prepared(tmp_path, tok, [f"{registry}:nope"], "c")
     with pytest.raises(DataError, match=r"is a LLaMA-Factory dataset_info.json; name one of its entries"):
         prepared(tmp_path, tok, [str(registry)], "d")
+    info["chat"]["columns"]["images"] = "pictures"  # a column sftkit cannot use is named, not ignored
+    registry.write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"field 'chat.columns.images': is not supported"):
+        prepared(tmp_path, tok, ["chat"], "e", dataset_info=str(registry))
 
 
 def test_field_map_reads_custom_turn_names_and_changes_the_fingerprint(tmp_path, tok, registry):

@@ -93,6 +93,9 @@ def read_entry(path: str, name: str) -> Entry:
 
 def _location(path: str, name: str, entry: dict[str, Any]) -> tuple[str, bool, str | None, str]:
     if entry.get("hf_hub_url"):
+        if entry.get("folder"):
+            raise DataError(path, "", f"{name}.folder", "is not supported; download the folder and give its "
+                            "path as file_name")
         return str(entry["hf_hub_url"]), True, entry.get("subset"), entry.get("split") or "train"
     if entry.get("file_name"):
         return str(Path(path).parent / entry["file_name"]), False, None, "train"
@@ -111,6 +114,8 @@ def _field_map(path: str, name: str, entry: dict[str, Any]) -> tuple[tuple[str, 
         if not isinstance(values, dict):
             raise DataError(path, "", f"{name}.{group}", f"expected an object, got {formats._kind(values)}")
         for key, value in values.items():
+            if key == "tool_calls_tag" and value == "tool_calls":
+                continue  # the key sftkit reads an assistant turn's tool calls from anyway
             if key not in _KNOWN:
                 raise DataError(path, "", f"{name}.{group}.{key}", "is not supported (sftkit reads text "
                                 f"conversations: {', '.join(formats.COLUMNS)} and the role/content tags)")
