@@ -138,13 +138,15 @@ def test_files_of_other_tools_prepare_exactly_as_the_template_renders(tmp_path, 
 
 
 def test_a_json_file_holding_one_conversation_is_one_row(tmp_path, tok):
-    """axolotl's fixtures: one pretty-printed conversation object per .json file."""
+    """axolotl's fixtures: one pretty-printed conversation object per .json file (its
+    conversation.missingturns.json has an empty gpt turn in the middle, as here)."""
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""},
+             {"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hey"}]
     path = tmp_path / "one.json"
-    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]},
-                               indent=2))
+    path.write_text(json.dumps({"conversations": turns}, indent=2))
     saved, manifest = prepared(tmp_path, tok, [str(path)])
-    assert manifest["rows_in"] == 1
-    assert_exact(tok, saved, [([u("Hi"), a("Hey")], None)])
+    assert manifest["rows_in"] == 1 and manifest["warnings"] == {"empty_reply": 1}
+    assert_exact(tok, saved, [([u("Hi"), a(""), u("Hello?"), a("Hey")], None)])
 
 
 def test_a_wrapper_object_gets_advice_that_works(tmp_path, tok):
