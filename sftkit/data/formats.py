@@ -185,13 +185,13 @@ def parse_field_map(spec: str | dict[str, str] | None) -> dict[str, str]:
         return {}
     pairs = spec.items() if isinstance(spec, dict) else (p.partition("=")[::2] for p in spec.split(","))
     out = {}
-    for ours, theirs in pairs:
-        ours, theirs = str(ours).strip(), str(theirs).strip() if isinstance(theirs, str) else ""
-        ours = ALIASES.get(ours, ours)
+    for name, theirs in pairs:
+        name, theirs = str(name).strip(), str(theirs).strip() if isinstance(theirs, str) else ""
+        ours = ALIASES.get(name, name)
         if ours not in COLUMNS + TAGS or not theirs:
             from sftkit.errors import ConfigError
 
-            raise ConfigError(f"field_map entry '{ours}={theirs}': expected NAME=VALUE with NAME a column "
+            raise ConfigError(f"field_map entry '{name}={theirs}': expected NAME=VALUE with NAME a column "
                               f"({', '.join(COLUMNS)}) or a turn's key or role name ({', '.join(TAGS)})")
         out[ours] = theirs
     return out
