@@ -191,8 +191,9 @@ def parse_field_map(spec: str | dict[str, str] | None) -> dict[str, str]:
         if ours not in COLUMNS + TAGS or not theirs:
             from sftkit.errors import ConfigError
 
-            raise ConfigError(f"field_map entry '{name}={theirs}': expected NAME=VALUE with NAME a column "
-                              f"({', '.join(COLUMNS)}) or a turn's key or role name ({', '.join(TAGS)})")
+            what = (f"expected NAME=VALUE with NAME a column ({', '.join(COLUMNS)}) or a turn's key or role "
+                    f"name ({', '.join(TAGS)})") if ours not in COLUMNS + TAGS else "the name in your data is missing"
+            raise ConfigError(f"field_map entry '{name}={theirs}': {what}")
         out[ours] = theirs
     return out
 
