@@ -18,6 +18,12 @@ def split_prompt(msgs: list[dict]) -> tuple[list[dict], str]:
     return msgs[:last], msgs[last]["content"]
 
 
+def sample_pairs(convs: list[list[dict]], n: int) -> list[tuple[list[dict], str]]:
+    """The first n (prompt, reference reply) pairs. A conversation whose only reply comes first has
+    no prompt to generate from (the template renders it for training, not for generation): skipped."""
+    return [pair for pair in map(split_prompt, convs) if pair[0]][:n]
+
+
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, enable_thinking: bool,
              do_sample: bool, temperature: float, top_p: float, batch_size: int, device) -> list[str]:
     import torch
@@ -90,7 +96,7 @@ def generate_samples(accelerator, model, tokenizer, cfg, gen) -> list[dict]:
 
     opts = cfg.data_options()
     loaded = load_conversations(resolve_sources(cfg.data_path, opts), opts)
-    pairs = [split_prompt(m) for m in loaded.convs[:gen.num_samples]]
+    pairs = sample_pairs(loaded.convs, gen.num_samples)
     mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
     completions = generate(model, tokenizer, [pairs[i][0] for i in mine], gen.max_new_tokens,
                            cfg.enable_thinking, gen.do_sample, gen.temperature, gen.top_p,

@@ -15,6 +15,9 @@ def print_manifest(m: dict, out: Path, con) -> None:
     t.add_row("examples kept", f"{m['examples_kept']:,}")
     for reason, n in m["dropped"].items():
         t.add_row(f"dropped: {reason}", f"{n:,}")
+    for kind, n in (m.get("warnings") or {}).items():
+        if n:  # kept as the template renders them, but worth a look (e.g. replies that say nothing)
+            t.add_row(f"[yellow]kept, warning: {kind}[/yellow]", f"{n:,}")
     for mx in m.get("mixing") or []:
         t.add_row(f"weight {mx['weight']:g}: {mx['data_path']}", f"{mx['examples']:,} -> {mx['after_weighting']:,}")
     if m.get("mixing"):

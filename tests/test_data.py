@@ -58,13 +58,18 @@ def test_custom_columns_and_field_map():
 @pytest.mark.parametrize("row, field, problem", [
     ({"instruction": "x"}, None, "cannot tell the format"),
     ({"instruction": "x", "output": 3}, "output", "expected a string"),
-    ({"instruction": "x", "output": "  "}, "conversations[1].content", "reply is empty"),
-    ({"conversations": [{"from": "gpt", "value": "a"}]}, "conversations[0]", "must start with a user"),
-    ({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}, "conversations[1]", "two user"),
     ({"conversations": [{"from": "alien", "value": "a"}]}, "conversations[0].from", "unknown role"),
-    ({"messages": [{"role": "user", "content": "a"}]}, "messages[0]", "must end with an assistant"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "messages", "no assistant reply to train on"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "x"}]},
-     "messages[0].content[0]", "only text content parts"),
+     "messages[0].content[0]", "only text, reasoning, tool_call content parts are supported, got 'image_url'"),
+    ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
+     "messages[0].content", "is null; the chat template needs text here"),
+    ({"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "x"}]},
+     "conversations[0].value", "is null"),
+    ({"messages": [{"role": "user", "content": [{"type": "reasoning", "value": "r"}]}, {"role": "assistant", "content": "x"}]},
+     "messages[0].content[0]", "a reasoning part belongs in an assistant message"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}], "tools": "get_weather"},
+     "tools", "which is not JSON"),
 ])
 def test_row_errors_name_the_field(row, field, problem):
     with pytest.raises(formats.RowError) as err:

@@ -52,13 +52,24 @@ CONVERSATIONS = [
     [m(U, "<tool_call> literal tag in user text </tool_call>"), m(A, "noted")],
     [m(U, "mixed 中文 and English and عربي"), m(A, "okay ✓")],
     [m(U, "q"), m(A, "a1"), m(U, "q2"), m(A, "a2", reasoning_content="\n\nnewline-wrapped reasoning\n\n")],
+    # What the template renders although a strict role order would refuse it (issue 13):
+    [m(U, "q1"), m(A, "a1"), m(S, "From now on, answer in French."), m(U, "q2"), m(A, "r2")],
+    [m(S, "first"), m(U, "q1"), m(A, "a1"), m(S, "second"), m(U, "q2"), m(A, "a2", reasoning_content="r")],
+    [m(U, "Reply with nothing."), m(A, "")],
+    [m(U, "Reply with spaces."), m(A, "  \n\t ")],
+    [m(U, "q1"), m(A, ""), m(U, "q2"), m(A, "a2")],
+    [m(U, "q1"), m(A, "\n"), m(U, "q2"), m(A, "")],
+    [m(A, "I speak first."), m(U, "OK"), m(A, "Fine.")],
+    [m(U, "a"), m(U, "b"), m(A, "both")],
+    [m(U, "q"), m(A, "a"), m(U, "a trailing user turn")],
+    [m(U, "q"), m(A, "x"), m(A, "y")],
 ]
 
 
-def reference(tok, msgs):
+def reference(tok, msgs, tools=None):
     """Independent: tokenize the template's whole text with offsets; a token is supervised when it
     starts inside `<|im_start|>assistant\\n ... <|im_end|>` (after the header, through the end token)."""
-    text = tok.apply_chat_template(msgs, tokenize=False)
+    text = tok.apply_chat_template(msgs, tools=tools, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     spans = [(mt.start(1), mt.end(1)) for mt in re.finditer(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.DOTALL)]
     labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX

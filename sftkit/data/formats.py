@@ -7,14 +7,17 @@ one line: values from the data are quoted, escaped and shortened (`_show`).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 Message = dict[str, Any]
 Conversation = list[Message]
 
-SHAREGPT_ROLES = {
+# Role names of a turn -> our role. "function": a LLaMA-Factory function_call turn, whose value is
+# the JSON of one tool call or a list of them; it becomes an assistant message with tool_calls.
+ROLE_NAMES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "system": "system", "tool": "tool", "observation": "tool", "function_call": "assistant",
+    "system": "system", "tool": "tool", "observation": "tool", "function_call": "function",
 }
 CUSTOM_INSTRUCTION = ("question", "prompt", "query")
 CUSTOM_OUTPUT = ("answer", "response", "completion")
@@ -163,56 +166,95 @@ def _check_columns(row: TableRow, fmt: str) -> None:
             raise DataError(row.source, "", col, f"the column holds {_kinds(value)}; expected text")
 
 
-def parse_field_map(spec: str | None) -> dict[str, str]:
-    """'instruction=question,output=answer' -> {'instruction': 'question', 'output': 'answer'}."""
+# --field_map names (and LLaMA-Factory's dataset_info.json names, accepted as aliases):
+# columns of a row, then the keys and role names inside a turn.
+COLUMNS = ("instruction", "input", "output", "system", "history", "messages", "tools")
+TAGS = ("role", "content", "user", "assistant", "observation", "function", "system_tag")
+ALIASES = {"prompt": "instruction", "query": "input", "response": "output", "conversations": "messages",
+           "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+           "observation_tag": "observation", "tool": "observation", "function_tag": "function"}
+_ALPACA_COLUMNS = {"instruction", "input", "output", "history"}
+_TAG_ROLES = {"user": "user", "assistant": "assistant", "observation": "tool", "function": "function",
+              "system_tag": "system"}
+
+
+def parse_field_map(spec: str | dict[str, str] | None) -> dict[str, str]:
+    """'instruction=question,output=answer' -> {'instruction': 'question', 'output': 'answer'}; the
+    names are ours (COLUMNS, TAGS) or LLaMA-Factory's (ALIASES). A dict is checked the same way."""
     if not spec:
         return {}
+    pairs = spec.items() if isinstance(spec, dict) else (p.partition("=")[::2] for p in spec.split(","))
     out = {}
-    for part in spec.split(","):
-        ours, _, theirs = part.partition("=")
-        ours, theirs = ours.strip(), theirs.strip()
-        if ours not in ("instruction", "input", "output", "system") or not theirs:
+    for name, theirs in pairs:
+        name, theirs = str(name).strip(), str(theirs).strip() if isinstance(theirs, str) else ""
+        ours = ALIASES.get(name, name)
+        if ours not in COLUMNS + TAGS or not theirs:
             from sftkit.errors import ConfigError
 
-            raise ConfigError(f"field_map entry '{part}': expected NAME=COLUMN with NAME one of "
-                              "instruction, input, output, system")
+            what = (f"expected NAME=VALUE with NAME a column ({', '.join(COLUMNS)}) or a turn's key or role "
+                    f"name ({', '.join(TAGS)})") if ours not in COLUMNS + TAGS else "the name in your data is missing"
+            raise ConfigError(f"field_map entry '{name}={theirs}': {what}")
         out[ours] = theirs
     return out
 
 
+def mapped_format(field_map: dict[str, str]) -> str | None:
+    """The format a field map implies: conversations for turn keys, alpaca columns otherwise; None
+    when it only renames the columns every format shares (system, tools)."""
+    if field_map.keys() & ({"messages"} | set(TAGS)):
+        return "sharegpt"
+    if field_map.keys() & _ALPACA_COLUMNS:
+        return "custom"
+    return None
+
+
 def to_messages(row: dict[str, Any], fmt: str, field_map: dict[str, str] | None = None) -> Conversation:
     """Convert one row in format `fmt` to a validated list of messages."""
+    return to_conversation(row, fmt, field_map)[0]
+
+
+def to_conversation(row: dict[str, Any], fmt: str, field_map: dict[str, str] | None = None
+                    ) -> tuple[Conversation, list[dict[str, Any]] | None]:
+    """(messages, tool schemas or None) of one row in format `fmt`, validated."""
     if isinstance(row, Unreadable):
         raise RowError(None, row.problem)
     if not isinstance(row, dict):
         raise RowError(None, f"expected a JSON object per row, got {_kind(row)}")
-    if field_map:
-        msgs = _from_alpaca(row, field_map)
-    elif fmt == "alpaca":
-        msgs = _from_alpaca(row, {})
-    elif fmt == "sharegpt":
-        msgs = _from_sharegpt(row)
-    elif fmt == "messages":
-        msgs = _from_openai(row)
-    elif fmt == "custom":
-        msgs = _from_alpaca(row, _custom_map(row))
+    fm = field_map or {}
+    if fmt in ("alpaca", "custom"):
+        mapping = fm if fmt == "alpaca" or fm.keys() & _ALPACA_COLUMNS else {**_custom_map(row), **fm}
+        msgs, where = _from_alpaca(row, mapping), "conversations"
+    elif fmt in ("sharegpt", "messages"):
+        tags = turn_tags(fmt, fm)
+        msgs, where = _from_turns(row, tags), tags.column
     else:
         raise RowError(None, f"unknown format '{fmt}'")
-    check_conversation(msgs, "messages" if fmt == "messages" else "conversations")
-    _check_tools(row.get("tools"))
-    return msgs
+    check_conversation(msgs, where)
+    return msgs, parse_tools(row.get(fm.get("tools", "tools")), fm.get("tools", "tools"))
 
 
-def _check_tools(tools: Any) -> None:
-    """`tools`, passed to the chat template as is: a list of tool schemas (objects), or empty."""
-    if not tools:
-        return
-    if not isinstance(tools, list):
-        hint = " (a JSON string is not parsed; store the list itself)" if isinstance(tools, str) else ""
-        raise RowError("tools", f"expected a list of tool schemas (objects), got {_kind(tools)}{hint}")
-    for j, tool in enumerate(tools):
+def parse_tools(value: Any, field: str = "tools") -> list[dict[str, Any]] | None:
+    """Tool schemas for the chat template: a list, or a JSON string of one (LLaMA-Factory stores them
+    so). A flat schema ({name, description, parameters}) is wrapped as {type: function, function: ...},
+    the form an OpenAI-style server hands the template at inference."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise RowError(field, f"expected a list of tool schemas or a JSON string of one, got the text "
+                           f"{_show(value)}, which is not JSON") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise RowError(field, f"expected a list of tool schemas (objects), got {_kind(value)}")
+    tools = []
+    for j, tool in enumerate(value):
         if not isinstance(tool, dict):
-            raise RowError(f"tools[{j}]", f"expected a tool schema (an object), got {_kind(tool)}")
+            raise RowError(f"{field}[{j}]", f"expected a tool schema (an object), got {_kind(tool)}")
+        tools.append(tool if "type" in tool or "name" not in tool else {"type": "function", "function": tool})
+    return tools or None
 
 
 def _text(value: Any, field: str, allow_empty: bool = True) -> str:
@@ -236,10 +278,10 @@ def _custom_map(row: dict[str, Any]) -> dict[str, str]:
 
 
 def _from_alpaca(row: dict[str, Any], mapping: dict[str, str]) -> Conversation:
-    col = {k: mapping.get(k, k) for k in ("instruction", "input", "output", "system")}
+    col = {k: mapping.get(k, k) for k in ("instruction", "input", "output", "system", "history")}
     for need in ("instruction", "output"):
         if col[need] not in row:
-            raise RowError(col[need], "is missing")
+            raise RowError(col[need], "is missing" + _other_format(row, "alpaca"))
     instruction = _text(row[col["instruction"]], col["instruction"], allow_empty=False)
     extra = _text(row.get(col["input"]), col["input"])
     output = _text(row[col["output"]], col["output"], allow_empty=False)
@@ -247,54 +289,134 @@ def _from_alpaca(row: dict[str, Any], mapping: dict[str, str]) -> Conversation:
     system = _text(row.get(col["system"]), col["system"])
     if system:
         msgs.append({"role": "system", "content": system})
-    history = row.get("history") or []
+    history = row.get(col["history"]) or []
     if not isinstance(history, list):
-        raise RowError("history", f"expected a list of [instruction, output] pairs, got {_kind(history)}")
+        raise RowError(col["history"], f"expected a list of [instruction, output] pairs, got {_kind(history)}")
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise RowError(f"history[{i}]", "expected an [instruction, output] pair")
-        msgs.append({"role": "user", "content": _text(pair[0], f"history[{i}][0]", allow_empty=False)})
-        msgs.append({"role": "assistant", "content": _text(pair[1], f"history[{i}][1]", allow_empty=False)})
+            raise RowError(f"{col['history']}[{i}]", "expected an [instruction, output] pair")
+        msgs.append({"role": "user", "content": _text(pair[0], f"{col['history']}[{i}][0]", allow_empty=False)})
+        msgs.append({"role": "assistant", "content": _text(pair[1], f"{col['history']}[{i}][1]", allow_empty=False)})
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     msgs.append({"role": "user", "content": user})
     msgs.append({"role": "assistant", "content": output})
     return msgs
 
 
-def _from_sharegpt(row: dict[str, Any]) -> Conversation:
-    turns = row.get("conversations")
+def _other_format(row: dict[str, Any], fmt: str) -> str:
+    """' (the row's keys ... fit the X format ...)' when the format asked for is not the one the row's
+    keys fit (e.g. --format_type sharegpt on a messages file); '' otherwise."""
+    try:
+        found = detect_format(dict(row))
+    except RowError:
+        return ""
+    if found == fmt or (found, fmt) in (("custom", "alpaca"), ("alpaca", "custom")):
+        return ""
+    return (f" (the row's keys are {_keys(row)}, which fit the {found} format, not {fmt}: set --format_type "
+            f"{found}, or auto to detect it)")
+
+
+@dataclass(frozen=True)
+class Tags:
+    """Where a turn-based row keeps its turns, and the names inside a turn."""
+
+    column: str                 # the row's list of turns
+    role: str                   # a turn's role key
+    content: str                # a turn's content key
+    roles: dict[str, str]       # role name in the data -> user/assistant/system/tool/function
+    system: str = "system"      # the row's system prompt column, put before the turns
+
+
+_DEFAULT_TAGS = {"sharegpt": Tags("conversations", "from", "value", ROLE_NAMES),
+                 "messages": Tags("messages", "role", "content", ROLE_NAMES)}
+
+
+def turn_tags(fmt: str, field_map: dict[str, str]) -> Tags:
+    """The format's usual names, with the field map's on top (its role names added to the usual ones)."""
+    base = _DEFAULT_TAGS[fmt]
+    roles = {**base.roles, **{field_map[k]: role for k, role in _TAG_ROLES.items() if k in field_map}}
+    return Tags(field_map.get("messages", base.column), field_map.get("role", base.role),
+                field_map.get("content", base.content), roles, field_map.get("system", "system"))
+
+
+def _from_turns(row: dict[str, Any], tags: Tags) -> Conversation:
+    """ShareGPT ({from, value}), OpenAI ({role, content}) or LLaMA-Factory (content parts) turns."""
+    if tags.column not in row:
+        raise RowError(tags.column, "is missing" + _other_format(row, "sharegpt" if tags.column == "conversations"
+                                                                 else "messages"))
+    turns = row[tags.column]
     if not isinstance(turns, list):
-        raise RowError("conversations", f"expected a list of turns, got {_kind(turns)}")
+        raise RowError(tags.column, f"expected a list of messages, got {_kind(turns)}")
     msgs: Conversation = []
-    system = row.get("system")
+    system = row.get(tags.system)
     if system is not None:
-        msgs.append({"role": "system", "content": _text(system, "system")})
+        msgs.append({"role": "system", "content": _text(system, tags.system)})
     for i, turn in enumerate(turns):
-        where = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise RowError(where, f"expected an object with from/value, got {_kind(turn)}")
-        if "from" not in turn:
-            raise RowError(f"{where}.from", "is missing")
-        source = turn["from"]
-        if not isinstance(source, str) or source not in SHAREGPT_ROLES:
-            raise RowError(f"{where}.from",
-                           f"unknown role {_show(source)}; expected one of {', '.join(SHAREGPT_ROLES)}")
-        if "value" not in turn:
-            raise RowError(f"{where}.value", "is missing")
-        value = _text(turn["value"], f"{where}.value")
-        if source == "function_call":
-            msgs.append({"role": "assistant", "content": "", "tool_calls": [_tool_call(value, f"{where}.value")]})
-        else:
-            msgs.append({"role": SHAREGPT_ROLES[source], "content": value})
+        msgs.append(_turn(turn, f"{tags.column}[{i}]", tags))
     return msgs
+
+
+def _key(turn: dict[str, Any], mapped: str, usual: tuple[str, str]) -> str:
+    """The mapped key, or whichever usual one the turn has ('from' or 'role', 'value' or 'content')."""
+    return mapped if mapped in turn else next((k for k in usual if k in turn), mapped)
+
+
+def _turn(turn: Any, where: str, tags: Tags) -> Message:
+    if not isinstance(turn, dict):
+        raise RowError(where, f"expected an object with {tags.role}/{tags.content}, got {_kind(turn)}")
+    role_key, content_key = _key(turn, tags.role, ("from", "role")), _key(turn, tags.content, ("value", "content"))
+    if role_key not in turn:
+        raise RowError(f"{where}.{role_key}", "is missing")
+    name = turn[role_key]
+    role = tags.roles.get(name) if isinstance(name, str) else None
+    if role is None:
+        raise RowError(f"{where}.{role_key}", f"unknown role {_show(name)}; expected one of "
+                       f"{', '.join(tags.roles)} (name others with --field_map user=NAME,assistant=NAME,...)")
+    calls = turn.get("tool_calls") if role == "assistant" else None
+    if content_key not in turn and not calls:
+        raise RowError(f"{where}.{content_key}", "is missing")
+    value = turn.get(content_key)
+    if value is None and not calls:
+        raise RowError(f"{where}.{content_key}", 'is null; the chat template needs text here (write "" for '
+                       "an empty turn)")
+    if role == "function":
+        return {"role": "assistant", "content": "", "tool_calls": _function_calls(value, f"{where}.{content_key}")}
+    text, reasoning, part_calls = _content(value, f"{where}.{content_key}", role)
+    msg: Message = {"role": role, "content": text}
+    reasoning_key = next((k for k in ("reasoning_content", "thinking") if turn.get(k) is not None), None)
+    if reasoning_key:
+        reasoning = [_text(turn[reasoning_key], f"{where}.{reasoning_key}")]
+    if reasoning:
+        msg["reasoning_content"] = "\n".join(reasoning)
+    if calls:
+        if not isinstance(calls, list):
+            raise RowError(f"{where}.tool_calls", "expected a list")
+        part_calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)] + part_calls
+    if part_calls:
+        msg["tool_calls"] = part_calls
+    return msg
+
+
+def _function_calls(value: Any, field: str) -> list[dict[str, Any]]:
+    """A function_call turn's value: the JSON of one call {name, arguments}, or of a list of calls."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise RowError(field, "function_call must be JSON with name and arguments, or a list of "
+                           "such calls") from None
+    calls = value if isinstance(value, list) else [value]
+    if not calls:
+        raise RowError(field, "function_call holds an empty list of calls")
+    return [_tool_call(c, f"{field}[{j}]" if isinstance(value, list) else field) for j, c in enumerate(calls)]
 
 
 def _tool_call(value: Any, field: str) -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
-            raise RowError(field, "function_call must be JSON with name and arguments") from None
+        except (ValueError, RecursionError):
+            raise RowError(field, "a tool call must be JSON with name and arguments") from None
     if isinstance(value, dict) and "function" in value:
         value = value["function"]
     if not (isinstance(value, dict) and isinstance(value.get("name"), str)):
@@ -305,71 +427,46 @@ def _tool_call(value: Any, field: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": value["name"], "arguments": arguments}}
 
 
-def _content(value: Any, field: str) -> str:
-    """OpenAI content: a string, null, or a list of {type: text, text} parts."""
+_PART_TYPES = ("text", "reasoning", "tool_call")
+
+
+def _content(value: Any, field: str, role: str) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """(text, reasoning parts, tool calls) of a turn's content: a string (null for an assistant that
+    only calls tools), or a list of parts: OpenAI's {type: text, text} or LLaMA-Factory's
+    {type: text | reasoning | tool_call, value}."""
     if value is None or isinstance(value, str):
-        return value or ""
-    if isinstance(value, list):
-        parts = []
-        for j, part in enumerate(value):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = _show(part.get("type")) if isinstance(part, dict) else _kind(part)
-                raise RowError(f"{field}[{j}]", f"only text content parts are supported, got {kind}")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RowError(field, f"expected a string or a list of text parts, got {_kind(value)}")
-
-
-def _from_openai(row: dict[str, Any]) -> Conversation:
-    raw = row.get("messages")
-    if not isinstance(raw, list):
-        raise RowError("messages", f"expected a list of messages, got {_kind(raw)}")
-    msgs: Conversation = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise RowError(where, f"expected an object with role/content, got {_kind(m)}")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ("system", "user", "assistant", "tool"):
-            raise RowError(f"{where}.role", f"unknown role {_show(role)}; expected system, user, assistant or tool")
-        msg: Message = {"role": role, "content": _content(m.get("content"), f"{where}.content")}
-        reasoning = m.get("reasoning_content", m.get("thinking"))
-        if reasoning is not None:
-            key = "reasoning_content" if "reasoning_content" in m else "thinking"
-            msg["reasoning_content"] = _text(reasoning, f"{where}.{key}")
-        if m.get("tool_calls"):
-            calls = m["tool_calls"]
-            if not isinstance(calls, list):
-                raise RowError(f"{where}.tool_calls", "expected a list")
-            msg["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
-        msgs.append(msg)
-    return msgs
+        return value or "", [], []
+    if not isinstance(value, list):
+        raise RowError(field, f"expected a string or a list of content parts, got {_kind(value)}")
+    texts, reasoning, calls = [], [], []
+    for j, part in enumerate(value):
+        where = f"{field}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _PART_TYPES:
+            got = _show(kind) if isinstance(part, dict) else _kind(part)
+            raise RowError(where, f"only {', '.join(_PART_TYPES)} content parts are supported, got {got}")
+        key = "text" if kind == "text" and "text" in part else "value"
+        if kind != "text" and role != "assistant":
+            raise RowError(where, f"a {kind} part belongs in an assistant message, not a {role} message")
+        if kind == "tool_call":
+            calls.append(_tool_call(part.get(key), f"{where}.{key}"))
+            continue
+        (texts if kind == "text" else reasoning).append(_text(part.get(key), f"{where}.{key}", allow_empty=False))
+    return "".join(texts), reasoning, calls
 
 
 def check_conversation(msgs: Conversation, field: str) -> None:
-    """Role order: optional system first, then a user turn; tool results only after a tool call;
-    no two user or two assistant turns in a row; ends with a non-empty assistant reply."""
+    """Only what the chat template cannot render or we cannot train on: an empty conversation, or
+    one without an assistant reply. Any role order renders (a system message after the first turn
+    in place, two user turns in a row, ...), so it is kept as the template renders it."""
     if not msgs:
         raise RowError(field, "the conversation is empty")
-    prev = None
-    for i, m in enumerate(msgs):
-        role = m["role"]
-        where = f"{field}[{i}]"
-        if role == "system" and i != 0:
-            raise RowError(where, "a system message may only come first")
-        if role == "user" and prev == "user":
-            raise RowError(where, "two user messages in a row; merge them or add the assistant reply between")
-        if role == "assistant":
-            if prev in (None, "system"):
-                raise RowError(where, "the conversation must start with a user message (after an optional system)")
-            if prev == "assistant" and not msgs[i - 1].get("tool_calls"):
-                raise RowError(where, "two assistant messages in a row; merge them")
-            if not (m["content"].strip() or m.get("tool_calls") or (m.get("reasoning_content") or "").strip()):
-                raise RowError(f"{where}.content", "the assistant reply is empty")
-        if role == "tool" and prev not in ("assistant", "tool"):
-            raise RowError(where, "a tool result must follow an assistant tool call")
-        if role == "tool" and prev == "assistant" and not msgs[i - 1].get("tool_calls"):
-            raise RowError(where, "a tool result must follow an assistant message with tool_calls")
-        prev = role
-    if prev != "assistant":
-        raise RowError(f"{field}[{len(msgs) - 1}]", "the conversation must end with an assistant reply")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise RowError(field, "the conversation has no assistant reply to train on")
+
+
+def warnings(msgs: Conversation) -> list[str]:
+    """Kept, but worth a count in manifest.json: 'empty_reply' per assistant reply that is empty or
+    whitespace (no text, reasoning or tool call): it trains the model to say nothing."""
+    return ["empty_reply" for m in msgs if m["role"] == "assistant" and not m["content"].strip()
+            and not m.get("tool_calls") and not (m.get("reasoning_content") or "").strip()]

@@ -44,7 +44,15 @@ class DataOptions:
     format_type: str = field(default="auto", metadata=EVAL)
     """Row format: auto (detected per file from the first row), alpaca, sharegpt, messages, custom."""
     field_map: str | None = field(default=None, metadata=EVAL)
-    """Custom columns, e.g. `instruction=question,output=answer,system=sys`."""
+    """Names in your data, as NAME=VALUE pairs: columns (instruction, input, output, system, history,
+    messages, tools), a turn's keys (role, content) and role names (user, assistant, observation,
+    function, system_tag); LLaMA-Factory's names (prompt, query, response, role_tag, user_tag, ...)
+    work too. E.g. `instruction=question,output=answer` or
+    `messages=conversations,role=from,content=value,user=human,assistant=gpt`."""
+    dataset_info: str | None = field(default=None, metadata=NOT_IN_EXAMPLES)
+    """A LLaMA-Factory dataset_info.json: a `data_path` entry that is one of its names is read as the
+    entry says (file_name or hf_hub_url, formatting, columns, tags). `REGISTRY.json:NAME` with no
+    `data_path` trains on that entry; `--data_path REGISTRY.json:NAME` works without this option."""
     dataset_split: str = field(default="train", metadata=EVAL)
     """Split to read when `data_path` is a Hugging Face dataset name."""
     dataset_config: str | None = field(default=None, metadata=EVAL)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftkit._version import __version__
-from sftkit.data import formats, sources
+from sftkit.data import formats, registry, sources
 from sftkit.data.options import DataOptions, Mixing
 from sftkit.data.render import IGNORE_INDEX, RenderOptions, render_batch, template_spec
 from sftkit.errors import ConfigError, DataError
@@ -40,6 +40,7 @@ class Loaded:
     bad_examples: list[str] = field(default_factory=list)
     per_source: list[dict] = field(default_factory=list)
     too_long: int = 0  # dropped by their length in characters, before tokenizing (see bound_text)
+    warnings: Counter = field(default_factory=Counter)  # kept rows worth a look, by kind (formats.warnings)
 
 
 def render_options(opts: DataOptions) -> RenderOptions:
@@ -48,24 +49,28 @@ def render_options(opts: DataOptions) -> RenderOptions:
 
 def resolve_sources(specs: list[str], opts: DataOptions) -> list[tuple[int, sources.Source]]:
     """(index of the data_path entry, source) for every file or dataset the entries name."""
+    if not specs and opts.dataset_info and registry.split_spec(opts.dataset_info):
+        specs = [opts.dataset_info]  # --dataset_info REGISTRY.json:NAME alone names the data
     if not specs:
         raise ConfigError("no data given; pass --data_path FILE (JSON, JSONL, Parquet, CSV, a directory or a dataset name)")
-    return [(i, s) for i, spec in enumerate(specs) for s in sources.resolve(spec, opts.dataset_config, opts.dataset_split)]
+    return [(i, s) for i, spec in enumerate(specs)
+            for s in sources.resolve(spec, opts.dataset_config, opts.dataset_split, opts.dataset_info)]
 
 
 def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, progress=None) -> Loaded:
     """Read and validate every row. A bad row stops here unless opts.skip_bad_rows."""
-    field_map = formats.parse_field_map(opts.field_map)
+    base_map = formats.parse_field_map(opts.field_map)
     out = Loaded()
     for origin, src in srcs:
-        fmt = None if opts.format_type == "auto" else opts.format_type
+        field_map = {**base_map, **dict(src.field_map)}  # a dataset_info.json entry's own columns and tags
+        fmt = src.format_type or (None if opts.format_type == "auto" else opts.format_type)
+        fmt = fmt or formats.mapped_format(field_map)
         n_in = n_bad = 0
         for where, row in sources.read_rows(src):
             n_in += 1
             try:
-                fmt = fmt or ("custom" if field_map else formats.detect_format(row))
-                msgs = formats.to_messages(row, fmt, field_map)
-                tools = row.get("tools") if isinstance(row, dict) else None
+                fmt = fmt or formats.detect_format(row)
+                msgs, tools = formats.to_conversation(row, fmt, field_map)
             except formats.RowError as err:
                 error = DataError(src.path, where, err.field, err.problem)
                 if not opts.skip_bad_rows:
@@ -75,7 +80,8 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
                     out.bad_examples.append(str(error))
                 continue
             out.convs.append(msgs)
-            out.tools.append(tools or None)
+            out.tools.append(tools)
+            out.warnings.update(formats.warnings(msgs))
             out.origin.append(origin)
         if n_in == 0:
             raise DataError(src.path, "", None, "holds no rows")
@@ -129,7 +135,7 @@ def max_token_chars(tokenizer) -> int:
 
 def _text_size(msg: dict) -> int:
     calls = msg.get("tool_calls")
-    return len(msg["content"]) + len(msg.get("reasoning_content") or "") + (len(str(calls)) if calls else 0)
+    return len(msg.get("content") or "") + len(msg.get("reasoning_content") or "") + (len(str(calls)) if calls else 0)
 
 
 def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token: int) -> None:
@@ -251,14 +257,14 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
         rendered = tokenize_all(loaded, tokenizer, render_options(opts), opts.num_proc, progress=bar)
     kept = keep_fitting(rendered, loaded, opts)
     if not kept.ids:
-        raise DataError(", ".join(s.path for _, s in srcs), "", None, f"no example is left after filtering "
-                        f"(dropped: {dict(+kept.dropped)}); raise --max_length or use --truncation left/right")
+        raise DataError(", ".join(s.path for _, s in srcs), "", None, nothing_left(kept.dropped, loaded, opts))
     ids, labels, mixed = weigh(kept, specs, mixing)
     lengths = [len(x) for x in ids]
     manifest = {
         "sftkit_version": __version__, "fingerprint": fp, "format": FORMAT, "sources": loaded.per_source,
         "rows_in": loaded.rows_in, "examples_kept": len(kept.ids),
         "dropped": {k: kept.dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
+        "warnings": {k: loaded.warnings.get(k, 0) for k in ("empty_reply",)},
         "bad_rows_first": loaded.bad_examples, "mixing": mixed, "examples_saved": len(ids),
         "tokens": sum(lengths), "supervised_tokens": sum(len(lab) - lab.count(IGNORE_INDEX) for lab in labels),
         "length": percentiles(lengths), "tokenizer": getattr(tokenizer, "name_or_path", ""),
@@ -299,6 +305,21 @@ def keep_fitting(rendered: list, loaded: Loaded, opts: DataOptions) -> Kept:
         kept.labels.append(labels)
         kept.origin.append(origin)
     return kept
+
+
+def nothing_left(dropped: Counter, loaded: Loaded, opts: DataOptions) -> str:
+    """Why no example is left, reason by reason, each with its own fix."""
+    why = []
+    if dropped["bad_row"]:
+        why.append(f"{dropped['bad_row']} bad row(s) skipped, the first: {loaded.bad_examples[0]}; fix the rows")
+    if dropped["too_long"]:
+        why.append(f"{dropped['too_long']} longer than --max_length {opts.max_length}; raise --max_length or "
+                   "use --truncation left/right")
+    if dropped["no_supervised_tokens"]:
+        cut = (f" after --truncation {opts.truncation} to {opts.max_length} tokens; raise --max_length"
+               if opts.truncation != "drop" else "")
+        why.append(f"{dropped['no_supervised_tokens']} with no reply token left to train on{cut}")
+    return "no example is left: " + "; ".join(why)
 
 
 def weigh(kept: Kept, specs: list[str], mixing: Mixing | None) -> tuple[list, list, list[dict] | None]:

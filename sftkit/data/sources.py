@@ -8,6 +8,7 @@ formats turns into a RowError (which --skip_bad_rows skips and counts).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftkit.data import formats
+from sftkit.data import formats, registry
 from sftkit.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -31,8 +32,12 @@ class Source:
     hub: bool = False
     config: str | None = None
     split: str = "train"
+    format_type: str | None = None          # set by a dataset_info.json entry
+    field_map: tuple[tuple[str, str], ...] = ()  # the entry's columns and tags
 
     def fingerprint(self) -> str:
+        """The data's hash, and how an entry of a dataset registry says to read it."""
+        how = f"|{self.format_type}|{json.dumps(self.field_map)}" if self.format_type else ""
         if not self.hub:
             h = hashlib.sha256()
             try:
@@ -41,12 +46,20 @@ class Source:
                         h.update(block)
             except OSError as err:
                 raise _cannot_read(self.path, err) from None
-            return h.hexdigest()
-        return _load_hub(self)._fingerprint
+            return h.hexdigest() + how
+        return _load_hub(self)._fingerprint + how
 
 
-def resolve(spec: str, config: str | None = None, split: str = "train") -> list[Source]:
-    """A file, a directory of data files, a glob, or a Hugging Face dataset name -> sources."""
+def resolve(spec: str, config: str | None = None, split: str = "train", dataset_info: str | None = None
+            ) -> list[Source]:
+    """A file, a directory of data files, a glob, a Hugging Face dataset name, or an entry of a
+    LLaMA-Factory dataset_info.json (REGISTRY.json:NAME, or NAME with `dataset_info`) -> sources."""
+    named = registry.split_spec(spec, dataset_info)
+    if named:
+        entry = registry.read_entry(*named)
+        found = resolve(entry.location, entry.subset, entry.split) if not entry.hub else \
+            [Source(entry.location, hub=True, config=entry.subset, split=entry.split)]
+        return [dataclasses.replace(s, format_type=entry.format_type, field_map=entry.field_map) for s in found]
     p = Path(spec)
     if p.is_file():
         if p.suffix.lower() not in SUFFIXES:
@@ -156,9 +169,27 @@ def _read_json(path: str) -> Iterator[tuple[str, Any]]:
         except UnicodeDecodeError as err:
             row = formats.Unreadable(_utf8_problem(line, err)[1])
         if not checked and isinstance(row, formats.Unreadable) and first == b"{":
-            _refuse_one_object(path, raw, raw.rstrip().count(b"\n") + 1)  # the first line alone is not JSON
+            whole = _one_object(path, raw, raw.rstrip().count(b"\n") + 1)  # the first line alone is not JSON
+            if whole is not None:
+                yield "row 1 (line 1)", whole
+                return
+        if not checked:
+            _refuse_registry(path, row)
         checked = True
+        if isinstance(row, list):
+            row = formats.Unreadable(_LIST_LINE)
         yield f"line {n}", row
+
+
+_LIST_LINE = ("the line holds a JSON list, not an object; JSON Lines holds one row object per line, e.g. "
+              '{"messages": [...]} (a list of rows belongs in a .json file, as one array)')
+
+
+def _refuse_registry(path: str, value: Any) -> None:
+    if registry.is_registry(value):
+        names = ", ".join(sorted(value)[:5]) + (", ..." if len(value) > 5 else "")
+        raise DataError(path, "", None, f"is a LLaMA-Factory dataset_info.json; name one of its entries ({names}): "
+                        f"--data_path {path}:NAME")
 
 
 def _lines_of_arrays(data: bytes) -> bool:
@@ -174,18 +205,36 @@ def _lines_of_arrays(data: bytes) -> bool:
     return True
 
 
-def _refuse_one_object(path: str, raw: bytes, n_lines: int) -> None:
-    """A pretty-printed object, or {"data": [...]}: one JSON value over several lines is not JSON Lines."""
+def _one_object(path: str, raw: bytes, n_lines: int) -> dict | None:
+    """A file of one JSON object over several lines: one row when it is a conversation (axolotl's
+    fixtures are such files); refused with advice when it is not, e.g. {"data": [...]}. None when
+    the file is not one object (JSON Lines, or broken: read line by line, which names the line)."""
     try:
         whole = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
-        return  # JSON Lines (or broken): read line by line, which names the line at fault
+        return None
     if not isinstance(whole, dict):
-        return
-    lists = [k for k, v in whole.items() if isinstance(v, list)]
-    hint = f" (its key {formats._show(lists[0])} holds a list: save that list alone)" if len(lists) == 1 else ""
-    raise DataError(path, "", None, f"holds one JSON object over {n_lines} lines{hint}; expected an array "
-                    "of rows ([{...}, {...}]) or JSON Lines (one object per line)")
+        return None
+    _refuse_registry(path, whole)
+    if _fits(whole):
+        return whole
+    wrapped = [k for k, v in whole.items() if isinstance(v, list) and v and all(map(_fits, v))]
+    if len(wrapped) != 1:
+        return whole  # one row, which formats checks and names what is wrong with
+    raise DataError(path, "", None, f"holds one JSON object over {n_lines} lines whose key "
+                    f"{formats._show(wrapped[0])} holds {len(whole[wrapped[0]])} rows; save that list alone "
+                    "as the file ([{...}, {...}]), or the rows as JSON Lines (one object per line)")
+
+
+def _fits(value: Any) -> bool:
+    """Whether a value is a row of some format (detect_format accepts it)."""
+    if type(value) is not dict:
+        return False
+    try:
+        formats.detect_format(value)
+    except formats.RowError:
+        return False
+    return True
 
 
 def _read_json_array(path: str, text: str) -> Iterator[tuple[str, Any]]:
