@@ -46,7 +46,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN3_DIR = REPO.parent / "shared" / "qwen3"  # Qwen's published configs (no weights)
+QWEN3_DIR = REPO / "bench" / "qwen3"  # Qwen's published configs (no weights), copied from ../shared/qwen3
 SYSTEMS = ("sftkit", "trl_default", "trl_best", "bare")
 RESULT = "TRAIN_BENCH_RESULT "  # prefix of the one line a child prints for the parent
 TINY128 = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -72,7 +72,7 @@ def build_model(name: str) -> Path:
 
     if name in REAL:
         if not (QWEN3_DIR / REAL[name] / "config.json").is_file():
-            raise SystemExit(f"--model {name}: {QWEN3_DIR / REAL[name]}/config.json not found (../shared/qwen3)")
+            raise SystemExit(f"--model {name}: {QWEN3_DIR / REAL[name]}/config.json not found (see bench/qwen3/README.md)")
         config = Qwen3Config.from_pretrained(QWEN3_DIR / REAL[name])
     elif name in ("tiny", "tiny128"):
         config = Qwen3Config(**{**TINY_CONFIG, **(TINY128 if name == "tiny128" else {})})

@@ -23,10 +23,11 @@ SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
 # Implementations that transformers feeds the packed layout (position_ids restarting at 0, no mask):
 # eager/sdpa build a block-diagonal mask from it, flash-attention turns it into varlen offsets.
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# varlen (sftkit.varlen) and auto take the offsets directly.
+PACKING_ATTENTION = ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # flash-attention turns packed position_ids into varlen offsets, so a packed micro-batch can be one
 # row with no padding at all; eager/sdpa would build a block mask quadratic in that row instead.
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+VARLEN_ATTENTION = ("varlen", "flash_attention_2", "flash_attention_3")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -37,8 +38,10 @@ class ModelOptions:
     model directory, or a Hub id such as Qwen/Qwen3-0.6B."""
     trust_remote_code: bool = field(default=False, metadata={**EVAL, **NOT_IDENTITY})
     """Run Python code shipped with the model. Off: Qwen3 needs none, and it executes foreign code."""
-    attn_implementation: str = field(default="sdpa", metadata=EVAL)
-    """Attention kernel: sdpa, eager, or flash_attention_2 (GPU, needs the flash-attn package)."""
+    attn_implementation: str = field(default="auto", metadata=EVAL)
+    """Attention kernel: auto (varlen with packing on a GPU, else sdpa), varlen (packed rows as one
+    padding-free row: torch's flash varlen kernel on a GPU, flash-attn's if installed, a per-example
+    sdpa loop on a CPU), sdpa, eager, or flash_attention_2 (GPU, needs the flash-attn package)."""
     chat_template: str | None = None
     """A Jinja chat template file that replaces the tokenizer's own. Default: the model's template."""
 
@@ -209,10 +212,16 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         """accelerate's name for the precision: bf16, fp16 or no."""
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
-    @property
-    def padding_free(self) -> bool:
+    def attention(self, cuda: bool) -> str:
+        """The attention kernel this run uses: auto is varlen when packing on a GPU, sdpa otherwise
+        (on a CPU the varlen path is a per-example loop, slower than sdpa's block mask)."""
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        return "varlen" if self.packing and cuda else "sdpa"
+
+    def padding_free(self, cuda: bool) -> bool:
         """Packed micro-batches become one row with no padding (attention that takes varlen offsets)."""
-        return self.packing and self.attn_implementation in VARLEN_ATTENTION
+        return self.packing and self.attention(cuda) in VARLEN_ATTENTION
 
     @property
     def trackers(self) -> str | None:

@@ -148,7 +148,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
     with accelerator.main_process_first():  # the tiny preset is built once, by rank 0, not by two at once
         resolve_model_path(cfg.model_name_or_path)
-    model = build_for_training(cfg)
+    model = build_for_training(cfg, cuda=accelerator.device.type == "cuda")
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -215,6 +215,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
         "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
+        "attention": cfg.attention(acc.device.type == "cuda"),
     }, first=True)
 
 
@@ -222,7 +223,7 @@ def step_batches(run: Run) -> StepBatches:
     """Item k: this rank's micro-batches of optimizer step k."""
     return StepBatches(run.train_set, run.schedule, run.cfg.gradient_accumulation_steps,
                        run.accelerator.process_index, run.tokenizer.pad_token_id, run.cfg.packing,
-                       run.cfg.padding_free)
+                       run.cfg.padding_free(run.accelerator.device.type == "cuda"))
 
 
 def step_loader(run: Run, stop: StopRequest | None = None):

@@ -176,6 +176,7 @@ def test_training_options_leave_losses_unchanged(tmp_path):
         "default": ["--mfu_peak_tflops", "0.5"],
         "plain": ["--loss_chunk_size", "0", "--no-fused_adamw", "--dataloader_num_workers", "0"],
         "compiled": ["--torch_compile"],
+        "varlen": ["--attn_implementation", "varlen"],  # one padding-free row a micro-batch, offsets via the worker
     }
     losses = {}
     for name, extra in variants.items():
@@ -183,6 +184,7 @@ def test_training_options_leave_losses_unchanged(tmp_path):
         records = read_metrics(tmp_path / name)
         losses[name] = [r["loss"] for r in records if "loss" in r]
         assert records[0]["fused_loss"] is (name != "plain")
+        assert records[0]["attention"] == ("varlen" if name == "varlen" else "sdpa")  # auto on a CPU: sdpa
         if name == "default":
             steps = [r for r in records if "loss" in r]
             assert all(r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5, rel=1e-2) for r in steps)
@@ -190,6 +192,7 @@ def test_training_options_leave_losses_unchanged(tmp_path):
     assert len(losses["default"]) == 4 and losses["default"][-1] < losses["default"][0]
     assert losses["plain"] == pytest.approx(losses["default"], rel=1e-5)
     assert losses["compiled"] == pytest.approx(losses["default"], rel=1e-3)
+    assert losses["varlen"] == pytest.approx(losses["default"], rel=1e-5)
 
 
 def test_flops_formula_matches_flop_counter(examples, tok):
