@@ -148,7 +148,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
     with accelerator.main_process_first():  # the tiny preset is built once, by rank 0, not by two at once
         resolve_model_path(cfg.model_name_or_path)
-    model = build_for_training(cfg, cuda=accelerator.device.type == "cuda")
+    model = build_for_training(cfg, cuda=accelerator.device.type == "cuda")  # auto attention: varlen on a GPU
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -164,8 +164,9 @@ def setup(cfg: SFTConfig, console=None) -> Run:
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    cuda = accelerator.device.type == "cuda"
     run = Run(cfg, accelerator, model, optimizer, scheduler, params,
-              fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk_size),
+              fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk(cuda), cuda),
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s)
