@@ -91,14 +91,16 @@ def test_varlen_model_matches_sdpa_block_mask_bf16():
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_fused_loss_on_cuda_matches_plain(bf16):
+    """The fused head as a GPU run builds it (bf16: the lm_head gradient summed in bf16 over 5
+    chunks of 512 rows) against the plain path, loss and every gradient."""
     from sftkit.batching import collate
     from sftkit.loss import fused_head
 
     model = small_model("varlen")
     batch = collate([packed_docs([900, 1100, 300])], 151643, True, padding_free=True)
     plain_loss, plain = loss_and_grads(model, batch, None, bf16)
-    head = fused_head(model, "bf16" if bf16 else "no", False, 4096)
-    assert head is not None
+    head = fused_head(model, "bf16" if bf16 else "no", False, 512, cuda=True)
+    assert head is not None and head.grad_dtype == (torch.bfloat16 if bf16 else torch.float32)
     loss, grads = loss_and_grads(model, batch, head, bf16)
     assert loss == pytest.approx(plain_loss, rel=1e-3 if bf16 else 1e-5)
     for name in plain:
