@@ -4,8 +4,8 @@ delimited by cumulative lengths (`cu_seqlens`), and each example attends causall
 Under packing transformers gives sdpa and eager a [rows, 1, len, len] block-diagonal mask, which
 keeps sdpa off its flash kernel: for Qwen3-1.7B, 2 rows x 4096 tokens, ~30 GB of the 59 GB peak
 on an H100 was activations (issue 12). Registered through transformers' AttentionInterface under
-a name its mask code does not know (`ATTENTION_NAME`), the model builds no mask at all, and
-RoPE still reads the restarting position_ids. The kernel is picked at each call:
+`ATTENTION_NAME`, with flash-attention's mask function, a packed row gets no mask at all, and RoPE
+still reads the restarting position_ids. The kernel is picked at each call:
 
   torch  `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, bf16/fp16): flash varlen,
          no extra package
@@ -32,10 +32,16 @@ ATTENTION_NAME = "sftkit_varlen"  # what sftkit's `attn_implementation: varlen` 
 
 
 def register() -> str:
-    """Make `ATTENTION_NAME` a valid attn_implementation for transformers; returns the name."""
+    """Make `ATTENTION_NAME` a valid attn_implementation for transformers; returns the name.
+
+    Its mask function is flash-attention's: no mask at all for packed or unpadded rows, the 2-D
+    padding mask where a batch is padded (eval, generate). Without one, transformers hands a custom
+    attention no mask, and left-padded generation attended to the padding."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
     return ATTENTION_NAME
 
 
@@ -164,11 +170,15 @@ def reference(q, k, v, cu: torch.Tensor, scale: float, dropout: float) -> torch.
 
 def masked_attention(module, query, key, value, attention_mask, scaling, dropout):
     """sdpa under a causal mask aligned to the last key (a cache puts earlier keys first) and the
-    2-D padding mask, for rows that hold one example each."""
+    2-D padding mask, for rows that hold one example each. Every query also sees its own key: a
+    left-padded pad query would otherwise see none and turn NaN, and NaN values poison the real
+    queries' outputs even where the mask gives them weight 0 (0 x NaN)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, kv_len = query.shape[2], key.shape[2]
-    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+    q_pos = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    k_pos = torch.arange(kv_len, device=query.device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
     if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, -kv_len:].bool()
+        mask = (mask & attention_mask[:, None, None, -kv_len:].bool()) | (k_pos == q_pos)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)

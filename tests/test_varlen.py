@@ -62,7 +62,14 @@ def test_varlen_equals_padded_loss_and_every_gradient(docs, tok):
 def test_varlen_keeps_documents_apart(docs, tok):
     """Change every token of the first document: the logits of the others do not move, its own do.
     Both with the offsets collate passes and with offsets read off the restarting position_ids."""
+    from transformers.masking_utils import create_causal_mask
+
     model = build_for_training(SFTConfig(attn_implementation="varlen", packing=True)).eval()
+    flat = collate([docs], tok.pad_token_id, True, padding_free=True)
+    embeds = model.get_input_embeddings()(flat.inputs["input_ids"])
+    # what the attention is handed for a packed row: no mask at all (sdpa would get a 4-D block mask)
+    assert create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                              position_ids=flat.inputs["position_ids"]) is None
     first = len(docs[0]["input_ids"])
     other = {**docs[0], "input_ids": [(t + 1000) % 150000 for t in docs[0]["input_ids"]]}
     for offsets in (True, False):
@@ -90,6 +97,21 @@ def test_varlen_eval_batches_and_step_hand_over(docs, tok):
     for k, v in flat.inputs.items():
         assert torch.equal(back.inputs[k], v) if torch.is_tensor(v) else back.inputs[k] == v
     assert back.inputs["cu_seq_lens_q"].dtype == torch.int32
+
+
+def test_varlen_model_generates_as_sdpa_does(tok):
+    """Left-padded batch generation with a cache (eval --num_samples on a varlen model): the same
+    greedy tokens as sdpa, so pad queries stay finite and decoding sees its earlier keys."""
+    varlen = build_for_training(SFTConfig(attn_implementation="varlen", packing=True)).eval()
+    sdpa = build_for_training(SFTConfig(attn_implementation="sdpa")).eval()
+    tok.padding_side = "left"
+    try:
+        enc = tok(["a short prompt", "a somewhat longer prompt with more words in it"], return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = "right"
+    outs = [m.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id)
+            for m in (varlen, sdpa)]
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_attention_auto_and_its_checks():
