@@ -11,14 +11,21 @@ precision:
                checkpointing. Without flash-attention (a CPU) the padding-free row, the whole
                micro-batch end to end, gets a block-diagonal mask from transformers under sdpa:
                correct, but its attention is quadratic in rows x max_length.
+  trl_liger    trl_best with `use_liger_kernel=True` (Liger's fused linear cross-entropy, RMSNorm,
+               SwiGLU and RoPE Triton kernels): GPU only, needs the liger-kernel package.
   bare         `sftkit.train.train_step` called in a plain for loop over the same run's steps: the
                step itself (the exact loss, backward, clip, optimizer step, its one all-reduce)
                with no logging, no progress bar, no signal handling and no DataLoader worker (so
                sftkit, which collates ahead in one, can beat it on wall time).
+sftkit and bare take sftkit's own attention default (auto: varlen on a GPU with packing, sdpa
+otherwise); TRL gets sdpa, or flash_attention_2 where flash-attn is installed. A system whose
+package is missing (trl, liger-kernel) is reported as "not installed" and not run.
 Each system runs in a fresh child process (`--child SYSTEM`), so its peak memory (VmHWM of that
 process on CPU, torch.cuda.max_memory_allocated on GPU) is its own. Only the training loop is
-timed: imports, model loading and data preparation are not. The first step (warm-up) is reported
-apart, and the throughput columns exclude it. Supervised tokens are the positions whose next token
+timed: imports, model loading and data preparation are not. The first `--warmup` steps (default 1)
+are reported apart, and the throughput columns exclude them; `--max_steps` caps every system's
+run. MFU counts sftkit's model FLOPs (sftkit.flops) against the GPU's peak: sftkit's own from its
+metrics.jsonl, the others' as sftkit's FLOPs per token times their tokens/s (the same data). Supervised tokens are the positions whose next token
 is trained on; padding efficiency is real tokens / (rows x width) slots of the micro-batches.
 The 1-minute load average is printed: on a shared CPU, wall times vary by tens of percent.
 
@@ -46,8 +53,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN3_DIR = REPO.parent / "shared" / "qwen3"  # Qwen's published configs (no weights)
-SYSTEMS = ("sftkit", "trl_default", "trl_best", "bare")
+QWEN3_DIR = REPO / "bench" / "qwen3"  # Qwen's published configs (no weights), copied from ../shared/qwen3
+SYSTEMS = ("sftkit", "trl_default", "trl_best", "trl_liger", "bare")
 RESULT = "TRAIN_BENCH_RESULT "  # prefix of the one line a child prints for the parent
 TINY128 = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 2, "head_dim": 32, "initializer_range": 0.02}  # the size PLATFORM_NOTES measured
@@ -72,7 +79,7 @@ def build_model(name: str) -> Path:
 
     if name in REAL:
         if not (QWEN3_DIR / REAL[name] / "config.json").is_file():
-            raise SystemExit(f"--model {name}: {QWEN3_DIR / REAL[name]}/config.json not found (../shared/qwen3)")
+            raise SystemExit(f"--model {name}: {QWEN3_DIR / REAL[name]}/config.json not found (see bench/qwen3/README.md)")
         config = Qwen3Config.from_pretrained(QWEN3_DIR / REAL[name])
     elif name in ("tiny", "tiny128"):
         config = Qwen3Config(**{**TINY_CONFIG, **(TINY128 if name == "tiny128" else {})})
@@ -124,8 +131,8 @@ def sftkit_config(a, out: Path):
     return SFTConfig(
         model_name_or_path=str(a.model_dir), data_path=[str(a.data_dir)], output_dir=str(out),
         max_length=a.max_length, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=a.grad_accum,
-        packing=a.packing, learning_rate=a.lr, num_train_epochs=1.0, max_steps=-1, logging_steps=1, save_steps=0,
-        bf16=a.bf16, use_lora=a.lora, report_to="none", seed=a.seed, attn_implementation=a.attn, **extra)
+        packing=a.packing, learning_rate=a.lr, num_train_epochs=1.0, max_steps=a.max_steps, logging_steps=1,
+        save_steps=0, bf16=a.bf16, use_lora=a.lora, report_to="none", seed=a.seed, **extra)
 
 
 # ---- the children: each trains one system and returns its per-step record -------------------------
@@ -145,7 +152,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def diffs(cumulative: list[int]) -> list[int]:
+def diffs(cumulative: list) -> list:
     return [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
 
 
@@ -162,7 +169,8 @@ def child_sftkit(a) -> dict:
     # slots are not logged, but each step's padding_efficiency (logging_steps=1) gives them to 4 digits
     return {"ends": [r["elapsed_s"] for r in steps], "sup": sup, "tok": tok,
             "slots": sum(t / r["padding_efficiency"] for t, r in zip(tok, steps)), "first_loss": steps[0]["loss"],
-            "peak_mb": peak_mb, "note": f"fused_loss={lines[0].get('fused_loss')}, logging_steps=1"}
+            "tflops": [r["tflops_per_device"] for r in steps], "peak_mb": peak_mb,
+            "note": f"fused_loss={lines[0].get('fused_loss')}, attention={lines[0].get('attention')}, logging_steps=1"}
 
 
 def child_bare(a) -> dict:
@@ -185,7 +193,7 @@ def child_bare(a) -> dict:
     return {**rec, "peak_mb": peak_memory_mb()}
 
 
-def child_trl(a, best: bool) -> dict:
+def child_trl(a, best: bool, liger: bool = False) -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -232,6 +240,7 @@ def child_trl(a, best: bool) -> dict:
         output_dir=str(a.scratch / "trl"), per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, num_train_epochs=1, max_length=a.max_length,
         seed=a.seed, bf16=a.bf16, use_cpu=not a.cuda, save_strategy="no", eval_strategy="no", report_to="none",
+        max_steps=a.max_steps, use_liger_kernel=liger,
         **({"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False} if best else {}))
     peft_config = None
     if a.lora:
@@ -244,25 +253,66 @@ def child_trl(a, best: bool) -> dict:
                                  callbacks=[Clock()], peft_config=peft_config)
     trainer.train()
     note = (f"gradient_checkpointing={args.gradient_checkpointing}, packing={args.packing}, "
-            f"padding_free={trainer.padding_free}, {len(trainer.train_dataset)} rows")
+            f"padding_free={trainer.padding_free}, liger={liger}, {len(trainer.train_dataset)} rows")
     return {**rec, "first_loss": sum(rec.pop("first")), "peak_mb": peak_memory_mb(), "note": note}
 
 
-def summarize(rec: dict) -> dict:
-    """Throughput over all steps, and without the first (warm-up) step."""
+def summarize(rec: dict, warmup: int = 1) -> dict:
+    """Throughput over all steps, and without the first `warmup` steps (fewer where the run is short)."""
     ends, sup, tok = rec["ends"], rec["sup"], rec["tok"]
-    n, rest = len(ends), ends[-1] - ends[0]  # rest: the steps after the first
+    n = len(ends)
+    w = max(1, min(warmup, n - 1))
+    rest = ends[-1] - ends[w - 1]  # the timed steps: those after the warm-up
     ok = n > 1 and rest > 0
-    return {"steps": n, "first_step_s": ends[0], "loop_s": ends[-1], "step_s": rest / (n - 1) if ok else ends[0],
-            "sup_tok_s": sum(sup[1:]) / rest if ok else math.nan, "tok_s": sum(tok[1:]) / rest if ok else math.nan,
-            "sup_tok_s_all": sum(sup) / ends[-1], "tok_s_all": sum(tok) / ends[-1],
-            "supervised_tokens": sum(sup), "tokens": sum(tok), "padding_efficiency": sum(tok) / rec["slots"],
-            "peak_mb": rec["peak_mb"], "first_loss": rec["first_loss"], "note": rec["note"], "step_ends_s": ends}
+    out = {"steps": n, "warmup_steps": w, "first_step_s": ends[0], "loop_s": ends[-1],
+           "step_s": rest / (n - w) if ok else ends[0],
+           "sup_tok_s": sum(sup[w:]) / rest if ok else math.nan, "tok_s": sum(tok[w:]) / rest if ok else math.nan,
+           "sup_tok_s_all": sum(sup) / ends[-1], "tok_s_all": sum(tok) / ends[-1],
+           "supervised_tokens": sum(sup), "tokens": sum(tok), "padding_efficiency": sum(tok) / rec["slots"],
+           "peak_mb": rec["peak_mb"], "first_loss": rec["first_loss"], "note": rec["note"], "step_ends_s": ends}
+    if rec.get("tflops") and ok:  # sftkit's own count, each step's TFLOPS times its duration
+        steps_s = diffs(ends)
+        out["model_tflop_timed"] = sum(t * d for t, d in zip(rec["tflops"][w:], steps_s[w:]))
+        out["tflops"] = out["model_tflop_timed"] / rest
+    return out
+
 
 
 # ---- the parent ------------------------------------------------------------------------------------
+def add_mfu(rows: list[dict]) -> None:
+    """TFLOPS and MFU by sftkit's FLOPs count: sftkit's own; for the others, sftkit's FLOPs per
+    timed token times their timed tokens/s (the same data, so the same work per token)."""
+    import torch
+
+    from sftkit.flops import peak_flops
+
+    ours = next((r for r in rows if r["system"] == "sftkit" and r.get("tflops")), None)
+    if ours is None:
+        return
+    per_token = ours["tflops"] / ours["tok_s"]
+    peak = peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    for r in rows:
+        r["tflops"] = r["tflops"] if r is ours else per_token * r["tok_s"]
+        r["mfu"] = r["tflops"] * 1e12 / peak if peak else None
+
+
+def missing(system: str, cuda: bool) -> str | None:
+    """Why this system cannot run here, or None."""
+    if system.startswith("trl") and not find_spec("trl"):
+        return "not installed (trl)"
+    if system == "trl_liger" and not find_spec("liger_kernel"):
+        return "not installed (liger-kernel)"
+    if system == "trl_liger" and not cuda:
+        return "not run: Liger's Triton kernels need a GPU"
+    return None
+
+
 def run_child(system: str, a, model_dir: Path, data_dir: Path) -> dict:
     """One system in a fresh process; its output goes to a log file, its result is the marked line."""
+    why = missing(system, a.cuda)
+    if why:
+        print(f"{system}: {why}")
+        return {"system": system, "error": why}
     log = work_dir() / "logs" / f"{system}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, *sys.argv[1:], "--child", system, "--model_dir", str(model_dir),
@@ -288,8 +338,8 @@ def environment() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    versions = {p: metadata.version(p) if find_spec(p) else "not installed"
-                for p in ("torch", "transformers", "trl", "accelerate", "peft")}
+    versions = {p: metadata.version(p) if find_spec(p.replace("-", "_")) else "not installed"
+                for p in ("torch", "transformers", "trl", "accelerate", "peft", "liger-kernel")}
     dirty = " + uncommitted changes" if git("status", "--porcelain", "sftkit") else ""
     return {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "versions": {"python": platform.python_version(), **versions, "sftkit": git("rev-parse", "--short", "HEAD")
@@ -330,6 +380,8 @@ def main() -> None:
     ap.add_argument("--sftkit_args", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more SFTConfig fields for sftkit and bare, e.g. loss_chunk_size=0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max_steps", type=int, default=-1, help="optimizer steps per system; -1: one epoch")
+    ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the throughput columns")
     ap.add_argument("--out", type=Path, help="also write the results here, as JSON")
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--model_dir", type=Path, help=argparse.SUPPRESS)
@@ -349,8 +401,9 @@ def main() -> None:
         a.scratch = work_dir() / "runs" / a.child
         shutil.rmtree(a.scratch, ignore_errors=True)
         run = {"sftkit": child_sftkit, "bare": child_bare, "trl_default": lambda a: child_trl(a, best=False),
-               "trl_best": lambda a: child_trl(a, best=True)}[a.child]
-        print(RESULT + json.dumps(summarize(run(a))), flush=True)
+               "trl_best": lambda a: child_trl(a, best=True),
+               "trl_liger": lambda a: child_trl(a, best=True, liger=True)}[a.child]
+        print(RESULT + json.dumps(summarize(run(a), a.warmup)), flush=True)
         return
 
     env = environment()
@@ -364,10 +417,11 @@ def main() -> None:
           f"packing (sftkit, bare) {a.packing}, sftkit_args {a.sftkit_args}\n")
     results = [run_child(s, a, model_dir, data_dir) for s in a.systems.split(",")]
     rows = [r for r in results if "error" not in r]
+    add_mfu(rows)
     print_table(rows, "GPU allocated" if cuda else "RSS")
     for r in rows:
         print(f"{r['system']}: {r['note']}")
-        if r["supervised_tokens"] != man["supervised_tokens"]:  # every system must train on the same tokens
+        if a.max_steps < 0 and r["supervised_tokens"] != man["supervised_tokens"]:  # the whole epoch: the same tokens
             print(f"  WARNING: {r['supervised_tokens']:,} supervised tokens trained, the data holds "
                   f"{man['supervised_tokens']:,}")
     by = {r["system"]: r for r in rows}

@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 
 from sftkit.data.render import IGNORE_INDEX
+from sftkit.varlen import offsets
 
 GROUP_SPAN = 64  # length grouping sorts within windows of 64 global micro-batches: little padding, still random
 
@@ -42,7 +43,7 @@ def bfd_bins(lengths: list[int], capacity: int) -> list[list[int]]:
 
 @dataclass
 class MicroBatch:
-    inputs: dict[str, torch.Tensor]   # what the model's forward takes
+    inputs: dict[str, torch.Tensor | int]  # what the model's forward takes (ints: varlen's longest example)
     keep: torch.Tensor                 # [rows, width] bool: the next token is supervised
     targets: torch.Tensor              # those next tokens, row-major (the order logits come out in)
     tokens: int                        # real (non-pad) tokens
@@ -51,11 +52,13 @@ class MicroBatch:
 
     def to(self, device) -> MicroBatch:
         move = {"device": device, "non_blocking": True}  # from pinned memory the copy overlaps compute
-        return dataclasses.replace(self, inputs={k: v.to(**move) for k, v in self.inputs.items()},
+        return dataclasses.replace(self, inputs={k: v.to(**move) if torch.is_tensor(v) else v
+                                                 for k, v in self.inputs.items()},
                                    keep=self.keep.to(**move), targets=self.targets.to(**move))
 
     def pin_memory(self) -> MicroBatch:  # called by the DataLoader's pinning thread
-        return dataclasses.replace(self, inputs={k: v.pin_memory() for k, v in self.inputs.items()},
+        return dataclasses.replace(self, inputs={k: v.pin_memory() if torch.is_tensor(v) else v
+                                                 for k, v in self.inputs.items()},
                                    keep=self.keep.pin_memory(), targets=self.targets.pin_memory())
 
 
@@ -112,8 +115,10 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
     each example's first position is masked so no example learns to predict the next one's start.
     A row with `weight` 0 contributes tokens to the forward but nothing to the loss.
     `padding_free` (packed only) puts all rows in one row: no padding at all, for attention that
-    turns position_ids into varlen offsets (flash-attention); eager/sdpa would build a mask
-    quadratic in the whole micro-batch instead.
+    takes varlen offsets (sftkit's varlen, flash-attention); eager/sdpa would build a mask
+    quadratic in the whole micro-batch instead. The offsets come along as transformers'
+    FlashAttentionKwargs (`cu_seq_lens_q`, `max_length_q`, ...), so no layer derives them from
+    position_ids (a host sync per layer).
     """
     if packed and padding_free:
         rows = [[e for row in rows for e in row]]
@@ -143,6 +148,9 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     inputs = {"input_ids": ids, "position_ids": positions} if packed else {"input_ids": ids, "attention_mask": mask}
+    if packed and padding_free:
+        cu, longest = offsets([len(e["input_ids"]) for e in rows[0]])
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     pairs = sum(len(e["input_ids"]) ** 2 for row in rows for e in row)
     return MicroBatch(inputs, keep, labels[:, 1:][keep[:, :-1]], int(mask.sum()), ids.numel(), pairs)
 
@@ -189,29 +197,31 @@ class PackedStep:
     `ulimit -n 1024`. Packed, a step needs one."""
 
     buffer: torch.Tensor
-    layout: list[tuple]  # per micro-batch: ([(field, shape, dtype), ...], tokens, slots, attn_pairs)
+    layout: list[tuple]  # per micro-batch: ([(field, shape, dtype), ...], tokens, slots, attn_pairs, {field: int})
 
     def pin_memory(self) -> PackedStep:  # called by the DataLoader's pinning thread
         return PackedStep(self.buffer.pin_memory(), self.layout)
 
     def unpack(self) -> list[MicroBatch]:
         out, at = [], 0
-        for fields, tokens, slots, pairs in self.layout:
+        for fields, tokens, slots, pairs, numbers in self.layout:
             parts = {}
             for name, shape, dtype in fields:
                 n = math.prod(shape)
                 parts[name] = self.buffer[at:at + n].view(shape).to(dtype)
                 at += n
             keep, targets = parts.pop("keep"), parts.pop("targets")
-            out.append(MicroBatch(parts, keep, targets, tokens, slots, pairs))
+            out.append(MicroBatch({**parts, **numbers}, keep, targets, tokens, slots, pairs))
         return out
 
 
 def pack(batches: list[MicroBatch]) -> PackedStep:
     pieces, layout = [], []
     for b in batches:
-        tensors = {**b.inputs, "keep": b.keep, "targets": b.targets}
-        layout.append(([(k, tuple(t.shape), t.dtype) for k, t in tensors.items()], b.tokens, b.slots, b.attn_pairs))
+        tensors = {**{k: v for k, v in b.inputs.items() if torch.is_tensor(v)}, "keep": b.keep, "targets": b.targets}
+        numbers = {k: v for k, v in b.inputs.items() if not torch.is_tensor(v)}
+        layout.append(([(k, tuple(t.shape), t.dtype) for k, t in tensors.items()], b.tokens, b.slots, b.attn_pairs,
+                       numbers))
         pieces += [t.reshape(-1).long() for t in tensors.values()]
     return PackedStep(torch.cat(pieces), layout)
 

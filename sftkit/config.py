@@ -36,10 +36,11 @@ SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
 # Implementations that transformers feeds the packed layout (position_ids restarting at 0, no mask):
 # eager/sdpa build a block-diagonal mask from it, flash-attention turns it into varlen offsets.
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# varlen (sftkit.varlen) and auto take the offsets directly.
+PACKING_ATTENTION = ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # flash-attention turns packed position_ids into varlen offsets, so a packed micro-batch can be one
 # row with no padding at all; eager/sdpa would build a block mask quadratic in that row instead.
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+VARLEN_ATTENTION = ("varlen", "flash_attention_2", "flash_attention_3")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -50,8 +51,10 @@ class ModelOptions:
     model directory, or a Hub id such as Qwen/Qwen3-0.6B."""
     trust_remote_code: bool = field(default=False, metadata={**EVAL, **NOT_IDENTITY})
     """Run Python code shipped with the model. Off: Qwen3 needs none, and it executes foreign code."""
-    attn_implementation: str = field(default="sdpa", metadata=EVAL)
-    """Attention kernel: sdpa, eager, or flash_attention_2 (GPU, needs the flash-attn package)."""
+    attn_implementation: str = field(default="auto", metadata=EVAL)
+    """Attention kernel: auto (varlen with packing on a GPU, else sdpa), varlen (packed rows as one
+    padding-free row: torch's flash varlen kernel on a GPU, flash-attn's if installed, a per-example
+    sdpa loop on a CPU), sdpa, eager, or flash_attention_2 (GPU, needs the flash-attn package)."""
     chat_template: str | None = None
     """A Jinja chat template file that replaces the tokenizer's own. Default: the model's template."""
 
@@ -98,11 +101,13 @@ class TrainOptions:
     checkpoint_every_n_layers: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(1)})
     """With gradient_checkpointing: recompute only every n-th decoder layer (1: all). 2 keeps half
     the layers' activations and skips half the recompute; the gradients are the same."""
-    loss_chunk_size: int = field(default=512, metadata={**NOT_IDENTITY, **at_least(0)})
-    """Rows of logits the fused cross-entropy computes at once (512 rows x 151,936 words: 0.3 GB
-    in fp32; on 2 CPU cores 512 and 1024 ran at the same speed, 1024 with 0.6 GB more RSS).
-    0 takes the plain path, which keeps every supervised position's logits for the backward.
-    ZeRO-3, fp16 and a LoRA/modules_to_save lm_head always take the plain path."""
+    loss_chunk_size: int = field(default=-1, metadata={**NOT_IDENTITY, **at_least(0, off=-1, off_means="by device")})
+    """Rows of logits the fused cross-entropy computes at once; -1 picks by device: 512 on a CPU
+    (512 rows x 151,936 words: 0.3 GB in fp32; on 2 CPU cores 512 and 1024 ran at the same speed,
+    1024 with 0.6 GB more RSS), 2048 on a GPU (each chunk also passes over the whole lm_head
+    gradient, 0.6 GB at 1.7B; about 2 GB of logits at a time, against 7 GB for the plain path at
+    8k tokens). 0 takes the plain path, which keeps every supervised position's logits for the
+    backward. ZeRO-3, fp16 and a LoRA/modules_to_save lm_head always take the plain path."""
     fused_adamw: bool = field(default=True, metadata=NOT_IDENTITY)
     """torch's fused AdamW (one kernel per step, CPU and GPU); False: the foreach implementation."""
     torch_compile: bool = field(default=False, metadata=NOT_IDENTITY)
@@ -210,10 +215,20 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         """accelerate's name for the precision: bf16, fp16 or no."""
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
-    @property
-    def padding_free(self) -> bool:
+    def attention(self, cuda: bool) -> str:
+        """The attention kernel this run uses: auto is varlen when packing on a GPU, sdpa otherwise
+        (on a CPU the varlen path is a per-example loop, slower than sdpa's block mask)."""
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        return "varlen" if self.packing and cuda else "sdpa"
+
+    def loss_chunk(self, cuda: bool) -> int:
+        """loss_chunk_size, with -1 resolved for the device (see its docstring)."""
+        return self.loss_chunk_size if self.loss_chunk_size >= 0 else 2048 if cuda else 512
+
+    def padding_free(self, cuda: bool) -> bool:
         """Packed micro-batches become one row with no padding (attention that takes varlen offsets)."""
-        return self.packing and self.attn_implementation in VARLEN_ATTENTION
+        return self.packing and self.attention(cuda) in VARLEN_ATTENTION
 
     @property
     def trackers(self) -> str | None:

@@ -30,14 +30,21 @@ class FusedHead:
     lm_head: torch.nn.Linear   # read at every call: DeepSpeed may swap the weight tensor's dtype
     dtype: torch.dtype | None  # matmul dtype (bf16 under bf16 autocast); None: the weight's own
     chunk: int                 # rows of logits computed at once
+    # the lm_head gradient's running sum over chunks: fp32, or the matmul dtype (see fused_head)
+    grad_dtype: torch.dtype = torch.float32
 
 
-def fused_head(model, mixed_precision: str, zero3: bool, chunk: int) -> FusedHead | None:
+def fused_head(model, mixed_precision: str, zero3: bool, chunk: int, cuda: bool = False) -> FusedHead | None:
     """The fused head for this (unwrapped) model, or None where only the plain path is exact.
 
     Not under ZeRO-3 (the lm_head weight is a partition outside its module's forward), not with
     fp16 (gradients computed before the loss scale is applied could underflow), and not when the
     lm_head is replaced (LoRA on lm_head, modules_to_save) or the architecture transforms logits.
+
+    On a GPU under bf16 the lm_head gradient is summed in bf16, as the plain path's one bf16
+    matmul returns it: an fp32 sum takes a [vocab, hidden] fp32 temporary per chunk (1.2 GB for
+    Qwen3-1.7B) and two more passes over it, where the fused loss measured 7% slower than the
+    plain one on an H100 (issue 12). On a CPU it stays fp32 (no bf16 speed to gain there).
     """
     if chunk <= 0 or zero3 or mixed_precision == "fp16":
         return None
@@ -47,7 +54,8 @@ def fused_head(model, mixed_precision: str, zero3: bool, chunk: int) -> FusedHea
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.dtype == torch.float16:
         return None
-    return FusedHead(head, torch.bfloat16 if mixed_precision == "bf16" else None, chunk)
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else None
+    return FusedHead(head, dtype, chunk, dtype if cuda and dtype is not None else torch.float32)
 
 
 def token_loss_sum(model, batch, head: FusedHead | None = None) -> torch.Tensor:
@@ -68,43 +76,41 @@ def token_loss_sum(model, batch, head: FusedHead | None = None) -> torch.Tensor:
     # inside forward() autograd is off, so whether gradients are wanted is decided here
     grads = torch.is_grad_enabled()
     return FusedLinearCrossEntropy.apply(hidden, weight, batch.targets, head.chunk, head.dtype or weight.dtype,
-                                         grads and hidden.requires_grad, grads and weight.requires_grad)
+                                         grads and hidden.requires_grad, grads and weight.requires_grad,
+                                         head.grad_dtype)
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), with the gradients computed during the forward.
 
-    Per chunk: logits = h W^T in `dtype` then fp32, loss = logsumexp - logit[target], and
-    d loss / d logits = softmax - onehot, from which dh = g W and dW += g^T h. The backward only
-    scales the stored gradients by the incoming one (the loss scale, 1/n_supervised).
+    Per chunk: logits = h W^T in `dtype`, loss = logsumexp - logit[target], and d loss / d logits
+    = softmax - onehot, from which dh = g W and dW += g^T h (summed in `grad_dtype`). The backward
+    only scales the stored gradients by the incoming one (the loss scale, 1/n_supervised).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, want_h: bool, want_w: bool):
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, want_h: bool, want_w: bool,
+                grad_dtype: torch.dtype = torch.float32):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(hidden) if want_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            grad_w = torch.zeros(weight.shape, dtype=grad_dtype, device=weight.device) if want_w else None
+            step = softmax_chunk if dtype == torch.float32 else softmax_chunk_low_precision
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(dtype)
                 t = targets[start:start + chunk]
-                logits = (h @ w.T).float()
-                target_logit = logits.gather(1, t[:, None])
-                # logsumexp and softmax in place: one [chunk, vocab] fp32 buffer, no temporary of its size
-                peak = logits.amax(dim=1, keepdim=True)
-                exps = logits.sub_(peak).exp_()
-                sums = exps.sum(dim=1, keepdim=True)
-                total += (sums.log() + peak - target_logit).sum()
+                loss, probs = step(h @ w.T, t)
+                total += loss
                 if not (want_h or want_w):
                     continue
-                probs = exps.div_(sums)
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 g = probs.to(dtype)
+                del probs  # the fp32 [chunk, vocab] buffer goes before the matmuls allocate theirs
                 if want_h:
                     grad_h[start:start + chunk] = g @ w
                 if want_w:
-                    if dtype == torch.float32:
+                    if grad_w.dtype == dtype:  # one GEMM that accumulates into grad_w: no temporary
                         grad_w.addmm_(g.T, h)
                     else:  # a bf16 matmul accumulates in fp32 inside; the sum over chunks stays fp32
                         grad_w += (g.T @ h).float()
@@ -116,5 +122,25 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         dh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-        dw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None, None
+        dw = None if grad_w is None else (grad_w.float() * grad_out).to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None, None, None
+
+
+def softmax_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, softmax) of fp32 logits, in place: one [chunk, vocab] fp32 buffer in all."""
+    target_logit = logits.gather(1, targets[:, None])
+    peak = logits.amax(dim=1, keepdim=True)
+    exps = logits.sub_(peak).exp_()
+    sums = exps.sum(dim=1, keepdim=True)
+    return (sums.log() + peak - target_logit).sum(), exps.div_(sums)
+
+
+def softmax_chunk_low_precision(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same from bf16 logits in fewer passes over [chunk, vocab]: one max over bf16, one fused
+    softmax that reads bf16 and writes fp32 (where the fp32 path casts, subtracts, exponentiates,
+    sums and divides, each a full pass). logsumexp comes from the softmax itself: the largest
+    logit's probability is 1 / sum(exp(logit - max)), at least 1/vocab, so its log never underflows."""
+    peak, where = logits.max(dim=1, keepdim=True)
+    probs = torch.softmax(logits, dim=1, dtype=torch.float32)
+    lse = peak.float() - probs.gather(1, where).log()
+    return (lse - logits.gather(1, targets[:, None]).float()).sum(), probs

@@ -157,6 +157,10 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
     path = resolve_model_path(name)
     check_model_code(path, trust_remote_code)
     check_weights_format(path)
+    if attn_implementation == "varlen":
+        from sftkit.varlen import register
+
+        attn_implementation = register()
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
@@ -166,10 +170,15 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
         raise ConfigError(f"cannot load model '{name}': {' '.join(str(err).split())[:300]}") from None
 
 
-def build_for_training(cfg):
-    """The model as it trains: base weights, then LoRA or not, gradient checkpointing, no cache."""
-    model = load_model(cfg.model_name_or_path, attn_implementation=cfg.attn_implementation,
-                       trust_remote_code=cfg.trust_remote_code)
+def build_for_training(cfg, cuda: bool = False):
+    """The model as it trains: base weights, then LoRA or not, gradient checkpointing, no cache.
+    `cuda`: it trains on a GPU, which decides what attn_implementation auto means."""
+    attention = cfg.attention(cuda)
+    model = load_model(cfg.model_name_or_path, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code)
+    if attention == "varlen":
+        from sftkit.varlen import check_model
+
+        check_model(model.config)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
@@ -207,16 +216,17 @@ def load_for_eval(path: str, cfg):
     path = model_in(path)
     p = Path(path)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    attention = cfg.attention(torch.cuda.is_available())
     if (p / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base = adapter_base(p)
-        model = PeftModel.from_pretrained(load_model(base, dtype, cfg.attn_implementation, cfg.trust_remote_code), path)
+        model = PeftModel.from_pretrained(load_model(base, dtype, attention, cfg.trust_remote_code), path)
     else:
         if p.exists() and not p.is_dir():
             raise ConfigError(f"--model {path}: expected a model directory")
         check_weights_format(path)
-        model = load_model(path, dtype, cfg.attn_implementation, cfg.trust_remote_code)
+        model = load_model(path, dtype, attention, cfg.trust_remote_code)
     tokenizer = load_tokenizer(path if (p / "tokenizer_config.json").is_file() else cfg.model_name_or_path,
                                cfg.trust_remote_code)
     model.eval()

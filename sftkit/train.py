@@ -149,7 +149,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
     with accelerator.main_process_first():  # the tiny preset is built once, by rank 0, not by two at once
         resolve_model_path(cfg.model_name_or_path)
-    model = build_for_training(cfg)
+    model = build_for_training(cfg, cuda=accelerator.device.type == "cuda")  # auto attention: varlen on a GPU
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -165,8 +165,9 @@ def setup(cfg: SFTConfig, console=None) -> Run:
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    cuda = accelerator.device.type == "cuda"
     run = Run(cfg, accelerator, model, optimizer, scheduler, params,
-              fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk_size),
+              fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk(cuda), cuda),
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s)
@@ -234,6 +235,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
         "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
+        "attention": cfg.attention(acc.device.type == "cuda"),
     }, first=True)
 
 
@@ -241,7 +243,7 @@ def step_batches(run: Run) -> StepBatches:
     """Item k: this rank's micro-batches of optimizer step k."""
     return StepBatches(run.train_set, run.schedule, run.cfg.gradient_accumulation_steps,
                        run.accelerator.process_index, run.tokenizer.pad_token_id, run.cfg.packing,
-                       run.cfg.padding_free)
+                       run.cfg.padding_free(run.accelerator.device.type == "cuda"))
 
 
 def step_loader(run: Run, stop: StopRequest | None = None):

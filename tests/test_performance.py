@@ -70,15 +70,36 @@ def test_fused_loss_equals_plain_fp32(examples, tok, packed, lora):
         assert token_loss_sum(model, batch, head).item() == pytest.approx(plain_loss, rel=1e-6)
 
 
-def test_fused_loss_equals_plain_bf16_autocast(examples, tok):
+@pytest.mark.parametrize("cuda", [False, True])
+def test_fused_loss_equals_plain_bf16_autocast(examples, tok, cuda):
     """Under bf16 autocast both paths run the vocabulary matmuls in bf16: same loss to bf16 round-off.
-    The fused path sums the lm_head gradient over chunks in fp32, the plain one rounds it to bf16."""
+    The fused path sums the lm_head gradient over chunks in fp32 (CPU) or, as a GPU gets it, in
+    bf16 (cuda=True: only the dtype differs, so a CPU runs it); the plain one rounds it to bf16."""
     batch = collate([[e] for e in examples], tok.pad_token_id, False)
     model = tiny_model()
     plain_loss, plain_grads = loss_and_grads(model, batch, None, autocast=True)
-    loss, grads = loss_and_grads(model, batch, fused_head(model, "bf16", False, 64), autocast=True)
+    head = fused_head(model, "bf16", False, 64, cuda=cuda)
+    assert head.grad_dtype == (torch.bfloat16 if cuda else torch.float32)
+    loss, grads = loss_and_grads(model, batch, head, autocast=True)
     assert loss == pytest.approx(plain_loss, rel=1e-4)
     assert_grads_close(grads, plain_grads, rel=3e-2)
+
+
+def test_low_precision_softmax_chunk_equals_fp32_steps():
+    """The bf16 chunk (one max, one fused softmax, logsumexp from the top probability) against the
+    fp32 steps on the same logits, including rows whose target probability underflows fp32
+    (logit spread 300: exp(-300) is 0 in fp32) and a flat row."""
+    from sftkit.loss import softmax_chunk, softmax_chunk_low_precision
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 5000, generator=gen) * 4).to(torch.bfloat16)
+    logits[1, 7], logits[2] = 300.0, 0.0  # row 1: every other word at about exp(-300); row 2: uniform
+    targets = torch.tensor([3, 8, 4999, 0, 17, 2500])
+    want_loss, want_probs = softmax_chunk(logits.float(), targets)
+    loss, probs = softmax_chunk_low_precision(logits, targets)
+    assert want_loss.item() > 300 and probs.dtype == torch.float32
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
+    torch.testing.assert_close(probs, want_probs, rtol=1e-5, atol=1e-9)
 
 
 def test_fused_loss_keeps_no_vocabulary_sized_activations(examples, tok):
@@ -112,6 +133,8 @@ def test_fused_head_only_where_exact():
     assert fused_head(model, "no", True, 1024) is None       # ZeRO-3: a partitioned weight
     assert fused_head(model, "fp16", False, 1024) is None    # gradients before loss scaling
     assert fused_head(model, "no", False, 0) is None         # loss_chunk_size 0: the plain path
+    assert SFTConfig().loss_chunk(cuda=False) == 512 and SFTConfig().loss_chunk(cuda=True) == 2048
+    assert SFTConfig(loss_chunk_size=64).loss_chunk(cuda=True) == 64
     wrapped = tiny_model(lora=True, modules_to_save=["lm_head"])
     assert fused_head(wrapped, "no", False, 1024) is None    # lm_head replaced by PEFT
     lora = tiny_model(lora=True)
@@ -176,6 +199,7 @@ def test_training_options_leave_losses_unchanged(tmp_path):
         "default": ["--mfu_peak_tflops", "0.5"],
         "plain": ["--loss_chunk_size", "0", "--no-fused_adamw", "--dataloader_num_workers", "0"],
         "compiled": ["--torch_compile"],
+        "varlen": ["--attn_implementation", "varlen"],  # one padding-free row a micro-batch, offsets via the worker
     }
     losses = {}
     for name, extra in variants.items():
@@ -183,6 +207,7 @@ def test_training_options_leave_losses_unchanged(tmp_path):
         records = read_metrics(tmp_path / name)
         losses[name] = [r["loss"] for r in records if "loss" in r]
         assert records[0]["fused_loss"] is (name != "plain")
+        assert records[0]["attention"] == ("varlen" if name == "varlen" else "sdpa")  # auto on a CPU: sdpa
         if name == "default":
             steps = [r for r in records if "loss" in r]
             assert all(r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5, rel=1e-2) for r in steps)
@@ -190,6 +215,7 @@ def test_training_options_leave_losses_unchanged(tmp_path):
     assert len(losses["default"]) == 4 and losses["default"][-1] < losses["default"][0]
     assert losses["plain"] == pytest.approx(losses["default"], rel=1e-5)
     assert losses["compiled"] == pytest.approx(losses["default"], rel=1e-3)
+    assert losses["varlen"] == pytest.approx(losses["default"], rel=1e-5)
 
 
 def test_flops_formula_matches_flop_counter(examples, tok):

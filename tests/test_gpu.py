@@ -1,0 +1,147 @@
+"""On a GPU only (skipped without CUDA; `bash bench/gpu_check.sh OUTDIR` runs them with -m gpu):
+the flash varlen kernel against the reference and against sdpa under the packed block mask, the
+fused loss against the plain path on CUDA, and one full and one LoRA step of a random-init
+Qwen3-0.6B through sftkit's own setup and train_step."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import ROOT
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest deviation over the largest entry: bf16 round-off is relative to a tensor's scale."""
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12)).item()
+
+
+def test_flash_varlen_kernel_matches_reference_bf16():
+    """The GPU kernel (torch's varlen_attn, else flash-attn) against per-example sdpa, with GQA
+    and a length-1 document: outputs and the gradients of q, k and v."""
+    from sftkit.varlen import flash_varlen, offsets, reference, torch_varlen, varlen
+
+    assert torch_varlen() is not None or flash_varlen() is not None, "no flash varlen kernel: the loop would run"
+    cu, longest = offsets([1, 37, 300, 1000, 250])
+    cu = cu.cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    total = int(cu[-1])
+    q, k, v = (torch.randn(total, heads, 128, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+               for heads in (16, 8, 8))
+    grad_out = torch.randn(total, 16, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    results = []
+    for fn in (lambda: varlen(q, k, v, cu, longest, 128 ** -0.5, 0.0), lambda: reference(q, k, v, cu, 128 ** -0.5, 0.0)):
+        out = fn()
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        results.append((out, *grads))
+    for got, want in zip(*results):
+        assert rel_err(got, want) < 2e-2
+
+
+def packed_docs(lengths, vocab=151936, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+        docs.append({"input_ids": ids, "labels": ids})
+    return docs
+
+
+def small_model(attention: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sftkit.varlen import register
+
+    config = Qwen3Config(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
+                         attn_implementation=register() if attention == "varlen" else attention)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).cuda()
+    model.config.use_cache = False
+    return model
+
+
+def loss_and_grads(model, batch, head=None, bf16=True):
+    from sftkit.loss import token_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        loss = token_loss_sum(model, batch.to("cuda"), head)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_varlen_model_matches_sdpa_block_mask_bf16():
+    """The packed micro-batch as one padding-free row through varlen attention, against the same
+    rows under sdpa's 4-D block-diagonal mask (the fallback): loss and every gradient, bf16."""
+    from sftkit.batching import collate
+
+    docs = packed_docs([1, 700, 1200, 129, 2048, 50])
+    rows = [docs[:3], docs[3:]]
+    want_loss, want = loss_and_grads(small_model("sdpa"), collate(rows, 151643, True))
+    got_loss, got = loss_and_grads(small_model("varlen"), collate(rows, 151643, True, padding_free=True))
+    assert got_loss == pytest.approx(want_loss, rel=1e-2)
+    for name in want:
+        assert rel_err(got[name], want[name]) < 5e-2, name
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_loss_on_cuda_matches_plain(bf16):
+    """The fused head as a GPU run builds it (bf16: the lm_head gradient summed in bf16 over 5
+    chunks of 512 rows) against the plain path, loss and every gradient."""
+    from sftkit.batching import collate
+    from sftkit.loss import fused_head
+
+    model = small_model("varlen")
+    batch = collate([packed_docs([900, 1100, 300])], 151643, True, padding_free=True)
+    plain_loss, plain = loss_and_grads(model, batch, None, bf16)
+    head = fused_head(model, "bf16" if bf16 else "no", False, 512, cuda=True)
+    assert head is not None and head.grad_dtype == (torch.bfloat16 if bf16 else torch.float32)
+    loss, grads = loss_and_grads(model, batch, head, bf16)
+    assert loss == pytest.approx(plain_loss, rel=1e-3 if bf16 else 1e-5)
+    for name in plain:
+        assert rel_err(grads[name], plain[name]) < (3e-2 if bf16 else 1e-4), name
+
+
+@pytest.fixture(scope="module")
+def qwen3_0_6b(tmp_path_factory):
+    """A random-init Qwen3-0.6B directory (bf16 weights, as published) with the bundled tokenizer."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from sftkit.models import bundled_tokenizer_dir
+
+    path = tmp_path_factory.mktemp("qwen3-0.6b")
+    config = Qwen3Config.from_pretrained(ROOT / "bench" / "qwen3" / "Qwen3-0.6B")
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_one_step_of_qwen3_0_6b(qwen3_0_6b, tmp_path, lora):
+    """sftkit's setup and train_step on a GPU, packed, bf16: varlen attention by default, the fused
+    loss, a finite loss near ln(vocab) for random weights, and a finite gradient norm."""
+    from sftkit.config import SFTConfig
+    from sftkit.train import setup, step_loader, train_step
+
+    cfg = SFTConfig(model_name_or_path=str(qwen3_0_6b), data_path=[str(ROOT / "data" / "sample_alpaca.json")],
+                    output_dir=str(tmp_path / "out"), packing=True, max_length=2048, bf16=True, max_steps=1,
+                    per_device_train_batch_size=2, use_lora=lora, save_steps=0, learning_rate=1e-4)
+    run = setup(cfg)
+    start = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["attention"] == "varlen" and start["fused_loss"] is True
+    stats = train_step(run, next(step_loader(run)))
+    loss = stats.loss(run.accelerator)
+    assert math.isfinite(loss) and abs(loss - math.log(151936)) < 2.0, loss
+    assert math.isfinite(float(stats.grad_norm))
+    del run
+    torch.cuda.empty_cache()
