@@ -140,9 +140,9 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     train_set, eval_set, data_fp = load_sets(cfg, accelerator, tokenizer, console)
-    schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, accelerator.num_processes, cfg.seed,
-                        cfg.packing, cfg.max_length, cfg.group_by_length)
-    steps = total_steps(schedule, cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.max_steps)
+    schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, accelerator.num_processes,
+                        cfg.gradient_accumulation_steps, cfg.seed, cfg.packing, cfg.max_length, cfg.group_by_length)
+    steps = total_steps(schedule, cfg.num_train_epochs, cfg.max_steps)
     state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
                        data_fingerprint=data_fp)
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
