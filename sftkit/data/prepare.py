@@ -293,15 +293,20 @@ def quiet_datasets() -> Iterator[None]:
 
 def _save_dataset(path: Path, ids: list[list[int]], labels: list[list[int]]) -> None:
     import datasets
+    import pyarrow as pa
 
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),  # for batching without reading every example
     })
+    # Arrow arrays built directly: Dataset.from_dict checks and encodes every example in Python
+    # against the features, 1.9 of 2.2 CPU-seconds for 20,000 examples; pa.array takes 0.8.
+    ints = pa.list_(pa.int32())
+    table = pa.table({"input_ids": pa.array(ids, ints), "labels": pa.array(labels, ints),
+                      "length": pa.array([len(x) for x in ids], pa.int32())})
     with quiet_datasets():
-        datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]},
-                                   features=features).save_to_disk(str(path))
+        datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(str(path))
 
 
 def load_prepared(path: str | Path):
