@@ -1,7 +1,10 @@
 """Benchmark sftkit's prepare-data against TRL's SFTTrainer dataset preparation. Offline, CPU only.
 
-Both tools get the same synthetic JSONL file (OpenAI `messages` rows) and must produce input_ids
-plus an assistant-only loss mask. Timed:
+Both tools get the same synthetic JSONL files (OpenAI `messages` rows) and must produce input_ids
+plus an assistant-only loss mask. Two distributions, each timed in the same run:
+  multi-turn  1-4 turns, a system message in ~30%, reasoning_content in ~35% of replies
+  alpaca      Alpaca-style: 56% single turn, no reasoning, replies of 10-800 tokens (log-uniform)
+Timed:
   sftkit  `prepare(DataOptions(...), [file], fresh_dir, tok)`, end to end: read, validate, render, tokenize,
           mask, length filter, save_to_disk, lengths plot.
   TRL     `Dataset.from_json` + `SFTTrainer._prepare_dataset` (ChatML check, tokenize with the
@@ -13,6 +16,7 @@ Besides wall time, CPU seconds (this process + reaped worker processes) are repo
 machine they are the steadier measure of work, while wall time shows what parallelism buys.
 
     .venv/bin/python bench/prepare_bench.py --n 20000 --num_proc 2
+    .venv/bin/python bench/prepare_bench.py --data alpaca --n 2000   # one distribution, quick
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
 import json
+import math
 import platform
 import random
 import resource
@@ -72,11 +77,25 @@ def conversation(rng: random.Random) -> dict:
     return {"messages": msgs}
 
 
-def write_data(n: int, seed: int, path: Path) -> None:
+def alpaca_conversation(rng: random.Random) -> dict:
+    """Alpaca-style: 56% one turn, else 2-3; a system message in ~10%; no reasoning. A reply is
+    8-600 words, log-uniform: 8-818 tokens, median 92, mean 180 (measured on the first 3,000 rows)."""
+    msgs = [{"role": "system", "content": text(rng, 5, 30)}] if rng.random() < 0.1 else []
+    for _ in range(1 if rng.random() < 0.56 else rng.randint(2, 3)):
+        msgs.append({"role": "user", "content": text(rng, 3, 60)})
+        words = round(math.exp(rng.uniform(math.log(8), math.log(600))))
+        msgs.append({"role": "assistant", "content": text(rng, words, words)})
+    return {"messages": msgs}
+
+
+DISTRIBUTIONS = {"multi-turn": conversation, "alpaca": alpaca_conversation}
+
+
+def write_data(n: int, seed: int, path: Path, make=conversation) -> None:
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as f:
         for _ in range(n):
-            f.write(json.dumps(conversation(rng), ensure_ascii=False) + "\n")
+            f.write(json.dumps(make(rng), ensure_ascii=False) + "\n")
 
 
 def sample(data: Path, out: Path, rows: int = 8) -> Path:
@@ -192,50 +211,59 @@ def versions() -> str:
     return f"python {platform.python_version()}, " + ", ".join(found) + f"; {os.cpu_count()} CPU cores"
 
 
+def bench_all(names: list[str], a, tok) -> list[dict]:
+    """Time sftkit on every distribution, then TRL on every one: TRL's run leaves the process
+    changed (sftkit measured 16 CPU-s on the alpaca set alone, 22 right after TRL's multi-turn
+    run), so neither tool runs after the other's; prints the comparison notes."""
+    data = {}
+    for name in names:
+        data[name] = a.out / f"{name}_n{a.n}_seed{a.seed}.jsonl"
+        write_data(a.n, a.seed, data[name], DISTRIBUTIONS[name])
+        print(f"data {name}: {data[name]} ({data[name].stat().st_size / 1e6:.1f} MB, {a.n} conversations)")
+    bench_sftkit(sample(data[names[0]], a.out), a.out, tok, 1)  # warm-up: imports (datasets, matplotlib)
+    ours = {name: [bench_sftkit(data[name], a.out / name, tok, n) for n in sorted({1, a.num_proc})] for name in names}
+    if not find_spec("trl"):
+        print("trl is not installed: TRL comparison skipped (pip install trl==1.16.0)")
+        return [dict(r, data=name) for name in names for r in ours[name]]
+    rows = []
+    for name in names:
+        trl_row, trl_ds = bench_trl(data[name], a.out, tok, a.trl_num_proc)
+        print(f"TRL on {name}: {trl_row['note']}")
+        if trl_row["supervised"] == 0:
+            print("WARNING: TRL's assistant mask is all zero: it would train on nothing")
+        for r in ours[name]:
+            wall = (r["examples"] / r["seconds"]) / (trl_row["examples"] / trl_row["seconds"])
+            cpu = (r["examples"] / r["cpu"]) / (trl_row["examples"] / trl_row["cpu"])
+            r["ratio"] = f"{wall:.2f}x / {cpu:.2f}x"
+        print(f"supervised tokens sftkit/TRL on {name}: {ours[name][0]['supervised'] / max(trl_row['supervised'], 1):.3f}; "
+              + compare(a.out / name / "sftkit_np1", trl_ds))
+        rows += [dict(r, data=name) for r in [*ours[name], trl_row]]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=20000, help="synthetic conversations to generate")
+    ap.add_argument("--n", type=int, default=20000, help="synthetic conversations per distribution")
     ap.add_argument("--num_proc", type=int, default=1, help="sftkit processes (1 is always run as well)")
     ap.add_argument("--trl_num_proc", type=int, default=1, help="TRL dataset_num_proc")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=[*DISTRIBUTIONS, "both"], default="both", help="which distribution(s)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/prepare_bench"))
     a = ap.parse_args()
 
     from sftkit.models import load_tokenizer
 
     a.out.mkdir(parents=True, exist_ok=True)
-    data = a.out / f"conversations_n{a.n}_seed{a.seed}.jsonl"
-    write_data(a.n, a.seed, data)
-    print(f"{versions()}\ndata: {data} ({data.stat().st_size / 1e6:.1f} MB, {a.n} conversations)")
+    print(versions())
     tok = load_tokenizer("tiny-qwen3")
-
-    bench_sftkit(sample(data, a.out), a.out, tok, 1)  # warm-up: imports (datasets, matplotlib)
-    rows = [bench_sftkit(data, a.out, tok, 1)]
-    if a.num_proc > 1:
-        rows.append(bench_sftkit(data, a.out, tok, a.num_proc))
-    trl_row = None
-    if find_spec("trl"):
-        trl_row, trl_ds = bench_trl(data, a.out, tok, a.trl_num_proc)
-        rows.append(trl_row)
-    else:
-        print("trl is not installed: TRL comparison skipped (pip install trl==1.16.0)")
-
-    print("\n| tool | examples/s | tokens/s | seconds | CPU seconds | examples/CPU-s | examples | tokens "
-          "| supervised tokens | dropped |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = bench_all(list(DISTRIBUTIONS) if a.data == "both" else [a.data], a, tok)
+    print("\n| data | tool | examples/s | tokens/s | seconds | CPU seconds | examples/CPU-s | examples | tokens "
+          "| supervised tokens | dropped | / TRL (examples/s, per CPU-s) |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tool']} | {r['examples'] / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | "
+        print(f"| {r['data']} | {r['tool']} | {r['examples'] / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | "
               f"{r['seconds']:.1f} | {r['cpu']:.1f} | {r['examples'] / r['cpu']:,.0f} | {r['examples']:,} | "
-              f"{r['tokens']:,} | {r['supervised']:,} | {r['dropped']} |")
-    if trl_row:
-        print(f"\nTRL: {trl_row['note']}")
-        if trl_row["supervised"] == 0:
-            print("WARNING: TRL's assistant mask is all zero: it would train on nothing")
-        for r in rows[:-1]:
-            wall = (r["examples"] / r["seconds"]) / (trl_row["examples"] / trl_row["seconds"])
-            cpu = (r["examples"] / r["cpu"]) / (trl_row["examples"] / trl_row["cpu"])
-            print(f"ratio {r['tool']} / TRL: examples/s {wall:.2f}x, examples per CPU-second {cpu:.2f}x")
-        print(f"supervised tokens sftkit/TRL: {rows[0]['supervised'] / max(trl_row['supervised'], 1):.3f}; "
-              + compare(a.out / "sftkit_np1", trl_ds))
+              f"{r['tokens']:,} | {r['supervised']:,} | {r['dropped']} | {r.get('ratio', '')} |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 sees exactly the batches an uninterrupted one would.
 
 A *unit* is what one row of a micro-batch holds: one example (padded batches) or one bin of
-examples (packing). Micro-batches are counted globally across epochs: micro-batch k of the run is
-micro-batch k % micro_per_epoch of epoch k // micro_per_epoch.
+examples (packing; the bins are packed once over the whole set, so they do not depend on the
+split either). The examples of an optimizer step are a function of seed, epoch and the global
+batch (micro-batch x accumulation x ranks) only; the step is then cut into micro-batches and each
+micro-batch strided over the ranks. Halving the micro-batch and doubling the accumulation trains
+the same steps. Every epoch ends a step (its last step may be short). Micro-batches are counted
+globally: micro-batch k of the run is micro-batch k % micro_per_epoch of epoch k // micro_per_epoch.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from sftkit.data.render import IGNORE_INDEX
 from sftkit.varlen import offsets
 
-GROUP_SPAN = 64  # length grouping sorts within windows of 64 global micro-batches: little padding, still random
+GROUP_SPAN = 64  # length grouping sorts within windows of 64 optimizer steps: little padding, still random
 
 
 def bfd_bins(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -63,47 +67,58 @@ class MicroBatch:
 
 
 class Schedule:
-    """Which examples every rank sees in every micro-batch of the run."""
+    """Which examples every rank sees in every micro-batch of the run.
 
-    def __init__(self, lengths: list[int], per_device: int, world: int, seed: int,
+    Length grouping (without packing) sorts windows of GROUP_SPAN whole steps by length, cuts them
+    into steps and shuffles the steps; a step's units are sorted longest first, so its micro-batches
+    hold similar lengths. It moves examples between steps only through the window, whose size
+    counts steps, so the split never changes which examples a step trains on."""
+
+    def __init__(self, lengths: list[int], per_device: int, world: int, accumulation: int, seed: int,
                  packing: bool = False, max_length: int = 0, group_by_length: bool = True):
         self.units = bfd_bins(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
         self.unit_len = [sum(lengths[i] for i in u) for u in self.units]
-        self.per_device, self.world, self.seed = per_device, world, seed
+        self.world, self.accumulation, self.seed = world, accumulation, seed
         self.group = group_by_length and not packing
-        self.global_batch = per_device * world
-        self.micro_per_epoch = math.ceil(len(self.units) / self.global_batch)
+        self.step_size = per_device * world * accumulation  # units per optimizer step: all that decides a step
+        self.steps_per_epoch = math.ceil(len(self.units) / self.step_size)
+        self.micro_per_epoch = self.steps_per_epoch * accumulation
 
     @lru_cache(maxsize=2)
     def epoch(self, epoch: int) -> list[list[int]]:
-        """The epoch's global micro-batches, as lists of unit indices."""
+        """The epoch's optimizer steps, as lists of unit indices."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.units), generator=g).tolist()
-        size = self.global_batch
+        size = self.step_size
         if not self.group:
             return [order[i:i + size] for i in range(0, len(order), size)]
-        batches = []
+        steps = []
         span = size * GROUP_SPAN
         for start in range(0, len(order), span):
             window = sorted(order[start:start + span], key=lambda u: -self.unit_len[u])
-            batches += [window[i:i + size] for i in range(0, len(window), size)]
-        perm = torch.randperm(len(batches), generator=g).tolist()
-        return [batches[i] for i in perm]
+            steps += [window[i:i + size] for i in range(0, len(window), size)]
+        perm = torch.randperm(len(steps), generator=g).tolist()
+        return [steps[i] for i in perm]
 
     def examples(self, micro_index: int, rank: int) -> list[list[int]]:
         """This rank's rows for micro-batch `micro_index`: each row a list of example indices.
-        Strided over ranks, so a short last batch is spread evenly and each rank gets similar lengths."""
+        A short last step is spread evenly over its micro-batches, and each micro-batch strided
+        over ranks, so every rank gets similar lengths and as few empty micro-batches as can be."""
         epoch, j = divmod(micro_index, self.micro_per_epoch)
-        return [self.units[u] for u in self.epoch(epoch)[j][rank::self.world]]
+        step, i = divmod(j, self.accumulation)
+        units = self.epoch(epoch)[step]
+        n, acc = len(units), self.accumulation
+        micro = units[i * n // acc:(i + 1) * n // acc]
+        return [self.units[u] for u in micro[rank::self.world]]
 
     def epoch_of(self, micro_index: int) -> float:
         return micro_index / self.micro_per_epoch
 
 
-def total_steps(schedule: Schedule, accumulation: int, epochs: float, max_steps: int) -> int:
+def total_steps(schedule: Schedule, epochs: float, max_steps: int) -> int:
     if max_steps > 0:
         return max_steps
-    return max(1, math.ceil(math.ceil(epochs * schedule.micro_per_epoch) / accumulation))
+    return max(1, math.ceil(epochs * schedule.steps_per_epoch))
 
 
 def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: bool = False) -> MicroBatch:

@@ -128,7 +128,8 @@ class TrainOptions:
     counts rows."""
     group_by_length: bool = True
     """Without packing: put examples of similar length in the same micro-batch (less padding).
-    The order stays random between micro-batches and is a function of seed and epoch."""
+    Examples move only between steps of a window of 64 steps, so which examples a step trains on
+    depends on seed, epoch and the global batch, never on how it is split into micro-batches."""
 
 
 @dataclass

@@ -140,10 +140,10 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     train_set, eval_set, data_fp = load_sets(cfg, accelerator, tokenizer, console)
-    schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, accelerator.num_processes, cfg.seed,
-                        cfg.packing, cfg.max_length, cfg.group_by_length)
-    steps = total_steps(schedule, cfg.gradient_accumulation_steps, cfg.num_train_epochs, cfg.max_steps)
-    check_step_size(cfg, schedule, len(train_set), console if accelerator.is_main_process else None)
+    schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, accelerator.num_processes,
+                        cfg.gradient_accumulation_steps, cfg.seed, cfg.packing, cfg.max_length, cfg.group_by_length)
+    steps = total_steps(schedule, cfg.num_train_epochs, cfg.max_steps)
+    check_step_size(cfg, schedule, console if accelerator.is_main_process else None)
     state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
                        data_fingerprint=data_fp)
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
@@ -189,22 +189,20 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
     return train_set, load_prepared(eval_dir) if eval_dir else None, read_manifest(train_dir)["fingerprint"]
 
 
-def check_step_size(cfg: SFTConfig, schedule: Schedule, examples: int, console=None) -> None:
-    """One optimizer step must not hold more data than the run was asked to train on: 1,000
-    accumulation steps on 50 rows once made one step of 77 epochs, silently. Longer than an epoch
-    under --max_steps (which sets the length itself) is only a warning."""
-    accum, per_epoch = cfg.gradient_accumulation_steps, schedule.micro_per_epoch
-    if accum <= per_epoch:
+def check_step_size(cfg: SFTConfig, schedule: Schedule, console=None) -> None:
+    """Every epoch ends an optimizer step, so a step asked to hold more than the data holds the
+    whole epoch, in micro-batches that are mostly empty (1,000 accumulation steps on 50 rows once
+    made one step of 77 epochs, silently). Said once, with the accumulation that fits."""
+    units = len(schedule.units)
+    if schedule.step_size <= units or console is None:
         return
-    what = "rows" if cfg.packing else "examples"
-    said = (f"one optimizer step is {accum} micro-batches of {cfg.per_device_train_batch_size} {what} on "
-            f"{schedule.world} process(es), {accum / per_epoch:.1f} epochs of this data ({examples} examples)")
-    if cfg.max_steps <= 0 and accum > math.ceil(cfg.num_train_epochs * per_epoch):
-        raise SftkitError(f"{said}, more than num_train_epochs={cfg.num_train_epochs}; lower "
-                          f"--gradient_accumulation_steps to {max(1, math.floor(cfg.num_train_epochs * per_epoch))} "
-                          "or less, or give more data")
-    if console is not None:
-        console.print(f"[yellow]warning: {said}: each step repeats the data[/yellow]", highlight=False)
+    what = "packed rows" if cfg.packing else "examples"
+    fit = max(1, units // (cfg.per_device_train_batch_size * schedule.world))
+    console.print(f"[yellow]warning: one optimizer step asks for {schedule.step_size} {what} "
+                  f"({cfg.gradient_accumulation_steps} micro-batches of {cfg.per_device_train_batch_size} on "
+                  f"{schedule.world} process(es)) but an epoch holds {units}: each step is the whole epoch and most "
+                  f"of its micro-batches are empty; --gradient_accumulation_steps {fit} fills them[/yellow]",
+                  highlight=False)
 
 
 def report_resume(resume: Resume, steps: int, console) -> None:

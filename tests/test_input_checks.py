@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, run_cli
+from conftest import BIN, ROOT, read_metrics, run_cli
 from typer.testing import CliRunner
 
 from sftkit.cli import build_app
@@ -358,13 +358,18 @@ def test_a_long_row_is_cut_before_tokenizing_when_truncating(tmp_path, tok):
 
 
 # ---- options whose effect depends on the data ----------------------------------------------------------
-def test_a_step_longer_than_the_run_stops_with_the_fix(tmp_path):
+def test_a_step_bigger_than_the_data_is_said_once(tmp_path):
+    """50 accumulation steps of 4 on 8 examples: each step is the whole epoch (every epoch ends a
+    step), said once with the accumulation that fills the micro-batches; the run trains 2 epochs."""
     data = _data(tmp_path)  # 8 examples
-    proc = run_cli("train", "--data_path", str(data), "--output_dir", str(tmp_path / "o"),
-                   "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1000", check=False)
-    line = _one_error(proc, "one optimizer step is 1000 micro-batches", "more than num_train_epochs=1.0",
-                      "lower --gradient_accumulation_steps to 2 or less")
-    assert "500.0 epochs" in line and not (tmp_path / "o" / "final").exists()
+    proc = run_cli("train", "--data_path", str(data), "--output_dir", str(tmp_path / "o"), "--num_train_epochs", "2",
+                   "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "50", "--save_steps", "0",
+                   "--dataloader_num_workers", "0")
+    warning = [x for x in proc.stdout.splitlines() if "warning: one optimizer step" in x]
+    assert len(warning) == 1 and "asks for 200 examples" in warning[0] and "an epoch holds 8" in warning[0]
+    assert "--gradient_accumulation_steps 2 fills them" in " ".join(proc.stdout.split())
+    steps = [r for r in read_metrics(tmp_path / "o") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and steps[-1]["supervised_tokens"] > 0
 
 
 def test_skipping_most_steps_stops_the_run(tmp_path):

