@@ -74,6 +74,24 @@ def check_writable(path: Path, what: str = "--output_dir", fix: str = "choose a 
         raise ConfigError(f"{what} {path}: cannot write in {place} ({err.strerror or err}); {fix}") from None
 
 
+def check_free_space(path: Path, need: int, what: str = "--output_dir") -> None:
+    """At least `need` bytes free where `path` will be written (a lower bound of what the command
+    writes there, so a refusal is certain to be right); 0 checks nothing."""
+    if need <= 0:
+        return
+    place = Path(path).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if free < need:
+        raise ConfigError(f"{what} {path}: {_size(free)} free on its file system, and what is written there needs "
+                          f"at least {_size(need)}; free some space or choose another place")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_free_output(out: Path, overwrite: bool, flag: str = "--output_dir") -> None:
     """An existing file or a non-empty folder is someone's data: refused unless overwrite."""
     from sftkit.errors import ConfigError

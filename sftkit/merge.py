@@ -35,8 +35,8 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     from transformers import AutoModelForCausalLM
 
     from sftkit.checkpoint import ensure_stop_token, model_in
-    from sftkit.io import atomic_directory, check_free_output, check_not_an_input, remove_stale_tmp
-    from sftkit.models import adapter_base, load_model, load_tokenizer
+    from sftkit.io import atomic_directory, check_free_output, check_free_space, check_not_an_input, remove_stale_tmp
+    from sftkit.models import adapter_base, load_model, load_tokenizer, min_saved_bytes
 
     given, adapter = adapter, Path(model_in(str(adapter)))
     if not (adapter / "adapter_config.json").is_file():
@@ -45,6 +45,7 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     output_dir = Path(output_dir)
     check_not_an_input(output_dir, [given, adapter, base_name])
     check_free_output(output_dir, opts.overwrite_output_dir)
+    check_free_space(output_dir, min_saved_bytes(base_name))
     remove_stale_tmp(output_dir.parent)  # what a merge killed mid-write left
     tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_name)
     base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto")

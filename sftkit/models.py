@@ -138,6 +138,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: st
     return tok
 
 
+def min_saved_bytes(name: str) -> int:
+    """The least a saved copy of a local model's weights takes: half its safetensors files (float32
+    saved as bfloat16 is the largest shrink); 0 where the weights are not local files."""
+    p = Path(name)
+    return sum(f.stat().st_size for f in p.glob("*.safetensors")) // 2 if p.is_dir() else 0
+
+
 def check_weights_format(path: str, allow_pickle: bool = False) -> None:
     """Refuse a local model directory that only holds pickle weights (they can run code on load)."""
     p = Path(path)

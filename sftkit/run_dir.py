@@ -26,7 +26,8 @@ from sftkit.checkpoint import (
     saved_config,
 )
 from sftkit.errors import ConfigError, NothingToDo, quote
-from sftkit.io import check_not_a_file, check_not_an_input, check_writable
+from sftkit.io import check_free_space, check_not_a_file, check_not_an_input, check_writable
+from sftkit.models import min_saved_bytes
 
 RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml")  # written beside checkpoint-N/ and final/
 NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # differ on every resume
@@ -51,6 +52,8 @@ def claim(cfg, accelerator) -> None:
     killed save left here are removed (the folder belongs to this run)."""
     out = Path(cfg.output_dir)
     check_output_dir(out, [*cfg.data_path, cfg.eval_data_path, cfg.model_name_or_path, cfg.chat_template])
+    if not cfg.use_lora:  # final/ holds the whole model at least (an adapter is small)
+        check_free_space(out, min_saved_bytes(cfg.model_name_or_path))
     if accelerator.is_main_process and out.is_dir():
         for stale in [*out.glob(".checkpoint-*.tmp"), out / f".{FINAL_DIR}.tmp"]:
             shutil.rmtree(stale, ignore_errors=True)
