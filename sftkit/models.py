@@ -224,18 +224,19 @@ def load_for_eval(path: str, cfg):
     p = Path(path)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     attention = cfg.attention(torch.cuda.is_available())
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--model {path}: expected a model directory")
+    # the tokenizer first: its chat template is checked before any weights load
+    tokenizer = load_tokenizer(path if (p / "tokenizer_config.json").is_file() else cfg.model_name_or_path,
+                               cfg.trust_remote_code)
     if (p / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base = adapter_base(p)
         model = PeftModel.from_pretrained(load_model(base, dtype, attention, cfg.trust_remote_code), path)
     else:
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"--model {path}: expected a model directory")
         check_weights_format(path)
         model = load_model(path, dtype, attention, cfg.trust_remote_code)
-    tokenizer = load_tokenizer(path if (p / "tokenizer_config.json").is_file() else cfg.model_name_or_path,
-                               cfg.trust_remote_code)
     model.eval()
     return model, tokenizer
 
