@@ -6,10 +6,12 @@ import reprlib
 from typing import Any
 
 QUOTE_LIMIT = 200  # characters of a user's value an error quotes: a 722 MB value once made a 722 MB line
-# reprlib stops at depth 3 and 6 items a level, so quoting costs the same for any size of value
-# (a YAML alias bomb expands to 10^9 items); the cut to QUOTE_LIMIT is then exact.
+
+
 def quote(value: Any) -> str:
-    """A user's value as an error quotes it: its repr, at most QUOTE_LIMIT characters."""
+    """A user's value as an error quotes it: its repr, at most QUOTE_LIMIT characters. reprlib
+    stops at depth 3 and 6 items a level, so quoting costs the same for any size of value (a YAML
+    alias bomb expands to 10^9 items); the cut to QUOTE_LIMIT is then exact."""
     short = reprlib.Repr()  # python 3.11's takes no arguments
     short.maxlevel, short.maxlong = 3, 60
     short.maxlist = short.maxdict = short.maxtuple = short.maxset = 6

@@ -37,8 +37,6 @@ def _umask() -> int:
 def check_not_an_input(out: Path, inputs: list, flag: str = "--output_dir") -> None:
     """Refuse an output that is, holds, or lies inside one of the command's inputs: writing it
     would overwrite, delete or change what is being read."""
-    from sftkit.errors import ConfigError
-
     target = out.resolve()
     for item in inputs:
         if item is None or not Path(item).exists():
@@ -50,10 +48,16 @@ def check_not_an_input(out: Path, inputs: list, flag: str = "--output_dir") -> N
 
 
 def check_not_a_file(out: Path, flag: str = "--output_dir") -> None:
-    from sftkit.errors import ConfigError
-
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file; pass a directory (it is created if missing)")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest parent that does: where it would be created."""
+    place = Path(path).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return place
 
 
 def check_writable(path: Path, what: str = "--output_dir", fix: str = "choose a folder you can write to") -> None:
@@ -61,9 +65,7 @@ def check_writable(path: Path, what: str = "--output_dir", fix: str = "choose a 
     it, or in its nearest existing parent. A read-only file system or a folder without write
     permission is then one line here, before any model loads, not a traceback at the first save."""
     path = Path(path).absolute()
-    place = path
-    while not place.exists() and place != place.parent:
-        place = place.parent
+    place = _nearest_existing(path)
     if not place.is_dir():
         raise ConfigError(f"{what} {path}: {place} is a file, so no folder can be made there; choose another place")
     try:
@@ -79,10 +81,7 @@ def check_free_space(path: Path, need: int, what: str = "--output_dir") -> None:
     writes there, so a refusal is certain to be right); 0 checks nothing."""
     if need <= 0:
         return
-    place = Path(path).absolute()
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    free = shutil.disk_usage(place).free
+    free = shutil.disk_usage(_nearest_existing(path)).free
     if free < need:
         raise ConfigError(f"{what} {path}: {_size(free)} free on its file system, and what is written there needs "
                           f"at least {_size(need)}; free some space or choose another place")
@@ -94,8 +93,6 @@ def _size(n: int) -> str:
 
 def check_free_output(out: Path, overwrite: bool, flag: str = "--output_dir") -> None:
     """An existing file or a non-empty folder is someone's data: refused unless overwrite."""
-    from sftkit.errors import ConfigError
-
     check_not_a_file(out, flag)
     check_writable(out, flag)
     if out.is_dir() and any(out.iterdir()) and not overwrite:

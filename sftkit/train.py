@@ -84,6 +84,11 @@ class Run:
     def out(self) -> Path:
         return Path(self.cfg.output_dir)
 
+    @property
+    def cuda(self) -> bool:
+        """It trains on a GPU: what attn_implementation auto and loss_chunk_size -1 mean depends on it."""
+        return self.accelerator.device.type == "cuda"
+
 
 @dataclass
 class StepStats:
@@ -149,7 +154,8 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
     with accelerator.main_process_first():  # the tiny preset is built once, by rank 0, not by two at once
         resolve_model_path(cfg.model_name_or_path)
-    model = build_for_training(cfg, cuda=accelerator.device.type == "cuda")  # auto attention: varlen on a GPU
+    cuda = accelerator.device.type == "cuda"  # Run.cuda, before there is a Run
+    model = build_for_training(cfg, cuda)  # auto attention: varlen on a GPU
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -165,7 +171,6 @@ def setup(cfg: SFTConfig, console=None) -> Run:
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    cuda = accelerator.device.type == "cuda"
     run = Run(cfg, accelerator, model, optimizer, scheduler, params,
               fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk(cuda), cuda),
               tokenizer, train_set, eval_set, schedule, steps, state,
@@ -233,7 +238,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
         "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
-        "attention": cfg.attention(acc.device.type == "cuda"),
+        "attention": cfg.attention(run.cuda),
     }, first=True)
 
 
@@ -241,7 +246,7 @@ def step_batches(run: Run) -> StepBatches:
     """Item k: this rank's micro-batches of optimizer step k."""
     return StepBatches(run.train_set, run.schedule, run.cfg.gradient_accumulation_steps,
                        run.accelerator.process_index, run.tokenizer.pad_token_id, run.cfg.packing,
-                       run.cfg.padding_free(run.accelerator.device.type == "cuda"))
+                       run.cfg.padding_free(run.cuda))
 
 
 def step_loader(run: Run, stop: StopRequest | None = None):

@@ -146,8 +146,6 @@ def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token
     text keeps its first/last 2x that many characters, which still hold every token the truncation
     keeps (the margin keeps the cut away from them); the ids are then cut exactly as before."""
     limit = max_length * chars_per_token
-    keep = [i for i, conv in enumerate(loaded.convs)
-            if sum(map(_text_size, conv)) <= limit or truncation != "drop"]
     if truncation != "drop":
         cut = (lambda t: t[:2 * limit]) if truncation == "right" else (lambda t: t[-2 * limit:])
         for conv in loaded.convs:
@@ -156,6 +154,7 @@ def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token
                     if len(m.get(key) or "") > 2 * limit:
                         m[key] = cut(m[key])
         return
+    keep = [i for i, conv in enumerate(loaded.convs) if sum(map(_text_size, conv)) <= limit]
     if len(keep) < len(loaded.convs):
         loaded.too_long += len(loaded.convs) - len(keep)
         loaded.convs, loaded.tools, loaded.origin = ([xs[i] for i in keep] for xs in (loaded.convs, loaded.tools,
