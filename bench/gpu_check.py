@@ -35,7 +35,7 @@ CPU_RUNS = [("tiny/256 (dry run)", "tiny", 256, 1), ("tiny/512 (dry run)", "tiny
 def environment(cuda: bool) -> dict:
     import torch
 
-    from sftkit.varlen import flash_varlen, torch_varlen
+    from sftkit.arch.packed_attention import flash_varlen, torch_varlen
 
     versions = {}
     for name in ("torch", "transformers", "accelerate", "peft", "trl", "liger-kernel", "flash-attn"):

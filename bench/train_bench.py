@@ -24,7 +24,7 @@ Each system runs in a fresh child process (`--child SYSTEM`), so its peak memory
 process on CPU, torch.cuda.max_memory_allocated on GPU) is its own. Only the training loop is
 timed: imports, model loading and data preparation are not. The first `--warmup` steps (default 1)
 are reported apart, and the throughput columns exclude them; `--max_steps` caps every system's
-run. MFU counts sftkit's model FLOPs (sftkit.flops) against the GPU's peak: sftkit's own from its
+run. MFU counts sftkit's model FLOPs (sftkit.arch.flops) against the GPU's peak: sftkit's own from its
 metrics.jsonl, the others' as sftkit's FLOPs per token times their tokens/s (the same data). Supervised tokens are the positions whose next token
 is trained on; padding efficiency is real tokens / (rows x width) slots of the micro-batches.
 The 1-minute load average is printed: on a shared CPU, wall times vary by tens of percent.
@@ -242,13 +242,16 @@ def child_trl(a, best: bool, liger: bool = False) -> dict:
         seed=a.seed, bf16=a.bf16, use_cpu=not a.cuda, save_strategy="no", eval_strategy="no", report_to="none",
         max_steps=a.max_steps, use_liger_kernel=liger,
         **({"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False} if best else {}))
+    model = load_model(str(a.model_dir), attn_implementation=a.attn)
     peft_config = None
     if a.lora:
         from peft import LoraConfig
 
+        from sftkit.models import lora_targets
+
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
-    trainer = CountingSFTTrainer(model=load_model(str(a.model_dir), attn_implementation=a.attn), args=args,
+                                 target_modules=lora_targets(cfg, model.config), task_type="CAUSAL_LM")
+    trainer = CountingSFTTrainer(model=model, args=args,
                                  train_dataset=train, processing_class=load_tokenizer(str(a.model_dir)),
                                  callbacks=[Clock()], peft_config=peft_config)
     trainer.train()
@@ -284,7 +287,7 @@ def add_mfu(rows: list[dict]) -> None:
     timed token times their timed tokens/s (the same data, so the same work per token)."""
     import torch
 
-    from sftkit.flops import peak_flops
+    from sftkit.arch.flops import peak_flops
 
     ours = next((r for r in rows if r["system"] == "sftkit" and r.get("tflops")), None)
     if ours is None:

@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 from sftkit.data.render import IGNORE_INDEX
-from sftkit.varlen import offsets
+from sftkit.arch.packed_attention import offsets
 
 GROUP_SPAN = 64  # length grouping sorts within windows of 64 optimizer steps: little padding, still random
 

@@ -36,7 +36,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
 # Implementations that transformers feeds the packed layout (position_ids restarting at 0, no mask):
 # eager/sdpa build a block-diagonal mask from it, flash-attention turns it into varlen offsets.
-# varlen (sftkit.varlen) and auto take the offsets directly.
+# varlen (sftkit.arch.packed_attention) and auto take the offsets directly.
 PACKING_ATTENTION = ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # flash-attention turns packed position_ids into varlen offsets, so a packed micro-batch can be one
 # row with no padding at all; eager/sdpa would build a block mask quadratic in that row instead.
@@ -142,10 +142,9 @@ class LoraOptions:
     """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
     lora_dropout: float = field(default=0.05, metadata=between(0, 1, hi_open=True))
     """Dropout on the LoRA input."""
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
-    """Module names that get LoRA weights (Qwen3's attention and MLP projections by default)."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names that get LoRA weights. Empty: the architecture's own list (sftkit/arch/table.py):
+    the attention and MLP projections, plus on hybrid models the Gated DeltaNet projections."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapter, e.g. embed_tokens and lm_head for new tokens."""
 

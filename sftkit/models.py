@@ -165,7 +165,7 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
     check_model_code(path, trust_remote_code)
     check_weights_format(path)
     if attn_implementation == "varlen":
-        from sftkit.varlen import register
+        from sftkit.arch.packed_attention import register
 
         attn_implementation = register()
     try:
@@ -183,7 +183,7 @@ def build_for_training(cfg, cuda: bool = False):
     attention = cfg.attention(cuda)
     model = load_model(cfg.model_name_or_path, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code)
     if attention == "varlen":
-        from sftkit.varlen import check_model
+        from sftkit.arch.packed_attention import check_model
 
         check_model(model.config)
     model.config.use_cache = False
@@ -200,7 +200,7 @@ def build_for_training(cfg, cuda: bool = False):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_target_modules),
+                          target_modules=lora_targets(cfg, model.config),
                           modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
         try:
             model = get_peft_model(model, lora)
@@ -212,6 +212,13 @@ def build_for_training(cfg, cuda: bool = False):
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
     return model
+
+
+def lora_targets(cfg, config) -> list[str]:
+    """The modules LoRA wraps: the user's list, else the architecture's (sftkit/arch/table.py)."""
+    from sftkit.arch.table import arch_of
+
+    return list(cfg.lora_target_modules) or list(arch_of(config).lora_modules)
 
 
 def load_for_eval(path: str, cfg):

@@ -40,7 +40,7 @@ from sftkit.data.dataset import prepared_dir
 from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
-from sftkit.flops import flops_per_step_fn, peak_flops
+from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.loss import FusedHead, fused_head, token_loss_sum
 from sftkit.metrics import (
     MetricsLog,

@@ -23,7 +23,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_flash_varlen_kernel_matches_reference_bf16():
     """The GPU kernel (torch's varlen_attn, else flash-attn) against per-example sdpa, with GQA
     and a length-1 document: outputs and the gradients of q, k and v."""
-    from sftkit.varlen import flash_varlen, offsets, reference, torch_varlen, varlen
+    from sftkit.arch.packed_attention import flash_varlen, offsets, reference, torch_varlen, varlen
 
     assert torch_varlen() is not None or flash_varlen() is not None, "no flash varlen kernel: the loop would run"
     cu, longest = offsets([1, 37, 300, 1000, 250])
@@ -54,7 +54,7 @@ def packed_docs(lengths, vocab=151936, seed=0):
 def small_model(attention: str):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from sftkit.varlen import register
+    from sftkit.arch.packed_attention import register
 
     config = Qwen3Config(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,

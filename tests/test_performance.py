@@ -224,7 +224,7 @@ def test_flops_formula_matches_flop_counter(examples, tok):
     so the formula is evaluated with every (query, key) pair instead of the causal half."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sftkit.flops import flops_per_step_fn
+    from sftkit.arch.flops import flops_per_step_fn
 
     batch = collate([[e] for e in examples[:3]], tok.pad_token_id, False)
     model = tiny_model(attn_implementation="eager")

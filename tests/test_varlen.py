@@ -1,4 +1,4 @@
-"""Varlen attention (sftkit.varlen) on a CPU: the reference kernel behind the same plumbing a GPU
+"""Varlen attention (sftkit.arch.packed_attention) on a CPU: the reference kernel behind the same plumbing a GPU
 runs (one padding-free row, cu_seqlens from collate, no mask) against the padded path, on the real
 tokenizer's renderings and the tiny Qwen3 (GQA: 4 query heads, 2 key/value heads)."""
 
@@ -42,7 +42,7 @@ def test_varlen_equals_padded_loss_and_every_gradient(docs, tok):
     padded = build_for_training(SFTConfig(attn_implementation="sdpa"))
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from sftkit.varlen import ATTENTION_NAME, varlen_attention_forward
+    from sftkit.arch.packed_attention import ATTENTION_NAME, varlen_attention_forward
 
     assert varlen.config._attn_implementation == ATTENTION_NAME
     assert ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] is varlen_attention_forward
@@ -119,7 +119,7 @@ def test_attention_auto_and_its_checks():
     from transformers import Qwen3Config
 
     from sftkit.errors import ConfigError
-    from sftkit.varlen import check_model
+    from sftkit.arch.packed_attention import check_model
 
     assert SFTConfig(packing=True).attention(cuda=True) == "varlen"
     assert SFTConfig(packing=True).attention(cuda=False) == "sdpa"

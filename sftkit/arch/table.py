@@ -1,0 +1,51 @@
+"""One row of facts per architecture of the Qwen family, keyed by the config's `model_type`.
+
+Everything that differs between generations and is not the chat template (templates are read,
+never recognised: see sftkit/data/render.py) is a field here, so that supporting a new generation
+is one entry, not edits in several modules. Code that needs a fact asks `arch_of(config)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")  # a dense MLP, or a MoE layer's shared expert
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Facts about one architecture (one or more model_types)."""
+
+    name: str
+    lora_modules: tuple[str, ...] = ATTENTION + MLP
+    """nn.Linear names that LoRA wraps by default (PEFT target_modules, matched by name suffix)."""
+    lora_expert_parameters: tuple[str, ...] = ()
+    """Fused 3-D expert tensors that LoRA reaches by default (PEFT target_parameters)."""
+    linear_attention: bool = False
+    """Has Gated DeltaNet layers: a packed row must hand them its example boundaries."""
+    moe: bool = False
+    """Routed experts: the config's router_aux_loss_coef weighs a load-balancing loss."""
+    vision_language: bool = False
+    """Released checkpoints wrap the text model in a vision-language model (vision tower, MTP)."""
+
+
+DENSE = Arch("dense")
+ARCHS: dict[str, Arch] = {
+    "qwen2": Arch("Qwen2.5"),
+    "qwen3": Arch("Qwen3"),
+    "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, moe=True),
+    "qwen3_next": Arch("Qwen3-Next", moe=True, linear_attention=True),
+    "qwen3_5": Arch("Qwen3.5", linear_attention=True, vision_language=True),
+    "qwen3_5_moe": Arch("Qwen3.5 MoE", moe=True, linear_attention=True, vision_language=True),
+}
+# the text model's own config inside a vision-language checkpoint
+ARCHS["qwen3_5_text"] = ARCHS["qwen3_5"]
+ARCHS["qwen3_5_moe_text"] = ARCHS["qwen3_5_moe"]
+
+
+def arch_of(config) -> Arch:
+    """The facts for a model config (a vision-language config: its text model); dense Qwen3-like
+    facts for a model_type the table does not know."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ARCHS.get(getattr(text, "model_type", None)) or ARCHS.get(getattr(config, "model_type", None)) or DENSE
