@@ -19,8 +19,8 @@ from functools import lru_cache
 
 import torch
 
-from sftkit.data.render import IGNORE_INDEX
 from sftkit.arch.packed_attention import offsets
+from sftkit.data.render import IGNORE_INDEX
 
 GROUP_SPAN = 64  # length grouping sorts within windows of 64 optimizer steps: little padding, still random
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator
+from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.batching import MicroBatch, PackedSteps, Schedule, StepBatches, ignore_stop_signals, total_steps
 from sftkit.checkpoint import (
     TrainState,
@@ -40,7 +41,6 @@ from sftkit.data.dataset import prepared_dir
 from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
-from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.loss import FusedHead, fused_head, token_loss_sum
 from sftkit.metrics import (
     MetricsLog,

@@ -26,12 +26,12 @@ TEMPLATE = {
 }
 KINDS = tuple(TEMPLATE)
 
-_COMMON = dict(vocab_size=151936, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-               max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.5,
-               bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
-_LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
-               linear_num_key_heads=2, linear_num_value_heads=4)
-_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.001)
+_COMMON = {"vocab_size": 151936, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "initializer_range": 0.5,
+           "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
+_LINEAR = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+           "linear_num_key_heads": 2, "linear_num_value_heads": 4}
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "router_aux_loss_coef": 0.001}
 _HYBRID_LAYERS = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
 
 
@@ -53,8 +53,8 @@ def text_config(kind: str) -> dict:
     raise ValueError(kind)
 
 
-_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
-               temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
+_VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
+           "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64, "num_position_embeddings": 16}
 
 
 def build(kind: str, path: Path, seed: int = 0) -> Path:
@@ -105,7 +105,7 @@ def _add_mtp_weights(path: Path, hidden: int, seed: int) -> None:
         from safetensors import safe_open
 
         with safe_open(path / "model.safetensors", "pt") as f:
-            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
+            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}  # noqa: SIM118 (safe_open is no dict)
     index["weight_map"].update({k: "model-mtp.safetensors" for k in tensors})
     index_path.write_text(json.dumps(index, indent=2))
     config_path = path / "config.json"

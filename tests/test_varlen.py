@@ -118,8 +118,8 @@ def test_attention_auto_and_its_checks():
     """auto is varlen only with packing on a GPU; varlen refuses what its kernels do not compute."""
     from transformers import Qwen3Config
 
-    from sftkit.errors import ConfigError
     from sftkit.arch.packed_attention import check_model
+    from sftkit.errors import ConfigError
 
     assert SFTConfig(packing=True).attention(cuda=True) == "varlen"
     assert SFTConfig(packing=True).attention(cuda=False) == "sdpa"
