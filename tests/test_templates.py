@@ -16,8 +16,8 @@ from pathlib import Path
 
 import jinja2
 import pytest
-
 from conftest import run_cli
+
 from sftkit.data.render import IGNORE_INDEX, Refused, RenderOptions, render_batch, template_spec
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -189,7 +189,7 @@ def test_ids_and_labels_match_the_template_on_every_row(qtok, name, switches):
 ])
 def test_the_opening_of_the_generation_prompt_is_prompt(qtok, name, switches, last_reply):
     spec = with_template(qtok, name)
-    ids, labels = render_batch([CORPUS[3][0]], qtok, spec, RenderOptions(**switches))[0]
+    _, labels = render_batch([CORPUS[3][0]], qtok, spec, RenderOptions(**switches))[0]
     assert supervised(qtok, labels) == last_reply
 
 
@@ -228,7 +228,7 @@ def test_preserve_thinking_keeps_and_supervises_earlier_reasoning(qtok):
     for name, switches, kept in (("qwen3_6", {}, False), ("qwen3_6", {"preserve_thinking": True}, True),
                                  ("qwen3_8", {}, True), ("qwen3_8", {"preserve_thinking": False}, False)):
         spec = with_template(qtok, name)
-        ids, labels = render_batch([msgs], qtok, spec, RenderOptions(**switches))[0]
+        _, labels = render_batch([msgs], qtok, spec, RenderOptions(**switches))[0]
         assert ("early reasoning" in supervised(qtok, labels)) is kept, (name, switches)
 
 
@@ -251,7 +251,7 @@ def test_a_row_switch_the_template_never_reads_is_refused(qtok):
     spec = with_template(qtok, "qwen3")
     got = render_batch([CORPUS[0][0]], qtok, spec, RenderOptions(), None, [{"reasoning_effort": "low"}])[0]
     assert isinstance(got, Refused) and got.field == "reasoning_effort"
-    assert "never reads reasoning_effort" in got.problem and "reads: enable_thinking" in got.problem
+    assert "never reads reasoning_effort" in got.problem and "(it reads enable_thinking)" in got.problem
 
 
 def test_run_switches_are_checked_against_the_template(qtok):
@@ -259,7 +259,8 @@ def test_run_switches_are_checked_against_the_template(qtok):
     from sftkit.errors import ConfigError
 
     spec = with_template(qtok, "qwen3_instruct_2507")
-    with pytest.raises(ConfigError, match="enable_thinking is set, but the chat template never reads it"):
+    with pytest.raises(ConfigError, match="never reads enable_thinking, so setting it would change nothing "
+                                          r"\(it reads none of enable_thinking, preserve_thinking, reasoning_effort\)"):
         check_switches(qtok, spec, RenderOptions(enable_thinking=False))
     spec = with_template(qtok, "qwen3_8")
     with pytest.raises(ConfigError, match="refuses reasoning_effort='high': Unexpected reasoning effort high. "
@@ -331,8 +332,8 @@ def test_prepare_data_renders_each_row_with_its_switches_and_counts_refused_rows
     assert man["options"]["reasoning_effort"] == "medium" and man["sources"][0]["bad_rows"] == 2
     assert man["bad_rows_first"] == [
         f"{rows_file}:line 3: the chat template refuses this row: System message must be at the beginning.",
-        f"{rows_file}:line 5: the chat template refuses this row: Unexpected reasoning effort high. "
-        "Supported types are xhigh (default), medium, and low."]
+        (f"{rows_file}:line 5: the chat template refuses this row: Unexpected reasoning effort high. "
+         "Supported types are xhigh (default), medium, and low.")]
     with_template(qtok, "qwen3_8")
     saved = load_prepared(out)
     for row, example in zip([ROWS[0], ROWS[1], ROWS[3]], saved):
@@ -354,5 +355,5 @@ def test_a_run_switch_the_template_never_reads_is_one_error_line(rows_file, tmp_
     proc = run_cli("prepare-data", "--data_path", str(rows_file), "--output_dir", str(tmp_path / "out"),
                    "--reasoning_effort", "low", check=False)  # tiny-qwen3 has Qwen3's template
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip() == ("error: reasoning_effort is set, but the chat template never reads it "
-                                   "(it reads: enable_thinking); unset reasoning_effort")
+    assert proc.stderr.strip() == ("error: the chat template never reads reasoning_effort, so setting it would "
+                                   "change nothing (it reads enable_thinking); unset reasoning_effort")

@@ -25,6 +25,7 @@ from sftkit.data.render import (
     TemplateSpec,
     render_batch,
     reply_opening,
+    template_reads,
     template_spec,
 )
 from sftkit.errors import ConfigError, DataError
@@ -78,11 +79,10 @@ def check_switches(tokenizer, spec: TemplateSpec, opts: RenderOptions) -> None:
     import jinja2
 
     switches = opts.switches()
-    unread = [k for k in switches if k not in spec.reads]
+    unread = ", ".join(k for k in switches if k not in spec.reads)
     if unread:
-        reads = ", ".join(sorted(spec.reads)) or "none of them"
-        raise ConfigError(f"{', '.join(unread)} is set, but the chat template never reads it (it reads: {reads}); "
-                          f"unset {', '.join(unread)}")
+        raise ConfigError(f"the chat template never reads {unread}, so setting it would change nothing "
+                          f"({template_reads(spec)}); unset {unread}")
     try:
         reply_opening(tokenizer, spec, switches)
     except jinja2.TemplateError as err:

@@ -129,6 +129,11 @@ def template_spec(tokenizer) -> TemplateSpec:
     )
 
 
+def template_reads(spec: TemplateSpec) -> str:
+    """Which switches the template reads, as an error says it."""
+    return f"it reads {', '.join(sorted(spec.reads))}" if spec.reads else f"it reads none of {', '.join(SWITCHES)}"
+
+
 def reply_opening(tokenizer, spec: TemplateSpec, switches: dict[str, Any]) -> str:
     """The text the generation prompt puts after the reply header under these switches (e.g.
     "<think>\n"): what a reply is given at inference, so prompt, not supervised. Read once per set
@@ -239,8 +244,7 @@ def row_pieces(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderOp
         unread = next((k for k in row_switches if k not in spec.reads), None)
         if unread:
             return Refused(unread, f"the chat template never reads {unread}, so this row would render as if it "
-                           f"were not set; remove it from the row (the template reads: "
-                           f"{', '.join(sorted(spec.reads)) or 'none of ' + ', '.join(SWITCHES)})")
+                           f"were not set ({template_reads(spec)}); remove it from the row")
         switches = {**switches, **row_switches}
     try:
         text = render_text(msgs, tokenizer, spec, opts, tools, switches)
