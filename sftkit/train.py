@@ -114,6 +114,10 @@ class StepStats:
     skipped: bool            # --skip_nan_steps skipped the update
     lr: float                # the learning rate the step used
 
+    def loss(self, accelerator) -> float:
+        """The step's token-mean loss over all ranks (a host sync: logging steps only)."""
+        return self.losses(accelerator)[0]
+
     def losses(self, accelerator) -> tuple[float, float]:
         """The step's token-mean loss and balance loss over all ranks (one host sync: logging steps only)."""
         sums = accelerator.reduce(torch.stack([self.loss_sum, self.aux_sum.double()]), reduction="sum").tolist()
