@@ -258,6 +258,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
         "attention": cfg.attention(run.cuda),
+        **({"router_aux_loss_coef": run.balance.coef} if run.balance else {}),  # what -1 (the config's) resolved to
     }, first=True)
 
 
