@@ -216,7 +216,7 @@ def test_lora_on_experts_with_dropout_is_one_line_naming_the_fix(models):
 
 
 # ---- the whole chain ----------------------------------------------------------------------------------
-def test_qwen3_moe_prepare_train_eval_merge(models, tmp_path):
+def test_qwen3_moe_prepare_train_eval_merge(models, four, tmp_path):
     """prepare-data -> train (LoRA on the experts; and full, in this process) -> eval -> merge-lora,
     every command exit 0; aux_loss in metrics.jsonl; the adapter loads with peft, the merged and the fully trained
     models with plain transformers, and the merged experts are the trained ones."""
@@ -224,7 +224,7 @@ def test_qwen3_moe_prepare_train_eval_merge(models, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    base, data, prep = models("qwen3_moe"), str(ROOT / "data" / "sample_alpaca.json"), tmp_path / "prep"
+    base, data, prep = models("qwen3_moe"), str(four), tmp_path / "prep"
     run_cli("prepare-data", "--model_name_or_path", str(base), "--data_path", data, "--output_dir", str(prep))
     common = ["--model_name_or_path", str(base), "--data_path", str(prep), "--max_steps", "2", "--logging_steps", "1",
               "--save_steps", "0", "--learning_rate", "1e-2", "--warmup_ratio", "0"]
