@@ -34,7 +34,10 @@ rather than pooled so that two layers' imbalances cannot cancel.
 
 Memory: the softmax of every MoE layer's router logits is kept for the backward, 4 bytes x
 tokens x experts per layer: 0.4 GB for Qwen3-30B-A3B (48 layers, 128 experts) at 16k tokens,
-1.6 GB for Qwen3-Next (48 layers, 512 experts).
+1.6 GB for Qwen3-Next (48 layers, 512 experts). The router logits come from transformers'
+`output_router_logits=True`, with which the model also computes its own (unused) pooled loss:
+the same softmaxes once more, freed when the forward's output is, so they add to the forward's
+peak (a hook on the routers would avoid it, but fires again in a checkpointed layer's recompute).
 """
 
 from __future__ import annotations
