@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")  # a dense MLP, or a MoE layer's shared expert
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers 5's fused [experts, out, in]
+# PEFT 0.21 rewrites the target_modules gate_proj/up_proj/down_proj of qwen2_moe-style model_types
+# (qwen3_moe, qwen3_next) into the fused routed experts (its transformers-4 compatibility), so there
+# a shared expert's nn.Linear layers can only be reached as parameters, and no MLP name may stand in
+# lora_modules: PEFT would turn it into an expert ParamWrapper, which refuses lora_dropout 0.05.
+SHARED_EXPERT_WEIGHTS = tuple(f"mlp.shared_expert.{name}.weight" for name in MLP)
 
 
 @dataclass(frozen=True)
@@ -21,11 +27,15 @@ class Arch:
     lora_modules: tuple[str, ...] = ATTENTION + MLP
     """nn.Linear names that LoRA wraps by default (PEFT target_modules, matched by name suffix)."""
     lora_expert_parameters: tuple[str, ...] = ()
-    """Fused 3-D expert tensors that LoRA reaches by default (PEFT target_parameters)."""
+    """Expert tensors that LoRA reaches by default (PEFT target_parameters, each wrapped by a
+    ParamWrapper): the fused 3-D routed experts, and where PEFT cannot name it as a module, the
+    shared expert. ParamWrapper refuses lora_dropout != 0 (see sftkit.models.lora_parameters)."""
     linear_attention: bool = False
     """Has Gated DeltaNet layers: a packed row must hand them its example boundaries."""
     moe: bool = False
-    """Routed experts: the config's router_aux_loss_coef weighs a load-balancing loss."""
+    """Routed experts: the config's router_aux_loss_coef weighs a load-balancing loss (arch/moe.py)."""
+    gated_attention: bool = False
+    """q_proj also yields a sigmoid gate per head output (2 x heads x head_dim outputs): FLOPs."""
     vision_language: bool = False
     """Released checkpoints wrap the text model in a vision-language model (vision tower, MTP)."""
 
@@ -34,10 +44,12 @@ DENSE = Arch("dense")
 ARCHS: dict[str, Arch] = {
     "qwen2": Arch("Qwen2.5"),
     "qwen3": Arch("Qwen3"),
-    "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, moe=True),
-    "qwen3_next": Arch("Qwen3-Next", moe=True, linear_attention=True),
-    "qwen3_5": Arch("Qwen3.5", linear_attention=True, vision_language=True),
-    "qwen3_5_moe": Arch("Qwen3.5 MoE", moe=True, linear_attention=True, vision_language=True),
+    "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, lora_expert_parameters=EXPERTS, moe=True),
+    "qwen3_next": Arch("Qwen3-Next", lora_modules=ATTENTION, lora_expert_parameters=EXPERTS + SHARED_EXPERT_WEIGHTS,
+                       moe=True, linear_attention=True, gated_attention=True),
+    "qwen3_5": Arch("Qwen3.5", linear_attention=True, vision_language=True, gated_attention=True),
+    "qwen3_5_moe": Arch("Qwen3.5 MoE", lora_expert_parameters=EXPERTS, moe=True, linear_attention=True,
+                        vision_language=True, gated_attention=True),
 }
 # the text model's own config inside a vision-language checkpoint
 ARCHS["qwen3_5_text"] = ARCHS["qwen3_5"]
