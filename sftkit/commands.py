@@ -43,8 +43,7 @@ def train_command(cfg: SFTConfig) -> dict:
         con.print(f"stopped at step {summary['step']}: saved {summary['checkpoint']}. Resume with the same launcher:\n"
                   f"  sftkit train --config {config} --resume_from_checkpoint latest", highlight=False)
         return summary
-    con.print(f"done: {summary['step']} steps in {summary['elapsed_s']:.1f}s; model in {Path(cfg.output_dir) / 'final'}",
-              highlight=False)
+    con.print(end_line(summary, cfg), highlight=False)
     if summary.get("skipped_steps"):
         con.print(f"[yellow]warning: {summary['skipped_steps']} of the {summary['step']} steps had a nan or inf "
                   "gradient and were skipped (--skip_nan_steps); see skipped_steps in metrics.jsonl[/yellow]",
@@ -53,6 +52,26 @@ def train_command(cfg: SFTConfig) -> dict:
         con.print(f"the final eval was {summary['final_eval']}; run it with: sftkit eval --model "
                   f"{Path(cfg.output_dir) / 'final'} --data_path {cfg.eval_data_path}", highlight=False)
     return summary
+
+
+def end_line(summary: dict, cfg: SFTConfig) -> str:
+    """`done: 8 steps in 12.3s; train loss 0.0213; eval loss 11.9 (perplexity 1.5e+05); model in
+    ...; tensorboard logs in ...`: what the run ended with and where its outputs are."""
+    out, n = Path(cfg.output_dir), summary["step"]
+    parts = [f"done: {n} step{'s' * (n != 1)} in {summary['elapsed_s']:.1f}s"]
+    if summary.get("train_loss") is not None:
+        parts.append(f"train loss {summary['train_loss']:.4f}")
+    if summary.get("eval_loss") is not None:
+        parts.append(f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_ppl']:.4g})")
+    parts.append(f"model in {out / 'final'}")
+    # accelerate's trackers log under project_dir (our output_dir) / the run's name
+    run_name = cfg.run_name or out.name
+    for tracker in (cfg.trackers or "").split(","):
+        if tracker == "tensorboard":
+            parts.append(f"tensorboard logs in {out / run_name}")
+        elif tracker == "wandb":
+            parts.append(f"wandb project {run_name}")
+    return "; ".join(parts)
 
 
 def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,

@@ -79,6 +79,7 @@ class Run:
     start_time: float                # wall clock of step 0, a resumed run's earlier time included
     log: MetricsLog | None = None    # set by start_outputs
     meter: Throughput | None = None  # set by fit: windows start with the loop
+    last_loss: float | None = None   # the last logged train loss, for the end line
 
     @property
     def out(self) -> Path:
@@ -186,7 +187,8 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
     main, opts = accelerator.is_main_process, cfg.data_options()
     with accelerator.main_process_first():
         train_dir = prepared_dir(opts, cfg.data_path, tokenizer, console if main else None, cfg.mixing())
-        eval_dir = prepared_dir(opts, [cfg.eval_data_path], tokenizer) if cfg.eval_data_path else None
+        eval_dir = prepared_dir(opts, [cfg.eval_data_path], tokenizer, console if main else None,
+                                label="eval data") if cfg.eval_data_path else None
     train_set = load_prepared(train_dir)
     if cfg.packing and max(train_set["length"]) > cfg.max_length:
         raise SftkitError(f"{train_dir} holds examples longer than max_length={cfg.max_length}, which cannot be packed; "
@@ -337,7 +339,7 @@ def fit(run: Run, console=None, stop: StopRequest | None = None) -> bool:
                 if state.step % cfg.logging_steps == 0 or state.step == 1 or last or stats.stop or saving:
                     log_step(run, stats, bar)
                 if run.eval_set is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0 and not last:
-                    log_eval(run)
+                    log_eval(run, bar=bar)
                 if stats.stop and not last:
                     return save_and_stop(run, signals)
                 if saving and not last:
@@ -394,17 +396,23 @@ def log_step(run: Run, stats: StepStats, bar) -> None:
         "rss_mb": rss_mb(), "peak_gpu_mem_gb": peak_gpu_gb(), "elapsed_s": round(time.time() - run.start_time, 2),
     }
     run.log.write(record, step=state.step)
+    run.last_loss = record["loss"]
     bar.update(state.step, loss=record["loss"] or math.nan, lr=stats.lr, tokens_per_s=record["tokens_per_s"])
 
 
-def log_eval(run: Run, stop: StopRequest | None = None) -> dict | None:
-    """Eval loss and perplexity on the eval set, logged at this step; the model goes back to train
-    mode. With `stop`, a stop signal cuts the eval short (on every rank) and it returns None."""
+def log_eval(run: Run, stop: StopRequest | None = None, bar=None) -> dict | None:
+    """Eval loss and perplexity on the eval set, logged at this step (and shown on `bar`); the model
+    goes back to train mode. With `stop`, a stop signal cuts the eval short (on every rank) and it
+    returns None."""
+    if bar is not None:
+        bar.eval_started()
     ev = evaluate_loss(run.model, run.eval_set, run.accelerator, run.cfg.per_device_eval_batch_size,
                        run.tokenizer.pad_token_id, run.head, should_stop=stop and (lambda: stop.requested))
     if ev is not None:
         run.log.write({"step": run.state.step, "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]},
                       step=run.state.step)
+        if bar is not None:
+            bar.eval_done(run.state.step, ev["loss"], ev["perplexity"])
     run.model.train()
     return ev
 
@@ -437,23 +445,28 @@ def last_finite(run: Run) -> str:
 
 
 # ---- the end ------------------------------------------------------------------------------------
-def finish(run: Run, stop: StopRequest | None = None) -> dict:
+def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
     """The last checkpoint and final/ (written first, atomically), then the final eval (which a
-    stop signal cuts short); the summary, also the last line of metrics.jsonl."""
+    stop signal cuts short, and `console` names while it runs); the summary, also the last line
+    of metrics.jsonl."""
+    from sftkit.progress import eval_status
+
     acc, state, summary = run.accelerator, run.state, {}
     state.elapsed_s = time.time() - run.start_time
     if run.cfg.save_steps:
         save(run)
     save_final(acc, run.model, run.tokenizer, run.cfg, run.out)
     if run.eval_set is not None:
-        ev = log_eval(run, stop)
+        with eval_status(console if acc.is_main_process else None):
+            ev = log_eval(run, stop)
         if ev is None:
             summary["final_eval"] = f"skipped: stopped by {stop.signal or 'a signal on another rank'}"
         else:
             summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
     prints = None if is_zero3(acc) else acc.gather(
         param_fingerprint(run.model).to(acc.device).unsqueeze(0)).tolist()
-    summary.update(event="end", step=state.step, skipped_steps=state.skipped_steps, tokens=state.tokens,
+    summary.update(event="end", step=state.step, train_loss=run.last_loss, skipped_steps=state.skipped_steps,
+                   tokens=state.tokens,
                    supervised_tokens=state.supervised_tokens,
                    elapsed_s=round(state.elapsed_s, 2), **run.meter.whole_run(),
                    peak_rss_mb=peak_rss_mb(), peak_gpu_mem_gb=peak_gpu_gb(), param_fingerprints=prints,
@@ -478,7 +491,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
             if not fit(r, console, stop):
                 return {"event": "stopped", "step": r.state.step, "elapsed_s": round(time.time() - r.start_time, 2),
                         "checkpoint": str(checkpoint_dir(r.out, r.state.step))}
-            return finish(r, stop)
+            return finish(r, stop, console)
     except RuntimeError as err:
         # torch raises this from its SIGCHLD handler, wherever the loop is, within seconds of the death
         if "DataLoader worker" not in str(err):

@@ -263,7 +263,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
         "sftkit_version": __version__, "fingerprint": fp, "format": FORMAT, "sources": loaded.per_source,
         "rows_in": loaded.rows_in, "examples_kept": len(kept.ids),
         "dropped": {k: kept.dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
-        "warnings": {k: loaded.warnings.get(k, 0) for k in ("empty_reply",)},
+        "truncated": kept.truncated, "warnings": {k: loaded.warnings.get(k, 0) for k in ("empty_reply",)},
         "bad_rows_first": loaded.bad_examples, "mixing": mixed, "examples_saved": len(ids),
         "tokens": sum(lengths), "supervised_tokens": sum(len(lab) - lab.count(IGNORE_INDEX) for lab in labels),
         "length": percentiles(lengths), "tokenizer": getattr(tokenizer, "name_or_path", ""),
@@ -288,6 +288,7 @@ class Kept:
     labels: list[list[int]] = field(default_factory=list)
     origin: list[int] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0  # kept, cut to max_length by --truncation left/right
 
 
 def keep_fitting(rendered: list, loaded: Loaded, opts: DataOptions) -> Kept:
@@ -296,10 +297,12 @@ def keep_fitting(rendered: list, loaded: Loaded, opts: DataOptions) -> Kept:
     kept.dropped["bad_row"] = loaded.bad_rows
     kept.dropped["too_long"] = loaded.too_long
     for (ids, labels), origin in zip(rendered, loaded.origin):
+        cut = len(ids) > opts.max_length  # and kept: then --truncation cut it
         ids, labels, reason = fit_length(ids, labels, opts.max_length, opts.truncation)
         if reason:
             kept.dropped[reason] += 1
             continue
+        kept.truncated += cut
         kept.ids.append(ids)
         kept.labels.append(labels)
         kept.origin.append(origin)

@@ -1,0 +1,84 @@
+"""What a user sees (issue 25): the console of train and eval says what happened to the data,
+a log file fills while the run goes, and the end line gives the numbers and the places."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import time
+
+from conftest import BIN, ROOT, read_metrics
+
+DEMO = ROOT / "data" / "demo_alpaca.json"  # 8 rows; at max_length 40 one of them is too long
+
+
+def _wait_for_line(proc, log, pattern: str, metrics, deadline: float) -> tuple[str, bool]:
+    """The log's text once it holds `pattern`, and whether the run had ended by then."""
+    while time.time() < deadline and proc.poll() is None:
+        text = log.read_text() if log.exists() else ""
+        if re.search(pattern, text, re.MULTILINE):
+            ended = metrics.exists() and '"event": "end"' in metrics.read_text()
+            return text, ended
+        time.sleep(0.05)
+    return (log.read_text() if log.exists() else ""), True
+
+
+def test_train_to_a_log_file(tmp_path):
+    """One run, stdout and stderr to a file as nohup or a scheduler leaves them: a progress line is
+    there while the run still goes (a bar wrote nothing there until the end), one line per logged
+    step and per eval, the dropped row on the console, no control characters, and an end line with
+    the steps, both losses, the model and the TensorBoard folder."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    cmd = [str(BIN / "sftkit"), "train", "--data_path", str(DEMO), "--eval_data_path", str(DEMO),
+           "--max_length", "40", "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1",
+           "--eval_steps", "2", "--save_steps", "0", "--per_device_train_batch_size", "2",
+           "--report_to", "tensorboard"]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=f, stderr=subprocess.STDOUT)
+        early, ended = _wait_for_line(proc, log, r"^step 1/4  loss \d", out / "metrics.jsonl", time.time() + 300)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert not ended, f"no progress line before the run ended:\n{early}"
+    text = log.read_text()
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text), "control characters in a log file"
+    lines = text.splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("step ")] == ["1/4", "2/4", "3/4", "4/4"]
+    records = read_metrics(out)
+    evals = [r for r in records if "eval_loss" in r]
+    start, end = records[0], records[-1]
+    assert start["num_examples"] == 7  # 8 rows, one longer than 40 tokens
+    assert "data: kept 7 of 8 rows; dropped 1 too long at max_length 40" in text
+    assert "eval data: kept 7 of 8 rows" in text
+    assert any(ln.startswith(f"eval at step 2: loss {evals[0]['eval_loss']:.4f}") for ln in lines)
+    done = [ln for ln in lines if ln.startswith("done:")]
+    assert done == [(f"done: 4 steps in {end['elapsed_s']:.1f}s; train loss {end['train_loss']:.4f}; "
+                    f"eval loss {end['eval_loss']:.4f} (perplexity {end['eval_ppl']:.4g}); model in {out / 'final'}; "
+                    f"tensorboard logs in {out / out.name}")]
+    assert end["train_loss"] == [r["loss"] for r in records if "loss" in r][-1]
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / out.name).iterdir())
+
+
+def test_terminal_bar_shows_eval(tmp_path):
+    """In a terminal the bar starts with no loss (it showed `loss nan` before step 1), names the
+    eval while it runs, and keeps the last eval loss beside the train loss."""
+    from rich.console import Console
+
+    from sftkit.progress import train_progress
+
+    buf = io.StringIO()
+    con = Console(file=buf, force_terminal=True, width=160, soft_wrap=True)
+    with train_progress(4, 0, console=con) as bar:
+        bar.prog.refresh()
+        first = buf.getvalue()
+        bar.update(1, loss=2.5, lr=1e-3, tokens_per_s=100)
+        bar.eval_started()
+        bar.prog.refresh()
+        during = buf.getvalue()[len(first):]
+        bar.eval_done(1, 2.25, 9.49)
+        bar.update(2, loss=2.0, lr=1e-3, tokens_per_s=100)
+        bar.prog.refresh()
+        after = buf.getvalue()[len(first) + len(during):]
+    assert "train" in first and "loss" not in first and "nan" not in first
+    assert "eval" in during and "loss 2.5000" in during
+    assert "loss 2.0000" in after and "eval 2.2500" in after
