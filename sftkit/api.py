@@ -17,8 +17,10 @@ class SFTTrainer:
 
     def train(self) -> dict:
         """Train; returns the run summary (the last line of metrics.jsonl)."""
+        from sftkit.prechecks import check_train
         from sftkit.train import run
 
+        check_train(self.config)
         return run(self.config)
 
     def evaluate(self, data_path: str | None = None, model: str | None = None) -> dict:

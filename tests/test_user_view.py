@@ -7,6 +7,7 @@ import io
 import os
 import re
 import subprocess
+import sys
 import time
 
 from conftest import BIN, ROOT, read_metrics
@@ -82,3 +83,50 @@ def test_terminal_bar_shows_eval(tmp_path):
     assert "train" in first and "loss" not in first and "nan" not in first
     assert "eval" in during and "loss 2.5000" in during
     assert "loss 2.0000" in after and "eval 2.2500" in after
+
+
+# Each mistake that needs no model, and the start of its one line; the process must not have
+# imported torch (8-20 s on 2 busy cores) when it reports it. bench/time_to_error.py times them.
+NO_MODEL_MISTAKES = {
+    "missing data file": (["train", "--data_path", "mydata/nope.jsonl"], "error: mydata/nope.jsonl: no such file"),
+    "no --data_path": (["train"], "error: no data given; pass --data_path"),
+    "missing eval file": (["train", "--data_path", str(DEMO), "--eval_data_path", "nope/e.jsonl"],
+                          "error: nope/e.jsonl: no such file"),
+    "output folder under a file": (["train", "--data_path", str(DEMO), "--output_dir", "{file}/o"],
+                                   "error: --output_dir {file}/o: {file} is a file"),
+    "unreadable data file": (["prepare-data", "--data_path", "{locked}", "--output_dir", "{tmp}/p"],
+                             "error: {locked}: cannot be read (permission denied)"),
+    "eval without data": (["eval", "--model", "{tmp}"], "error: no data given"),
+    "eval of a preset, no output folder": (["eval", "--model", "tiny-qwen3", "--data_path", str(DEMO)],
+                                           "error: --model tiny-qwen3 is not a folder, so eval.json has nowhere"),
+}
+CHECK_ONE = """
+import sys
+from sftkit.cli import build_app
+try:
+    build_app()(sys.argv[1:], prog_name="sftkit")
+except SystemExit as done:
+    print(f"exit {done.code}; torch imported: {'torch' in sys.modules}", file=sys.stderr)
+"""
+
+
+def test_mistakes_that_need_no_model_fail_before_torch_imports(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    locked = tmp_path / "locked.jsonl"
+    locked.write_text('{"instruction": "a", "output": "b"}\n')
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads anything: nothing to check there
+        locked.chmod(0o644)
+    names = {"file": tmp_path / "a_file", "locked": locked, "tmp": tmp_path}
+    for name, (argv, said) in NO_MODEL_MISTAKES.items():
+        if name == "unreadable data file" and os.access(locked, os.R_OK):
+            continue
+        args = [a.format(**names) for a in argv]
+        if args[0] == "train" and "--output_dir" not in args:
+            args += ["--output_dir", str(tmp_path / "out")]
+        proc = subprocess.run([sys.executable, "-c", CHECK_ONE, *args], check=False, cwd=tmp_path, capture_output=True, text=True,
+                              env=dict(os.environ), timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith(said.format(**names)), (name, proc.stderr)
+        assert lines[1] == "exit 2; torch imported: False", (name, proc.stderr)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "p").exists()
