@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sftkit.config import GenerationOptions, MergeOptions, SFTConfig
 from sftkit.errors import ConfigError
-from sftkit.prechecks import check_data, check_eval, check_train
+from sftkit.prechecks import check_data, check_eval, check_hub_name, check_train
 from sftkit.progress import console
 
 
@@ -23,6 +23,7 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
         raise ConfigError(f"--inspect must be at least 0, got {inspect_n}")
     check_output_dir(out, cfg.data_path)
     check_data(cfg.data_path, cfg)
+    check_hub_name(cfg.model_name_or_path)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, cfg.mixing())
     print_manifest(manifest, out, con)

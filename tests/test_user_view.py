@@ -99,7 +99,14 @@ NO_MODEL_MISTAKES = {
     "eval without data": (["eval", "--model", "{tmp}"], "error: no data given"),
     "eval of a preset, no output folder": (["eval", "--model", "tiny-qwen3", "--data_path", str(DEMO)],
                                            "error: --model tiny-qwen3 is not a folder, so eval.json has nowhere"),
+    # port 9 of this machine refuses at once: a Hub that cannot be reached, without HF_HUB_OFFLINE
+    "unreachable Hub": (["train", "--data_path", str(DEMO), "--model_name_or_path", "Qwen/Qwen3-0.6B"],
+                        ("error: --model_name_or_path Qwen/Qwen3-0.6B: not a local folder, and the Hugging Face Hub "
+                        "(http://127.0.0.1:9/Qwen/Qwen3-0.6B) cannot be reached (Connection refused); set "
+                        "HF_HUB_OFFLINE=1 to load it from the local Hugging Face cache, or pass a local model folder")),
 }
+OFFLINE_UNSET = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "", "https_proxy": "",
+                 "HTTP_PROXY": "", "http_proxy": ""}
 CHECK_ONE = """
 import sys
 from sftkit.cli import build_app
@@ -125,7 +132,7 @@ def test_mistakes_that_need_no_model_fail_before_torch_imports(tmp_path):
         if args[0] == "train" and "--output_dir" not in args:
             args += ["--output_dir", str(tmp_path / "out")]
         proc = subprocess.run([sys.executable, "-c", CHECK_ONE, *args], check=False, cwd=tmp_path, capture_output=True, text=True,
-                              env=dict(os.environ), timeout=120)
+                              env={**os.environ, **(OFFLINE_UNSET if name == "unreachable Hub" else {})}, timeout=120)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 2 and lines[0].startswith(said.format(**names)), (name, proc.stderr)
         assert lines[1] == "exit 2; torch imported: False", (name, proc.stderr)
