@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # logger name -> a message that is expected
@@ -47,3 +48,8 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     # read by huggingface_hub, whose switch transformers' own bars follow; set before they import
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # a program that imported them first (the Python API) has read the variable already
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
