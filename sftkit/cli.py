@@ -49,11 +49,14 @@ def config_options(fields: list[dataclasses.Field], docs: dict[str, str], panel:
     """One `--name` option per field; unset options stay None so YAML values and defaults survive.
     A boolean is one option that takes an optional value (see BoolFlagCommand): one name column,
     so the names fit an 80-column terminal."""
+    from rich.markup import escape
+
     params = []
     for f in fields:
         flag_type = cli_type(f)
         is_bool = flag_type is Optional[bool]
-        text = (help_overrides or {}).get(f.name, docs.get(f.name, "")) + _default_text(f)
+        # escaped: rich read `pip install 'sftkit[wandb]'` as markup and showed `pip install 'sftkit'`
+        text = escape((help_overrides or {}).get(f.name, docs.get(f.name, ""))) + _default_text(f)
         # a boolean is read as text and converted by `with_options`: a click flag takes no value
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=Optional[str] if is_bool else flag_type,
@@ -155,6 +158,11 @@ def load_config(config: Path | None, overrides: dict[str, Any]) -> SFTConfig:
     return SFTConfig.from_dict(overrides, source="command line")
 
 
+# eval reads data_path as the set to evaluate on: its docstring in DataOptions says "Training data"
+EVAL_HELP = {"data_path": "Data to evaluate on: .json/.jsonl/.parquet/.csv files, a directory, a glob, a prepared "
+                          "directory (from prepare-data), or a Hugging Face dataset name. Repeat the flag for several."}
+
+
 def build_app() -> typer.Typer:
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Supervised fine-tuning of Qwen3 models. Run `sftkit COMMAND --help` for options.")
@@ -183,7 +191,7 @@ def build_app() -> typer.Typer:
             raise typer.Exit(EXIT_STOPPED)
 
     @app.command("eval", cls=BoolFlagCommand)
-    @with_options(sft_options(eval_fields()) + command_options("eval"))
+    @with_options(sft_options(eval_fields(), EVAL_HELP) + command_options("eval"))
     def evaluate(model: str = typer.Option(..., "--model", help="A final/ or checkpoint directory, a merged "
                                            "model, an adapter directory, or a base model."),
                  output_dir: Path | None = typer.Option(None, "--output_dir", help="Where eval.json and "

@@ -121,7 +121,8 @@ def merge_command(adapter: Path, output_dir: Path, opts: MergeOptions) -> float:
 
     con = console()
     report = merge_adapter(adapter, output_dir, opts)
-    con.print(f"merged {report.adapter} into {report.base} ({report.dtype})"
+    # "merged X into BASE" read as if it wrote into the base model's folder (a cache path for the preset)
+    con.print(f"merged the adapter {report.adapter} with its base model {report.base} ({report.dtype})"
               f"{'; untied lm_head from embed_tokens' if report.untied else ''}")
     con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {report.max_logit_diff:.2e}")
     con.print(f"saved to {output_dir}")
