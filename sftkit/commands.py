@@ -70,7 +70,7 @@ def end_line(summary: dict, cfg: SFTConfig) -> str:
     parts.append(f"model in {out / 'final'}")
     # accelerate's trackers log under project_dir (our output_dir) / the run's name
     run_name = cfg.run_name or out.name
-    for tracker in (cfg.trackers or "").split(","):
+    for tracker in cfg.trackers or []:
         if tracker == "tensorboard":
             parts.append(f"tensorboard logs in {out / run_name}")
         elif tracker == "wandb":

@@ -53,6 +53,7 @@ from sftkit.metrics import (
     rss_mb,
 )
 from sftkit.models import build_for_training, count_parameters, load_tokenizer, resolve_model_path
+from sftkit.neftune import add_neftune
 from sftkit.run_dir import Resume, claim, find_resume, run_identity
 from sftkit.signals import StoppedWaiting, StopRequest
 
@@ -125,7 +126,9 @@ def lr_lambda(total: int, warmup: int, kind: str):
 
 def lr_schedule(cfg: SFTConfig) -> Callable[[int, int], float]:
     """(total steps, step) -> the factor on the peak learning rate, as this configuration sets it."""
-    return lambda total, step: lr_lambda(total, math.ceil(cfg.warmup_ratio * total), cfg.lr_scheduler_type)(step)
+    def warmup(total: int) -> int:
+        return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    return lambda total, step: lr_lambda(total, warmup(total), cfg.lr_scheduler_type)(step)
 
 
 def build_optimizer(cfg: SFTConfig, params: list) -> torch.optim.AdamW:
@@ -150,6 +153,9 @@ def setup(cfg: SFTConfig, console=None) -> Run:
                         cfg.gradient_accumulation_steps, cfg.seed, cfg.packing, cfg.max_length, cfg.group_by_length)
     steps = total_steps(schedule, cfg.num_train_epochs, cfg.max_steps)
     check_step_size(cfg, schedule, console if accelerator.is_main_process else None)
+    if cfg.warmup_steps and cfg.warmup_ratio and accelerator.is_main_process and console is not None:
+        console.print(f"note: warm-up is --warmup_steps {cfg.warmup_steps}; --warmup_ratio {cfg.warmup_ratio} "
+                      "is not used", highlight=False)
     state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
                        data_fingerprint=data_fp)
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
@@ -157,6 +163,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
         resolve_model_path(cfg.model_name_or_path)
     cuda = accelerator.device.type == "cuda"  # Run.cuda, before there is a Run
     model = build_for_training(cfg, cuda)  # auto attention: varlen on a GPU
+    add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)

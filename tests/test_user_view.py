@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import BIN, ROOT, read_metrics
 
 DEMO = ROOT / "data" / "demo_alpaca.json"  # 8 rows; at max_length 40 one of them is too long
@@ -137,3 +138,81 @@ def test_mistakes_that_need_no_model_fail_before_torch_imports(tmp_path):
         assert len(lines) == 2 and lines[0].startswith(said.format(**names)), (name, proc.stderr)
         assert lines[1] == "exit 2; torch imported: False", (name, proc.stderr)
     assert not (tmp_path / "out").exists() and not (tmp_path / "p").exists()
+
+
+# ---- flags TRL users reach for ------------------------------------------------------------------
+def test_version_and_a_run_file_as_the_argument(tmp_path):
+    from sftkit._version import __version__
+
+    assert BIN.joinpath("sftkit").exists()
+    version = subprocess.run([str(BIN / "sftkit"), "--version"], capture_output=True, text=True, check=False)
+    assert (version.returncode, version.stdout) == (0, f"sftkit {__version__}\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("max_steps: 1\nwarmup_ratio: 2\n")  # out of range: the error proves the file was read
+    proc = subprocess.run([str(BIN / "sftkit"), "train", str(run), "--data_path", str(DEMO), "--use_lora",
+                           "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: warmup_ratio must be "), proc.stderr
+
+
+def test_report_to_takes_several_trackers_and_all():
+    import importlib.util
+
+    from sftkit.config import SFTConfig
+    from sftkit.errors import ConfigError
+
+    assert SFTConfig(report_to="tensorboard,wandb").trackers == ["tensorboard", "wandb"]
+    assert SFTConfig(report_to="none").trackers is None
+    installed = [n for n in ("tensorboard", "wandb") if importlib.util.find_spec(n) is not None]
+    assert SFTConfig(report_to="all").trackers == installed and "tensorboard" in installed
+    with pytest.raises(ConfigError, match="'mlflow' is not one of none, tensorboard, wandb, all"):
+        SFTConfig(report_to="tensorboard,mlflow")
+
+
+def test_warmup_steps_win_over_warmup_ratio():
+    from sftkit.config import SFTConfig
+    from sftkit.train import lr_schedule
+
+    by_ratio = lr_schedule(SFTConfig(warmup_ratio=0.5, lr_scheduler_type="constant"))
+    by_steps = lr_schedule(SFTConfig(warmup_ratio=0.5, warmup_steps=2, lr_scheduler_type="constant"))
+    assert [by_ratio(10, s) for s in range(6)] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert [by_steps(10, s) for s in range(4)] == [0, 0.5, 1.0, 1.0]
+
+
+def test_dora_and_rslora_reach_peft():
+    from sftkit.config import SFTConfig
+    from sftkit.models import build_for_training
+
+    dora = build_for_training(SFTConfig(use_lora=True, use_dora=True, lora_r=4, lora_alpha=16))
+    layer = dora.base_model.model.model.layers[0].self_attn.q_proj
+    assert dora.peft_config["default"].use_dora and "default" in layer.lora_magnitude_vector
+    assert layer.scaling["default"] == 16 / 4
+    rs = build_for_training(SFTConfig(use_lora=True, use_rslora=True, lora_r=4, lora_alpha=16))
+    assert rs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == 16 / 4 ** 0.5
+
+
+def test_neftune_noise_in_training_only():
+    """Noise of at most alpha / sqrt(L x d) on each embedding in train mode, none in eval mode; at
+    alpha 0 nothing is attached, and the hook never enters the saved weights."""
+    import torch
+
+    from sftkit.config import SFTConfig
+    from sftkit.models import build_for_training
+    from sftkit.neftune import add_neftune
+
+    model = build_for_training(SFTConfig())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    emb, ids = model.get_input_embeddings(), torch.arange(12).reshape(2, 6)
+    plain = emb(ids).detach()
+    assert add_neftune(model, 0.0) is None
+    model.train()
+    assert torch.equal(emb(ids), plain)
+    handle = add_neftune(model, 5.0)
+    noisy_a, noisy_b = emb(ids).detach(), emb(ids).detach()
+    bound = 5.0 / (6 * plain.size(-1)) ** 0.5
+    assert not torch.equal(noisy_a, plain) and not torch.equal(noisy_a, noisy_b)
+    assert (noisy_a - plain).abs().max() <= bound and (noisy_a - plain).abs().max() > bound / 2
+    model.eval()
+    assert torch.equal(emb(ids), plain)
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    handle.remove()
