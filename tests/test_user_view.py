@@ -4,6 +4,7 @@ a log file fills while the run goes, and the end line gives the numbers and the 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -216,3 +217,43 @@ def test_neftune_noise_in_training_only():
     assert model.state_dict().keys() == weights.keys()
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     handle.remove()
+
+
+# ---- TRL's row formats --------------------------------------------------------------------------
+def test_trl_text_and_prompt_completion_rows(tmp_path, tok):
+    """{"text"}: the text's own tokens and the tokenizer's EOS, every one supervised (no template).
+    {"prompt": str, "completion": str}: prompt and completion tokenized as written, then EOS; only
+    the completion and EOS supervised. Message lists: the chat template's ids exactly, and only the
+    completion's reply supervised, not the assistant turn inside the prompt."""
+    from sftkit.data.options import DataOptions
+    from sftkit.data.prepare import load_prepared, prepare
+    from sftkit.data.render import IGNORE_INDEX
+
+    text = "The sky is blue. <|im_end|> stays plain text."
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "What color is the sky?"}]
+    completion = [{"role": "assistant", "content": "It is blue."}]
+    rows = {"text.jsonl": {"text": text, "source": "web"},
+            "standard.jsonl": {"prompt": "The sky is", "completion": " blue."},
+            "conversational.jsonl": {"prompt": prompt, "completion": completion}}
+    got = {}
+    for name, row in rows.items():
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+        out = tmp_path / name.replace(".jsonl", "")
+        manifest = prepare(DataOptions(), [str(tmp_path / name)], out, tok)
+        got[name] = load_prepared(out)[0]
+        assert manifest["sources"][0]["format"] == ("text" if name == "text.jsonl" else "prompt_completion")
+
+    def plain(s):
+        return tok(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    eos = tok.eos_token_id
+    assert got["text.jsonl"]["input_ids"] == plain(text) + [eos] and tok.convert_ids_to_tokens(eos) == "<|im_end|>"
+    assert got["text.jsonl"]["labels"] == got["text.jsonl"]["input_ids"]
+    p, c = plain("The sky is"), plain(" blue.")
+    assert got["standard.jsonl"]["input_ids"] == p + c + [eos]
+    assert got["standard.jsonl"]["labels"] == [IGNORE_INDEX] * len(p) + c + [eos]
+    conv = got["conversational.jsonl"]
+    assert conv["input_ids"] == list(tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
+    supervised = tok.decode([t for t in conv["labels"] if t != IGNORE_INDEX])
+    assert supervised == "<think>\n\n</think>\n\nIt is blue.<|im_end|>"

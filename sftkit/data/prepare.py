@@ -26,6 +26,9 @@ DATASET_DIR = "dataset"
 CHUNK = 512  # conversations per tokenizer call: big enough that the Rust tokenizer batches well
 BAD_ROWS_LISTED = 5
 FORMAT = 2  # layout of the saved set (2: input_ids, labels, length); part of the fingerprint
+# how rows become examples, in the fingerprint so a cached set of older rules is never reused:
+# 2 = TRL's {"text"} and {"prompt", "completion"} rows (were refused, or rendered as chat turns)
+ROW_RULES = 2
 
 
 @dataclass
@@ -178,7 +181,7 @@ def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, opts: DataOpt
     """Changes whenever the data bytes, the tokenizer, the template or a data option changes."""
     h = hashlib.sha256()
     weights, seed = (mixing.weights, mixing.seed) if mixing else ([], "")
-    h.update(f"sftkit {__version__} format {FORMAT} weights={weights} seed={seed}\n".encode())
+    h.update(f"sftkit {__version__} format {FORMAT} rows {ROW_RULES} weights={weights} seed={seed}\n".encode())
     for i, s in srcs:
         h.update(f"{i}|".encode())
         h.update(f"{s.path}|{s.config}|{s.split}|{s.fingerprint()}\n".encode())

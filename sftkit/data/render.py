@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftkit.data.formats import Conversation
+from sftkit.data.formats import PLAIN, Conversation
 
 IGNORE_INDEX = -100
 """Label of a token the model is not trained to produce (Hugging Face's convention)."""
@@ -43,6 +43,7 @@ class TemplateSpec:
     assistant_prefix: str          # "assistant\n": text after block_open that marks a reply
     block_close: str               # "<|im_end|>"
     no_think_prefix: str           # "<think>\n\n</think>\n\n": prompt part when enable_thinking=False
+    eos_id: int | None = None      # appended to PLAIN rows (TRL's text and prompt-completion) so they stop
     encoder: Any = field(compare=False, repr=False, default=None)  # plain_text_encoder(tokenizer)
 
     # Built once here rather than per conversation (they are on the tokenizing hot path):
@@ -88,6 +89,7 @@ def template_spec(tokenizer) -> TemplateSpec:
         block_close=closer,
         no_think_prefix=no_think[len(with_prompt):] if no_think.startswith(with_prompt) else "",
         encoder=plain_text_encoder(tokenizer),
+        eos_id=tokenizer.eos_token_id,
     )
 
 
@@ -162,6 +164,13 @@ def split_pieces(text: str, spec: TemplateSpec, opts: RenderOptions) -> list[_Pi
     return pieces
 
 
+def plain_pieces(conv: Conversation) -> list[_Piece]:
+    """A PLAIN row's pieces, no template: each tokenized as written (special-token strings as plain
+    characters, as in any text), the `train` ones supervised, all in block 0."""
+    return [_Piece(m["content"], False, 0 if m["train"] else None, 0 if m["train"] else -1)
+            for m in conv if m["content"]]
+
+
 def plain_text_encoder(tokenizer):
     """The tokenizer's Rust backend set to read special-token strings as plain text (what
     `split_special_tokens=True` does), without padding or truncation. Calling it directly skips
@@ -182,15 +191,19 @@ def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts:
     Returns (input_ids, labels) per conversation; labels are IGNORE_INDEX outside replies.
     """
     tools = tools or [None] * len(convs)
-    all_pieces = [split_pieces(render_text(c, tokenizer, spec, opts, t), spec, opts) for c, t in zip(convs, tools)]
+    all_pieces = [plain_pieces(c) if c[0]["role"] == PLAIN else split_pieces(render_text(c, tokenizer, spec, opts, t),
+                                                                               spec, opts)
+                  for c, t in zip(convs, tools)]
     # Each distinct text once: the "\n" between turns is half of all pieces, and a system prompt
     # shared by every row is common; a tiny piece costs the encoder as much as a sentence.
     texts = list(dict.fromkeys(p.text for pieces in all_pieces for p in pieces if not p.is_special))
     encoded = dict(zip(texts, spec.encoder.encode_batch(texts, add_special_tokens=False))) if texts else {}
     out = []
-    for pieces in all_pieces:
+    for conv, pieces in zip(convs, all_pieces):
         n_blocks = 1 + max((p.block for p in pieces), default=-1)
-        keep = {n_blocks - 1} if opts.train_on == "last" else set(range(n_blocks))
+        # replies marked train: False (a conversational prompt-completion's prompt) come first
+        prompt_replies = sum(m["role"] == "assistant" and m.get("train") is False for m in conv)
+        keep = {n_blocks - 1} if opts.train_on == "last" else set(range(prompt_replies, n_blocks))
         ids: list[int] = []
         labels: list[int] = []
         for p in pieces:
@@ -216,5 +229,8 @@ def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts:
                 labels.extend(piece_ids[first:])
             else:
                 labels.extend([IGNORE_INDEX] * len(piece_ids))
+        if conv[0]["role"] == PLAIN and spec.eos_id is not None:
+            ids.append(spec.eos_id)  # TRL appends it too: the model learns where a text or completion ends
+            labels.append(spec.eos_id)
         out.append((ids, labels))
     return out
