@@ -129,6 +129,10 @@ class TrainOptions:
     """Pack examples into rows of max_length (best-fit decreasing); each example attends only to
     itself (position_ids restart, no cross-example attention). per_device_train_batch_size then
     counts rows."""
+    val_size: float = field(default=0.0, metadata=at_least(0))
+    """Hold out part of the training data for eval (instead of eval_data_path): below 1 a share
+    (0.1: a tenth), from 1 a count of examples; picked by `seed`, the same on every rank and
+    resume. The held-out examples are never trained on. 0: off."""
     neftune_noise_alpha: float = field(default=0.0, metadata=at_least(0))
     """NEFTune: uniform noise of scale alpha / sqrt(sequence length x hidden size) on the input
     embeddings in training steps only (not in eval, generation or the saved model); 5 is the
@@ -198,6 +202,10 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
             if name.strip() not in (*TRACKERS, "all"):
                 raise ConfigError(f"report_to: {quote(name)} is not one of {', '.join(TRACKERS)}, all "
                                   "(several: comma-separated, e.g. tensorboard,wandb)")
+        if self.val_size and self.eval_data_path:
+            raise ConfigError("val_size and eval_data_path both name the eval set; pass one of them")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ConfigError(f"val_size {self.val_size}: a share is below 1 (0.1), a count a whole number (200)")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set; choose one (--bf16 or --fp16)")
         if not self.use_lora:

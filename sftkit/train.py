@@ -37,7 +37,7 @@ from sftkit.checkpoint import (
     save_final,
 )
 from sftkit.config import SFTConfig
-from sftkit.data.dataset import prepared_dir
+from sftkit.data.dataset import hold_out, prepared_dir
 from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
@@ -197,10 +197,13 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
         eval_dir = prepared_dir(opts, [cfg.eval_data_path], tokenizer, console if main else None,
                                 label="eval data") if cfg.eval_data_path else None
     train_set = load_prepared(train_dir)
+    eval_set = load_prepared(eval_dir) if eval_dir else None
+    if cfg.val_size:
+        train_set, eval_set = hold_out(train_set, cfg.val_size, cfg.seed, console if main else None)
     if cfg.packing and max(train_set["length"]) > cfg.max_length:
         raise SftkitError(f"{train_dir} holds examples longer than max_length={cfg.max_length}, which cannot be packed; "
                           "prepare the data with the same --max_length")
-    return train_set, load_prepared(eval_dir) if eval_dir else None, read_manifest(train_dir)["fingerprint"]
+    return train_set, eval_set, read_manifest(train_dir)["fingerprint"]
 
 
 def check_step_size(cfg: SFTConfig, schedule: Schedule, console=None) -> None:
@@ -245,7 +248,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
     run.log.write({
         "event": "start", "world_size": acc.num_processes, "distributed_type": distributed_type(acc),
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
-        "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
+        "val_examples": len(run.eval_set) if cfg.val_size else None, "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
         "attention": cfg.attention(run.cuda),
     }, first=True)

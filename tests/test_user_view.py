@@ -257,3 +257,31 @@ def test_trl_text_and_prompt_completion_rows(tmp_path, tok):
     assert conv["input_ids"] == list(tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
     supervised = tok.decode([t for t in conv["labels"] if t != IGNORE_INDEX])
     assert supervised == "<think>\n\n</think>\n\nIt is blue.<|im_end|>"
+
+
+def test_val_size_holds_out_a_seeded_share(tmp_path, tok):
+    """--val_size: the eval set is drawn from the training data by the seed, never trained on, the
+    same on a second call (every rank, every resume); a count works as a share does."""
+    from rich.console import Console
+
+    from sftkit.accel import make_accelerator
+    from sftkit.config import SFTConfig
+    from sftkit.errors import ConfigError
+    from sftkit.train import load_sets
+
+    def sets(**kw):
+        cfg = SFTConfig(data_path=[str(DEMO)], output_dir=str(tmp_path / "o"), **kw)
+        con = Console(file=io.StringIO(), width=200)
+        train, ev, _ = load_sets(cfg, make_accelerator(cfg), tok, con)
+        return [r["input_ids"] for r in train], [r["input_ids"] for r in ev], con.file.getvalue()
+
+    train, ev, said = sets(val_size=0.25)
+    assert (len(train), len(ev)) == (6, 2) and not any(x in train for x in ev)
+    assert "val: held out 2 of 8 examples for eval (--val_size 0.25, seed 42)" in said
+    assert sets(val_size=0.25)[:2] == (train, ev)
+    assert sets(val_size=2)[:2] == (train, ev)
+    assert sets(val_size=2, seed=7)[1] != ev
+    with pytest.raises(ConfigError, match="val_size and eval_data_path both name the eval set"):
+        SFTConfig(val_size=0.1, eval_data_path=str(DEMO))
+    with pytest.raises(ConfigError, match="holds out 8 of 8 examples"):
+        sets(val_size=8)

@@ -45,6 +45,26 @@ def data_note(manifest: dict, opts: DataOptions, label: str = "data") -> str | N
     return f"{label}: kept {manifest['examples_kept']:,} of {manifest['rows_in']:,} rows; " + "; ".join(parts)
 
 
+def hold_out(dataset, size: float, seed: int, console=None):
+    """(train, eval): `size` examples (a share below 1, a count from 1) drawn by `seed` for eval,
+    the rest for training, each in its original order."""
+    import random
+
+    from sftkit.errors import ConfigError
+
+    n = len(dataset)
+    k = round(size * n) if size < 1 else int(size)
+    if not 1 <= k < n:
+        raise ConfigError(f"val_size {size:g} holds out {k} of {n} examples; at least 1 must be held out and 1 left "
+                          "to train on")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    if console is not None:
+        console.print(f"val: held out {k:,} of {n:,} examples for eval (--val_size {size:g}, seed {seed})",
+                      highlight=False)
+    return dataset.select(sorted(order[k:])), dataset.select(sorted(order[:k]))
+
+
 def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
                   mixing: Mixing | None = None) -> Path:
     from sftkit.io import cache_dir, check_cache_writable, remove_stale_tmp
