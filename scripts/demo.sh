@@ -9,5 +9,5 @@ sftkit prepare-data --data_path data/demo_alpaca.json --output_dir "$OUT/data" -
 sftkit train --config examples/tiny_lora.yaml --data_path "$OUT/data" --output_dir "$OUT/run" --overwrite_output_dir
 sftkit eval --model "$OUT/run/final" --data_path data/sample_sharegpt.json
 sftkit merge-lora --adapter "$OUT/run/final" --output_dir "$OUT/merged" --overwrite_output_dir
-python scripts/demo_compare.py --merged "$OUT/merged" --data data/demo_alpaca.json --n 4 --out "$OUT/compare.json"
+python scripts/demo_compare.py --merged "$OUT/merged" --data data/demo_alpaca.json --n 4 --out "$OUT/compare.json" --run "$OUT/run"
 echo "demo finished: adapter in $OUT/run/final, merged model in $OUT/merged, metrics in $OUT/run/metrics.jsonl"

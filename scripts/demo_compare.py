@@ -8,14 +8,30 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-WHY = ("Why the eval numbers look bad: tiny-qwen3 is a random-weight model 64 units wide. It can "
-       "memorise these 8 replies (train loss 19 -> about 0.02) but knows no language, so on conversations "
-       "it never saw its loss stays above ln(151,936) = 11.9 and its perplexity in the hundreds of "
-       "thousands. A real Qwen3 starts near loss 1-2.")
+
+def describe(first: float, last: float, steps: int, eval_loss: float, eval_ppl: float, n_eval: int) -> str:
+    """What the demo's numbers mean, computed from them: the README quotes this text and a test
+    checks the two agree (the README once said eval loss near 12 beside a printed 16.03)."""
+    millions = round(eval_ppl / 1e6)
+    ppl = f"about {millions} million" if millions >= 1 else f"about {eval_ppl:,.0f}"
+    return (f"The train loss fell from {first:.2g} to {last:.1g} in {steps} steps: the "
+            f"model memorised its 8 replies. On {n_eval} conversations it never saw, its eval loss is "
+            f"{eval_loss:.2g} (perplexity {ppl}), above the ln(151,936) = 11.9 of a uniform guess: a random-weight "
+            "model 64 units wide can memorise, not generalise. A real Qwen3 starts near loss 1-2.")
+
+
+def run_numbers(run: Path) -> tuple[float, float, int, float, float, int]:
+    """(first and last train loss, steps, eval loss, eval perplexity, eval examples) of the demo's
+    run and its eval."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = json.loads((run / "final" / "eval.json").read_text())
+    logged = [r for r in rows if "loss" in r]
+    return logged[0]["loss"], logged[-1]["loss"], logged[-1]["step"], ev["loss"], ev["perplexity"], ev["examples"]
 
 
 def main() -> None:
@@ -25,6 +41,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--out", help="also write the rows here as JSON")
+    ap.add_argument("--run", help="the demo's run folder: its metrics.jsonl and final/eval.json are described")
     a = ap.parse_args()
 
     from sftkit.config import SFTConfig
@@ -54,7 +71,8 @@ def main() -> None:
     same = sum(r["merged"] == r["trained_reply"] for r in rows)
     con.print(f"the merged model reproduces {same} of {len(rows)} trained replies exactly; the base model "
               f"{sum(r['base'] == r['trained_reply'] for r in rows)}.", highlight=False)
-    con.print(WHY, highlight=False)
+    if a.run:
+        con.print(describe(*run_numbers(Path(a.run))), highlight=False)
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump(rows, f, ensure_ascii=False, indent=1)

@@ -47,7 +47,7 @@ def check_device(cfg: SFTConfig, console=None) -> None:
     if cfg.bf16 and not torch.cuda.is_available() and console is not None:
         console.print("note: bf16 on a CPU is emulated and was about 4x slower than fp32 on 2 cores; "
                       "drop --bf16 for CPU runs", highlight=False)
-    if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+    if "wandb" in (cfg.trackers or []) and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--report_to wandb: wandb is not installed; pip install 'sftkit[wandb]' "
                           "(or pip install wandb), or use --report_to tensorboard")
 

@@ -23,10 +23,12 @@ from sftkit.errors import ConfigError, NothingToDo, SftkitError, clip
 from sftkit.options import cli_type, default_of
 
 CONFIG_OPTION = typer.Option(None, "--config", help="A YAML run file; flags given here override its values.")
+RUN_FILE_ARGUMENT = typer.Argument(None, help="A YAML run file, as --config takes it.", show_default=False)
 VERBOSE = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
     False, "--verbose", help="Show the third-party warnings and progress bars that sftkit hides as expected."))
 
 
+RUN_FILES = (".yaml", ".yml")  # `sftkit train RUN.yaml`: the run file as the command's argument
 # What click's BOOL accepts after a boolean flag: `--use_lora true` as HF-style scripts pass it.
 BOOL_WORDS = {"1", "0", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off"}
 
@@ -49,11 +51,14 @@ def config_options(fields: list[dataclasses.Field], docs: dict[str, str], panel:
     """One `--name` option per field; unset options stay None so YAML values and defaults survive.
     A boolean is one option that takes an optional value (see BoolFlagCommand): one name column,
     so the names fit an 80-column terminal."""
+    from rich.markup import escape
+
     params = []
     for f in fields:
         flag_type = cli_type(f)
         is_bool = flag_type is Optional[bool]
-        text = (help_overrides or {}).get(f.name, docs.get(f.name, "")) + _default_text(f)
+        # escaped: rich read `pip install 'sftkit[wandb]'` as markup and showed `pip install 'sftkit'`
+        text = escape((help_overrides or {}).get(f.name, docs.get(f.name, ""))) + _default_text(f)
         # a boolean is read as text and converted by `with_options`: a click flag takes no value
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=Optional[str] if is_bool else flag_type,
@@ -81,8 +86,8 @@ def normalize_bool_flags(args: list[str]) -> list[str]:
             return out + args[i:]
         if arg in aliases:
             out += [aliases[arg], "false"]
-        elif arg in flags and (i + 1 == len(args) or args[i + 1].startswith("-")):
-            out += [arg, "true"]  # a bare flag; a word after it is its value (commands take no arguments)
+        elif arg in flags and (i + 1 == len(args) or args[i + 1].startswith("-") or args[i + 1].endswith(RUN_FILES)):
+            out += [arg, "true"]  # a bare flag; a word after it is its value, but for `train RUN.yaml`
         else:
             out.append(arg)
     return out
@@ -155,9 +160,22 @@ def load_config(config: Path | None, overrides: dict[str, Any]) -> SFTConfig:
     return SFTConfig.from_dict(overrides, source="command line")
 
 
+# eval reads data_path as the set to evaluate on: its docstring in DataOptions says "Training data"
+EVAL_HELP = {"data_path": "Data to evaluate on: .json/.jsonl/.parquet/.csv files, a directory, a glob, a prepared "
+                          "directory (from prepare-data), or a Hugging Face dataset name. Repeat the flag for several."}
+
+
 def build_app() -> typer.Typer:
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Supervised fine-tuning of Qwen3 models. Run `sftkit COMMAND --help` for options.")
+
+    @app.callback(invoke_without_command=True)
+    def top(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)):
+        if version:
+            from sftkit._version import __version__
+
+            typer.echo(f"sftkit {__version__}")
+            raise typer.Exit()
     prep_help = {"output_dir": "Directory for the prepared set: dataset/, manifest.json, lengths.png."}
 
     @app.command("prepare-data", cls=BoolFlagCommand)
@@ -173,17 +191,19 @@ def build_app() -> typer.Typer:
 
     @app.command("train", cls=BoolFlagCommand)
     @with_options(sft_options(dataclasses.fields(SFTConfig)))
-    def train(config: Path | None = CONFIG_OPTION, overrides: dict = None):
+    def train(run_file: Path | None = RUN_FILE_ARGUMENT, config: Path | None = CONFIG_OPTION, overrides: dict = None):
         """Fine-tune (LoRA or full). Run under `accelerate launch -m sftkit train` for several processes."""
         from sftkit.commands import train_command
         from sftkit.signals import EXIT_STOPPED
 
-        summary = train_command(load_config(config, overrides))
+        if run_file is not None and config is not None and run_file != config:
+            raise ConfigError(f"two run files: {run_file} and --config {config}; pass one")
+        summary = train_command(load_config(run_file or config, overrides))
         if summary["event"] == "stopped" or "final_eval" in summary:
             raise typer.Exit(EXIT_STOPPED)
 
     @app.command("eval", cls=BoolFlagCommand)
-    @with_options(sft_options(eval_fields()) + command_options("eval"))
+    @with_options(sft_options(eval_fields(), EVAL_HELP) + command_options("eval"))
     def evaluate(model: str = typer.Option(..., "--model", help="A final/ or checkpoint directory, a merged "
                                            "model, an adapter directory, or a base model."),
                  output_dir: Path | None = typer.Option(None, "--output_dir", help="Where eval.json and "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sftkit.config import GenerationOptions, MergeOptions, SFTConfig
 from sftkit.errors import ConfigError
+from sftkit.prechecks import check_data, check_eval, check_hub_name, check_train
 from sftkit.progress import console
 
 
@@ -21,6 +22,8 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
     if inspect_n < 0:
         raise ConfigError(f"--inspect must be at least 0, got {inspect_n}")
     check_output_dir(out, cfg.data_path)
+    check_data(cfg.data_path, cfg)
+    check_hub_name(cfg.model_name_or_path)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, cfg.mixing())
     print_manifest(manifest, out, con)
@@ -30,6 +33,7 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
 
 
 def train_command(cfg: SFTConfig) -> dict:
+    check_train(cfg)  # before torch and accelerate import: 8-20 s on 2 cores
     from accelerate import PartialState
 
     from sftkit.train import run
@@ -43,8 +47,7 @@ def train_command(cfg: SFTConfig) -> dict:
         con.print(f"stopped at step {summary['step']}: saved {summary['checkpoint']}. Resume with the same launcher:\n"
                   f"  sftkit train --config {config} --resume_from_checkpoint latest", highlight=False)
         return summary
-    con.print(f"done: {summary['step']} steps in {summary['elapsed_s']:.1f}s; model in {Path(cfg.output_dir) / 'final'}",
-              highlight=False)
+    con.print(end_line(summary, cfg), highlight=False)
     if summary.get("skipped_steps"):
         con.print(f"[yellow]warning: {summary['skipped_steps']} of the {summary['step']} steps had a nan or inf "
                   "gradient and were skipped (--skip_nan_steps); see skipped_steps in metrics.jsonl[/yellow]",
@@ -55,21 +58,40 @@ def train_command(cfg: SFTConfig) -> dict:
     return summary
 
 
+def end_line(summary: dict, cfg: SFTConfig) -> str:
+    """`done: 8 steps in 12.3s; train loss 0.0213; eval loss 11.9 (perplexity 1.5e+05); model in
+    ...; tensorboard logs in ...`: what the run ended with and where its outputs are."""
+    out, n = Path(cfg.output_dir), summary["step"]
+    parts = [f"done: {n} step{'s' * (n != 1)} in {summary['elapsed_s']:.1f}s"]
+    if summary.get("train_loss") is not None:
+        parts.append(f"train loss {summary['train_loss']:.4f}")
+    if summary.get("eval_loss") is not None:
+        parts.append(f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_ppl']:.4g})")
+    parts.append(f"model in {out / 'final'}")
+    # accelerate's trackers log under project_dir (our output_dir) / the run's name
+    run_name = cfg.run_name or out.name
+    for tracker in cfg.trackers or []:
+        if tracker == "tensorboard":
+            parts.append(f"tensorboard logs in {out / run_name}")
+        elif tracker == "wandb":
+            parts.append(f"wandb project {run_name}")
+    return "; ".join(parts)
+
+
 def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
                  gen: GenerationOptions | None = None) -> dict:
     """Loss and perplexity over the set; with gen.num_samples > 0, also completions for that
     many prompts (samples.jsonl) and exact match, token F1 and ROUGE-L against the references."""
+    out = check_eval(model_path, cfg, output_dir)  # before torch imports, as in train
     from sftkit.accel import make_accelerator
     from sftkit.data.dataset import prepared_dir
     from sftkit.data.prepare import load_prepared
     from sftkit.evaluate import evaluate_loss
-    from sftkit.io import atomic_write_json, check_writable
+    from sftkit.io import atomic_write_json
     from sftkit.models import load_for_eval
     from sftkit.report import print_eval
 
     con = console()
-    out = Path(output_dir or (model_path if Path(model_path).is_dir() else "."))
-    check_writable(out, "eval.json's folder", "pass --output_dir to write eval.json elsewhere")
     accelerator = make_accelerator(cfg)
     model, tokenizer = load_for_eval(model_path, cfg)
     with accelerator.main_process_first():
@@ -99,7 +121,8 @@ def merge_command(adapter: Path, output_dir: Path, opts: MergeOptions) -> float:
 
     con = console()
     report = merge_adapter(adapter, output_dir, opts)
-    con.print(f"merged {report.adapter} into {report.base} ({report.dtype})"
+    # "merged X into BASE" read as if it wrote into the base model's folder (a cache path for the preset)
+    con.print(f"merged the adapter {report.adapter} with its base model {report.base} ({report.dtype})"
               f"{'; untied lm_head from embed_tokens' if report.untied else ''}")
     con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {report.max_logit_diff:.2e}")
     con.print(f"saved to {output_dir}")

@@ -34,6 +34,7 @@ from sftkit.options import field_docs as docs_of
 
 SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
+ALL_TRACKERS = ("tensorboard", "wandb")  # what report_to `all` names (TRL's word), those installed
 # Implementations that transformers feeds the packed layout (position_ids restarting at 0, no mask):
 # eager/sdpa build a block-diagonal mask from it, flash-attention turns it into varlen offsets.
 # varlen (sftkit.arch.packed_attention) and auto take the offsets directly.
@@ -79,6 +80,8 @@ class TrainOptions:
     """Decay after warm-up: cosine, linear, or constant."""
     warmup_ratio: float = field(default=0.03, metadata=between(0, 1, hi_open=True))
     """Fraction of the optimizer steps spent warming the learning rate up from 0."""
+    warmup_steps: int = field(default=0, metadata=at_least(0))
+    """Optimizer steps of warm-up; above 0 it is used instead of warmup_ratio (said at the start)."""
     weight_decay: float = field(default=0.0, metadata=at_least(0))
     """AdamW weight decay."""
     adam_beta1: float = field(default=0.9, metadata=between(0, 1, hi_open=True))
@@ -132,6 +135,14 @@ class TrainOptions:
     """Pack examples into rows of max_length (best-fit decreasing); each example attends only to
     itself (position_ids restart, no cross-example attention). per_device_train_batch_size then
     counts rows."""
+    val_size: float = field(default=0.0, metadata=at_least(0))
+    """Hold out part of the training data for eval (instead of eval_data_path): below 1 a share
+    (0.1: a tenth), from 1 a count of examples; picked by `seed`, the same on every rank and
+    resume. The held-out examples are never trained on. 0: off."""
+    neftune_noise_alpha: float = field(default=0.0, metadata=at_least(0))
+    """NEFTune: uniform noise of scale alpha / sqrt(sequence length x hidden size) on the input
+    embeddings in training steps only (not in eval, generation or the saved model); 5 is the
+    paper's common value. 0: off."""
     group_by_length: bool = True
     """Without packing: put examples of similar length in the same micro-batch (less padding).
     Examples move only between steps of a window of 64 steps, so which examples a step trains on
@@ -158,6 +169,12 @@ class LoraOptions:
     applies no dropout to a parameter; `none`: none. Each expert gets its own rank-r pair."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapter, e.g. embed_tokens and lm_head for new tokens."""
+    use_dora: bool = False
+    """DoRA (PEFT): each adapted weight is split into a magnitude and a direction, LoRA updating the
+    direction. Slower steps; merge-lora folds it in like LoRA."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (PEFT): the update is scaled by lora_alpha / sqrt(lora_r) instead of
+    lora_alpha / lora_r, which keeps high ranks from learning slower."""
 
 
 @dataclass
@@ -175,7 +192,8 @@ class LogOptions:
     run_name: str | None = None
     """Name of the run in trackers. Default: the output directory's name."""
     report_to: str = "none"
-    """Tracker: none, tensorboard, or wandb (`pip install 'sftkit[wandb]'`). metrics.jsonl is always written."""
+    """Trackers, comma-separated: none, tensorboard, wandb (`pip install 'sftkit[wandb]'`), or all
+    (those of tensorboard and wandb that are installed). metrics.jsonl is always written."""
     overwrite_output_dir: bool = False
     """Replace another run's checkpoints, final/ and metrics in output_dir. Without it a new run
     (no resume) refuses a directory that holds them."""
@@ -191,7 +209,14 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         """Reject values and combinations that cannot work; each message names the fix."""
         DataOptions.validate(self)  # every field's type, then the data group's values
         check_choice(self, "lr_scheduler_type", SCHEDULERS)
-        check_choice(self, "report_to", TRACKERS)
+        for name in self.report_to.split(","):
+            if name.strip() not in (*TRACKERS, "all"):
+                raise ConfigError(f"report_to: {quote(name)} is not one of {', '.join(TRACKERS)}, all "
+                                  "(several: comma-separated, e.g. tensorboard,wandb)")
+        if self.val_size and self.eval_data_path:
+            raise ConfigError("val_size and eval_data_path both name the eval set; pass one of them")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ConfigError(f"val_size {self.val_size}: a share is below 1 (0.1), a count a whole number (200)")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set; choose one (--bf16 or --fp16)")
         if not self.use_lora:
@@ -245,8 +270,14 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         return self.packing and self.attention(cuda) in VARLEN_ATTENTION
 
     @property
-    def trackers(self) -> str | None:
-        return None if self.report_to == "none" else self.report_to
+    def trackers(self) -> list[str] | None:
+        """The trackers to log to, or None: `all` is those of ALL_TRACKERS that are installed."""
+        import importlib.util
+
+        names = [n.strip() for n in self.report_to.split(",") if n.strip() != "none"]
+        if "all" in names:
+            names = [n for n in ALL_TRACKERS if importlib.util.find_spec(n) is not None]
+        return list(dict.fromkeys(names)) or None
 
     # ---- YAML ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -200,6 +200,7 @@ def build_for_training(cfg, cuda: bool = False):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
                           target_modules=lora_targets(cfg, model.config),
                           target_parameters=lora_parameters(cfg, model.config) or None,
                           modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # logger name -> a message that is expected
@@ -19,6 +20,10 @@ EXPECTED_LOG_LINES = {
     # accelerate.save_state on a model whose lm_head is tied to the embedding (Qwen3 0.6B-4B, our
     # tiny preset): the tie is restored on load, which the reload tests check
     "accelerate.utils.other": "Removed shared tensor",
+    # bitsandbytes 0.50 on a CPU without the optional `kernels` package, when peft imports it (seen
+    # 2026-12-02 once bitsandbytes was installed beside sftkit): its 4-bit CPU kernel, which no
+    # sftkit command uses, falls back to a plain one
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
 }
 # warnings raised inside libraries by calls of other libraries, not by sftkit's use of them
 EXPECTED_WARNINGS = [
@@ -47,3 +52,8 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     # read by huggingface_hub, whose switch transformers' own bars follow; set before they import
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # a program that imported them first (the Python API) has read the variable already
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()

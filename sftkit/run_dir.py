@@ -46,12 +46,17 @@ def check_output_dir(out: Path, inputs: list) -> None:
     check_writable(out)
 
 
+def run_inputs(cfg) -> list:
+    """What a run reads, which its output folder may not be, hold or lie inside."""
+    return [*cfg.data_path, cfg.eval_data_path, cfg.model_name_or_path, cfg.chat_template]
+
+
 def claim(cfg, accelerator) -> None:
     """A new run (no resume) refuses a folder that holds another run's checkpoints or final/;
     with overwrite_output_dir it removes them (and that run's metrics) first. Temporary folders a
     killed save left here are removed (the folder belongs to this run)."""
     out = Path(cfg.output_dir)
-    check_output_dir(out, [*cfg.data_path, cfg.eval_data_path, cfg.model_name_or_path, cfg.chat_template])
+    check_output_dir(out, run_inputs(cfg))
     if not cfg.use_lora:  # final/ holds the whole model at least (an adapter is small)
         check_free_space(out, min_saved_bytes(cfg.model_name_or_path))
     if accelerator.is_main_process and out.is_dir():

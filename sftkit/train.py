@@ -38,7 +38,7 @@ from sftkit.checkpoint import (
     save_final,
 )
 from sftkit.config import SFTConfig
-from sftkit.data.dataset import prepared_dir
+from sftkit.data.dataset import hold_out, prepared_dir
 from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
@@ -60,6 +60,7 @@ from sftkit.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from sftkit.neftune import add_neftune
 from sftkit.run_dir import Resume, claim, find_resume, run_identity
 from sftkit.signals import StoppedWaiting, StopRequest
 
@@ -87,6 +88,7 @@ class Run:
     balance: RouterBalance | None = None  # MoE: the routers' load-balancing term; None: dense or off
     log: MetricsLog | None = None    # set by start_outputs
     meter: Throughput | None = None  # set by fit: windows start with the loop
+    last_loss: float | None = None   # the last logged train loss, for the end line
 
     @property
     def out(self) -> Path:
@@ -139,7 +141,9 @@ def lr_lambda(total: int, warmup: int, kind: str):
 
 def lr_schedule(cfg: SFTConfig) -> Callable[[int, int], float]:
     """(total steps, step) -> the factor on the peak learning rate, as this configuration sets it."""
-    return lambda total, step: lr_lambda(total, math.ceil(cfg.warmup_ratio * total), cfg.lr_scheduler_type)(step)
+    def warmup(total: int) -> int:
+        return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    return lambda total, step: lr_lambda(total, warmup(total), cfg.lr_scheduler_type)(step)
 
 
 def build_optimizer(cfg: SFTConfig, params: list) -> torch.optim.AdamW:
@@ -164,6 +168,9 @@ def setup(cfg: SFTConfig, console=None) -> Run:
                         cfg.gradient_accumulation_steps, cfg.seed, cfg.packing, cfg.max_length, cfg.group_by_length)
     steps = total_steps(schedule, cfg.num_train_epochs, cfg.max_steps)
     check_step_size(cfg, schedule, console if accelerator.is_main_process else None)
+    if cfg.warmup_steps and cfg.warmup_ratio and accelerator.is_main_process and console is not None:
+        console.print(f"note: warm-up is --warmup_steps {cfg.warmup_steps}; --warmup_ratio {cfg.warmup_ratio} "
+                      "is not used", highlight=False)
     state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
                        data_fingerprint=data_fp)
     resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
@@ -171,6 +178,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
         resolve_model_path(cfg.model_name_or_path)
     cuda = accelerator.device.type == "cuda"  # Run.cuda, before there is a Run
     model = build_for_training(cfg, cuda)  # auto attention: varlen on a GPU
+    add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -202,12 +210,16 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
     main, opts = accelerator.is_main_process, cfg.data_options()
     with accelerator.main_process_first():
         train_dir = prepared_dir(opts, cfg.data_path, tokenizer, console if main else None, cfg.mixing())
-        eval_dir = prepared_dir(opts, [cfg.eval_data_path], tokenizer) if cfg.eval_data_path else None
+        eval_dir = prepared_dir(opts, [cfg.eval_data_path], tokenizer, console if main else None,
+                                label="eval data") if cfg.eval_data_path else None
     train_set = load_prepared(train_dir)
+    eval_set = load_prepared(eval_dir) if eval_dir else None
+    if cfg.val_size:
+        train_set, eval_set = hold_out(train_set, cfg.val_size, cfg.seed, console if main else None)
     if cfg.packing and max(train_set["length"]) > cfg.max_length:
         raise SftkitError(f"{train_dir} holds examples longer than max_length={cfg.max_length}, which cannot be packed; "
                           "prepare the data with the same --max_length")
-    return train_set, load_prepared(eval_dir) if eval_dir else None, read_manifest(train_dir)["fingerprint"]
+    return train_set, eval_set, read_manifest(train_dir)["fingerprint"]
 
 
 def check_step_size(cfg: SFTConfig, schedule: Schedule, console=None) -> None:
@@ -255,7 +267,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
     run.log.write({
         "event": "start", "world_size": acc.num_processes, "distributed_type": distributed_type(acc),
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
-        "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
+        "val_examples": len(run.eval_set) if cfg.val_size else None, "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
         "attention": cfg.attention(run.cuda),
         **({"router_aux_loss_coef": run.balance.coef} if run.balance else {}),  # what -1 (the config's) resolved to
@@ -363,7 +375,7 @@ def fit(run: Run, console=None, stop: StopRequest | None = None) -> bool:
                 if state.step % cfg.logging_steps == 0 or state.step == 1 or last or stats.stop or saving:
                     log_step(run, stats, bar)
                 if run.eval_set is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0 and not last:
-                    log_eval(run)
+                    log_eval(run, bar=bar)
                 if stats.stop and not last:
                     return save_and_stop(run, signals)
                 if saving and not last:
@@ -421,17 +433,23 @@ def log_step(run: Run, stats: StepStats, bar) -> None:
         "rss_mb": rss_mb(), "peak_gpu_mem_gb": peak_gpu_gb(), "elapsed_s": round(time.time() - run.start_time, 2),
     }
     run.log.write(record, step=state.step)
+    run.last_loss = record["loss"]
     bar.update(state.step, loss=record["loss"] or math.nan, lr=stats.lr, tokens_per_s=record["tokens_per_s"])
 
 
-def log_eval(run: Run, stop: StopRequest | None = None) -> dict | None:
-    """Eval loss and perplexity on the eval set, logged at this step; the model goes back to train
-    mode. With `stop`, a stop signal cuts the eval short (on every rank) and it returns None."""
+def log_eval(run: Run, stop: StopRequest | None = None, bar=None) -> dict | None:
+    """Eval loss and perplexity on the eval set, logged at this step (and shown on `bar`); the model
+    goes back to train mode. With `stop`, a stop signal cuts the eval short (on every rank) and it
+    returns None."""
+    if bar is not None:
+        bar.eval_started()
     ev = evaluate_loss(run.model, run.eval_set, run.accelerator, run.cfg.per_device_eval_batch_size,
                        run.tokenizer.pad_token_id, run.head, should_stop=stop and (lambda: stop.requested))
     if ev is not None:
         run.log.write({"step": run.state.step, "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]},
                       step=run.state.step)
+        if bar is not None:
+            bar.eval_done(run.state.step, ev["loss"], ev["perplexity"])
     run.model.train()
     return ev
 
@@ -464,23 +482,28 @@ def last_finite(run: Run) -> str:
 
 
 # ---- the end ------------------------------------------------------------------------------------
-def finish(run: Run, stop: StopRequest | None = None) -> dict:
+def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
     """The last checkpoint and final/ (written first, atomically), then the final eval (which a
-    stop signal cuts short); the summary, also the last line of metrics.jsonl."""
+    stop signal cuts short, and `console` names while it runs); the summary, also the last line
+    of metrics.jsonl."""
+    from sftkit.progress import eval_status
+
     acc, state, summary = run.accelerator, run.state, {}
     state.elapsed_s = time.time() - run.start_time
     if run.cfg.save_steps:
         save(run)
     save_final(acc, run.model, run.tokenizer, run.cfg, run.out)
     if run.eval_set is not None:
-        ev = log_eval(run, stop)
+        with eval_status(console if acc.is_main_process else None):
+            ev = log_eval(run, stop)
         if ev is None:
             summary["final_eval"] = f"skipped: stopped by {stop.signal or 'a signal on another rank'}"
         else:
             summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
     prints = None if is_zero3(acc) else acc.gather(
         param_fingerprint(run.model).to(acc.device).unsqueeze(0)).tolist()
-    summary.update(event="end", step=state.step, skipped_steps=state.skipped_steps, tokens=state.tokens,
+    summary.update(event="end", step=state.step, train_loss=run.last_loss, skipped_steps=state.skipped_steps,
+                   tokens=state.tokens,
                    supervised_tokens=state.supervised_tokens,
                    elapsed_s=round(state.elapsed_s, 2), **run.meter.whole_run(),
                    peak_rss_mb=peak_rss_mb(), peak_gpu_mem_gb=peak_gpu_gb(), param_fingerprints=prints,
@@ -505,7 +528,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
             if not fit(r, console, stop):
                 return {"event": "stopped", "step": r.state.step, "elapsed_s": round(time.time() - r.start_time, 2),
                         "checkpoint": str(checkpoint_dir(r.out, r.state.step))}
-            return finish(r, stop)
+            return finish(r, stop, console)
     except RuntimeError as err:
         # torch raises this from its SIGCHLD handler, wherever the loop is, within seconds of the death
         if "DataLoader worker" not in str(err):

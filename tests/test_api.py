@@ -18,4 +18,7 @@ def test_readme_python_snippets_run(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "'loss':" in proc.stdout and "perplexity" in proc.stdout
+    # the API is as quiet as the CLI (SFTTrainer(verbose=False)): these printed on every run before
+    for noise in ("Setting accelerator to CPU", "FutureWarning", "Loading weights", "Removed shared tensor"):
+        assert noise not in proc.stdout + proc.stderr, noise
     assert (tmp_path / "api" / "final" / "adapter_model.safetensors").is_file()

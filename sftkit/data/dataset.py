@@ -11,8 +11,62 @@ from sftkit.errors import ConfigError
 
 
 def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
-                 mixing: Mixing | None = None) -> Path:
-    """A directory holding the prepared form of `specs` (mixed by `mixing`), building it if needed."""
+                 mixing: Mixing | None = None, label: str = "data") -> Path:
+    """A directory holding the prepared form of `specs` (mixed by `mixing`), building it if needed.
+    With a console, one line says what of it was dropped, cut or is worth a look (see data_note)."""
+    out = _prepared_dir(opts, specs, tokenizer, console, mixing)
+    note = data_note(prep.read_manifest(out) or {}, opts, label)
+    if note and console is not None:
+        console.print(f"[yellow]{note}; see {out / prep.MANIFEST}[/yellow]", highlight=False)
+    return out
+
+
+# why each drop happened and its fix, filled from the options the set was prepared with
+DROP_WORDS = {
+    "too_long": "too long at max_length {max_length} (raise --max_length, or --truncation right to cut them)",
+    "bad_row": "bad rows (skipped by --skip_bad_rows; the manifest lists the first)",
+    "no_supervised_tokens": "with no reply token to train on",
+}
+
+
+def data_note(manifest: dict, opts: DataOptions, label: str = "data") -> str | None:
+    """`data: kept 6 of 8 rows; dropped 2 too long at max_length 24 (...)`: every drop, cut and
+    warning of a prepared set in one line; None when every row was kept as written. The manifest
+    holds the same counts, but a user of `train` never opens it (2 of 8 rows once vanished so)."""
+    dropped = {k: n for k, n in (manifest.get("dropped") or {}).items() if n}
+    cut, warned = manifest.get("truncated", 0), {k: n for k, n in (manifest.get("warnings") or {}).items() if n}
+    if not (dropped or cut or warned):
+        return None
+    o = {**opts.example_options(), **(manifest.get("options") or {})}  # a prepared dir's own options win
+    parts = [f"dropped {n:,} {DROP_WORDS.get(k, k.replace('_', ' ')).format(**o)}" for k, n in dropped.items()]
+    if cut:
+        parts.append(f"cut {cut:,} to max_length {o['max_length']} (--truncation {o['truncation']})")
+    parts += [f"kept {n:,} with a warning: {k.replace('_', ' ')}" for k, n in warned.items()]
+    return f"{label}: kept {manifest['examples_kept']:,} of {manifest['rows_in']:,} rows; " + "; ".join(parts)
+
+
+def hold_out(dataset, size: float, seed: int, console=None):
+    """(train, eval): `size` examples (a share below 1, a count from 1) drawn by `seed` for eval,
+    the rest for training, each in its original order."""
+    import random
+
+    from sftkit.errors import ConfigError
+
+    n = len(dataset)
+    k = round(size * n) if size < 1 else int(size)
+    if not 1 <= k < n:
+        raise ConfigError(f"val_size {size:g} holds out {k} of {n} examples; at least 1 must be held out and 1 left "
+                          "to train on")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    if console is not None:
+        console.print(f"val: held out {k:,} of {n:,} examples for eval (--val_size {size:g}, seed {seed})",
+                      highlight=False)
+    return dataset.select(sorted(order[k:])), dataset.select(sorted(order[:k]))
+
+
+def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
+                  mixing: Mixing | None = None) -> Path:
     from sftkit.io import cache_dir, check_cache_writable, remove_stale_tmp
 
     if any(prep.is_prepared(s) for s in specs) and (len(specs) > 1 or mixing):

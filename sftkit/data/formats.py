@@ -21,6 +21,9 @@ ROLE_NAMES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "system": "system", "tool": "tool", "observation": "tool", "function_call": "function",
 }
+# TRL's formats without a chat template: {"text"} (language modeling) and {"prompt", "completion"}
+# as strings become PLAIN pieces, tokenized as written; `train` says whether a piece is supervised.
+PLAIN = "plain"
 CUSTOM_INSTRUCTION = ("question", "prompt", "query")
 CUSTOM_OUTPUT = ("answer", "response", "completion")
 
@@ -115,8 +118,8 @@ def _missing(row: dict[str, Any]) -> tuple[str, str, str] | None:
     return None
 
 
-_EXPECTED_KEYS = ("expected messages, conversations, instruction+output, or question/prompt/query + "
-                  "answer/response/completion; or set --format_type and --field_map")
+_EXPECTED_KEYS = ("expected messages, conversations, instruction+output, prompt+completion, text, or "
+                  "question/prompt/query + answer/response/completion; or set --format_type and --field_map")
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -126,7 +129,9 @@ def detect_format(row: dict[str, Any]) -> str:
         raise RowError(None, row.problem)
     if not isinstance(row, dict):
         raise RowError(None, f"expected a JSON object per row, got {_kind(row)}")
-    if "messages" in row:
+    if "prompt" in row and "completion" in row:
+        fmt = "prompt_completion"  # TRL's, standard (strings) or conversational (message lists)
+    elif "messages" in row:
         fmt = "messages"
     elif "conversations" in row:
         fmt = "sharegpt"
@@ -134,6 +139,8 @@ def detect_format(row: dict[str, Any]) -> str:
         fmt = "alpaca"
     elif any(k in row for k in CUSTOM_INSTRUCTION) and any(k in row for k in CUSTOM_OUTPUT):
         fmt = "custom"
+    elif "text" in row:
+        fmt = "text"  # TRL's language modeling rows; other columns (an id, a source) are left alone
     else:
         missing = _missing(row)
         if isinstance(row, TableRow):
@@ -161,7 +168,10 @@ def _check_columns(row: TableRow, fmt: str) -> None:
             raise DataError(row.source, "", col, f"the column holds {_kinds(value)}; expected lists of "
                             + ("{role, content} objects" if fmt == "messages" else "{from, value} objects"))
         return
-    cols = ("instruction", "output") if fmt == "alpaca" else tuple(_custom_map(row).values())
+    if fmt == "prompt_completion":
+        return  # strings or message lists: each row's own values say which, and are checked there
+    cols = ("instruction", "output") if fmt == "alpaca" else ("text",) if fmt == "text" else \
+        tuple(_custom_map(row).values())
     for col in cols:
         value = row.get(col)
         if value is not None and not isinstance(value, str):
@@ -229,6 +239,12 @@ def to_conversation(row: dict[str, Any], fmt: str, field_map: dict[str, str] | N
     elif fmt in ("sharegpt", "messages"):
         tags = turn_tags(fmt, fm)
         msgs, where = _from_turns(row, tags), tags.column
+    elif fmt == "text":
+        return [{"role": PLAIN, "content": _text(row.get("text"), "text", allow_empty=False), "train": True}], None
+    elif fmt == "prompt_completion":
+        msgs, where = _from_prompt_completion(row), "completion"
+        if msgs[0]["role"] == PLAIN:
+            return msgs, None
     else:
         raise RowError(None, f"unknown format '{fmt}'")
     check_conversation(msgs, where)
@@ -505,3 +521,24 @@ def warnings(msgs: Conversation) -> list[str]:
     whitespace (no text, reasoning or tool call): it trains the model to say nothing."""
     return ["empty_reply" for m in msgs if m["role"] == "assistant" and not m["content"].strip()
             and not m.get("tool_calls") and not (m.get("reasoning_content") or "").strip()]
+
+
+def _from_prompt_completion(row: dict[str, Any]) -> Conversation:
+    """TRL's prompt-completion rows. Strings (standard): two PLAIN pieces, no chat template, the
+    completion supervised. Message lists (conversational): the prompt's turns then the completion's,
+    rendered with the template; assistant turns of the prompt are marked `train: False`, so only
+    the completion's replies are supervised."""
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion:
+            raise RowError("completion", "is empty: nothing to train on")
+        return [{"role": PLAIN, "content": prompt, "train": False}, {"role": PLAIN, "content": completion, "train": True}]
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, list):
+            raise RowError(name, f"expected a string (with a string completion) or a list of messages, got {_kind(value)}")
+    tags = turn_tags("messages", {})
+    before = [{**_turn(t, f"prompt[{i}]", tags), "train": False} for i, t in enumerate(prompt)]
+    after = [_turn(t, f"completion[{i}]", tags) for i, t in enumerate(completion)]
+    if not any(m["role"] == "assistant" for m in after):
+        raise RowError("completion", "holds no assistant message to train on")
+    return [{k: v for k, v in m.items() if k != "train" or m["role"] == "assistant"} for m in before] + after

@@ -14,7 +14,7 @@ from typing import Any
 from sftkit.errors import ConfigError
 from sftkit.options import EVAL, at_least, check_choice, check_types
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "custom")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "custom", "text", "prompt_completion")
 TRUNCATIONS = ("drop", "left", "right")
 TRAIN_ON = ("all", "last")
 REASONING = ("template", "drop")
@@ -45,7 +45,9 @@ class DataOptions:
     eval_data_path: str | None = field(default=None, metadata=NOT_IN_EXAMPLES)
     """Evaluation data, in any form `data_path` accepts."""
     format_type: str = field(default="auto", metadata=EVAL)
-    """Row format: auto (detected per file from the first row), alpaca, sharegpt, messages, custom."""
+    """Row format: auto (detected per file from the first row), alpaca, sharegpt, messages, custom,
+    text (TRL's language modeling: every token supervised, no template) or prompt_completion (TRL's:
+    strings without a template, message lists with it; the loss on the completion only)."""
     field_map: str | None = field(default=None, metadata=EVAL)
     """Names in your data, as NAME=VALUE pairs: columns (instruction, input, output, system, history,
     messages, tools), a turn's keys (role, content) and role names (user, assistant, observation,

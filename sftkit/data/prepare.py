@@ -35,6 +35,9 @@ DATASET_DIR = "dataset"
 CHUNK = 512  # conversations per tokenizer call: big enough that the Rust tokenizer batches well
 BAD_ROWS_LISTED = 5
 FORMAT = 2  # layout of the saved set (2: input_ids, labels, length); part of the fingerprint
+# how rows become examples, in the fingerprint so a cached set of older rules is never reused:
+# 2 = TRL's {"text"} and {"prompt", "completion"} rows (were refused, or rendered as chat turns)
+ROW_RULES = 2
 
 
 @dataclass
@@ -237,7 +240,7 @@ def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, opts: DataOpt
     """Changes whenever the data bytes, the tokenizer, the template or a data option changes."""
     h = hashlib.sha256()
     weights, seed = (mixing.weights, mixing.seed) if mixing else ([], "")
-    h.update(f"sftkit {__version__} format {FORMAT} weights={weights} seed={seed}\n".encode())
+    h.update(f"sftkit {__version__} format {FORMAT} rows {ROW_RULES} weights={weights} seed={seed}\n".encode())
     for i, s in srcs:
         h.update(f"{i}|".encode())
         h.update(f"{s.path}|{s.config}|{s.split}|{s.fingerprint()}\n".encode())
@@ -325,7 +328,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
         "sftkit_version": __version__, "fingerprint": fp, "format": FORMAT, "sources": loaded.per_source,
         "rows_in": loaded.rows_in, "examples_kept": len(kept.ids),
         "dropped": {k: kept.dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
-        "warnings": {k: loaded.warnings.get(k, 0) for k in ("empty_reply",)},
+        "truncated": kept.truncated, "warnings": {k: loaded.warnings.get(k, 0) for k in ("empty_reply",)},
         "bad_rows_first": loaded.bad_examples, "mixing": mixed, "examples_saved": len(ids),
         "tokens": sum(lengths), "supervised_tokens": sum(len(lab) - lab.count(IGNORE_INDEX) for lab in labels),
         "length": percentiles(lengths), "tokenizer": getattr(tokenizer, "name_or_path", ""),
@@ -350,6 +353,7 @@ class Kept:
     labels: list[list[int]] = field(default_factory=list)
     origin: list[int] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0  # kept, cut to max_length by --truncation left/right
 
 
 def keep_fitting(rendered: list, loaded: Loaded, opts: DataOptions) -> Kept:
@@ -360,10 +364,13 @@ def keep_fitting(rendered: list, loaded: Loaded, opts: DataOptions) -> Kept:
     for r, origin in zip(rendered, loaded.origin):
         if isinstance(r, Refused):  # counted by refused_rows, as a bad row
             continue
-        ids, labels, reason = fit_length(*r, opts.max_length, opts.truncation)
+        ids, labels = r
+        cut = len(ids) > opts.max_length  # and kept: then --truncation cut it
+        ids, labels, reason = fit_length(ids, labels, opts.max_length, opts.truncation)
         if reason:
             kept.dropped[reason] += 1
             continue
+        kept.truncated += cut
         kept.ids.append(ids)
         kept.labels.append(labels)
         kept.origin.append(origin)

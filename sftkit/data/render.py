@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftkit.data.formats import Conversation
+from sftkit.data.formats import PLAIN, Conversation
 from sftkit.data.options import SWITCHES
 
 IGNORE_INDEX = -100
@@ -71,6 +71,7 @@ class TemplateSpec:
     reply_header: str              # "assistant\n": text after block_open that marks a reply
     block_close: str               # "<|im_end|>"
     reads: frozenset[str]          # the SWITCHES the template's source names
+    eos_id: int | None = None      # appended to PLAIN rows (TRL's text and prompt-completion) so they stop
     encoder: Any = field(compare=False, repr=False, default=None)  # plain_text_encoder(tokenizer)
     # the generation prompt's text after the header, per set of switches (see reply_opening)
     openings: dict = field(compare=False, repr=False, default_factory=dict)
@@ -126,6 +127,7 @@ def template_spec(tokenizer) -> TemplateSpec:
         block_close=closer,
         reads=frozenset(s for s in SWITCHES if re.search(rf"\b{s}\b", template)),
         encoder=plain_text_encoder(tokenizer),
+        eos_id=tokenizer.eos_token_id,
     )
 
 
@@ -254,6 +256,13 @@ def row_pieces(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderOp
     return split_pieces(text, spec, opening)
 
 
+def plain_pieces(conv: Conversation) -> list[_Piece]:
+    """A PLAIN row's pieces, no template: each tokenized as written (special-token strings as plain
+    characters, as in any text), the `train` ones supervised, all in block 0."""
+    return [_Piece(m["content"], False, 0 if m["train"] else None, 0 if m["train"] else -1)
+            for m in conv if m["content"]]
+
+
 def plain_text_encoder(tokenizer):
     """The tokenizer's Rust backend set to read special-token strings as plain text (what
     `split_special_tokens=True` does), without padding or truncation. Calling it directly skips
@@ -275,20 +284,23 @@ def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts:
     for a row the template cannot render. `switches`: per row, the row's own switches or None.
     """
     n = len(convs)
-    all_pieces = [row_pieces(c, tokenizer, spec, opts, t, s)
+    all_pieces = [plain_pieces(c) if c[0]["role"] == PLAIN else row_pieces(c, tokenizer, spec, opts, t, s)
                   for c, t, s in zip(convs, tools or [None] * n, switches or [None] * n)]
     # Each distinct text once: the "\n" between turns is half of all pieces, and a system prompt
     # shared by every row is common; a tiny piece costs the encoder as much as a sentence.
     texts = list(dict.fromkeys(p.text for pieces in all_pieces if not isinstance(pieces, Refused)
                                for p in pieces if not p.is_special))
     encoded = dict(zip(texts, spec.encoder.encode_batch(texts, add_special_tokens=False))) if texts else {}
-    return [pieces if isinstance(pieces, Refused) else _ids_and_labels(pieces, spec, encoded, opts.train_on)
-            for pieces in all_pieces]
+    return [pieces if isinstance(pieces, Refused) else _ids_and_labels(conv, pieces, spec, encoded, opts.train_on)
+            for conv, pieces in zip(convs, all_pieces)]
 
 
-def _ids_and_labels(pieces: list[_Piece], spec: TemplateSpec, encoded: dict, train_on: str) -> tuple[list, list]:
+def _ids_and_labels(conv: Conversation, pieces: list[_Piece], spec: TemplateSpec, encoded: dict,
+                    train_on: str) -> tuple[list, list]:
     n_blocks = 1 + max((p.block for p in pieces), default=-1)
-    keep = {n_blocks - 1} if train_on == "last" else set(range(n_blocks))
+    # replies marked train: False (a conversational prompt-completion's prompt) come first
+    prompt_replies = sum(m["role"] == "assistant" and m.get("train") is False for m in conv)
+    keep = {n_blocks - 1} if train_on == "last" else set(range(prompt_replies, n_blocks))
     ids: list[int] = []
     labels: list[int] = []
     for p in pieces:
@@ -314,4 +326,7 @@ def _ids_and_labels(pieces: list[_Piece], spec: TemplateSpec, encoded: dict, tra
             labels.extend(piece_ids[first:])
         else:
             labels.extend([IGNORE_INDEX] * len(piece_ids))
+    if conv[0]["role"] == PLAIN and spec.eos_id is not None:
+        ids.append(spec.eos_id)  # TRL appends it too: the model learns where a text or completion ends
+        labels.append(spec.eos_id)
     return ids, labels
