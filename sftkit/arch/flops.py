@@ -34,7 +34,11 @@ def peak_flops(device_name: str | None, override_tflops: float = 0.0) -> float |
 def flops_per_step_fn(config, lora: bool):
     """f(tokens, supervised tokens, sum of length^2) -> model FLOPs of the training step."""
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    h, layers, inter = c.hidden_size, c.num_hidden_layers, c.intermediate_size
+    h, layers = c.hidden_size, c.num_hidden_layers
+    # Qwen3.5-MoE's config has no intermediate_size (issue 20: train crashed here). Stop-gap until
+    # the MoE FLOPs land: the MLP width a token passes through, its active experts plus the shared one
+    inter = getattr(c, "intermediate_size", None) or (
+        c.moe_intermediate_size * c.num_experts_per_tok + getattr(c, "shared_expert_intermediate_size", 0))
     head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
     q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
     body = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter)  # q, k, v, o; gate, up, down

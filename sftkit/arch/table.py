@@ -11,6 +11,19 @@ from dataclasses import dataclass
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")  # a dense MLP, or a MoE layer's shared expert
+# Gated DeltaNet: the input projections (Qwen3-Next fuses q, k, v and the output gate z in one) and
+# the output projection. Left out by default: the decay/beta gates (in_proj_ba; in_proj_a, in_proj_b)
+# and shared_expert_gate, whose outputs are one number per value head (32 on Qwen3-Next-80B-A3B) or
+# a single number: a rank-16 adapter there is about as big as the full update of its output side.
+# List them in --lora_target_modules (or modules_to_save) to train them.
+# A MoE layer's shared expert, named with its parent, so that the routed experts' fused 3-D
+# `mlp.experts.down_proj` is not matched too (those are `lora_expert_parameters`' business). Not on
+# Qwen3-Next (nor Qwen3 MoE): for those model_types PEFT 0.21 rewrites every target named gate_proj,
+# up_proj or down_proj, shared_expert.down_proj included, into the routed experts' fused parameters
+# (its conversion of transformers-4 adapters), so the shared expert cannot be named apart there.
+SHARED_EXPERT = tuple(f"shared_expert.{name}" for name in MLP)
+DELTANET_NEXT = ("in_proj_qkvz", "out_proj")
+DELTANET_3_5 = ("in_proj_qkv", "in_proj_z", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -35,9 +48,11 @@ ARCHS: dict[str, Arch] = {
     "qwen2": Arch("Qwen2.5"),
     "qwen3": Arch("Qwen3"),
     "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, moe=True),
-    "qwen3_next": Arch("Qwen3-Next", moe=True, linear_attention=True),
-    "qwen3_5": Arch("Qwen3.5", linear_attention=True, vision_language=True),
-    "qwen3_5_moe": Arch("Qwen3.5 MoE", moe=True, linear_attention=True, vision_language=True),
+    "qwen3_next": Arch("Qwen3-Next", lora_modules=ATTENTION + DELTANET_NEXT, moe=True, linear_attention=True),
+    "qwen3_5": Arch("Qwen3.5", lora_modules=ATTENTION + DELTANET_3_5 + MLP, linear_attention=True,
+                    vision_language=True),
+    "qwen3_5_moe": Arch("Qwen3.5 MoE", lora_modules=ATTENTION + DELTANET_3_5 + SHARED_EXPERT, moe=True, linear_attention=True,
+                        vision_language=True),
 }
 # the text model's own config inside a vision-language checkpoint
 ARCHS["qwen3_5_text"] = ARCHS["qwen3_5"]
