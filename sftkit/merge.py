@@ -22,10 +22,13 @@ class MergeReport:
     max_logit_diff: float  # reloaded merged model vs base + adapter, over PROBES
 
 
-def _tolerance(dtype) -> float:
+def _tolerance(dtype, largest_logit: float) -> float:
+    """float32: 1e-4 of the largest logit (at least 1e-4). The merged weights round differently from
+    base + adapter, and Gated DeltaNet layers carry that further: on tiny hybrids (logits up to 21)
+    the diff was 1.3e-4 (Qwen3.5) to 6.6e-4 (the MoE ones), the adapters' own effect 0.011-0.11."""
     import torch
 
-    return 1e-4 if dtype == torch.float32 else 5e-2
+    return 1e-4 * max(1.0, largest_logit) if dtype == torch.float32 else 5e-2
 
 
 def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
@@ -34,6 +37,7 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from sftkit.arch.layout import restore as restore_layout
     from sftkit.checkpoint import ensure_stop_token, model_in
     from sftkit.io import atomic_directory, check_free_output, check_free_space, check_not_an_input, remove_stale_tmp
     from sftkit.models import adapter_base, load_model, load_tokenizer, min_saved_bytes
@@ -61,6 +65,7 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     untied = _untie_if_needed(merged)
     with atomic_directory(Path(output_dir)) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=opts.max_shard_size)
+        restore_layout(tmp, base_name)  # a Qwen3.5 base: written as the vision-language model it came as
         tokenizer.save_pretrained(tmp)
         gen = merged.generation_config
         ensure_stop_token(gen, tokenizer)
@@ -68,10 +73,10 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
         with torch.no_grad():
             got = reloaded(**batch).logits.float()
-        diff = (got - expected).abs().max().item()
-        if diff > _tolerance(dtype):
+        diff, tolerance = (got - expected).abs().max().item(), _tolerance(dtype, expected.abs().max().item())
+        if diff > tolerance:
             raise ConfigError(f"the merged model's logits differ from base + adapter by {diff:.3g} "
-                              f"(tolerance {_tolerance(dtype)}); nothing was written to {output_dir}")
+                              f"(tolerance {tolerance:.3g}); nothing was written to {output_dir}")
     return MergeReport(adapter, base_name, str(dtype).replace("torch.", ""), untied, diff)
 
 
