@@ -4,10 +4,9 @@ available offline) and each generation's own chat template.
 
 In CI (`make test`): Qwen3.5 with LoRA, packed, on one process and on two DDP ranks (the same
 losses and adapter), merge-lora, and full fine-tuning, both written in the vision-language layout
-the base came in. Behind `-m family` (deselected by `make test`, about 4 minutes on 2 cores): every
-hybrid through prepare-data, train (LoRA and full), eval and merge-lora (7.4 min on 2 shared
-cores: 136-161 s a generation), each output loaded with
-plain transformers and peft.
+the base came in. Behind `-m family` (deselected by `make test`; 7.4 min on 2 shared cores, 136-161 s
+a generation): every hybrid through prepare-data, train (LoRA and full), eval and merge-lora, each
+output loaded with plain transformers and peft.
 """
 
 from __future__ import annotations
