@@ -40,7 +40,7 @@ def main() -> None:
     replies = {}
     for name, path in (("base", a.base), ("merged", a.merged)):
         model, tokenizer = load_for_eval(path, cfg)
-        replies[name] = generate(model, tokenizer, [p for p, _ in pairs], 48, cfg.enable_thinking, False, 1.0, 1.0,
+        replies[name] = generate(model, tokenizer, [p for p, _ in pairs], 48, opts.template_switches(), False, 1.0, 1.0,
                                  a.n, "cpu")
     rows = [{"prompt": p[-1]["content"], "trained_reply": ref, "base": b, "merged": m}
             for (p, ref), b, m in zip(pairs, replies["base"], replies["merged"])]

@@ -53,17 +53,32 @@ class MicroBatch:
     tokens: int                        # real (non-pad) tokens
     slots: int                         # rows * width, padding included
     attn_pairs: int = 0                # sum of length^2 over examples: the attention's share of FLOPs
+    # [rows, width]: which example of this micro-batch each token belongs to, -1 for padding and
+    # weight-0 rows; and each example's token count. Per-example terms (the MoE balance loss) read them.
+    segments: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+    @property
+    def counted_tokens(self) -> int:
+        """Tokens of the examples that count (no padding, no weight-0 stand-in)."""
+        return int(self.lengths.sum()) if self.lengths is not None else self.tokens
 
     def to(self, device) -> MicroBatch:
         move = {"device": device, "non_blocking": True}  # from pinned memory the copy overlaps compute
         return dataclasses.replace(self, inputs={k: v.to(**move) if torch.is_tensor(v) else v
                                                  for k, v in self.inputs.items()},
-                                   keep=self.keep.to(**move), targets=self.targets.to(**move))
+                                   keep=self.keep.to(**move), targets=self.targets.to(**move),
+                                   **{k: getattr(self, k).to(**move) for k in PER_EXAMPLE if getattr(self, k) is not None})
 
     def pin_memory(self) -> MicroBatch:  # called by the DataLoader's pinning thread
         return dataclasses.replace(self, inputs={k: v.pin_memory() if torch.is_tensor(v) else v
                                                  for k, v in self.inputs.items()},
-                                   keep=self.keep.pin_memory(), targets=self.targets.pin_memory())
+                                   keep=self.keep.pin_memory(), targets=self.targets.pin_memory(),
+                                   **{k: getattr(self, k).pin_memory() for k in PER_EXAMPLE
+                                      if getattr(self, k) is not None})
+
+
+PER_EXAMPLE = ("segments", "lengths")  # MicroBatch's optional per-example tensors
 
 
 class Schedule:
@@ -139,25 +154,30 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
     """
     if packed and padding_free:
         rows = [[e for row in rows for e in row]]
-    seqs, labs, poss = [], [], []
+    seqs, labs, poss, segs, lengths = [], [], [], [], []
     for row in rows:
-        ids, lab, pos = [], [], []
+        ids, lab, pos, seg = [], [], [], []
         for e in row:
             ids += e["input_ids"]
             first = len(lab)
             lab += e["labels"] if e.get("weight", 1) else [IGNORE_INDEX] * len(e["labels"])
             lab[first] = IGNORE_INDEX
             pos += range(len(e["input_ids"]))
+            seg += [len(lengths) if e.get("weight", 1) else -1] * len(e["input_ids"])
+            lengths += [len(e["input_ids"])] if e.get("weight", 1) else []
         seqs.append(ids)
         labs.append(lab)
         poss.append(pos)
+        segs.append(seg)
     width = max(len(s) for s in seqs)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.arange(width).repeat(len(rows), 1)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (s, lab, pos) in enumerate(zip(seqs, labs, poss)):
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (s, lab, pos, seg) in enumerate(zip(seqs, labs, poss, segs)):
         ids[i, :len(s)] = torch.as_tensor(s)
+        segments[i, :len(s)] = torch.as_tensor(seg)
         labels[i, :len(s)] = torch.as_tensor(lab)
         positions[i, :len(s)] = torch.as_tensor(pos)
         positions[i, len(s):] = torch.arange(width - len(s))  # padding is a sequence of its own
@@ -171,7 +191,8 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
                                [len(e["input_ids"]) for e in row] + [width - len(s)] * (len(s) < width)])
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     pairs = sum(len(e["input_ids"]) ** 2 for row in rows for e in row)
-    return MicroBatch(inputs, keep, labels[:, 1:][keep[:, :-1]], int(mask.sum()), ids.numel(), pairs)
+    return MicroBatch(inputs, keep, labels[:, 1:][keep[:, :-1]], int(mask.sum()), ids.numel(), pairs, segments,
+                      torch.tensor(lengths, dtype=torch.long))
 
 
 def load_micro_batch(dataset, rows: list[list[int]], pad_id: int, packed: bool = False,
@@ -230,14 +251,16 @@ class PackedStep:
                 parts[name] = self.buffer[at:at + n].view(shape).to(dtype)
                 at += n
             keep, targets = parts.pop("keep"), parts.pop("targets")
-            out.append(MicroBatch({**parts, **numbers}, keep, targets, tokens, slots, pairs))
+            extra = {k: parts.pop(k) for k in PER_EXAMPLE if k in parts}
+            out.append(MicroBatch({**parts, **numbers}, keep, targets, tokens, slots, pairs, **extra))
         return out
 
 
 def pack(batches: list[MicroBatch]) -> PackedStep:
     pieces, layout = [], []
     for b in batches:
-        tensors = {**{k: v for k, v in b.inputs.items() if torch.is_tensor(v)}, "keep": b.keep, "targets": b.targets}
+        tensors = {**{k: v for k, v in b.inputs.items() if torch.is_tensor(v)}, "keep": b.keep, "targets": b.targets,
+                   **{k: getattr(b, k) for k in PER_EXAMPLE if getattr(b, k) is not None}}
         numbers = {k: v for k, v in b.inputs.items() if not torch.is_tensor(v)}
         layout.append(([(k, tuple(t.shape), t.dtype) for k, t in tensors.items()], b.tokens, b.slots, b.attn_pairs,
                        numbers))

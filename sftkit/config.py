@@ -119,6 +119,12 @@ class TrainOptions:
     mfu_peak_tflops: float = field(default=0.0, metadata={**NOT_IDENTITY, **at_least(0)})
     """The device's dense bf16 peak for MFU in metrics.jsonl. 0 looks it up for known GPUs
     (H100/H200 989, A100 312); on a CPU or an unknown GPU MFU is then not reported."""
+    router_aux_loss_coef: float = field(default=-1.0, metadata=at_least(0, off=-1, off_means="the model config's"))
+    """MoE models: weight of the routers' load-balancing loss, added to the token loss and logged as
+    aux_loss. -1 takes the model config's router_aux_loss_coef (0.001 in the released Qwen3 MoE,
+    Qwen3-Next and Qwen3.5 MoE configs; its output_router_logits is not read); 0 turns it off.
+    Computed per example and weighted by tokens, so a step's value does not depend on how it is
+    cut into micro-batches and ranks (sftkit/arch/moe.py). A dense model has none."""
     skip_nan_steps: bool = False
     """Skip an optimizer step whose gradient norm is NaN or inf (counted in metrics.jsonl) instead
     of stopping the run. Not with DeepSpeed, whose engine steps by itself."""
@@ -147,8 +153,13 @@ class LoraOptions:
     q/k/v/o_proj and gate/up/down_proj (Qwen3, Qwen3.5); on Gated DeltaNet layers in_proj_qkv,
     in_proj_z and out_proj (Qwen3.5, Qwen3.5-MoE) or in_proj_qkvz and out_proj (Qwen3-Next); on MoE
     models the shared expert (Qwen3.5-MoE; none on Qwen3-Next and Qwen3 MoE, where PEFT maps
-    their gate/up/down_proj onto the routed experts). The one-number-per-head gates (in_proj_a/b,
-    in_proj_ba, shared_expert_gate) are left out; name them here to train them."""
+    gate/up/down_proj onto the routed experts: see lora_target_parameters). The one-number-per-head
+    gates (in_proj_a/b, in_proj_ba, shared_expert_gate) are left out; name them here to train them."""
+    lora_target_parameters: list[str] = field(default_factory=list)
+    """Parameters that get LoRA weights (PEFT target_parameters, matched by name suffix), e.g. the
+    fused expert tensors mlp.experts.gate_up_proj. Empty: the architecture's own (MoE: the routed
+    experts, and Qwen3-Next's shared expert) when lora_dropout is 0, none otherwise, since PEFT
+    applies no dropout to a parameter; `none`: none. Each expert gets its own rank-r pair."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapter, e.g. embed_tokens and lm_head for new tokens."""
 
@@ -193,6 +204,9 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
             if changed:
                 raise ConfigError(f"{', '.join(changed)} set without use_lora; add --use_lora (use_lora: true) "
                                   "or drop the LoRA options")
+        if self.lora_target_parameters not in ([], ["none"]) and self.lora_dropout:
+            raise ConfigError(f"lora_target_parameters {', '.join(self.lora_target_parameters)}: PEFT cannot apply "
+                              f"dropout to a parameter (lora_dropout={self.lora_dropout}); add --lora_dropout 0")
         if self.packing and self.attn_implementation not in PACKING_ATTENTION:
             raise ConfigError(f"packing needs an attention implementation that keeps packed examples apart "
                               f"({', '.join(PACKING_ATTENTION)}); set --attn_implementation sdpa or drop --packing")

@@ -2,7 +2,8 @@
 metrics.
 
 The prompt is the conversation up to its last assistant reply, rendered by the chat template with
-the generation prompt (and `enable_thinking` as configured), exactly as a server would render it.
+the generation prompt (and the template switches set for the run, e.g. `enable_thinking`), exactly
+as a server would render it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ def sample_pairs(convs: list[list[dict]], n: int) -> list[tuple[list[dict], str]
     return [pair for pair in map(split_prompt, convs) if pair[0]][:n]
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, enable_thinking: bool,
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, switches: dict,
              do_sample: bool, temperature: float, top_p: float, batch_size: int, device) -> list[str]:
+    """`switches`: the chat-template switches to pass (DataOptions.template_switches())."""
     import torch
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=enable_thinking) for p in prompts]
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **switches)
+             for p in prompts]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     out: list[str] = []
@@ -99,7 +101,7 @@ def generate_samples(accelerator, model, tokenizer, cfg, gen) -> list[dict]:
     pairs = sample_pairs(loaded.convs, gen.num_samples)
     mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
     completions = generate(model, tokenizer, [pairs[i][0] for i in mine], gen.max_new_tokens,
-                           cfg.enable_thinking, gen.do_sample, gen.temperature, gen.top_p,
+                           opts.template_switches(), gen.do_sample, gen.temperature, gen.top_p,
                            cfg.per_device_eval_batch_size, accelerator.device)
     rows = gather_object([{"index": i, "prompt": pairs[i][0], "reference": pairs[i][1], "completion": c}
                           for i, c in zip(mine, completions)])

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sftkit.arch.moe import RouterBalance, balance_loss_sum
+
 # Architectures whose last hidden state goes straight into a bias-free lm_head (no logit scaling or
 # soft-capping), which is what the fused path computes. Others take the plain path.
-FUSED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
+FUSED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "qwen3_next")
 
 
 @dataclass
@@ -59,23 +61,38 @@ def fused_head(model, mixed_precision: str, zero3: bool, chunk: int, cuda: bool 
 
 
 def token_loss_sum(model, batch, head: FusedHead | None = None) -> torch.Tensor:
-    """Sum of cross-entropies over the micro-batch's supervised tokens.
+    """Sum of cross-entropies over the micro-batch's supervised tokens."""
+    return loss_sums(model, batch, head)[0]
+
+
+def loss_sums(model, batch, head: FusedHead | None = None,
+              balance: RouterBalance | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of token cross-entropies, and with `balance` the routers' sum over examples of tokens
+    x balance loss from the same forward: sftkit/arch/moe.py).
 
     `use_cache=False`: with a cache, transformers ignores packed position_ids silently and the
     examples of a packed row attend to each other (../shared/PLATFORM_NOTES.md).
     """
+    router = {"output_router_logits": True} if balance else {}
     if head is None:
-        out = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False)
-        return F.cross_entropy(out.logits.float(), batch.targets, reduction="sum")
-    # An all-False mask: the model's own lm_head projects no row. hidden_states[-1] is the final,
-    # normed hidden state, the lm_head's input (checked against the plain path in tests).
-    out = model(**batch.inputs, logits_to_keep=torch.zeros_like(batch.keep), output_hidden_states=True,
-                use_cache=False)
-    hidden = out.hidden_states[-1][batch.keep]
+        out = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False, **router)
+        ce = F.cross_entropy(out.logits.float(), batch.targets, reduction="sum")
+    else:
+        # An all-False mask: the model's own lm_head projects no row. hidden_states[-1] is the final,
+        # normed hidden state, the lm_head's input (checked against the plain path in tests).
+        out = model(**batch.inputs, logits_to_keep=torch.zeros_like(batch.keep), output_hidden_states=True,
+                    use_cache=False, **router)
+        ce = fused_cross_entropy(out.hidden_states[-1][batch.keep], batch.targets, head)
+    if balance is None:
+        return ce, None
+    return ce, balance_loss_sum(out.router_logits, batch.segments, batch.lengths, balance)
+
+
+def fused_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: FusedHead) -> torch.Tensor:
     weight = head.lm_head.weight
     # inside forward() autograd is off, so whether gradients are wanted is decided here
     grads = torch.is_grad_enabled()
-    return FusedLinearCrossEntropy.apply(hidden, weight, batch.targets, head.chunk, head.dtype or weight.dtype,
+    return FusedLinearCrossEntropy.apply(hidden, weight, targets, head.chunk, head.dtype or weight.dtype,
                                          grads and hidden.requires_grad, grads and weight.requires_grad,
                                          head.grad_dtype)
 

@@ -203,11 +203,12 @@ def build_for_training(cfg, cuda: bool = False):
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=lora_targets(cfg, model.config),
+                          target_parameters=lora_parameters(cfg, model.config) or None,
                           modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
         try:
             model = get_peft_model(model, lora)
         except ValueError as err:
-            raise ConfigError(f"LoRA: {str(err).splitlines()[0]}; check --lora_target_modules") from None
+            raise ConfigError(lora_error(str(err).splitlines()[0])) from None
     if cfg.torch_compile:
         # Layer by layer (regional): one graph serves every layer, so compiling takes seconds, not
         # minutes, and state_dict keys, PEFT and DDP see the same modules as without compile.
@@ -236,6 +237,38 @@ def lora_targets(cfg, config) -> list[str]:
     from sftkit.arch.table import arch_of
 
     return list(cfg.lora_target_modules) or list(arch_of(config).lora_modules)
+
+
+def lora_parameters(cfg, config) -> list[str]:
+    """The parameters LoRA wraps (PEFT target_parameters): the user's list, else the architecture's
+    expert tensors, which only PEFT's ParamWrapper reaches, and it refuses lora_dropout != 0."""
+    from sftkit.arch.table import arch_of
+
+    if cfg.lora_target_parameters == ["none"]:
+        return []
+    if cfg.lora_target_parameters or cfg.lora_dropout:
+        return list(cfg.lora_target_parameters)
+    return list(arch_of(config).lora_expert_parameters)
+
+
+def frozen_experts_note(cfg, config) -> str | None:
+    """One line for the start of a LoRA run whose default leaves the experts frozen, naming the fix."""
+    from sftkit.arch.table import arch_of
+
+    experts = arch_of(config).lora_expert_parameters
+    if not (cfg.use_lora and experts and cfg.lora_dropout and not cfg.lora_target_parameters):
+        return None
+    return (f"note: LoRA leaves the experts ({', '.join(experts)}) frozen: PEFT applies no dropout to them and "
+            f"lora_dropout is {cfg.lora_dropout}; --lora_dropout 0 trains them too")
+
+
+def lora_error(message: str) -> str:
+    """PEFT's refusal as one line that names the fix."""
+    if "lora_dropout" in message:  # a ParamWrapper: a target that PEFT reaches as a parameter
+        return (f"LoRA: {message} PEFT reaches expert weights as parameters, which take no dropout; pass "
+                "--lora_dropout 0, or leave gate_proj/up_proj/down_proj out of --lora_target_modules (PEFT reads "
+                "them as the fused routed experts on Qwen3 MoE and Qwen3-Next)")
+    return f"LoRA: {message}; check --lora_target_modules and --lora_target_parameters"
 
 
 def load_for_eval(path: str, cfg):

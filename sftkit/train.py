@@ -27,6 +27,7 @@ import torch
 
 from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
+from sftkit.arch.moe import RouterBalance, router_balance
 from sftkit.batching import MicroBatch, PackedSteps, Schedule, StepBatches, ignore_stop_signals, total_steps
 from sftkit.checkpoint import (
     TrainState,
@@ -41,7 +42,7 @@ from sftkit.data.dataset import prepared_dir
 from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
-from sftkit.loss import FusedHead, fused_head, token_loss_sum
+from sftkit.loss import FusedHead, fused_head, loss_sums
 from sftkit.metrics import (
     MetricsLog,
     Throughput,
@@ -52,7 +53,13 @@ from sftkit.metrics import (
     peak_rss_mb,
     rss_mb,
 )
-from sftkit.models import build_for_training, count_parameters, load_tokenizer, resolve_model_path
+from sftkit.models import (
+    build_for_training,
+    count_parameters,
+    frozen_experts_note,
+    load_tokenizer,
+    resolve_model_path,
+)
 from sftkit.run_dir import Resume, claim, find_resume, run_identity
 from sftkit.signals import StoppedWaiting, StopRequest
 
@@ -77,6 +84,7 @@ class Run:
     step_flops: Callable[[int, int, int], float]  # (tokens, supervised, attention pairs) -> model FLOPs
     peak_flops: float | None         # one device's peak FLOPs/s, for MFU; None: unknown
     start_time: float                # wall clock of step 0, a resumed run's earlier time included
+    balance: RouterBalance | None = None  # MoE: the routers' load-balancing term; None: dense or off
     log: MetricsLog | None = None    # set by start_outputs
     meter: Throughput | None = None  # set by fit: windows start with the loop
 
@@ -95,6 +103,8 @@ class StepStats:
     """What one optimizer step did. Counts are over all ranks; the loss stays on the device."""
 
     loss_sum: torch.Tensor   # this rank's sum of token losses (float64, on the device: no sync)
+    aux_sum: torch.Tensor    # this rank's sum over examples of tokens x router balance loss (0 if none)
+    routed: int              # tokens of the step's examples, the balance loss's denominator
     supervised: int          # supervised tokens, the loss's denominator
     tokens: int              # real tokens
     slots: int               # token slots, padding included
@@ -106,7 +116,12 @@ class StepStats:
 
     def loss(self, accelerator) -> float:
         """The step's token-mean loss over all ranks (a host sync: logging steps only)."""
-        return accelerator.reduce(self.loss_sum.clone(), reduction="sum").item() / max(self.supervised, 1)
+        return self.losses(accelerator)[0]
+
+    def losses(self, accelerator) -> tuple[float, float]:
+        """The step's token-mean loss and balance loss over all ranks (one host sync: logging steps only)."""
+        sums = accelerator.reduce(torch.stack([self.loss_sum, self.aux_sum.double()]), reduction="sum").tolist()
+        return sums[0] / max(self.supervised, 1), sums[1] / max(self.routed, 1)
 
 
 def lr_lambda(total: int, warmup: int, kind: str):
@@ -175,7 +190,8 @@ def setup(cfg: SFTConfig, console=None) -> Run:
               fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk(cuda), cuda),
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
-              start_time=time.time() - state.elapsed_s)
+              start_time=time.time() - state.elapsed_s,
+              balance=router_balance(unwrapped.config, cfg.router_aux_loss_coef))
     start_outputs(run, trainable, total, resumed=state.step if resume else None, console=console)
     return run
 
@@ -232,6 +248,9 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         flat = {k: ",".join(map(str, v)) if isinstance(v, list) else "" if v is None else v
                 for k, v in cfg.to_dict().items()}
         acc.init_trackers(cfg.run_name or run.out.name, config=flat)
+    note = frozen_experts_note(cfg, acc.unwrap_model(run.model).config)
+    if note and console is not None and acc.is_main_process:
+        console.print(note, highlight=False)
     run.log = MetricsLog(acc, run.out / "metrics.jsonl", resumed, console)
     run.log.write({
         "event": "start", "world_size": acc.num_processes, "distributed_type": distributed_type(acc),
@@ -239,6 +258,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
         "attention": cfg.attention(run.cuda),
+        **({"router_aux_loss_coef": run.balance.coef} if run.balance else {}),  # what -1 (the config's) resolved to
     }, first=True)
 
 
@@ -284,23 +304,28 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
     all micro-batches, all ranks), clipped, applied; then the scheduler steps."""
     acc, cfg = run.accelerator, run.cfg
     counts = torch.tensor([sum(b.targets.numel() for b in batches), sum(b.tokens for b in batches),
-                           sum(b.slots for b in batches), int(stop), sum(b.attn_pairs for b in batches)],
-                          device=acc.device)
-    # The step's one host sync: supervised tokens, tokens, slots, whether any rank must stop, and
-    # attention pairs, all-reduced. The backward's scale needs the first before it starts;
-    # everything else in the step stays on the device (.item() only at logging steps).
-    n_sup, n_tok, n_slots, n_stop, n_pairs = acc.reduce(counts, reduction="sum").tolist()
+                           sum(b.slots for b in batches), int(stop), sum(b.attn_pairs for b in batches),
+                           sum(b.counted_tokens for b in batches)], device=acc.device)
+    # The step's one host sync: supervised tokens, tokens, slots, whether any rank must stop,
+    # attention pairs and the examples' tokens, all-reduced. The backward's scales need the first
+    # and the last before it starts; everything else in the step stays on the device (.item() only
+    # at logging steps).
+    n_sup, n_tok, n_slots, n_stop, n_pairs, n_routed = acc.reduce(counts, reduction="sum").tolist()
     # accelerate divides by the accumulation steps and DDP/DeepSpeed average over ranks: undo both,
-    # so the gradient is exactly d(sum of token losses)/d(theta) / n_sup.
+    # so the gradient is exactly d(sum of token losses / n_sup + coef * balance loss)/d(theta).
     scale = cfg.gradient_accumulation_steps * acc.num_processes / max(n_sup, 1)
+    coef = run.balance.coef if run.balance else 0.0
+    aux_scale = coef * cfg.gradient_accumulation_steps * acc.num_processes / max(n_routed, 1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    aux_sum = torch.zeros((), dtype=torch.float32, device=acc.device)
     grad_norm, skip = None, False
     for batch in batches:
         batch = batch.to(acc.device)
         with acc.accumulate(run.model):
-            ce = token_loss_sum(run.model, batch, run.head)
-            acc.backward(ce * scale)
+            ce, aux = loss_sums(run.model, batch, run.head, run.balance)
+            acc.backward(ce * scale if aux is None else ce * scale + aux * aux_scale)
             loss_sum += ce.detach()
+            aux_sum += 0 if aux is None else aux.detach()
             if acc.sync_gradients and (cfg.max_grad_norm > 0 or cfg.skip_nan_steps):
                 grad_norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)
                 # the norm of the synced gradients: every rank takes the same decision
@@ -310,7 +335,8 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
             run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
-    return StepStats(loss_sum, int(n_sup), int(n_tok), int(n_slots), int(n_pairs), bool(n_stop), grad_norm, skip, lr)
+    return StepStats(loss_sum, aux_sum, int(n_routed), int(n_sup), int(n_tok), int(n_slots), int(n_pairs), bool(n_stop),
+                     grad_norm, skip, lr)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -382,13 +408,14 @@ def log_step(run: Run, stats: StepStats, bar) -> None:
     """One line of metrics.jsonl (and the trackers, and the progress bar). Stops on a NaN loss
     before any save, so no checkpoint holds it."""
     state = run.state
-    loss = stats.loss(run.accelerator)
+    loss, aux = stats.losses(run.accelerator)
     if not math.isfinite(loss) and not stats.skipped:
         raise SftkitError(f"training diverged at step {state.step}: the loss became {loss}. {last_finite(run)} "
                           "Lower --learning_rate, use bf16 instead of fp16, or pass --skip_nan_steps")
     record = {
         "step": state.step, "epoch": round(run.schedule.epoch_of(state.micro_index), 4),
         "loss": loss if math.isfinite(loss) else None, "skipped_steps": state.skipped_steps,
+        **({"aux_loss": json_float(aux)} if run.balance else {}),
         "lr": stats.lr, "grad_norm": json_float(stats.grad_norm), "tokens": state.tokens,
         "supervised_tokens": state.supervised_tokens, **run.meter.window(),
         "rss_mb": rss_mb(), "peak_gpu_mem_gb": peak_gpu_gb(), "elapsed_s": round(time.time() - run.start_time, 2),

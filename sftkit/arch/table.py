@@ -16,14 +16,16 @@ MLP = ("gate_proj", "up_proj", "down_proj")  # a dense MLP, or a MoE layer's sha
 # and shared_expert_gate, whose outputs are one number per value head (32 on Qwen3-Next-80B-A3B) or
 # a single number: a rank-16 adapter there is about as big as the full update of its output side.
 # List them in --lora_target_modules (or modules_to_save) to train them.
-# A MoE layer's shared expert, named with its parent, so that the routed experts' fused 3-D
-# `mlp.experts.down_proj` is not matched too (those are `lora_expert_parameters`' business). Not on
-# Qwen3-Next (nor Qwen3 MoE): for those model_types PEFT 0.21 rewrites every target named gate_proj,
-# up_proj or down_proj, shared_expert.down_proj included, into the routed experts' fused parameters
-# (its conversion of transformers-4 adapters), so the shared expert cannot be named apart there.
+# Qwen3.5-MoE's shared expert, named with its parent: the routed experts are lora_expert_parameters.
 SHARED_EXPERT = tuple(f"shared_expert.{name}" for name in MLP)
 DELTANET_NEXT = ("in_proj_qkvz", "out_proj")
 DELTANET_3_5 = ("in_proj_qkv", "in_proj_z", "out_proj")
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers 5's fused [experts, out, in]
+# PEFT 0.21 rewrites the target_modules gate_proj/up_proj/down_proj of qwen2_moe-style model_types
+# (qwen3_moe, qwen3_next) into the fused routed experts (its transformers-4 compatibility), so there
+# a shared expert's nn.Linear layers can only be reached as parameters, and no MLP name may stand in
+# lora_modules: PEFT would turn it into an expert ParamWrapper, which refuses lora_dropout 0.05.
+SHARED_EXPERT_WEIGHTS = tuple(f"mlp.shared_expert.{name}.weight" for name in MLP)
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,15 @@ class Arch:
     lora_modules: tuple[str, ...] = ATTENTION + MLP
     """nn.Linear names that LoRA wraps by default (PEFT target_modules, matched by name suffix)."""
     lora_expert_parameters: tuple[str, ...] = ()
-    """Fused 3-D expert tensors that LoRA reaches by default (PEFT target_parameters)."""
+    """Expert tensors that LoRA reaches by default (PEFT target_parameters, each wrapped by a
+    ParamWrapper): the fused 3-D routed experts, and where PEFT cannot name it as a module, the
+    shared expert. ParamWrapper refuses lora_dropout != 0 (see sftkit.models.lora_parameters)."""
     linear_attention: bool = False
     """Has Gated DeltaNet layers: a packed row must hand them its example boundaries."""
     moe: bool = False
-    """Routed experts: the config's router_aux_loss_coef weighs a load-balancing loss."""
+    """Routed experts: the config's router_aux_loss_coef weighs a load-balancing loss (arch/moe.py)."""
+    gated_attention: bool = False
+    """q_proj also yields a sigmoid gate per head output (2 x heads x head_dim outputs): FLOPs."""
     vision_language: bool = False
     """Released checkpoints wrap the text model in a vision-language model (vision tower, MTP)."""
 
@@ -47,12 +53,15 @@ DENSE = Arch("dense")
 ARCHS: dict[str, Arch] = {
     "qwen2": Arch("Qwen2.5"),
     "qwen3": Arch("Qwen3"),
-    "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, moe=True),
-    "qwen3_next": Arch("Qwen3-Next", lora_modules=ATTENTION + DELTANET_NEXT, moe=True, linear_attention=True),
-    "qwen3_5": Arch("Qwen3.5", lora_modules=ATTENTION + DELTANET_3_5 + MLP, linear_attention=True,
-                    vision_language=True),
-    "qwen3_5_moe": Arch("Qwen3.5 MoE", lora_modules=ATTENTION + DELTANET_3_5 + SHARED_EXPERT, moe=True, linear_attention=True,
-                        vision_language=True),
+    "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, lora_expert_parameters=EXPERTS, moe=True),
+    "qwen3_next": Arch("Qwen3-Next", lora_modules=ATTENTION + DELTANET_NEXT,
+                       lora_expert_parameters=EXPERTS + SHARED_EXPERT_WEIGHTS, moe=True, linear_attention=True,
+                       gated_attention=True),
+    "qwen3_5": Arch("Qwen3.5", lora_modules=ATTENTION + DELTANET_3_5 + MLP, linear_attention=True, vision_language=True,
+                    gated_attention=True),
+    "qwen3_5_moe": Arch("Qwen3.5 MoE", lora_modules=ATTENTION + DELTANET_3_5 + SHARED_EXPERT,
+                        lora_expert_parameters=EXPERTS, moe=True, linear_attention=True, vision_language=True,
+                        gated_attention=True),
 }
 # the text model's own config inside a vision-language checkpoint
 ARCHS["qwen3_5_text"] = ARCHS["qwen3_5"]

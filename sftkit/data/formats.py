@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sftkit.data.options import SWITCHES
+
 Message = dict[str, Any]
 Conversation = list[Message]
 
@@ -231,6 +233,39 @@ def to_conversation(row: dict[str, Any], fmt: str, field_map: dict[str, str] | N
         raise RowError(None, f"unknown format '{fmt}'")
     check_conversation(msgs, where)
     return msgs, parse_tools(row.get(fm.get("tools", "tools")), fm.get("tools", "tools"))
+
+
+def row_switches(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The row's own template switches (options.SWITCHES), or None: from `chat_template_kwargs`
+    (TRL's convention) and top-level keys (`"enable_thinking": false`). A null value is unset (a
+    Parquet struct column holds null for a key another row sets)."""
+    found: dict[str, Any] = {}
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise RowError("chat_template_kwargs", f"expected an object of template switches "
+                           f"({', '.join(SWITCHES)}), got {_kind(kwargs)}")
+        for key, value in kwargs.items():
+            if key not in SWITCHES:
+                raise RowError(f"chat_template_kwargs.{_show(key, 30)[1:-1]}", "is not a switch sftkit passes to "
+                               f"the chat template; only {', '.join(SWITCHES)} are")
+            if value is not None:
+                found[key] = _switch(value, SWITCHES[key], f"chat_template_kwargs.{key}")
+    for key, kind in SWITCHES.items():
+        value = row.get(key)
+        if value is not None:
+            value = _switch(value, kind, key)
+            if found.get(key, value) != value:
+                raise RowError(key, f"is {_show(value)} here but {_show(found[key])} in chat_template_kwargs; "
+                               "set it once")
+            found[key] = value
+    return found or None
+
+
+def _switch(value: Any, kind: type, field: str) -> Any:
+    if not isinstance(value, kind):
+        raise RowError(field, f"expected {'true or false' if kind is bool else 'a string'}, got {_kind(value)}")
+    return value
 
 
 def parse_tools(value: Any, field: str = "tools") -> list[dict[str, Any]] | None:

@@ -18,6 +18,9 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages", "custom")
 TRUNCATIONS = ("drop", "left", "right")
 TRAIN_ON = ("all", "last")
 REASONING = ("template", "drop")
+SWITCHES = {"enable_thinking": bool, "preserve_thinking": bool, "reasoning_effort": str}
+"""The chat-template variables sftkit passes through (per run: the fields below; per row:
+`chat_template_kwargs` or a top-level key), with the type each takes."""
 # Options that choose which data is read or how fast, not what a prepared example holds: they are
 # left out of the prepared set's fingerprint and its manifest's "options".
 NOT_IN_EXAMPLES = {"in_examples": False}
@@ -68,9 +71,18 @@ class DataOptions:
     """Reasoning (`<think>`) policy: `template` renders exactly as the chat template does at
     inference (Qwen3 drops the reasoning of turns before the last user message); `drop` removes
     all reasoning."""
-    enable_thinking: bool = field(default=True, metadata=EVAL)
-    """False for no-think data: the empty `<think></think>` block that Qwen3 puts in the prompt
-    at inference is then part of the prompt, not of the supervised reply."""
+    enable_thinking: bool | None = field(default=None, metadata=EVAL)
+    """Passed to the chat template when set; unset, the template's own default (Qwen3 and Qwen3.5-4B+
+    think, Qwen3.5-2B and smaller do not). False for no-think data: the empty `<think></think>` block
+    that the generation prompt then holds is prompt, not supervised reply. This and the next two
+    switches: a row's `chat_template_kwargs` (or its own top-level key) overrides the value for that
+    row; setting one that the template never reads is an error."""
+    preserve_thinking: bool | None = field(default=None, metadata=EVAL)
+    """Passed to the chat template when set: true keeps the reasoning of turns before the last user
+    message (Qwen3.6; Qwen3.8 keeps it unless false). Unset: the template's own default."""
+    reasoning_effort: str | None = field(default=None, metadata=EVAL)
+    """Passed to the chat template when set (Qwen3.8 takes low, medium or xhigh, its default, and writes
+    it into the system turn); the template itself checks the value. Unset: the template's default."""
     skip_bad_rows: bool = field(default=False, metadata=EVAL)
     """Skip malformed rows (counted, the first few listed) instead of stopping at the first one."""
     num_proc: int = field(default=1, metadata={**NOT_IN_EXAMPLES, **at_least(1)})
@@ -88,6 +100,10 @@ class DataOptions:
         if self.data_weights and len(self.data_weights) != len(self.data_path):
             raise ConfigError(f"data_weights has {len(self.data_weights)} values for {len(self.data_path)} data_path "
                               "entries; give one weight per source, in the same order")
+
+    def template_switches(self) -> dict[str, Any]:
+        """The switches set for the run, as chat-template keyword arguments."""
+        return {k: getattr(self, k) for k in SWITCHES if getattr(self, k) is not None}
 
     def example_options(self) -> dict[str, Any]:
         """The options that decide what a prepared example holds (fingerprinted, in the manifest)."""

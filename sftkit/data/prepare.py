@@ -18,7 +18,16 @@ from typing import Any
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
 from sftkit.data.options import DataOptions, Mixing
-from sftkit.data.render import IGNORE_INDEX, RenderOptions, render_batch, template_spec
+from sftkit.data.render import (
+    IGNORE_INDEX,
+    Refused,
+    RenderOptions,
+    TemplateSpec,
+    render_batch,
+    reply_opening,
+    template_reads,
+    template_spec,
+)
 from sftkit.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
@@ -34,7 +43,10 @@ class Loaded:
 
     convs: list[list[dict]] = field(default_factory=list)
     tools: list[Any] = field(default_factory=list)
+    switches: list[dict | None] = field(default_factory=list)  # the row's own template switches
     origin: list[int] = field(default_factory=list)  # which data_path entry each came from
+    source: list[int] = field(default_factory=list)  # which per_source entry (file) each came from
+    where: list[str] = field(default_factory=list)   # its line or row there, for a later error
     rows_in: int = 0
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
@@ -42,9 +54,40 @@ class Loaded:
     too_long: int = 0  # dropped by their length in characters, before tokenizing (see bound_text)
     warnings: Counter = field(default_factory=Counter)  # kept rows worth a look, by kind (formats.warnings)
 
+    def keep(self, indices: list[int]) -> None:
+        """Only the conversations at `indices`, with everything recorded beside each."""
+        for name in ("convs", "tools", "switches", "origin", "source", "where"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in indices])
+
+    def skip_bad(self, i: int, error: DataError) -> None:
+        """Count conversation i's row as bad (found after reading: the template refused it)."""
+        self.bad_rows += 1
+        self.per_source[self.source[i]]["bad_rows"] += 1
+        if len(self.bad_examples) < BAD_ROWS_LISTED:
+            self.bad_examples.append(str(error))
+
 
 def render_options(opts: DataOptions) -> RenderOptions:
-    return RenderOptions(train_on=opts.train_on, reasoning=opts.reasoning, enable_thinking=opts.enable_thinking)
+    return RenderOptions(train_on=opts.train_on, reasoning=opts.reasoning, **opts.template_switches())
+
+
+def check_switches(tokenizer, spec: TemplateSpec, opts: RenderOptions) -> None:
+    """The run's template switches, before any row is read: each must be one the template reads
+    (Qwen3's ignores reasoning_effort: setting it would change nothing, silently), with a value
+    the template takes (Qwen3.8 refuses reasoning_effort 'high' with its own message)."""
+    import jinja2
+
+    switches = opts.switches()
+    unread = ", ".join(k for k in switches if k not in spec.reads)
+    if unread:
+        raise ConfigError(f"the chat template never reads {unread}, so setting it would change nothing "
+                          f"({template_reads(spec)}); unset {unread}")
+    try:
+        reply_opening(tokenizer, spec, switches)
+    except jinja2.TemplateError as err:
+        said = ", ".join(f"{k}={v!r}" for k, v in switches.items())
+        raise ConfigError(f"the chat template refuses {said}: {err}") from None
 
 
 def resolve_sources(specs: list[str], opts: DataOptions) -> list[tuple[int, sources.Source]]:
@@ -71,6 +114,7 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
             try:
                 fmt = fmt or formats.detect_format(row)
                 msgs, tools = formats.to_conversation(row, fmt, field_map)
+                switches = formats.row_switches(row)
             except formats.RowError as err:
                 error = DataError(src.path, where, err.field, err.problem)
                 if not opts.skip_bad_rows:
@@ -81,8 +125,11 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
                 continue
             out.convs.append(msgs)
             out.tools.append(tools)
+            out.switches.append(switches)
             out.warnings.update(formats.warnings(msgs))
             out.origin.append(origin)
+            out.source.append(len(out.per_source))
+            out.where.append(where)
         if n_in == 0:
             raise DataError(src.path, "", None, "holds no rows")
         out.rows_in += n_in
@@ -96,18 +143,20 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer, opts: RenderOptions) -> None:
-    _WORKER.update(tok=tokenizer, spec=template_spec(tokenizer), opts=opts)
+def _init_worker(tokenizer, opts: RenderOptions, spec: TemplateSpec | None = None) -> None:
+    _WORKER.update(tok=tokenizer, spec=spec or template_spec(tokenizer), opts=opts)
 
 
 def _render_chunk(chunk):
-    convs, tools = chunk
-    return render_batch(convs, _WORKER["tok"], _WORKER["spec"], _WORKER["opts"], tools)
+    convs, tools, switches = chunk
+    return render_batch(convs, _WORKER["tok"], _WORKER["spec"], _WORKER["opts"], tools, switches)
 
 
-def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, num_proc: int = 1, progress=None):
-    """(input_ids, labels) for every conversation, in order; `num_proc` worker processes."""
-    chunks = [(loaded.convs[i:i + CHUNK], loaded.tools[i:i + CHUNK]) for i in range(0, len(loaded.convs), CHUNK)]
+def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, num_proc: int = 1, progress=None,
+                 spec: TemplateSpec | None = None):
+    """(input_ids, labels), or Refused, for every conversation, in order; `num_proc` worker processes."""
+    chunks = [(loaded.convs[i:i + CHUNK], loaded.tools[i:i + CHUNK], loaded.switches[i:i + CHUNK])
+              for i in range(0, len(loaded.convs), CHUNK)]
     results: list = []
     if num_proc > 1 and len(chunks) > 1:
         import multiprocessing as mp
@@ -118,7 +167,7 @@ def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, num_proc: int =
                 if progress:
                     progress(len(part))
     else:
-        _init_worker(tokenizer, opts)
+        _init_worker(tokenizer, opts, spec)
         for chunk in chunks:
             part = _render_chunk(chunk)
             results.extend(part)
@@ -157,8 +206,18 @@ def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token
     keep = [i for i, conv in enumerate(loaded.convs) if sum(map(_text_size, conv)) <= limit]
     if len(keep) < len(loaded.convs):
         loaded.too_long += len(loaded.convs) - len(keep)
-        loaded.convs, loaded.tools, loaded.origin = ([xs[i] for i in keep] for xs in (loaded.convs, loaded.tools,
-                                                                                      loaded.origin))
+        loaded.keep(keep)
+
+
+def refused_rows(rendered: list, loaded: Loaded, skip_bad_rows: bool) -> None:
+    """Rows the chat template refused (Refused from render_batch) are bad rows: the first is the
+    error, naming its file and line, unless skip_bad_rows; then each is counted and listed."""
+    for i, r in enumerate(rendered):
+        if isinstance(r, Refused):
+            error = DataError(loaded.per_source[loaded.source[i]]["path"], loaded.where[i], r.field, r.problem)
+            if not skip_bad_rows:
+                raise error
+            loaded.skip_bad(i, error)
 
 
 def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: str):
@@ -249,11 +308,14 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     if out_dir.exists() and any(out_dir.iterdir()) and old is None:
         raise ConfigError(f"{out_dir} exists and is not a prepare-data output; choose another --output_dir")
     start = time.time()
+    template, render_opts = template_spec(tokenizer), render_options(opts)
+    check_switches(tokenizer, template, render_opts)
     with gc_paused(), progress_bar("reading", console) as bar:
         loaded = load_conversations(srcs, opts, progress=bar)
     bound_text(loaded, opts.max_length, opts.truncation, max_token_chars(tokenizer))
     with gc_paused(), progress_bar("tokenizing", console, total=len(loaded.convs)) as bar:
-        rendered = tokenize_all(loaded, tokenizer, render_options(opts), opts.num_proc, progress=bar)
+        rendered = tokenize_all(loaded, tokenizer, render_opts, opts.num_proc, progress=bar, spec=template)
+    refused_rows(rendered, loaded, opts.skip_bad_rows)
     kept = keep_fitting(rendered, loaded, opts)
     if not kept.ids:
         raise DataError(", ".join(s.path for _, s in srcs), "", None, nothing_left(kept.dropped, loaded, opts))
@@ -295,8 +357,10 @@ def keep_fitting(rendered: list, loaded: Loaded, opts: DataOptions) -> Kept:
     kept = Kept()
     kept.dropped["bad_row"] = loaded.bad_rows
     kept.dropped["too_long"] = loaded.too_long
-    for (ids, labels), origin in zip(rendered, loaded.origin):
-        ids, labels, reason = fit_length(ids, labels, opts.max_length, opts.truncation)
+    for r, origin in zip(rendered, loaded.origin):
+        if isinstance(r, Refused):  # counted by refused_rows, as a bad row
+            continue
+        ids, labels, reason = fit_length(*r, opts.max_length, opts.truncation)
         if reason:
             kept.dropped[reason] += 1
             continue

@@ -1,15 +1,28 @@
 """Render a conversation with the chat template into input_ids and labels. Pure functions.
 
 How the supervised span is found without `{% generation %}` markers: the template's own text is
-split at its special tokens (`<|im_start|>`, `<|im_end|>`, ...). Every block that opens with
-`<|im_start|>assistant\\n` is an assistant reply; its tokens from after that header through the
-closing `<|im_end|>` are supervised (so the model learns to stop), the `\\n` after it is not.
+split at its special tokens (`<|im_start|>`, `<|im_end|>`, ...). A block that opens with the
+reply header is an assistant reply. The header is the role name and the separator the template
+writes after every role name, read off a rendered user turn: `assistant\\n` in every Qwen template.
+In a reply, what the model is NOT trained to produce is what it is given at inference: the header,
+and then the text the template's generation prompt adds after the header (its "opening": `<think>\\n`
+in Qwen3-Thinking-2507 and Qwen3.5 with thinking on, `<think>\\n\\n</think>\\n\\n` with thinking off,
+nothing in Qwen2.5, or in Qwen3 with thinking on), when the block starts with it. Everything after, through the closing
+`<|im_end|>`, is supervised (so the model learns to stop); the `\\n` after it is not. A reply whose
+reasoning the template drops (an earlier turn) does not start with the opening: only its header is
+prompt. The opening is read off the template with the row's own switches (`enable_thinking`, ...).
+
+Template switches (`SWITCHES`) are passed to the template only when set: unset means the
+template's own default (Qwen3.5-2B's template thinks only when enable_thinking is passed true).
 
 Special-token injection: before rendering, every special-token string inside user-provided text
 is swapped for a private-use character and swapped back inside its text piece, which is then
 tokenized with `split_special_tokens=True`. So a user who writes "<|im_end|>" gets the plain
 characters, never the control token. Without such text the ids equal
-`tokenizer.apply_chat_template(messages, tokenize=True)` exactly.
+`tokenizer.apply_chat_template(messages, tokenize=True, **switches)` exactly.
+
+A row the template refuses (Qwen3.5: "System message must be at the beginning.") comes back as
+`Refused` with the template's message, for prepare-data to report as a bad row.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftkit.data.formats import Conversation
+from sftkit.data.options import SWITCHES
 
 IGNORE_INDEX = -100
 """Label of a token the model is not trained to produce (Hugging Face's convention)."""
@@ -30,7 +44,21 @@ _SENTINEL_BASE = 0xF0000  # Unicode plane 15, private use: absent from real text
 class RenderOptions:
     train_on: str = "all"
     reasoning: str = "template"
-    enable_thinking: bool = True
+    enable_thinking: bool | None = None  # the switches: None = not passed (the template's default)
+    preserve_thinking: bool | None = None
+    reasoning_effort: str | None = None
+
+    def switches(self) -> dict[str, Any]:
+        """The template switches that are set, as apply_chat_template keyword arguments."""
+        return {k: getattr(self, k) for k in SWITCHES if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A row the chat template cannot render: `field` (a switch, or None) and the problem."""
+
+    field: str | None
+    problem: str
 
 
 @dataclass(frozen=True)
@@ -40,10 +68,12 @@ class TemplateSpec:
     specials: tuple[str, ...]      # special-token strings, longest first
     special_ids: dict[str, int]
     block_open: str                # "<|im_start|>"
-    assistant_prefix: str          # "assistant\n": text after block_open that marks a reply
+    reply_header: str              # "assistant\n": text after block_open that marks a reply
     block_close: str               # "<|im_end|>"
-    no_think_prefix: str           # "<think>\n\n</think>\n\n": prompt part when enable_thinking=False
+    reads: frozenset[str]          # the SWITCHES the template's source names
     encoder: Any = field(compare=False, repr=False, default=None)  # plain_text_encoder(tokenizer)
+    # the generation prompt's text after the header, per set of switches (see reply_opening)
+    openings: dict = field(compare=False, repr=False, default_factory=dict)
 
     # Built once here rather than per conversation (they are on the tokenizing hot path):
     # special string -> private-use sentinel, the inverse, and the two regexes that use them.
@@ -61,8 +91,13 @@ class TemplateSpec:
         set_(self, "split_re", re.compile("(" + "|".join(map(re.escape, self.specials)) + ")"))
 
 
+_NOT_CHATML = ("the chat template does not mark turns with special tokens the way sftkit reads them "
+               "(ChatML: <|im_start|>role ... <|im_end|>); use the model's own template or a ChatML one")
+
+
 def template_spec(tokenizer) -> TemplateSpec:
-    """Find the assistant header and the closing token by rendering a probe conversation."""
+    """Find the turn markers, the reply header and the switches the template reads, by rendering
+    probe conversations (with no switch set)."""
     from sftkit.errors import ConfigError
 
     specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
@@ -71,24 +106,55 @@ def template_spec(tokenizer) -> TemplateSpec:
     user = [{"role": "user", "content": "PROBE_Q"}]
     base = tokenizer.apply_chat_template(user, tokenize=False)
     with_prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    no_think = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-    header = with_prompt[len(base):]
-    opener = next((s for s in specials if header.startswith(s)), None)
+    opener = next((s for s in specials if with_prompt.startswith(s, len(base))), None)
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "PROBE_A"}], tokenize=False)
     after = full[full.rfind("PROBE_A") + len("PROBE_A"):]
     closer = next((s for s in specials if after.startswith(s)), None)
-    if not with_prompt.startswith(base) or opener is None or closer is None:
-        raise ConfigError("the chat template does not mark turns with special tokens the way sftkit reads them "
-                          "(ChatML: <|im_start|>role ... <|im_end|>); use the model's own template or a ChatML one")
+    user_at = base.rfind(f"{opener}user")
+    if not with_prompt.startswith(base) or opener is None or closer is None or user_at < 0:
+        raise ConfigError(_NOT_CHATML)
+    # the separator after a role name, as the user turn shows it: "\n" in "<|im_start|>user\nPROBE_Q"
+    header = "assistant" + base[user_at + len(opener) + len("user"):base.rfind("PROBE_Q")]
+    if not with_prompt.startswith(header, len(base) + len(opener)):
+        raise ConfigError(_NOT_CHATML)
+    template = tokenizer.get_chat_template()
     return TemplateSpec(
         specials=tuple(specials),
         special_ids={s: tokenizer.convert_tokens_to_ids(s) for s in specials},
         block_open=opener,
-        assistant_prefix=header[len(opener):],
+        reply_header=header,
         block_close=closer,
-        no_think_prefix=no_think[len(with_prompt):] if no_think.startswith(with_prompt) else "",
+        reads=frozenset(s for s in SWITCHES if re.search(rf"\b{s}\b", template)),
         encoder=plain_text_encoder(tokenizer),
     )
+
+
+def template_reads(spec: TemplateSpec) -> str:
+    """Which switches the template reads, as an error says it."""
+    return f"it reads {', '.join(sorted(spec.reads))}" if spec.reads else f"it reads none of {', '.join(SWITCHES)}"
+
+
+def reply_opening(tokenizer, spec: TemplateSpec, switches: dict[str, Any]) -> str:
+    """The text the generation prompt puts after the reply header under these switches (e.g.
+    "<think>\n"): what a reply is given at inference, so prompt, not supervised. Read once per set
+    of switches. Raises the template's own error for a switch value it refuses."""
+    key = tuple(sorted(switches.items()))
+    opening = spec.openings.get(key)
+    if opening is None:
+        from sftkit.errors import ConfigError
+
+        user = [{"role": "user", "content": "PROBE_Q"}]
+        base = tokenizer.apply_chat_template(user, tokenize=False, **switches)
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True, **switches)
+        lead = base + spec.block_open + spec.reply_header
+        if not prompt.startswith(lead) or spec.split_re.search(prompt, len(lead)):
+            # a special token after the header would be cut into its own piece, where the
+            # opening could not be found: refused rather than silently supervised
+            raise ConfigError(f"with {switches or 'no switches'}, the chat template's generation prompt "
+                              f"{prompt[len(base):]!r} is not {spec.block_open + spec.reply_header!r} "
+                              "followed by plain text; sftkit cannot tell its reply apart")
+        opening = spec.openings[key] = prompt[len(lead):]
+    return opening
 
 
 def _escape(text: str, table: dict[str, str]) -> str:
@@ -114,11 +180,13 @@ def prepare_messages(msgs: Conversation, opts: RenderOptions, table: dict[str, s
     return out
 
 
-def render_text(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderOptions, tools=None) -> str:
-    """The template's text for a whole conversation, special-token strings in content escaped."""
+def render_text(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderOptions, tools=None,
+                switches: dict[str, Any] | None = None) -> str:
+    """The template's text for a whole conversation, special-token strings in content escaped.
+    `switches`: the template variables to pass; by default the run's (opts.switches())."""
     return tokenizer.apply_chat_template(
         prepare_messages(msgs, opts, spec.escapes), tools=tools, tokenize=False,
-        add_generation_prompt=False, enable_thinking=opts.enable_thinking,
+        add_generation_prompt=False, **(opts.switches() if switches is None else switches),
     )
 
 
@@ -130,9 +198,11 @@ class _Piece:
     block: int = -1     # index of the assistant block this piece belongs to, -1 = none
 
 
-def split_pieces(text: str, spec: TemplateSpec, opts: RenderOptions) -> list[_Piece]:
-    """Cut the rendered text at special tokens and mark which parts belong to assistant replies."""
-    unescape, restore = spec.unescapes, spec.restore_re
+def split_pieces(text: str, spec: TemplateSpec, opening: str = "") -> list[_Piece]:
+    """Cut the rendered text at special tokens and mark which parts belong to assistant replies.
+    `opening`: the generation prompt's text after the header (reply_opening), prompt when a reply
+    starts with it."""
+    unescape, restore, header = spec.unescapes, spec.restore_re, spec.reply_header
     pieces: list[_Piece] = []
     in_reply, block, after_open = False, -1, False
     for part in spec.split_re.split(text):
@@ -149,17 +219,39 @@ def split_pieces(text: str, spec: TemplateSpec, opts: RenderOptions) -> list[_Pi
                 in_reply = False
         else:
             start = None
-            if after_open and part.startswith(spec.assistant_prefix):
+            if after_open and part.startswith(header):
                 in_reply, block = True, block + 1
-                start = len(spec.assistant_prefix)
-                if not opts.enable_thinking and spec.no_think_prefix and part.startswith(spec.no_think_prefix, start):
-                    start += len(spec.no_think_prefix)
+                start = len(header)
+                if opening and part.startswith(opening, start):
+                    start += len(opening)
             elif in_reply:
                 start = 0
             pieces.append(_Piece(restore.sub(lambda m: unescape[m.group()], part), False, start,
                                  block if start is not None else -1))
         after_open = False
     return pieces
+
+
+def row_pieces(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderOptions, tools,
+               row_switches: dict[str, Any] | None) -> list[_Piece] | Refused:
+    """One row's pieces under the run's switches with the row's own on top, or Refused: a switch
+    the template never reads, or the template's own error (jinja2 raises TypeError from a filter
+    given the wrong type, e.g. Qwen3.5's `arguments|items` on a tool call's JSON string)."""
+    import jinja2
+
+    switches = opts.switches()
+    if row_switches:
+        unread = next((k for k in row_switches if k not in spec.reads), None)
+        if unread:
+            return Refused(unread, f"the chat template never reads {unread}, so this row would render as if it "
+                           f"were not set ({template_reads(spec)}); remove it from the row")
+        switches = {**switches, **row_switches}
+    try:
+        text = render_text(msgs, tokenizer, spec, opts, tools, switches)
+        opening = reply_opening(tokenizer, spec, switches)
+    except (jinja2.TemplateError, TypeError) as err:
+        return Refused(None, f"the chat template refuses this row: {err}")
+    return split_pieces(text, spec, opening)
 
 
 def plain_text_encoder(tokenizer):
@@ -176,45 +268,50 @@ def plain_text_encoder(tokenizer):
 
 
 def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts: RenderOptions,
-                 tools: list | None = None) -> list[tuple[list[int], list[int]]]:
+                 tools: list | None = None, switches: list | None = None) -> list[tuple[list[int], list[int]] | Refused]:
     """Render and tokenize many conversations with ONE tokenizer call (the fast path).
 
-    Returns (input_ids, labels) per conversation; labels are IGNORE_INDEX outside replies.
+    Returns (input_ids, labels) per conversation, labels IGNORE_INDEX outside replies; or Refused
+    for a row the template cannot render. `switches`: per row, the row's own switches or None.
     """
-    tools = tools or [None] * len(convs)
-    all_pieces = [split_pieces(render_text(c, tokenizer, spec, opts, t), spec, opts) for c, t in zip(convs, tools)]
+    n = len(convs)
+    all_pieces = [row_pieces(c, tokenizer, spec, opts, t, s)
+                  for c, t, s in zip(convs, tools or [None] * n, switches or [None] * n)]
     # Each distinct text once: the "\n" between turns is half of all pieces, and a system prompt
     # shared by every row is common; a tiny piece costs the encoder as much as a sentence.
-    texts = list(dict.fromkeys(p.text for pieces in all_pieces for p in pieces if not p.is_special))
+    texts = list(dict.fromkeys(p.text for pieces in all_pieces if not isinstance(pieces, Refused)
+                               for p in pieces if not p.is_special))
     encoded = dict(zip(texts, spec.encoder.encode_batch(texts, add_special_tokens=False))) if texts else {}
-    out = []
-    for pieces in all_pieces:
-        n_blocks = 1 + max((p.block for p in pieces), default=-1)
-        keep = {n_blocks - 1} if opts.train_on == "last" else set(range(n_blocks))
-        ids: list[int] = []
-        labels: list[int] = []
-        for p in pieces:
-            trained = p.supervised_from is not None and p.block in keep
-            if p.is_special:
-                ids.append(spec.special_ids[p.text])
-                labels.append(ids[-1] if trained else IGNORE_INDEX)
-                continue
-            enc = encoded[p.text]
-            piece_ids = enc.ids
-            ids.extend(piece_ids)
-            if trained and p.supervised_from == 0:
-                labels.extend(piece_ids)
-            elif trained:
-                # The first supervised token is the first that starts at or after the reply's start;
-                # one that starts before it (e.g. "\n\n" across the header) belongs to the prompt.
-                first = enc.char_to_token(p.supervised_from)
-                if first is None:  # the reply starts at the piece's end: nothing of it is here
-                    first = len(piece_ids)
-                elif enc.token_to_chars(first)[0] < p.supervised_from:
-                    first += 1
-                labels.extend([IGNORE_INDEX] * first)
-                labels.extend(piece_ids[first:])
-            else:
-                labels.extend([IGNORE_INDEX] * len(piece_ids))
-        out.append((ids, labels))
-    return out
+    return [pieces if isinstance(pieces, Refused) else _ids_and_labels(pieces, spec, encoded, opts.train_on)
+            for pieces in all_pieces]
+
+
+def _ids_and_labels(pieces: list[_Piece], spec: TemplateSpec, encoded: dict, train_on: str) -> tuple[list, list]:
+    n_blocks = 1 + max((p.block for p in pieces), default=-1)
+    keep = {n_blocks - 1} if train_on == "last" else set(range(n_blocks))
+    ids: list[int] = []
+    labels: list[int] = []
+    for p in pieces:
+        trained = p.supervised_from is not None and p.block in keep
+        if p.is_special:
+            ids.append(spec.special_ids[p.text])
+            labels.append(ids[-1] if trained else IGNORE_INDEX)
+            continue
+        enc = encoded[p.text]
+        piece_ids = enc.ids
+        ids.extend(piece_ids)
+        if trained and p.supervised_from == 0:
+            labels.extend(piece_ids)
+        elif trained:
+            # The first supervised token is the first that starts at or after the reply's start;
+            # one that starts before it (e.g. "\n\n" across the header) belongs to the prompt.
+            first = enc.char_to_token(p.supervised_from)
+            if first is None:  # the reply starts at the piece's end: nothing of it is here
+                first = len(piece_ids)
+            elif enc.token_to_chars(first)[0] < p.supervised_from:
+                first += 1
+            labels.extend([IGNORE_INDEX] * first)
+            labels.extend(piece_ids[first:])
+        else:
+            labels.extend([IGNORE_INDEX] * len(piece_ids))
+    return ids, labels
