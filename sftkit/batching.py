@@ -146,9 +146,11 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
     A row with `weight` 0 contributes tokens to the forward but nothing to the loss.
     `padding_free` (packed only) puts all rows in one row: no padding at all, for attention that
     takes varlen offsets (sftkit's varlen, flash-attention); eager/sdpa would build a mask
-    quadratic in the whole micro-batch instead. The offsets come along as transformers'
-    FlashAttentionKwargs (`cu_seq_lens_q`, `max_length_q`, ...), so no layer derives them from
-    position_ids (a host sync per layer).
+    quadratic in the whole micro-batch instead. A packed batch's offsets come along as
+    transformers' FlashAttentionKwargs (`cu_seq_lens_q`, `max_length_q`, ...), counted over the
+    rows laid end to end (a row's padding is a sequence of its own), so no layer derives them from
+    position_ids (a host sync per layer), and Gated DeltaNet layers, which never see position_ids,
+    get them too (sftkit/arch/packed_linear_attention.py); eager/sdpa attention ignores them.
     """
     if packed and padding_free:
         rows = [[e for row in rows for e in row]]
@@ -183,8 +185,10 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     inputs = {"input_ids": ids, "position_ids": positions} if packed else {"input_ids": ids, "attention_mask": mask}
-    if packed and padding_free:
-        cu, longest = offsets([len(e["input_ids"]) for e in rows[0]])
+    if packed:
+        # each row's examples, then its padding as a sequence of its own, rows end to end
+        cu, longest = offsets([n for row, s in zip(rows, seqs) for n in
+                               [len(e["input_ids"]) for e in row] + [width - len(s)] * (len(s) < width)])
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     pairs = sum(len(e["input_ids"]) ** 2 for row in rows for e in row)
     return MicroBatch(inputs, keep, labels[:, 1:][keep[:, :-1]], int(mask.sum()), ids.numel(), pairs, segments,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftkit.accel import is_zero3
+from sftkit.arch.layout import restore as restore_layout
 from sftkit.errors import ConfigError, SftkitError
 from sftkit.io import apply_umask, atomic_write_json
 
@@ -126,7 +127,8 @@ def ensure_stop_token(generation_config, tokenizer) -> None:
 
 
 def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
-    """Model or adapter + tokenizer + generation config + sftkit config, loadable without sftkit.
+    """Model or adapter + tokenizer + generation config + sftkit config, loadable without sftkit,
+    in the layout of the base checkpoint (sftkit/arch/layout.py).
 
     Under ZeRO-3 each rank holds a slice of every weight: get_state_dict gathers them (all ranks
     must call it), and the files are reopened afterwards to check every shape.
@@ -143,6 +145,7 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
         cfg.save_yaml(path / CONFIG_FILE)
         if state_dict is not None:
             check_saved_shapes(path, unwrapped)
+        restore_layout(path, cfg.model_name_or_path)  # a Qwen3.5 base: its vision tower and MTP weights too
         apply_umask(path)
     accelerator.wait_for_everyone()
 

@@ -161,7 +161,11 @@ class LoraOptions:
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] = field(default_factory=list)
     """Module names that get LoRA weights. Empty: the architecture's own list (sftkit/arch/table.py):
-    the attention and MLP projections, plus on hybrid models the Gated DeltaNet projections."""
+    q/k/v/o_proj and gate/up/down_proj (Qwen3, Qwen3.5); on Gated DeltaNet layers in_proj_qkv,
+    in_proj_z and out_proj (Qwen3.5, Qwen3.5-MoE) or in_proj_qkvz and out_proj (Qwen3-Next); on MoE
+    models the shared expert (Qwen3.5-MoE; none on Qwen3-Next and Qwen3 MoE, where PEFT maps
+    gate/up/down_proj onto the routed experts: see lora_target_parameters). The one-number-per-head
+    gates (in_proj_a/b, in_proj_ba, shared_expert_gate) are left out; name them here to train them."""
     lora_target_parameters: list[str] = field(default_factory=list)
     """Parameters that get LoRA weights (PEFT target_parameters, matched by name suffix), e.g. the
     fused expert tensors mlp.experts.gate_up_proj. Empty: the architecture's own (MoE: the routed

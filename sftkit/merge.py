@@ -38,6 +38,7 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from sftkit.arch.layout import restore as restore_layout
     from sftkit.checkpoint import ensure_stop_token, model_in
     from sftkit.io import atomic_directory, check_free_output, check_free_space, check_not_an_input, remove_stale_tmp
     from sftkit.models import adapter_base, load_model, load_tokenizer, min_saved_bytes
@@ -65,6 +66,7 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     untied = _untie_if_needed(merged)
     with atomic_directory(Path(output_dir)) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=opts.max_shard_size)
+        restore_layout(tmp, base_name)  # a Qwen3.5 base: written as the vision-language model it came as
         tokenizer.save_pretrained(tmp)
         gen = merged.generation_config
         ensure_stop_token(gen, tokenizer)

@@ -187,6 +187,8 @@ def build_for_training(cfg, cuda: bool = False):
 
         check_model(model.config)
     model.config.use_cache = False
+    if cfg.packing:
+        keep_linear_attention_apart(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
         every = cfg.checkpoint_every_n_layers
@@ -214,6 +216,21 @@ def build_for_training(cfg, cuda: bool = False):
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
     return model
+
+
+def keep_linear_attention_apart(model) -> None:
+    """Packing a model with linear-attention layers: they get the example boundaries, or the run
+    stops here (a layer that cannot take them would run its recurrence across examples, silently)."""
+    from sftkit.arch.packed_linear_attention import install
+    from sftkit.arch.table import arch_of
+
+    text = model.config.get_text_config()
+    if not (arch_of(model.config).linear_attention or "linear_attention" in (getattr(text, "layer_types", None) or [])):
+        return
+    if install(model) == 0:
+        raise ConfigError(f"packing: {text.model_type} has linear-attention layers that sftkit cannot hand the example "
+                          "boundaries to (no Gated DeltaNet layer found), so packed examples would share their state; "
+                          "set packing: false")
 
 
 def lora_targets(cfg, config) -> list[str]:

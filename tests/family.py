@@ -76,7 +76,9 @@ def build(kind: str, path: Path, seed: int = 0) -> Path:
         else:
             config = transformers.AutoConfig.for_model(kind, **text_config(kind))
             model = transformers.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
+    # the Qwen3.5 releases are sharded with an index (which transformers reads only where no single
+    # model.safetensors is beside it); 20MB cuts the tiny ones in shards too
+    model.save_pretrained(path, max_shard_size="20MB" if kind in ("qwen3_5", "qwen3_5_moe") else "5GB")
     if kind in ("qwen3_5", "qwen3_5_moe"):
         _add_mtp_weights(path, text_config(kind)["hidden_size"], seed)
     tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())

@@ -11,6 +11,15 @@ from dataclasses import dataclass
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")  # a dense MLP, or a MoE layer's shared expert
+# Gated DeltaNet: the input projections (Qwen3-Next fuses q, k, v and the output gate z in one) and
+# the output projection. Left out by default: the decay/beta gates (in_proj_ba; in_proj_a, in_proj_b)
+# and shared_expert_gate, whose outputs are one number per value head (32 on Qwen3-Next-80B-A3B) or
+# a single number: a rank-16 adapter there is about as big as the full update of its output side.
+# List them in --lora_target_modules (or modules_to_save) to train them.
+# Qwen3.5-MoE's shared expert, named with its parent: the routed experts are lora_expert_parameters.
+SHARED_EXPERT = tuple(f"shared_expert.{name}" for name in MLP)
+DELTANET_NEXT = ("in_proj_qkvz", "out_proj")
+DELTANET_3_5 = ("in_proj_qkv", "in_proj_z", "out_proj")
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers 5's fused [experts, out, in]
 # PEFT 0.21 rewrites the target_modules gate_proj/up_proj/down_proj of qwen2_moe-style model_types
 # (qwen3_moe, qwen3_next) into the fused routed experts (its transformers-4 compatibility), so there
@@ -45,11 +54,14 @@ ARCHS: dict[str, Arch] = {
     "qwen2": Arch("Qwen2.5"),
     "qwen3": Arch("Qwen3"),
     "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, lora_expert_parameters=EXPERTS, moe=True),
-    "qwen3_next": Arch("Qwen3-Next", lora_modules=ATTENTION, lora_expert_parameters=EXPERTS + SHARED_EXPERT_WEIGHTS,
-                       moe=True, linear_attention=True, gated_attention=True),
-    "qwen3_5": Arch("Qwen3.5", linear_attention=True, vision_language=True, gated_attention=True),
-    "qwen3_5_moe": Arch("Qwen3.5 MoE", lora_expert_parameters=EXPERTS, moe=True, linear_attention=True,
-                        vision_language=True, gated_attention=True),
+    "qwen3_next": Arch("Qwen3-Next", lora_modules=ATTENTION + DELTANET_NEXT,
+                       lora_expert_parameters=EXPERTS + SHARED_EXPERT_WEIGHTS, moe=True, linear_attention=True,
+                       gated_attention=True),
+    "qwen3_5": Arch("Qwen3.5", lora_modules=ATTENTION + DELTANET_3_5 + MLP, linear_attention=True, vision_language=True,
+                    gated_attention=True),
+    "qwen3_5_moe": Arch("Qwen3.5 MoE", lora_modules=ATTENTION + DELTANET_3_5 + SHARED_EXPERT,
+                        lora_expert_parameters=EXPERTS, moe=True, linear_attention=True, vision_language=True,
+                        gated_attention=True),
 }
 # the text model's own config inside a vision-language checkpoint
 ARCHS["qwen3_5_text"] = ARCHS["qwen3_5"]
