@@ -148,6 +148,10 @@ class LoraOptions:
     """Module names that get LoRA weights (Qwen3's attention and MLP projections by default)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapter, e.g. embed_tokens and lm_head for new tokens."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base quantized to 4 bits (nf4, double quantization, bf16 compute)
+    through bitsandbytes (`pip install 'sftkit[qlora]'`); the adapter trains in fp32. Not with
+    DeepSpeed. merge-lora merges the adapter into the 16-bit base."""
 
 
 @dataclass

@@ -19,6 +19,9 @@ EXPECTED_LOG_LINES = {
     # accelerate.save_state on a model whose lm_head is tied to the embedding (Qwen3 0.6B-4B, our
     # tiny preset): the tie is restored on load, which the reload tests check
     "accelerate.utils.other": "Removed shared tensor",
+    # bitsandbytes 0.50 on a CPU (--load_in_4bit), at import: an optional faster kernel is absent,
+    # its own CPU kernels run instead
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
 }
 # warnings raised inside libraries by calls of other libraries, not by sftkit's use of them
 EXPECTED_WARNINGS = [

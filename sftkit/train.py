@@ -53,7 +53,7 @@ from sftkit.metrics import (
     rss_mb,
 )
 from sftkit.models import build_for_training, count_parameters, load_tokenizer, resolve_model_path
-from sftkit.run_dir import Resume, claim, find_resume, run_identity
+from sftkit.run_dir import Resume, base_identity, claim, find_resume, run_identity
 from sftkit.signals import StoppedWaiting, StopRequest
 
 
@@ -149,11 +149,11 @@ def setup(cfg: SFTConfig, console=None) -> Run:
                         cfg.gradient_accumulation_steps, cfg.seed, cfg.packing, cfg.max_length, cfg.group_by_length)
     steps = total_steps(schedule, cfg.num_train_epochs, cfg.max_steps)
     check_step_size(cfg, schedule, console if accelerator.is_main_process else None)
-    state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
-                       data_fingerprint=data_fp)
-    resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
     with accelerator.main_process_first():  # the tiny preset is built once, by rank 0, not by two at once
-        resolve_model_path(cfg.model_name_or_path)
+        base = resolve_model_path(cfg.model_name_or_path)
+    state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
+                       data_fingerprint=data_fp, base_model=base, base_hash=base_identity(base))
+    resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
     cuda = accelerator.device.type == "cuda"  # Run.cuda, before there is a Run
     model = build_for_training(cfg, cuda)  # auto attention: varlen on a GPU
     trainable, total = count_parameters(model)
@@ -167,7 +167,8 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     if resume:
         # the counters continue; the identity, length and data are this configuration's from now on
         state = dataclasses.replace(load_checkpoint(accelerator, resume.path, scheduler), total_steps=steps,
-                                    run_id=state.run_id, data_fingerprint=data_fp)
+                                    run_id=state.run_id, data_fingerprint=data_fp, base_model=state.base_model,
+                                    base_hash=state.base_hash)
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
