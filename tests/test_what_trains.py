@@ -165,3 +165,28 @@ def test_load_in_4bit_needs_lora(tmp_path):
     proc = run_cli("train", "--data_path", "data/sample_alpaca.json", "--load_in_4bit", "--output_dir",
                    str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "load_in_4bit set without use_lora" in proc.stderr
+
+
+def test_sha256_checksums_of_older_checkpoints_still_verify(tmp_path):
+    """A checksums.json as sftkit wrote it before state version 4 (bare sha256 hex digests)
+    verifies, and a byte changed at the same size is still found; new lists are xxh3-128."""
+    import hashlib
+
+    from sftkit.checkpoint import checksums, damage
+
+    ckpt = tmp_path / "checkpoint-3"
+    (ckpt / "state").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"version": 3, "step": 3}))
+    (ckpt / "state" / "optimizer.bin").write_bytes(bytes(range(256)) * 4096)
+    files = [f for f in sorted(ckpt.rglob("*")) if f.is_file()]
+    old = {f.relative_to(ckpt).as_posix(): [f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()] for f in files}
+    (ckpt / "checksums.json").write_text(json.dumps(old))
+    assert damage(ckpt) is None
+    blob = bytearray((ckpt / "state" / "optimizer.bin").read_bytes())
+    blob[500_000] ^= 1
+    (ckpt / "state" / "optimizer.bin").write_bytes(bytes(blob))
+    assert damage(ckpt) == "state/optimizer.bin differs from what was saved (checksum)"
+    new = checksums(ckpt)
+    assert new.keys() == old.keys() and all(v[1].startswith("xxh3_128:") for v in new.values())
+    (ckpt / "checksums.json").write_text(json.dumps(new))
+    assert damage(ckpt) is None
