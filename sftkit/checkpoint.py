@@ -2,11 +2,13 @@
 into place, so `latest` never finds a half-written checkpoint.
 
 checkpoint-N/
-  state/              accelerate.save_state: weights, optimizer, scheduler, RNG of every rank
+  state/              accelerate.save_state: the weights that train (never a frozen one), the
+                      optimizer, RNG of every rank (DeepSpeed: its engine's files, frozen excluded)
   model/              the model or adapter in Hugging Face format (eval and merge-lora read it)
   scheduler.json      the learning-rate scheduler's state
-  trainer_state.json  the TrainState: step, micro-batches consumed, token counts, time, skipped steps
-  checksums.json      written last: the size and sha256 of every other file (resume verifies them)
+  trainer_state.json  the TrainState: step, micro-batches consumed, token counts, time, skipped
+                      steps, and the base model the frozen weights are reloaded from
+  checksums.json      written last: the size and digest of every other file (resume verifies them)
 
 This module owns those names: nothing else spells them.
 """
@@ -14,7 +16,6 @@ This module owns those names: nothing else spells them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pickle
 import re
@@ -25,8 +26,9 @@ from pathlib import Path
 
 from sftkit.accel import is_zero3
 from sftkit.arch.layout import restore as restore_layout
+from sftkit.digest import algo_of, of_bytes, of_files
 from sftkit.errors import ConfigError, SftkitError
-from sftkit.io import apply_umask, atomic_write_json
+from sftkit.io import apply_umask, atomic_write_text
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -35,7 +37,7 @@ MODEL_DIR = "model"
 FINAL_DIR = "final"
 CONFIG_FILE = "sftkit_config.yaml"  # beside every saved model: the options that trained it
 SCHEDULER_FILE = "scheduler.json"
-CHECKSUMS = "checksums.json"        # written last: size and sha256 of every other file
+CHECKSUMS = "checksums.json"        # written last: size and digest of every other file
 LEGACY_SCHEDULER = "custom_checkpoint_0.pkl"  # where accelerate kept our scheduler before scheduler.json
 
 
@@ -44,11 +46,12 @@ class TrainState:
     """Where a run is: everything besides the tensors that a resumed run needs to continue exactly.
 
     Version 1 (sftkit 0.1 before this class) wrote the same keys without "version", and
-    "skipped_steps" only once a step had been skipped; version 2 had no run identity. Both load:
-    the missing fields keep their defaults (0 and "": unknown).
+    "skipped_steps" only once a step had been skipped; version 2 had no run identity; version 3
+    saved the frozen weights in state/ and sha256 checksums. All load: the missing fields keep
+    their defaults (0 and "": unknown), and a state/ holding frozen weights loads as before.
     """
 
-    VERSION = 3
+    VERSION = 4
 
     step: int = 0                 # optimizer steps done
     micro_index: int = 0          # micro-batches consumed (the data position; step x accumulation)
@@ -59,6 +62,8 @@ class TrainState:
     total_steps: int = 0          # the length of the run's schedule (0: unknown, before version 3)
     run_id: str = ""              # run_dir.run_identity: which run wrote this ("": unknown)
     data_fingerprint: str = ""    # the prepared training set's fingerprint
+    base_model: str = ""          # where the run loaded its base from (a frozen weight is reloaded from there)
+    base_hash: str = ""           # run_dir.base_identity of that base ("": unknown, or not a local folder)
 
     def advance(self, micro_batches: int, tokens: int, supervised: int, skipped: bool) -> None:
         """Count one optimizer step."""
@@ -194,15 +199,15 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp / STATE_DIR))
+        save_state(accelerator, tmp / STATE_DIR)
         save_model(accelerator, model, tokenizer, cfg, tmp / MODEL_DIR)
         if accelerator.is_main_process:
             # JSON, not accelerate's custom_checkpoint pickle, which it loads with weights_only=False
-            atomic_write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
-            atomic_write_json(tmp / TRAINER_STATE, state.to_dict())
+            known = {SCHEDULER_FILE: write_json(tmp / SCHEDULER_FILE, scheduler.state_dict()),
+                     TRAINER_STATE: write_json(tmp / TRAINER_STATE, state.to_dict())}
             apply_umask(tmp)
             # the list of every file's size and checksum is written last: it marks a complete checkpoint
-            atomic_write_json(tmp / CHECKSUMS, checksums(tmp))
+            write_json(tmp / CHECKSUMS, checksums(tmp, known))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -218,6 +223,39 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
     return final
 
 
+def kept_names(model) -> set[str]:
+    """The state-dict names a checkpoint holds: parameters that train, and buffers. A frozen weight
+    (LoRA's base, its 4-bit quantization state) is never copied: resume reloads it from the base.
+    A tiny-qwen3 LoRA run's state/model.safetensors went from 39 MB (52 tensors, 24 of them the
+    frozen base) to the adapter's 28 tensors."""
+    trains = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return trains | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+
+
+def _drop_frozen(models, weights, _output_dir) -> None:
+    """accelerate's save-state hook: the state dicts it is about to write lose their frozen weights."""
+    for model, state in zip(models, weights):
+        for name in set(state) - kept_names(model):
+            del state[name]
+
+
+def save_state(accelerator, folder: Path) -> None:
+    """accelerate.save_state without frozen weights. DeepSpeed writes its own files: its engine
+    leaves them out itself (exclude_frozen_parameters; the other backends ignore the flag)."""
+    hook = accelerator.register_save_state_pre_hook(_drop_frozen)
+    try:
+        accelerator.save_state(str(folder), exclude_frozen_parameters=True)
+    finally:
+        hook.remove()
+
+
+def write_json(path: Path, obj) -> str:
+    """Write `obj` as JSON atomically; its digest, taken from the bytes written (not reread)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_text(path, text)
+    return of_bytes(text.encode())
+
+
 def prune(out_dir: Path, keep: int | None) -> None:
     if keep is None:
         return
@@ -225,16 +263,19 @@ def prune(out_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def checksums(folder: Path) -> dict[str, list]:
-    """relative path -> [size, sha256] of every file in a checkpoint (the marker itself excluded)."""
-    out = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-        out[f.relative_to(folder).as_posix()] = [f.stat().st_size, h.hexdigest()]
-    return out
+def files_of(folder: Path) -> dict[str, Path]:
+    """relative path -> file, for every file in a checkpoint but the checksum list."""
+    return {f.relative_to(folder).as_posix(): f for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != CHECKSUMS}
+
+
+def checksums(folder: Path, known: dict[str, str] | None = None) -> dict[str, list]:
+    """relative path -> [size, digest] of every file in a checkpoint (the marker itself excluded),
+    hashed in parallel; `known`: the digests of files hashed as they were written."""
+    files, known = files_of(folder), known or {}
+    todo = [name for name in files if name not in known]
+    hashed = dict(zip(todo, of_files([files[name] for name in todo])))
+    return {name: [f.stat().st_size, known.get(name) or hashed[name]] for name, f in files.items()}
 
 
 def damage(path: Path) -> str | None:
@@ -253,18 +294,40 @@ def damage(path: Path) -> str | None:
         if not any((path / STATE_DIR).glob("*")) or not any((path / MODEL_DIR).glob("*")):
             return f"{STATE_DIR}/ or {MODEL_DIR}/ is missing or empty (a copy cut short?)"
         return None
+    listed = read_checksums(marker)
+    if listed is None:
+        return f"{CHECKSUMS} is unreadable"
+    return mismatch(listed, files_of(path))
+
+
+def read_checksums(marker: Path) -> dict[str, list] | None:
+    """The checksum list, or None when it is not one: {name: [size, digest]}."""
     try:
         listed = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return f"{CHECKSUMS} is unreadable"
-    found = checksums(path)
-    for name in sorted(set(listed) | set(found)):
-        if name not in found:
+        return None
+    if not isinstance(listed, dict):
+        return None
+    entries = listed.values()
+    ok = all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str) for v in entries)
+    return listed if ok else None
+
+
+def mismatch(listed: dict[str, list], files: dict[str, Path]) -> str | None:
+    """The first file that is missing, added, or differs from the list: sizes first (free), then
+    the digests, all files at once in parallel threads, each with the hash it was listed with."""
+    for name in sorted(set(listed) | set(files)):
+        if name not in files:
             return f"{name} is missing"
         if name not in listed:
             return f"{name} was not written by sftkit (an added file is never loaded)"
-        if found[name] != listed[name]:
-            return f"{name} differs from what was saved ({'size' if found[name][0] != listed[name][0] else 'checksum'})"
+        if files[name].stat().st_size != listed[name][0]:
+            return f"{name} differs from what was saved (size)"
+    names = sorted(files)
+    found = of_files([files[n] for n in names], [algo_of(listed[n][1]) for n in names])
+    for name, got in zip(names, found):
+        if got != listed[name][1]:
+            return f"{name} differs from what was saved (checksum)"
     return None
 
 
@@ -274,7 +337,7 @@ def load_checkpoint(accelerator, path: Path, scheduler) -> TrainState:
     legacy = path / STATE_DIR / LEGACY_SCHEDULER
     if (path / SCHEDULER_FILE).is_file():
         scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-        accelerator.load_state(str(path / STATE_DIR))
+        load_state(accelerator, path / STATE_DIR)
         return read_state(path)
     if legacy.is_file():
         import torch
@@ -290,5 +353,40 @@ def load_checkpoint(accelerator, path: Path, scheduler) -> TrainState:
         for item in (path / STATE_DIR).iterdir():
             if item.name != LEGACY_SCHEDULER:
                 (Path(view) / item.name).symlink_to(item.resolve())
-        accelerator.load_state(view)
+        load_state(accelerator, Path(view))
     return read_state(path)
+
+
+def load_state(accelerator, folder: Path) -> None:
+    """accelerate.load_state, where the weights file may hold only what trains (state version 4)
+    or everything (before): the model is loaded here (load_weights), accelerate loads the rest.
+    DeepSpeed's engine loads its own files, without the frozen weights it left out."""
+    hook = accelerator.register_load_state_pre_hook(load_weights)
+    try:
+        if accelerator.state.deepspeed_plugin is not None:
+            accelerator.load_state(str(folder), load_module_strict=False)
+        else:
+            accelerator.load_state(str(folder))
+    finally:
+        hook.remove()
+
+
+def load_weights(models: list, folder: str) -> None:
+    """accelerate's load-state hook: each model's model{_i}.safetensors, which must hold every
+    parameter that trains and may hold frozen ones (older checkpoints) but nothing else; the
+    models it loaded leave the list, so that accelerate does not load them again."""
+    from safetensors.torch import load_model
+
+    for i, model in enumerate(models):
+        file = Path(folder) / f"model{f'_{i}' if i else ''}.safetensors"
+        if not file.is_file():
+            return  # not a layout sftkit writes: accelerate's own loader decides
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        missing, unexpected = load_model(model, str(file), strict=False)
+        missing, unexpected = set(missing) & kept_names(model), set(unexpected) - frozen
+        if missing or unexpected:
+            what = f"lacks {len(missing)} weight(s) that train" if missing else f"holds {len(unexpected)} unknown tensor(s)"
+            example = min(missing or unexpected)
+            raise ConfigError(f"{file} {what} (e.g. {example}): it was written for another model; resume from "
+                              "a checkpoint of this run, or start a new run")
+    models.clear()

@@ -179,6 +179,10 @@ class LoraOptions:
     use_rslora: bool = False
     """Rank-stabilised LoRA (PEFT): the update is scaled by lora_alpha / sqrt(lora_r) instead of
     lora_alpha / lora_r, which keeps high ranks from learning slower."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base quantized to 4 bits (nf4, double quantization, bf16 compute)
+    through bitsandbytes (`pip install 'sftkit[qlora]'`); the adapter trains in fp32. Not with
+    DeepSpeed. merge-lora merges the adapter into the 16-bit base."""
 
 
 @dataclass

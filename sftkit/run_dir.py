@@ -120,8 +120,32 @@ def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float]) 
                               f"{', '.join(intact) or 'none'}")
     saved = read_state(path)
     check_schedule(path, saved, state.total_steps, lr_factor)
+    check_base(path, saved, state)
     return Resume(path, saved, describe_changes(path, cfg, saved, state), saved.run_id in ("", state.run_id),
                   skipped)
+
+
+def base_identity(model_path: str) -> str:
+    """A hash of a local base model: its config.json and its weight files' names and sizes ("" for
+    a Hub id). A checkpoint holds no frozen weight, so a resume must find the same base. Names and
+    sizes, not contents: hashing the 16 GB of Qwen3-8B at every start would cost seconds, and a
+    base that changed under a run changes its files (re-download, re-shard, another dtype)."""
+    folder = Path(model_path)
+    if not (folder / "config.json").is_file():
+        return ""
+    weights = sorted((f.name, f.stat().st_size) for f in folder.iterdir()
+                     if f.name.endswith((".safetensors", ".safetensors.index.json", ".bin")))
+    text = json.dumps({"config": (folder / "config.json").read_text(), "weights": weights})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_base(path: Path, saved: TrainState, state: TrainState) -> None:
+    """The base this run loads is the one the checkpoint was trained on (its frozen weights are
+    reloaded from it, never kept in the checkpoint). Unknown on either side: not checked."""
+    if saved.base_hash and state.base_hash and saved.base_hash != state.base_hash:
+        raise ConfigError(f"{path} was trained on the base model {saved.base_model} (identity {saved.base_hash}), "
+                          f"but {state.base_model} now has identity {state.base_hash}: its config or weight files "
+                          "changed. Restore that base to resume, or start a new run (another --output_dir)")
 
 
 def _run_of(path: Path) -> str | None:

@@ -61,7 +61,7 @@ from sftkit.models import (
     resolve_model_path,
 )
 from sftkit.neftune import add_neftune
-from sftkit.run_dir import Resume, claim, find_resume, run_identity
+from sftkit.run_dir import Resume, base_identity, claim, find_resume, run_identity
 from sftkit.signals import StoppedWaiting, StopRequest
 
 
@@ -171,11 +171,11 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     if cfg.warmup_steps and cfg.warmup_ratio and accelerator.is_main_process and console is not None:
         console.print(f"note: warm-up is --warmup_steps {cfg.warmup_steps}; --warmup_ratio {cfg.warmup_ratio} "
                       "is not used", highlight=False)
-    state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
-                       data_fingerprint=data_fp)
-    resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
     with accelerator.main_process_first():  # the tiny preset is built once, by rank 0, not by two at once
-        resolve_model_path(cfg.model_name_or_path)
+        base = resolve_model_path(cfg.model_name_or_path)
+    state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
+                       data_fingerprint=data_fp, base_model=base, base_hash=base_identity(base))
+    resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
     cuda = accelerator.device.type == "cuda"  # Run.cuda, before there is a Run
     model = build_for_training(cfg, cuda)  # auto attention: varlen on a GPU
     add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
@@ -190,7 +190,8 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     if resume:
         # the counters continue; the identity, length and data are this configuration's from now on
         state = dataclasses.replace(load_checkpoint(accelerator, resume.path, scheduler), total_steps=steps,
-                                    run_id=state.run_id, data_fingerprint=data_fp)
+                                    run_id=state.run_id, data_fingerprint=data_fp, base_model=state.base_model,
+                                    base_hash=state.base_hash)
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -1,10 +1,11 @@
 """On a GPU only (skipped without CUDA; `bash bench/gpu_check.sh OUTDIR` runs them with -m gpu):
 the flash varlen kernel against the reference and against sdpa under the packed block mask, the
 fused loss against the plain path on CUDA, and one full and one LoRA step of a random-init
-Qwen3-0.6B through sftkit's own setup and train_step."""
+Qwen3-0.6B through sftkit's own setup and train_step; the memory of a bf16 LoRA and a QLoRA base."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -143,5 +144,54 @@ def test_one_step_of_qwen3_0_6b(qwen3_0_6b, tmp_path, lora):
     loss = stats.loss(run.accelerator)
     assert math.isfinite(loss) and abs(loss - math.log(151936)) < 2.0, loss
     assert math.isfinite(float(stats.grad_norm))
+    del run
+    torch.cuda.empty_cache()
+
+
+def lora_setup(path, out, **options):
+    """setup() of a bf16 LoRA run on `path`; (run, GPU bytes its model holds)."""
+    from sftkit.config import SFTConfig
+    from sftkit.train import setup
+
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    run = setup(SFTConfig(model_name_or_path=str(path), data_path=[str(ROOT / "data" / "sample_alpaca.json")],
+                          output_dir=str(out), max_length=512, bf16=True, max_steps=2, per_device_train_batch_size=2,
+                          use_lora=True, save_steps=0, learning_rate=1e-4, **options))
+    return run, torch.cuda.memory_allocated() - before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftkit[qlora])")
+def test_qlora_and_bf16_lora_memory_of_qwen3_0_6b(qwen3_0_6b, tmp_path):
+    """A --bf16 LoRA run holds Qwen3-0.6B's frozen base in bf16: 2 bytes x 596M = 1.19 GB, plus the
+    fp32 adapter (10.1M x 4 = 0.04 GB). --load_in_4bit holds the 440M projection weights in nf4
+    (0.5 byte each and its double-quantized scales) beside the bf16 embedding (156M): about 0.6 GB
+    in all, so under 0.65 x the bf16 run's. One QLoRA step has a finite loss near ln(vocab), and
+    its checkpoint, saved and loaded on the GPU, holds only LoRA tensors. The figures are printed
+    for bench/RESULTS.md (pytest -s)."""
+    from safetensors import safe_open
+
+    from sftkit.checkpoint import load_checkpoint, save_checkpoint
+    from sftkit.train import step_loader, train_step
+
+    run, bf16_bytes = lora_setup(qwen3_0_6b, tmp_path / "bf16")
+    assert {p.dtype for p in run.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert 1.1e9 < bf16_bytes < 1.4e9, bf16_bytes
+    del run
+    run, q_bytes = lora_setup(qwen3_0_6b, tmp_path / "qlora", load_in_4bit=True)
+    print(f"\nQwen3-0.6B LoRA model memory on {torch.cuda.get_device_name()}: bf16 base {bf16_bytes / 1e9:.3f} GB, "
+          f"4-bit base {q_bytes / 1e9:.3f} GB")
+    assert q_bytes < 0.65 * bf16_bytes, (q_bytes, bf16_bytes)
+    torch.cuda.reset_peak_memory_stats()
+    stats = train_step(run, next(step_loader(run)))
+    loss = stats.loss(run.accelerator)
+    assert math.isfinite(loss) and abs(loss - math.log(151936)) < 2.0, loss
+    print(f"QLoRA step peak {torch.cuda.max_memory_allocated() / 1e9:.3f} GB")
+    run.state.step = 1
+    path = save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler)
+    with safe_open(str(path / "state" / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    assert names and all(".lora_" in n for n in names)
+    load_checkpoint(run.accelerator, path, run.scheduler)
     del run
     torch.cuda.empty_cache()
