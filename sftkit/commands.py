@@ -63,13 +63,12 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
     from sftkit.data.dataset import prepared_dir
     from sftkit.data.prepare import load_prepared
     from sftkit.evaluate import evaluate_loss
-    from sftkit.io import atomic_write_json, check_writable
+    from sftkit.io import atomic_write_json
     from sftkit.models import load_for_eval
     from sftkit.report import print_eval
 
     con = console()
-    out = Path(output_dir or (model_path if Path(model_path).is_dir() else "."))
-    check_writable(out, "eval.json's folder", "pass --output_dir to write eval.json elsewhere")
+    out = eval_output_dir(model_path, cfg.data_path, output_dir)
     accelerator = make_accelerator(cfg)
     model, tokenizer = load_for_eval(model_path, cfg)
     with accelerator.main_process_first():
@@ -91,6 +90,21 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
         atomic_write_json(out / "eval.json", result)
         print_eval(result, out / "eval.json", con)
     return result
+
+
+def eval_output_dir(model_path: str, data_paths: list[str], output_dir: Path | None) -> Path:
+    """Where eval writes eval.json and samples.jsonl: --output_dir, else eval/ beside the model
+    (OUT/checkpoint-6 -> OUT/eval; a file inside a checkpoint would count as damage), else ./eval
+    for a model named by id. Never a file, nor a folder that is, holds or lies inside an input."""
+    from sftkit.io import check_not_a_file, check_not_an_input, check_writable
+
+    model = Path(model_path)
+    out = Path(output_dir) if output_dir is not None else model.resolve().parent / "eval" if model.is_dir() \
+        else Path("eval")
+    check_not_a_file(out)
+    check_not_an_input(out, [model_path, *data_paths])
+    check_writable(out, "eval.json's folder", "pass --output_dir to write eval.json elsewhere")
+    return out
 
 
 def merge_command(adapter: Path, output_dir: Path, opts: MergeOptions) -> float:

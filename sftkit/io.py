@@ -3,6 +3,7 @@ behind: temp path, then rename."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -38,13 +39,19 @@ def check_not_an_input(out: Path, inputs: list, flag: str = "--output_dir") -> N
     """Refuse an output that is, holds, or lies inside one of the command's inputs: writing it
     would overwrite, delete or change what is being read."""
     target = out.resolve()
-    for item in inputs:
-        if item is None or not Path(item).exists():
-            continue  # a Hub id or a glob: nothing on disk to overwrite
+    for item in [path for spec in inputs if spec is not None for path in _on_disk(str(spec))]:
         source = Path(item).resolve()
         if target == source or source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
             raise ConfigError(f"{flag} {out} would overwrite an input ({item}): the output may not be, hold or lie "
                               f"inside it; choose another {flag}")
+
+
+def _on_disk(spec: str) -> list[str]:
+    """The paths an input names: itself, what a glob matches (`proj/*.json` once let an output
+    overwrite proj/config.yaml), nothing for a Hub id."""
+    if Path(spec).exists():
+        return [spec]
+    return glob.glob(spec, recursive=True) if glob.has_magic(spec) else []
 
 
 def check_not_a_file(out: Path, flag: str = "--output_dir") -> None:

@@ -30,6 +30,9 @@ def _tolerance(dtype) -> float:
 
 def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     """Merge, save into `output_dir` (atomically), reload and compare; `opts` is a MergeOptions."""
+    from sftkit.lock import check_unlocked
+
+    check_unlocked(Path(output_dir))  # first, before torch loads: a live run's folder is refused for that
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
