@@ -18,6 +18,27 @@ def launched_processes() -> int:
     return 1
 
 
+# What a launcher sets for each process it starts (torchrun, accelerate launch and the deepspeed
+# launcher: LOCAL_RANK; mpirun: its own), as accelerate reads them.
+LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def check_rendezvous() -> None:
+    """WORLD_SIZE > 1 left in the environment of a process no launcher started (no local rank)
+    waited 2 hours for ranks that never came; such a launch cannot work, so it stops here, before
+    any collective."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        return
+    if not world.strip().isdigit():
+        raise ConfigError(f"WORLD_SIZE={world!r} in the environment is not a process count; unset it, or start "
+                          "the run with torchrun or accelerate launch")
+    if int(world) > 1 and not any(var in os.environ for var in LOCAL_RANK_VARS):
+        raise ConfigError(f"WORLD_SIZE={world} is set but no launcher started this process (no LOCAL_RANK): it would "
+                          f"wait for {int(world) - 1} rank(s) nobody starts. Unset WORLD_SIZE, RANK, MASTER_ADDR and "
+                          "MASTER_PORT to run one process, or start it with torchrun or accelerate launch")
+
+
 def check_launch(accelerator) -> None:
     """Every process compares the launcher's count with the Accelerator's: a mismatch means the
     ranks would train alone, each on all the data, and nothing would say so."""
@@ -57,6 +78,7 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    check_rendezvous()
     # Without a GPU, DeepSpeed needs gloo named here: otherwise every rank silently trains alone
     # (../shared/PLATFORM_NOTES.md: data not split, loss doubled). Tokenizing a big set on rank 0
     # can take a while, hence the generous collective time-out.

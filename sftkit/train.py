@@ -28,7 +28,15 @@ import torch
 
 from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
-from sftkit.batching import MicroBatch, PackedSteps, Schedule, StepBatches, ignore_stop_signals, total_steps
+from sftkit.batching import (
+    MicroBatch,
+    PackedSteps,
+    Schedule,
+    StepBatches,
+    end_workers,
+    ignore_stop_signals,
+    total_steps,
+)
 from sftkit.checkpoint import (
     TrainState,
     checkpoint_dir,
@@ -287,17 +295,23 @@ def step_loader(run: Run, stop: StopRequest | None = None):
     """The remaining steps' micro-batches, collated ahead in `dataloader_num_workers` processes
     and handed over packed (one tensor a step). While it waits, a stop signal ends the wait."""
     batches = iter(data_loader(run))
-    while True:
-        if stop is not None:
-            stop.waiting = True
-        try:
-            packed = next(batches)
-        except StopIteration:
-            return
-        finally:
+    alone = run.accelerator.num_processes == 1  # several ranks must agree on the stop (train_step's all-reduce)
+    try:
+        while True:
+            if stop is not None and stop.requested and alone:  # it came during the last step: a wait for
+                raise StoppedWaiting()                          # data may never end (a stuck worker)
             if stop is not None:
-                stop.waiting = False
-        yield packed.unpack()
+                stop.waiting = True
+            try:
+                packed = next(batches)
+            except StopIteration:
+                return
+            finally:
+                if stop is not None:
+                    stop.waiting = False
+            yield packed.unpack()
+    finally:  # the loop ended (done, stopped, failed): no worker may outlive it
+        end_workers(batches)
 
 
 def data_loader(run: Run) -> torch.utils.data.DataLoader:

@@ -10,11 +10,14 @@ tried while it trains, and the later trials start from copies of its checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import BIN, ROOT, read_metrics, run_cli
@@ -51,8 +54,6 @@ def live(tmp_path_factory):
     out = d / "run"
     extra = ["--max_steps", str(STEPS), "--save_steps", "3", "--save_total_limit", "3"]
     first, second = _start(out, *extra), _start(out, *extra)
-    global T0
-    T0 = time.time()
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None and second.poll() is None:
         time.sleep(0.05)
@@ -61,7 +62,6 @@ def live(tmp_path_factory):
     winner = first if loser is second else second
     while time.time() < deadline and not list_checkpoints(out) and winner.poll() is None:
         time.sleep(0.05)
-    print("T first ckpt", time.time() - T0, flush=True)
     seen = {"loser": (loser.returncode, loser_err), "winner_pid": winner.pid,
             "checkpoints_before": [p.name for p in list_checkpoints(out)]}
     resume = _start(out, *extra, "--resume_from_checkpoint", "latest")
@@ -72,11 +72,9 @@ def live(tmp_path_factory):
                                           str(out)])
     _, resume_err = resume.communicate(timeout=300)
     seen["resume"] = subprocess.CompletedProcess([], resume.returncode, "", resume_err)
-    print("T commands done", time.time() - T0, flush=True)
     seen["alive_after"] = winner.poll() is None
     said, err = winner.communicate(timeout=600)
     seen["winner"] = (winner.returncode, said, err)
-    print("T winner done", time.time() - T0, flush=True)
     return out, seen
 
 
@@ -223,3 +221,51 @@ def test_a_new_learning_rate_at_resume_is_applied_and_a_short_max_length_refused
     assert result.exit_code == 2 and f"holds examples of up to {longest} tokens, longer than --max_length 16" \
         in _one_error(result)
     assert not (tmp_path / "short").exists()
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"},
+                                 {"WORLD_SIZE": "2"}])
+def test_a_launch_environment_without_a_launcher_is_refused_before_any_collective(env, tmp_path):
+    """Left over from a launcher, these waited 2 hours for a rank that never came (or, alone, gave
+    a traceback). In-process: the refusal comes before any model, process group or output."""
+    for command in (["train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(tmp_path / "o")],
+                    ["eval", "--model", "tiny-qwen3", "--data_path", "data/sample_alpaca.json"]):
+        result = CliRunner().invoke(build_app(), command, env=env)
+        line = _one_error(result)
+        assert result.exit_code == 2 and line.startswith("error: WORLD_SIZE=2 is set but no launcher started"), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_stuck_data_worker_does_not_hold_a_stopped_run(tmp_path):
+    """The worker is stopped (SIGSTOP: it can neither work nor handle SIGTERM); SIGTERM to the
+    run then saves the checkpoint, and the run exits 75 instead of joining the worker forever."""
+    out = tmp_path / "stuck"
+    proc = _start(out, "--max_steps", "400", "--save_steps", "0")
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r.get("step") for r in _lines(out)) and proc.poll() is None:
+        time.sleep(0.1)
+    workers = [int(c) for task in (Path("/proc") / str(proc.pid) / "task").iterdir()
+               for c in (task / "children").read_text().split()]
+    assert workers, "no DataLoader worker found"
+    for worker in workers:
+        os.kill(worker, signal.SIGSTOP)
+    time.sleep(3)  # the run uses up the steps already handed over, then waits for the stopped worker
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        said, err = proc.communicate(timeout=90)  # torch's own shutdown takes 10 s of it
+    finally:
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+        proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    step = read_metrics(out)[-1]["step"]
+    assert f"stopped at step {step}: saved {out / f'checkpoint-{step}'}" in said and damage(out / f"checkpoint-{step}") is None
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)
+
+
+def _lines(out) -> list[dict]:
+    try:
+        return read_metrics(out)
+    except (OSError, ValueError):
+        return []
