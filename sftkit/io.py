@@ -220,6 +220,7 @@ def read_yaml(path: Path) -> Any:
     loader = yaml.SafeLoader(path.read_text())
     try:
         node = loader.get_single_node()
+        _check_unique_keys(path, node, set())
         if node is not None and _expanded_size(node, {}) > YAML_MAX_VALUES:
             raise ConfigError(f"{path}: its aliases (*name) expand to more than {YAML_MAX_VALUES:,} values; a run "
                               "file needs no aliases this large: write the options out")
@@ -232,6 +233,28 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: nested too deeply to be a run file") from None
     finally:
         loader.dispose()
+
+
+def _check_unique_keys(path: Path, node, seen: set[int]) -> None:
+    """No mapping gives a key twice: yaml.safe_load keeps the last silently (learning_rate: 1e-4
+    on line 3 and learning_rate: 1e-3 on line 40 trained at 1e-3)."""
+    import yaml
+
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in lines:
+                raise ConfigError(f"{path}:{key.start_mark.line + 1}: key '{key.value}' is given twice (lines "
+                                  f"{lines[key.value]} and {key.start_mark.line + 1}); keep one")
+            if isinstance(key, yaml.ScalarNode):
+                lines[key.value] = key.start_mark.line + 1
+    if isinstance(node.value, list):
+        for item in node.value:
+            for child in item if isinstance(item, tuple) else (item,):
+                _check_unique_keys(path, child, seen)
 
 
 def _expanded_size(node, seen: dict[int, int]) -> int:

@@ -269,3 +269,23 @@ def _lines(out) -> list[dict]:
         return read_metrics(out)
     except (OSError, ValueError):
         return []
+
+
+def test_a_lone_surrogate_is_a_bad_row_and_a_duplicate_yaml_key_an_error(tmp_path):
+    """A lone "\\ud83d" escape was a TypeError from the tokenizer, naming no file, line or field."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Smile \\ud83d", "output": "ok"}\n')
+    app, runner = build_app(), CliRunner()
+    result = runner.invoke(app, ["prepare-data", "--data_path", str(rows), "--output_dir", str(tmp_path / "p")])
+    assert result.exit_code == 2 and _one_error(result).startswith(
+        f"error: {rows}:line 2: field 'instruction': holds '\\ud83d' at character 6, a lone surrogate")
+    result = runner.invoke(app, ["prepare-data", "--data_path", str(rows), "--output_dir", str(tmp_path / "p"),
+                                 "--skip_bad_rows"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["rows_in"] == 2 and manifest["examples_kept"] == 1 and manifest["dropped"]["bad_row"] == 1
+    run = tmp_path / "run.yaml"
+    run.write_text("learning_rate: 1.0e-4\nmax_steps: 3\nlearning_rate: 1.0e-3\n")
+    result = runner.invoke(app, ["train", "--config", str(run)])
+    assert result.exit_code == 2 and _one_error(result) == \
+        f"error: {run}:3: key 'learning_rate' is given twice (lines 1 and 3); keep one"
