@@ -38,6 +38,10 @@ def _umask() -> int:
 def check_not_an_input(out: Path, inputs: list, flag: str = "--output_dir") -> None:
     """Refuse an output that is, holds, or lies inside one of the command's inputs: writing it
     would overwrite, delete or change what is being read."""
+    check_path(out, flag)
+    for spec in inputs:
+        if spec is not None:
+            check_path(spec, "input")
     target = out.resolve()
     for item in [path for spec in inputs if spec is not None for path in _on_disk(str(spec))]:
         source = Path(item).resolve()
@@ -54,7 +58,31 @@ def _on_disk(spec: str) -> list[str]:
     return glob.glob(spec, recursive=True) if glob.has_magic(spec) else []
 
 
+NAME_MAX = 255  # bytes in one path component on Linux file systems (ext4, xfs, tmpfs)
+
+
+def check_path(path, what: str = "--output_dir") -> None:
+    """A path that can be used and said: each name valid UTF-8 (a Latin-1 byte in a file name was
+    a UnicodeEncodeError traceback) and at most NAME_MAX bytes (a 300-character name was an OSError
+    traceback), and no symlink loop (a RuntimeError traceback)."""
+    text = str(path)
+    shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+    if shown != text:
+        raise ConfigError(f"{what} {shown}: the name is not valid UTF-8 (a byte of another encoding, such as "
+                          "Latin-1); rename it")
+    for part in Path(text).parts:
+        if len(part.encode()) > NAME_MAX:
+            raise ConfigError(f"{what} {text[:80]}…: the name {part[:40]}… is {len(part.encode())} bytes long, "
+                              f"and a file system takes at most {NAME_MAX}; choose a shorter name")
+    try:
+        Path(text).resolve()
+    except (RuntimeError, OSError) as err:
+        raise ConfigError(f"{what} {text}: cannot be resolved ({getattr(err, 'strerror', None) or err}); choose "
+                          "another path") from None
+
+
 def check_not_a_file(out: Path, flag: str = "--output_dir") -> None:
+    check_path(out, flag)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file; pass a directory (it is created if missing)")
 

@@ -289,3 +289,20 @@ def test_a_lone_surrogate_is_a_bad_row_and_a_duplicate_yaml_key_an_error(tmp_pat
     result = runner.invoke(app, ["train", "--config", str(run)])
     assert result.exit_code == 2 and _one_error(result) == \
         f"error: {run}:3: key 'learning_rate' is given twice (lines 1 and 3); keep one"
+
+
+def test_looping_long_and_non_utf8_paths_are_named_in_one_line(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    latin1 = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.json")
+    shutil.copy(ROOT / "data" / "sample_alpaca.json", latin1)
+    cases = {
+        ("data/sample_alpaca.json", str(tmp_path / "loop")): "cannot be resolved (Symlink loop",
+        ("data/sample_alpaca.json", str(tmp_path / ("a" * 300))): "is 300 bytes long, and a file system takes at most 255",
+        (latin1, str(tmp_path / "out")): f"error: input {tmp_path}/caf\\xe9.json: the name is not valid UTF-8",
+    }
+    app = build_app()
+    for (data, out), said in cases.items():
+        for command in ("prepare-data", "train"):
+            result = CliRunner().invoke(app, [command, "--data_path", data, "--output_dir", out])
+            assert result.exit_code == 2 and said in _one_error(result), (command, out)
+    assert sorted(os.listdir(tmp_path)) == sorted(["loop", os.path.basename(latin1)])
