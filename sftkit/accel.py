@@ -6,7 +6,7 @@ import os
 from datetime import timedelta
 
 from sftkit.config import SFTConfig
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, SftkitError, clip
 
 
 def launched_processes() -> int:
@@ -80,20 +80,28 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
 
     check_rendezvous()
     # Without a GPU, DeepSpeed needs gloo named here: otherwise every rank silently trains alone
-    # (../shared/PLATFORM_NOTES.md: data not split, loss doubled). Tokenizing a big set on rank 0
-    # can take a while, hence the generous collective time-out.
+    # (../shared/PLATFORM_NOTES.md: data not split, loss doubled). The time-out is an option: rank
+    # 0 may tokenize a big set while the others wait.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     launched = launched_processes() > 1 or deepspeed
     backend = "gloo" if launched and not torch.cuda.is_available() else None
-    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(hours=2))] if launched else []
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
-        # several processes on a machine without a GPU (torchrun, or multi_gpu.yaml without
-        # ACCELERATE_USE_CPU): accelerate would leave each alone; cpu=True makes them MULTI_CPU
-        cpu=launched and not deepspeed and not torch.cuda.is_available(),
-    )
+    timeout = timedelta(minutes=cfg.ddp_timeout_minutes)
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if launched else []
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
+            # several processes on a machine without a GPU (torchrun, or multi_gpu.yaml without
+            # ACCELERATE_USE_CPU): accelerate would leave each alone; cpu=True makes them MULTI_CPU
+            cpu=launched and not deepspeed and not torch.cuda.is_available(),
+        )
+    except RuntimeError as err:  # torch's DistStoreError is one: "Timed out ... 1/2 clients joined"
+        if "timed out" not in str(err).lower():
+            raise
+        raise SftkitError(f"rank {os.environ.get('RANK', '?')} waited {cfg.ddp_timeout_minutes:g} min at the "
+                          f"rendezvous for the other ranks of WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
+                          f"({clip(str(err))}); start every rank, or raise --ddp_timeout_minutes") from None
     check_launch(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and cfg.skip_nan_steps:

@@ -56,6 +56,7 @@ def claim(cfg, accelerator) -> FolderLock:
     are removed: holding the lock means their writer is dead."""
     out = Path(cfg.output_dir)
     check_output_dir(out, [*cfg.data_path, cfg.eval_data_path, cfg.model_name_or_path, cfg.chat_template])
+    accelerator.wait_for_everyone()  # every rank has looked for a live run before rank 0 takes the lock
     lock = (FolderLock if accelerator.is_main_process else NoLock)(out).acquire()
     with lock.released_on_error():
         if not cfg.use_lora:  # final/ holds the whole model at least (an adapter is small)

@@ -306,3 +306,18 @@ def test_looping_long_and_non_utf8_paths_are_named_in_one_line(tmp_path):
             result = CliRunner().invoke(app, [command, "--data_path", data, "--output_dir", out])
             assert result.exit_code == 2 and said in _one_error(result), (command, out)
     assert sorted(os.listdir(tmp_path)) == sorted(["loop", os.path.basename(latin1)])
+
+
+def test_a_rank_that_never_comes_times_out_in_the_set_minutes(tmp_path):
+    """Rank 0 of two, started as a launcher would (LOCAL_RANK set), with no rank 1: the rendezvous
+    gives up after --ddp_timeout_minutes (here 0.1, 6 s; it was 2 hours) with one line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = run_cli("train", *ARGS, "--max_steps", "1", "--ddp_timeout_minutes", "0.1", "--output_dir",
+                   str(tmp_path / "o"), env=env, check=False, timeout=300)
+    assert proc.returncode == 2 and _one_error(proc).startswith(
+        "error: rank 0 waited 0.1 min at the rendezvous for the other ranks of WORLD_SIZE=2"), proc.stderr[-3000:]
