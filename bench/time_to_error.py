@@ -34,7 +34,8 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         "train: output folder under a file": ["train", "--data_path", DATA, "--output_dir", str(tmp / "a_file" / "o")],
         "eval: no --data_path": ["eval", "--model", str(tmp)],
         "eval: missing data file": ["eval", "--model", str(tmp), "--data_path", "nope.jsonl"],
-        "eval: a preset, no --output_dir": ["eval", "--model", "tiny-qwen3", "--data_path", DATA],
+        "eval: output folder over its data": ["eval", "--model", "tiny-qwen3", "--data_path", DATA,
+                                              "--output_dir", str(Path(DATA).parent)],
         "prepare-data: missing data file": ["prepare-data", "--data_path", "nope.jsonl", "--output_dir", str(tmp / "p")],
     }
 

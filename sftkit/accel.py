@@ -6,7 +6,7 @@ import os
 from datetime import timedelta
 
 from sftkit.config import SFTConfig
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, SftkitError, clip
 
 
 def launched_processes() -> int:
@@ -16,6 +16,27 @@ def launched_processes() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 1
+
+
+# What a launcher sets for each process it starts (torchrun, accelerate launch and the deepspeed
+# launcher: LOCAL_RANK; mpirun: its own), as accelerate reads them.
+LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def check_rendezvous() -> None:
+    """WORLD_SIZE > 1 left in the environment of a process no launcher started (no local rank)
+    waited 2 hours for ranks that never came; such a launch cannot work, so it stops here, before
+    any collective."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        return
+    if not world.strip().isdigit():
+        raise ConfigError(f"WORLD_SIZE={world!r} in the environment is not a process count; unset it, or start "
+                          "the run with torchrun or accelerate launch")
+    if int(world) > 1 and not any(var in os.environ for var in LOCAL_RANK_VARS):
+        raise ConfigError(f"WORLD_SIZE={world} is set but no launcher started this process (no LOCAL_RANK): it would "
+                          f"wait for {int(world) - 1} rank(s) nobody starts. Unset WORLD_SIZE, RANK, MASTER_ADDR and "
+                          "MASTER_PORT to run one process, or start it with torchrun or accelerate launch")
 
 
 def check_launch(accelerator) -> None:
@@ -76,21 +97,30 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    check_rendezvous()
     # Without a GPU, DeepSpeed needs gloo named here: otherwise every rank silently trains alone
-    # (../shared/PLATFORM_NOTES.md: data not split, loss doubled). Tokenizing a big set on rank 0
-    # can take a while, hence the generous collective time-out.
+    # (../shared/PLATFORM_NOTES.md: data not split, loss doubled). The time-out is an option: rank
+    # 0 may tokenize a big set while the others wait.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     launched = launched_processes() > 1 or deepspeed
     backend = "gloo" if launched and not torch.cuda.is_available() else None
-    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(hours=2))] if launched else []
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
-        # several processes on a machine without a GPU (torchrun, or multi_gpu.yaml without
-        # ACCELERATE_USE_CPU): accelerate would leave each alone; cpu=True makes them MULTI_CPU
-        cpu=launched and not deepspeed and not torch.cuda.is_available(),
-    )
+    timeout = timedelta(minutes=cfg.ddp_timeout_minutes)
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if launched else []
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
+            # several processes on a machine without a GPU (torchrun, or multi_gpu.yaml without
+            # ACCELERATE_USE_CPU): accelerate would leave each alone; cpu=True makes them MULTI_CPU
+            cpu=launched and not deepspeed and not torch.cuda.is_available(),
+        )
+    except RuntimeError as err:  # torch's DistStoreError is one: "Timed out ... 1/2 clients joined"
+        if "timed out" not in str(err).lower():
+            raise
+        raise SftkitError(f"rank {os.environ.get('RANK', '?')} waited {cfg.ddp_timeout_minutes:g} min at the "
+                          f"rendezvous for the other ranks of WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
+                          f"({clip(str(err))}); start every rank, or raise --ddp_timeout_minutes") from None
     check_launch(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and cfg.load_in_4bit:

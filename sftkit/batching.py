@@ -214,6 +214,26 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# A worker ignores SIGTERM (above) and may be stuck (a hung read, a stopped process): torch's own
+# shutdown joins it for 5 s, sends the SIGTERM it ignores and joins 5 s more, and then the
+# interpreter's exit joined it forever ("stopped" was printed, the process never ended).
+KILL_WAIT_S = 5.0
+
+
+def end_workers(iterator) -> None:
+    """End a DataLoader iterator's worker processes once nothing they hold is needed (the
+    checkpoint is saved): torch's shutdown first, which also stops watching them, so their deaths
+    raise nothing here; then SIGKILL for any still alive."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is None:  # no worker processes (dataloader_num_workers 0)
+        return
+    shutdown()
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=KILL_WAIT_S)
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Item k: this rank's micro-batches of optimizer step k, a pure function of k. A DataLoader's
     workers can then collate ahead of the training loop, and a resumed run starts at any step."""

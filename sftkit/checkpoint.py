@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
 import re
 import shutil
@@ -37,6 +38,7 @@ MODEL_DIR = "model"
 FINAL_DIR = "final"
 CONFIG_FILE = "sftkit_config.yaml"  # beside every saved model: the options that trained it
 SCHEDULER_FILE = "scheduler.json"
+FINAL_STATE = "sftkit_state.json"   # in final/: the step it holds (a finished run has final/ of its last step)
 CHECKSUMS = "checksums.json"        # written last: size and digest of every other file
 LEGACY_SCHEDULER = "custom_checkpoint_0.pkl"  # where accelerate kept our scheduler before scheduler.json
 
@@ -155,19 +157,46 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_final(accelerator, model, tokenizer, cfg, out_dir: Path) -> Path:
+def save_final(accelerator, model, tokenizer, cfg, out_dir: Path, step: int) -> Path:
     """final/, written to a temporary folder and renamed: a run stopped while saving leaves no
-    half-written or empty final/."""
+    half-written or empty final/. It records its step (FINAL_STATE): the run has finished only once
+    a final/ of its last step is there. A failed write (a full disk) removes the partial folder and
+    says which checkpoint a rerun writes final/ from."""
     final, tmp = out_dir / FINAL_DIR, out_dir / f".{FINAL_DIR}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    save_model(accelerator, model, tokenizer, cfg, tmp)
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+    try:
+        save_model(accelerator, model, tokenizer, cfg, tmp)
+        if accelerator.is_main_process:
+            write_json(tmp / FINAL_STATE, {"step": step})
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    except Exception as err:  # noqa: BLE001 -- as in save_checkpoint: a full disk is any of several errors
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(out_dir)
+        raise SftkitError(f"saving {FINAL_DIR}/ failed ({_cause(err)}); "
+                          + (f"{kept[-1]} is intact: free space and rerun with --resume_from_checkpoint latest, "
+                             f"which writes {FINAL_DIR}/" if kept else "no checkpoint was kept")) from None
     accelerator.wait_for_everyone()
     return final
+
+
+def final_step(out_dir: Path) -> float:
+    """The step final/ holds: -1 without final/, infinity for one written before FINAL_STATE
+    (taken as finished, as it always was)."""
+    final = out_dir / FINAL_DIR
+    if not final.is_dir():
+        return -1
+    try:
+        return int(json.loads((final / FINAL_STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _cause(err: Exception) -> str:
+    """What failed, in a few words: a full disk comes as OSError, SafetensorError or RuntimeError."""
+    return "No space left on device" if "No space left" in str(err) else (str(err).splitlines() or [repr(err)])[0][:200]
 
 
 def check_saved_shapes(path: Path, model) -> None:
@@ -211,12 +240,11 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            prune(out_dir, cfg.save_total_limit)
+            prune(out_dir, cfg.save_total_limit, state.run_id)
     except Exception as err:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError: a full disk is any of them
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(out_dir)
-        cause = "No space left on device" if "No space left" in str(err) else (str(err).splitlines() or [repr(err)])[0][:200]
-        raise SftkitError(f"saving checkpoint-{step} failed ({cause}); "
+        raise SftkitError(f"saving checkpoint-{step} failed ({_cause(err)}); "
                           + (f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists")
                           + "; free space and resume with --resume_from_checkpoint latest") from None
     accelerator.wait_for_everyone()
@@ -256,11 +284,20 @@ def write_json(path: Path, obj) -> str:
     return of_bytes(text.encode())
 
 
-def prune(out_dir: Path, keep: int | None) -> None:
+def prune(out_dir: Path, keep: int | None, run_id: str) -> None:
+    """Keep the newest `keep` checkpoints of this run (`run_id`); another run's are never removed
+    (a foreign checkpoint-9 beside this run's checkpoint-4 once made it delete each of its own)."""
     if keep is None:
         return
-    for old in list_checkpoints(out_dir)[:-keep]:
+    for old in [p for p in list_checkpoints(out_dir) if _run_id(p) == run_id][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_id(path: Path) -> str | None:
+    try:
+        return read_state(path).run_id
+    except ConfigError:
+        return None  # unreadable: not provably this run's, so kept
 
 
 def files_of(folder: Path) -> dict[str, Path]:

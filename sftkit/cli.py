@@ -207,7 +207,8 @@ def build_app() -> typer.Typer:
     def evaluate(model: str = typer.Option(..., "--model", help="A final/ or checkpoint directory, a merged "
                                            "model, an adapter directory, or a base model."),
                  output_dir: Path | None = typer.Option(None, "--output_dir", help="Where eval.json and "
-                                                           "samples.jsonl go. Default: the model directory."),
+                                                           "samples.jsonl go. Default: eval/ beside the model "
+                                                           "(./eval for a model id)."),
                  overrides: dict = None):
         """Token-mean loss and perplexity of a model on a data set, and optionally generations with
         exact match, token F1 and ROUGE-L against the references."""

@@ -119,6 +119,10 @@ class TrainOptions:
     dataloader_num_workers: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(0)})
     """Processes that collate the next steps' micro-batches while this one trains (0: in the
     training process). Batches are pinned for the copy to the GPU."""
+    ddp_timeout_minutes: float = field(default=30.0, metadata={**NOT_IDENTITY, **above(0)})
+    """How long each process waits for the others at the rendezvous and at any collective before it
+    stops, naming what it waited for (it was 2 hours). Rank 0 prepares raw data while the others
+    wait (about 15 s per 20,000 rows on 2 cores): for millions of rows run prepare-data first."""
     mfu_peak_tflops: float = field(default=0.0, metadata={**NOT_IDENTITY, **at_least(0)})
     """The device's dense bf16 peak for MFU in metrics.jsonl. 0 looks it up for known GPUs
     (H100/H200 989, A100 312); on a CPU or an unknown GPU MFU is then not reported."""

@@ -3,6 +3,7 @@ behind: temp path, then rename."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -37,17 +38,51 @@ def _umask() -> int:
 def check_not_an_input(out: Path, inputs: list, flag: str = "--output_dir") -> None:
     """Refuse an output that is, holds, or lies inside one of the command's inputs: writing it
     would overwrite, delete or change what is being read."""
+    check_path(out, flag)
+    for spec in inputs:
+        if spec is not None:
+            check_path(spec, "input")
     target = out.resolve()
-    for item in inputs:
-        if item is None or not Path(item).exists():
-            continue  # a Hub id or a glob: nothing on disk to overwrite
+    for item in [path for spec in inputs if spec is not None for path in _on_disk(str(spec))]:
         source = Path(item).resolve()
         if target == source or source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
             raise ConfigError(f"{flag} {out} would overwrite an input ({item}): the output may not be, hold or lie "
                               f"inside it; choose another {flag}")
 
 
+def _on_disk(spec: str) -> list[str]:
+    """The paths an input names: itself, what a glob matches (`proj/*.json` once let an output
+    overwrite proj/config.yaml), nothing for a Hub id."""
+    if Path(spec).exists():
+        return [spec]
+    return glob.glob(spec, recursive=True) if glob.has_magic(spec) else []
+
+
+NAME_MAX = 255  # bytes in one path component on Linux file systems (ext4, xfs, tmpfs)
+
+
+def check_path(path, what: str = "--output_dir") -> None:
+    """A path that can be used and said: each name valid UTF-8 (a Latin-1 byte in a file name was
+    a UnicodeEncodeError traceback) and at most NAME_MAX bytes (a 300-character name was an OSError
+    traceback), and no symlink loop (a RuntimeError traceback)."""
+    text = str(path)
+    shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+    if shown != text:
+        raise ConfigError(f"{what} {shown}: the name is not valid UTF-8 (a byte of another encoding, such as "
+                          "Latin-1); rename it")
+    for part in Path(text).parts:
+        if len(part.encode()) > NAME_MAX:
+            raise ConfigError(f"{what} {text[:80]}…: the name {part[:40]}… is {len(part.encode())} bytes long, "
+                              f"and a file system takes at most {NAME_MAX}; choose a shorter name")
+    try:
+        Path(text).resolve()
+    except (RuntimeError, OSError) as err:
+        raise ConfigError(f"{what} {text}: cannot be resolved ({getattr(err, 'strerror', None) or err}); choose "
+                          "another path") from None
+
+
 def check_not_a_file(out: Path, flag: str = "--output_dir") -> None:
+    check_path(out, flag)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file; pass a directory (it is created if missing)")
 
@@ -213,6 +248,7 @@ def read_yaml(path: Path) -> Any:
     loader = yaml.SafeLoader(path.read_text())
     try:
         node = loader.get_single_node()
+        _check_unique_keys(path, node, set())
         if node is not None and _expanded_size(node, {}) > YAML_MAX_VALUES:
             raise ConfigError(f"{path}: its aliases (*name) expand to more than {YAML_MAX_VALUES:,} values; a run "
                               "file needs no aliases this large: write the options out")
@@ -225,6 +261,28 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: nested too deeply to be a run file") from None
     finally:
         loader.dispose()
+
+
+def _check_unique_keys(path: Path, node, seen: set[int]) -> None:
+    """No mapping gives a key twice: yaml.safe_load keeps the last silently (learning_rate: 1e-4
+    on line 3 and learning_rate: 1e-3 on line 40 trained at 1e-3)."""
+    import yaml
+
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in lines:
+                raise ConfigError(f"{path}:{key.start_mark.line + 1}: key '{key.value}' is given twice (lines "
+                                  f"{lines[key.value]} and {key.start_mark.line + 1}); keep one")
+            if isinstance(key, yaml.ScalarNode):
+                lines[key.value] = key.start_mark.line + 1
+    if isinstance(node.value, list):
+        for item in node.value:
+            for child in item if isinstance(item, tuple) else (item,):
+                _check_unique_keys(path, child, seen)
 
 
 def _expanded_size(node, seen: dict[int, int]) -> int:

@@ -34,15 +34,12 @@ def _tolerance(dtype, scale: float) -> float:
 
 def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     """Merge, save into `output_dir` (atomically), reload and compare; `opts` is a MergeOptions."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from sftkit.arch.layout import restore as restore_layout
     from sftkit.checkpoint import ensure_stop_token, model_in
     from sftkit.io import atomic_directory, check_free_output, check_free_space, check_not_an_input, remove_stale_tmp
+    from sftkit.lock import check_unlocked
     from sftkit.models import adapter_base, load_model, load_tokenizer, min_saved_bytes
 
+    check_unlocked(Path(output_dir))  # first: a live run's folder is refused for that, whatever else is wrong
     given, adapter = adapter, Path(model_in(str(adapter)))
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter} holds no adapter_config.json; --adapter takes a LoRA run's final/ or checkpoint")
@@ -52,6 +49,12 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     check_free_output(output_dir, opts.overwrite_output_dir)
     check_free_space(output_dir, min_saved_bytes(base_name))
     remove_stale_tmp(output_dir.parent)  # what a merge killed mid-write left
+    import torch  # the checks above come first: peft's import alone takes ~8 s here
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.arch.layout import restore as restore_layout
+
     tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_name)
     base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto")
     if getattr(base.config, "quantization_config", None):

@@ -72,15 +72,23 @@ def check_train(cfg: SFTConfig) -> None:
 
 
 def check_eval(model: str, cfg: SFTConfig, output_dir: Path | None) -> Path:
-    """`sftkit eval`: the data, and the folder eval.json goes to, which it returns: the model's
-    folder, or --output_dir (a preset or Hub name has no folder of its own to write into)."""
+    """`sftkit eval`: the data, and the folder eval.json goes to (eval_output_dir), which it returns."""
     check_data(cfg.data_path, cfg)
-    if output_dir is None and not Path(model).is_dir():
-        from sftkit.errors import ConfigError
-
-        raise ConfigError(f"--model {model} is not a folder, so eval.json has nowhere of its own to go; "
-                          "pass --output_dir")
-    out = Path(output_dir or model)
-    check_writable(out, "eval.json's folder", "pass --output_dir to write eval.json elsewhere")
+    out = eval_output_dir(model, cfg.data_path, output_dir)
     check_hub_name(model, "--model")
+    return out
+
+
+def eval_output_dir(model_path: str, data_paths: list[str], output_dir: Path | None) -> Path:
+    """Where eval writes eval.json and samples.jsonl: --output_dir, else eval/ beside the model
+    (OUT/checkpoint-6 -> OUT/eval; a file inside a checkpoint would count as damage), else ./eval
+    for a model named by id. Never a file, nor a folder that is, holds or lies inside an input."""
+    from sftkit.io import check_not_a_file, check_not_an_input
+
+    model = Path(model_path)
+    out = Path(output_dir) if output_dir is not None else model.resolve().parent / "eval" if model.is_dir() \
+        else Path("eval")
+    check_not_a_file(out)
+    check_not_an_input(out, [model_path, *data_paths])
+    check_writable(out, "eval.json's folder", "pass --output_dir to write eval.json elsewhere")
     return out

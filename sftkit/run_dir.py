@@ -21,12 +21,14 @@ from sftkit.checkpoint import (
     TRAINER_STATE,
     TrainState,
     damage,
+    final_step,
     list_checkpoints,
     read_state,
     saved_config,
 )
 from sftkit.errors import ConfigError, NothingToDo, quote
 from sftkit.io import check_free_space, check_not_a_file, check_not_an_input, check_writable
+from sftkit.lock import FolderLock, NoLock, check_unlocked
 from sftkit.models import min_saved_bytes
 
 RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml")  # written beside checkpoint-N/ and final/
@@ -40,10 +42,11 @@ def run_identity(cfg, data_fingerprint: str, world_size: int) -> str:
 
 
 def check_output_dir(out: Path, inputs: list) -> None:
-    """Not a file, not one of the inputs (nor holding or inside one), and writable."""
+    """Not a file, not one of the inputs (nor holding or inside one), writable, and no live run's."""
     check_not_a_file(out)
     check_not_an_input(out, inputs)
     check_writable(out)
+    check_unlocked(out)
 
 
 def run_inputs(cfg) -> list:
@@ -51,19 +54,27 @@ def run_inputs(cfg) -> list:
     return [*cfg.data_path, cfg.eval_data_path, cfg.model_name_or_path, cfg.chat_template]
 
 
-def claim(cfg, accelerator) -> None:
-    """A new run (no resume) refuses a folder that holds another run's checkpoints or final/;
-    with overwrite_output_dir it removes them (and that run's metrics) first. Temporary folders a
-    killed save left here are removed (the folder belongs to this run)."""
+def claim(cfg, accelerator) -> FolderLock:
+    """Lock the folder for this run (rank 0 holds it; released when the process ends), then: a
+    new run (no resume) refuses a folder that holds another run's checkpoints or final/; with
+    overwrite_output_dir it removes them (and that run's metrics) first. Temporary folders here
+    are removed: holding the lock means their writer is dead."""
     out = Path(cfg.output_dir)
     check_output_dir(out, run_inputs(cfg))
-    if not cfg.use_lora:  # final/ holds the whole model at least (an adapter is small)
-        check_free_space(out, min_saved_bytes(cfg.model_name_or_path))
-    if accelerator.is_main_process and out.is_dir():
-        for stale in [*out.glob(".checkpoint-*.tmp"), out / f".{FINAL_DIR}.tmp"]:
-            shutil.rmtree(stale, ignore_errors=True)
-    if cfg.resume_from_checkpoint:
-        return
+    accelerator.wait_for_everyone()  # every rank has looked for a live run before rank 0 takes the lock
+    lock = (FolderLock if accelerator.is_main_process else NoLock)(out).acquire()
+    with lock.released_on_error():
+        if not cfg.use_lora:  # final/ holds the whole model at least (an adapter is small)
+            check_free_space(out, min_saved_bytes(cfg.model_name_or_path))
+        if accelerator.is_main_process:
+            for stale in [*out.glob(".checkpoint-*.tmp"), out / f".{FINAL_DIR}.tmp"]:
+                shutil.rmtree(stale, ignore_errors=True)
+        if not cfg.resume_from_checkpoint:
+            _claim_new(cfg, accelerator, out)
+    return lock
+
+
+def _claim_new(cfg, accelerator, out: Path) -> None:
     found = [p.name for p in list_checkpoints(out)] + ([f"{FINAL_DIR}/"] if (out / FINAL_DIR).exists() else [])
     if not found:
         return
@@ -119,7 +130,7 @@ def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float]) 
             raise ConfigError(f"{path} is damaged: {problem}; intact checkpoints beside it: "
                               f"{', '.join(intact) or 'none'}")
     saved = read_state(path)
-    check_schedule(path, saved, state.total_steps, lr_factor)
+    check_schedule(path, saved, state.total_steps, lr_factor, final_step(out))
     check_base(path, saved, state)
     return Resume(path, saved, describe_changes(path, cfg, saved, state), saved.run_id in ("", state.run_id),
                   skipped)
@@ -166,11 +177,13 @@ def newest_intact(candidates: list[Path]) -> tuple[Path, list[str]]:
     raise ConfigError(f"no intact checkpoint to resume: {'; '.join(skipped)}")
 
 
-def check_schedule(path: Path, saved: TrainState, total: int, lr_factor: Callable[[int, int], float]) -> None:
-    """Nothing is left after the checkpoint's step: the run has finished. A different length is
-    fine where the learning rate of every remaining step stays what it was (constant, no warm-up
-    left); otherwise resuming would bend the schedule."""
-    if saved.step >= total:
+def check_schedule(path: Path, saved: TrainState, total: int, lr_factor: Callable[[int, int], float],
+                   final_at: float = -1) -> None:
+    """Nothing is left after the checkpoint's step and final/ (of step `final_at`) holds it: the
+    run has finished; without that final/ (its save failed) the resume writes it. A different
+    length is fine where the learning rate of every remaining step stays what it was (constant, no
+    warm-up left); otherwise resuming would bend the schedule."""
+    if saved.step > total or saved.step == total <= final_at:
         raise NothingToDo(f"{path} is step {saved.step}, and these options give {total} steps: the run has "
                           "finished; nothing to resume")
     old = saved.total_steps or total  # unknown before state version 3: taken as unchanged

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,15 @@ import torch
 from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.arch.moe import RouterBalance, router_balance
-from sftkit.batching import MicroBatch, PackedSteps, Schedule, StepBatches, ignore_stop_signals, total_steps
+from sftkit.batching import (
+    MicroBatch,
+    PackedSteps,
+    Schedule,
+    StepBatches,
+    end_workers,
+    ignore_stop_signals,
+    total_steps,
+)
 from sftkit.checkpoint import (
     TrainState,
     checkpoint_dir,
@@ -42,6 +51,7 @@ from sftkit.data.dataset import hold_out, prepared_dir
 from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
+from sftkit.lock import FolderLock
 from sftkit.loss import FusedHead, fused_head, loss_sums
 from sftkit.metrics import (
     MetricsLog,
@@ -86,6 +96,8 @@ class Run:
     peak_flops: float | None         # one device's peak FLOPs/s, for MFU; None: unknown
     start_time: float                # wall clock of step 0, a resumed run's earlier time included
     balance: RouterBalance | None = None  # MoE: the routers' load-balancing term; None: dense or off
+    lock: FolderLock | None = None   # the output folder's (run_dir.claim): held while the run lives
+    saved_step: int | None = None    # the step whose checkpoint is on disk (resumed from or saved)
     log: MetricsLog | None = None    # set by start_outputs
     meter: Throughput | None = None  # set by fit: windows start with the loop
     last_loss: float | None = None   # the last logged train loss, for the end line
@@ -152,15 +164,32 @@ def build_optimizer(cfg: SFTConfig, params: list) -> torch.optim.AdamW:
                              fused=cfg.fused_adamw or None, foreach=None if cfg.fused_adamw else True)
 
 
+def apply_optimizer_options(cfg: SFTConfig, optimizer, scheduler, factor: float) -> None:
+    """A loaded optimizer and scheduler hold the checkpoint's learning rate, betas, eps and weight
+    decay; this run's options win (a resume at 5e-4 once trained on at the checkpoint's 1e-3 while
+    it said it changed). `factor`: the schedule's factor at the step it continues from."""
+    for group in optimizer.param_groups:
+        group.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                     initial_lr=cfg.learning_rate, lr=cfg.learning_rate * factor)
+    scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 # ---- setup --------------------------------------------------------------------------------------
 def setup(cfg: SFTConfig, console=None) -> Run:
     """Build the run: accelerator, data, model, optimizer, schedule, and the state to start from.
     The output folder and the checkpoint to resume are checked before the model loads."""
-    from accelerate.utils import set_seed
-
     check_device(cfg, console if int(os.environ.get("RANK", "0")) == 0 else None)
     accelerator = make_accelerator(cfg, log_with=cfg.trackers)
-    claim(cfg, accelerator)
+    lock = claim(cfg, accelerator)  # one writer per folder, until this process ends
+    with lock.released_on_error():  # a refused start leaves no lock (nor the folder it made)
+        return build_run(cfg, accelerator, lock, console)
+
+
+def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Run:
+    """setup's work once the output folder is this run's."""
+    from accelerate.utils import set_seed
+
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     train_set, eval_set, data_fp = load_sets(cfg, accelerator, tokenizer, console)
@@ -192,6 +221,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
         state = dataclasses.replace(load_checkpoint(accelerator, resume.path, scheduler), total_steps=steps,
                                     run_id=state.run_id, data_fingerprint=data_fp, base_model=state.base_model,
                                     base_hash=state.base_hash)
+        apply_optimizer_options(cfg, optimizer, scheduler, lr_schedule(cfg)(steps, state.step))
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -199,7 +229,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
               fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk(cuda), cuda),
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
-              start_time=time.time() - state.elapsed_s,
+              start_time=time.time() - state.elapsed_s, lock=lock, saved_step=state.step if resume else None,
               balance=router_balance(unwrapped.config, cfg.router_aux_loss_coef))
     start_outputs(run, trainable, total, resumed=state.step if resume else None, console=console)
     return run
@@ -213,14 +243,22 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
         train_dir = prepared_dir(opts, cfg.data_path, tokenizer, console if main else None, cfg.mixing())
         eval_dir = prepared_dir(opts, [cfg.eval_data_path], tokenizer, console if main else None,
                                 label="eval data") if cfg.eval_data_path else None
+    manifest = read_manifest(train_dir)
     train_set = load_prepared(train_dir)
+    check_lengths(cfg, train_dir, manifest.get("length", {}).get("max") or max(train_set["length"], default=0))
     eval_set = load_prepared(eval_dir) if eval_dir else None
     if cfg.val_size:
         train_set, eval_set = hold_out(train_set, cfg.val_size, cfg.seed, console if main else None)
-    if cfg.packing and max(train_set["length"]) > cfg.max_length:
-        raise SftkitError(f"{train_dir} holds examples longer than max_length={cfg.max_length}, which cannot be packed; "
-                          "prepare the data with the same --max_length")
-    return train_set, eval_set, read_manifest(train_dir)["fingerprint"]
+    return train_set, eval_set, manifest["fingerprint"]
+
+
+def check_lengths(cfg: SFTConfig, train_dir: Path, longest: int) -> None:
+    """A prepared set's examples fit this run's max_length: one of 606 tokens once trained under
+    --max_length 128 while config.yaml said 128. Refused, naming both ways out."""
+    if longest > cfg.max_length:
+        raise SftkitError(f"{train_dir} holds examples of up to {longest} tokens, longer than --max_length "
+                          f"{cfg.max_length}: prepare the data again with --max_length {cfg.max_length} (its length "
+                          f"policy then applies), or train with --max_length {longest} or more")
 
 
 def check_step_size(cfg: SFTConfig, schedule: Schedule, console=None) -> None:
@@ -244,9 +282,13 @@ def report_resume(resume: Resume, steps: int, console) -> None:
     for skipped in resume.skipped:
         console.print(f"[yellow]skipped damaged {skipped}[/yellow]", highlight=False)
     console.print(f"resuming from {resume.path}: step {resume.saved.step} of {steps}", highlight=False)
+    if resume.saved.step == steps:
+        console.print("its steps are done but final/ was not written (its save failed): writing it now",
+                      highlight=False)
     if resume.changes:
         what = "changed since that checkpoint" if resume.same_run else \
-            "[yellow]warning: this is not the run that wrote it, so it will not continue exactly; changed[/yellow]"
+            "[yellow]warning: this is not the run that wrote it, so it will not continue exactly; these values " \
+            "apply from here on[/yellow]"
         console.print(f"{what}: {'; '.join(resume.changes)}", highlight=False)
 
 
@@ -286,17 +328,23 @@ def step_loader(run: Run, stop: StopRequest | None = None):
     """The remaining steps' micro-batches, collated ahead in `dataloader_num_workers` processes
     and handed over packed (one tensor a step). While it waits, a stop signal ends the wait."""
     batches = iter(data_loader(run))
-    while True:
-        if stop is not None:
-            stop.waiting = True
-        try:
-            packed = next(batches)
-        except StopIteration:
-            return
-        finally:
+    alone = run.accelerator.num_processes == 1  # several ranks must agree on the stop (train_step's all-reduce)
+    try:
+        while True:
+            if stop is not None and stop.requested and alone:  # it came during the last step: a wait for
+                raise StoppedWaiting()                          # data may never end (a stuck worker)
             if stop is not None:
-                stop.waiting = False
-        yield packed.unpack()
+                stop.waiting = True
+            try:
+                packed = next(batches)
+            except StopIteration:
+                return
+            finally:
+                if stop is not None:
+                    stop.waiting = False
+            yield packed.unpack()
+    finally:  # the loop ended (done, stopped, failed): no worker may outlive it
+        end_workers(batches)
 
 
 def data_loader(run: Run) -> torch.utils.data.DataLoader:
@@ -462,7 +510,9 @@ def save(run: Run) -> Path:
                           f"nan or inf, so checkpoint-{run.state.step} was not written. {last_finite(run)} "
                           "Lower --learning_rate, use bf16 instead of fp16, or pass --skip_nan_steps")
     run.state.elapsed_s = time.time() - run.start_time
-    return save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler)
+    path = save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler)
+    run.saved_step = run.state.step
+    return path
 
 
 def state_is_finite(run: Run) -> bool:
@@ -491,9 +541,11 @@ def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
 
     acc, state, summary = run.accelerator, run.state, {}
     state.elapsed_s = time.time() - run.start_time
-    if run.cfg.save_steps:
+    if run.saved_step != state.step:  # kept until final/ is complete: a failed final save is resumable
         save(run)
-    save_final(acc, run.model, run.tokenizer, run.cfg, run.out)
+    save_final(acc, run.model, run.tokenizer, run.cfg, run.out, state.step)
+    if not run.cfg.save_steps and acc.is_main_process:  # save_steps 0 keeps no checkpoint once final/ is there
+        shutil.rmtree(checkpoint_dir(run.out, state.step), ignore_errors=True)
     if run.eval_set is not None:
         with eval_status(console if acc.is_main_process else None):
             ev = log_eval(run, stop)
@@ -539,3 +591,4 @@ def run(cfg: SFTConfig, console=None) -> dict:
     finally:
         if cfg.trackers:
             r.accelerator.end_training()
+        r.lock.release()

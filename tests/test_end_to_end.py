@@ -48,12 +48,12 @@ def test_lora_training_learns_and_logs_everything(lora_run):
 
 def test_eval_writes_loss_and_perplexity(lora_run, prepared):
     run_cli("eval", "--model", str(lora_run / "final"), "--data_path", str(prepared))
-    result = json.loads((lora_run / "final" / "eval.json").read_text())
+    result = json.loads((lora_run / "eval" / "eval.json").read_text())  # beside the model, never inside it
     assert result["examples"] == 100 and result["supervised_tokens"] > 1000
     assert abs(result["perplexity"] - torch.tensor(result["loss"]).exp().item()) < 1e-3 * result["perplexity"]
     # eval computes the training loss's definition: same number from the checkpoint of the last step
     run_cli("eval", "--model", str(lora_run / "checkpoint-24"), "--data_path", str(prepared))
-    again = json.loads((lora_run / "checkpoint-24" / "eval.json").read_text())
+    again = json.loads((lora_run / "eval" / "eval.json").read_text())
     assert again["loss"] == pytest.approx(result["loss"], rel=1e-6)
 
 

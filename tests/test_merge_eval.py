@@ -43,9 +43,9 @@ def test_merged_model_says_the_memorised_replies_and_stops(memorised):
 def test_eval_generation_metrics_and_samples(memorised):
     run_cli("eval", "--model", str(memorised / "merged"), "--data_path", str(memorised / "mem.json"),
             "--num_samples", "4", "--max_new_tokens", "20")
-    result = json.loads((memorised / "merged" / "eval.json").read_text())
+    result = json.loads((memorised / "eval" / "eval.json").read_text())  # beside the model, never inside it
     assert result["generation"] == {"exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
-    samples = [json.loads(line) for line in (memorised / "merged" / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (memorised / "eval" / "samples.jsonl").read_text().splitlines()]
     assert [s["completion"] for s in samples] == list(REPLIES.values())
     assert [s["reference"] for s in samples] == list(REPLIES.values())
 

@@ -99,8 +99,8 @@ NO_MODEL_MISTAKES = {
     "unreadable data file": (["prepare-data", "--data_path", "{locked}", "--output_dir", "{tmp}/p"],
                              "error: {locked}: cannot be read (permission denied)"),
     "eval without data": (["eval", "--model", "{tmp}"], "error: no data given"),
-    "eval of a preset, no output folder": (["eval", "--model", "tiny-qwen3", "--data_path", str(DEMO)],
-                                           "error: --model tiny-qwen3 is not a folder, so eval.json has nowhere"),
+    "eval output over its data": (["eval", "--model", "tiny-qwen3", "--data_path", str(DEMO), "--output_dir",
+                                   str(DEMO.parent)], f"error: --output_dir {DEMO.parent} would overwrite an input"),
     # port 9 of this machine refuses at once: a Hub that cannot be reached, without HF_HUB_OFFLINE
     "unreachable Hub": (["train", "--data_path", str(DEMO), "--model_name_or_path", "Qwen/Qwen3-0.6B"],
                         ("error: --model_name_or_path Qwen/Qwen3-0.6B: not a local folder, and the Hugging Face Hub "

@@ -315,6 +315,17 @@ def _text(value: Any, field: str, allow_empty: bool = True) -> str:
         raise RowError(field, "is missing (null)")
     if not isinstance(value, str):
         raise RowError(field, f"expected a string, got {_kind(value)}")
+    return _valid_text(value, field)
+
+
+def _valid_text(value: str, field: str) -> str:
+    """Text that encodes: a lone surrogate (JSON's "\\ud83d", half an escaped emoji) made the
+    tokenizer raise a TypeError naming no file, line or field, which --skip_bad_rows could not skip."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowError(field, f"holds {value[err.start]!r} at character {err.start}, a lone surrogate (half of an "
+                              "escaped emoji?), which is not text") from None
     return value
 
 
@@ -486,7 +497,7 @@ def _content(value: Any, field: str, role: str) -> tuple[str, list[str], list[di
     only calls tools), or a list of parts: OpenAI's {type: text, text} or LLaMA-Factory's
     {type: text | reasoning | tool_call, value}."""
     if value is None or isinstance(value, str):
-        return value or "", [], []
+        return _valid_text(value or "", field), [], []
     if not isinstance(value, list):
         raise RowError(field, f"expected a string or a list of content parts, got {_kind(value)}")
     texts, reasoning, calls = [], [], []
