@@ -8,7 +8,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	.venv/bin/python -m pytest -q -m "not family"
+	.venv/bin/python -m pytest -q -m "not family" -n 2 --dist loadfile
 
 lint:
 	.venv/bin/ruff check sftkit tests

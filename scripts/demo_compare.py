@@ -29,7 +29,7 @@ def run_numbers(run: Path) -> tuple[float, float, int, float, float, int]:
     """(first and last train loss, steps, eval loss, eval perplexity, eval examples) of the demo's
     run and its eval."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    ev = json.loads((run / "final" / "eval.json").read_text())
+    ev = json.loads((run / "eval" / "eval.json").read_text())  # eval writes beside final/
     logged = [r for r in rows if "loss" in r]
     return logged[0]["loss"], logged[-1]["loss"], logged[-1]["step"], ev["loss"], ev["perplexity"], ev["examples"]
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--out", help="also write the rows here as JSON")
-    ap.add_argument("--run", help="the demo's run folder: its metrics.jsonl and final/eval.json are described")
+    ap.add_argument("--run", help="the demo's run folder: its metrics.jsonl and eval/eval.json are described")
     a = ap.parse_args()
 
     from sftkit.config import SFTConfig

@@ -1,13 +1,19 @@
-"""One writer per output folder: an exclusive flock on OUT/.sftkit.lock, held by the live run.
+"""One writer per output folder: an exclusive POSIX record lock (fcntl.lockf) on OUT/.sftkit.lock,
+held by the live run.
 
-The kernel drops a flock when its holder dies (kill -9 included), so a lock is stale exactly when
+The kernel drops the lock when its holder dies (kill -9 included), so a lock is stale exactly when
 its holder is gone, and a folder whose lock can be taken has no live writer: whatever temporary
-folders it holds were left by a dead one. The file names its holder (command, pid, host, start),
+folders it holds were left by a dead one. A record lock, not a flock: a flock is shared with every
+forked child, and a DataLoader worker outlives a killed run by up to its 5 s liveness check, which
+kept the folder "in use" for the kill -9 resume test. A record lock belongs to the process alone;
+its one trap (closing any descriptor of the file drops it) is why only `acquire` opens the file in
+the holding process. The file names its holder (command, pid, host, start),
 so a refused command can say who has the folder.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -47,8 +53,10 @@ def check_unlocked(folder: Path, flag: str = "--output_dir") -> None:
     except OSError:
         return  # no lock file (or none readable): no sftkit run holds it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: a read-only descriptor can take it
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         raise _refusal(Path(folder), path, flag) from None
     finally:
         os.close(fd)  # closing drops the probe's own lock at once
@@ -69,11 +77,13 @@ class FolderLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
                 os.close(fd)
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 raise _refusal(self.folder, self.path, flag) from None
-            # the holder before us may have removed the file between our open and our flock: a
+            # the holder before us may have removed the file between our open and our lock: a
             # lock on a removed file guards nothing, so take the one now at the path
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

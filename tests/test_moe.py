@@ -235,7 +235,7 @@ def test_qwen3_moe_prepare_train_eval_merge(models, four, tmp_path):
     adapter = tmp_path / "lora" / "final"
     assert "mlp.experts.gate_up_proj" in json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
     ev = run_cli("eval", "--model", str(adapter), "--data_path", str(prep))
-    assert "eval.json" in ev.stdout and "aux_loss" not in json.loads((adapter / "eval.json").read_text())
+    assert "eval.json" in ev.stdout and "aux_loss" not in json.loads((adapter.parent / "eval" / "eval.json").read_text())
     run_cli("merge-lora", "--adapter", str(adapter), "--output_dir", str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(base)
