@@ -39,6 +39,7 @@ FINAL_DIR = "final"
 CONFIG_FILE = "sftkit_config.yaml"  # beside every saved model: the options that trained it
 SCHEDULER_FILE = "scheduler.json"
 FINAL_STATE = "sftkit_state.json"   # in final/: the step it holds (a finished run has final/ of its last step)
+MODEL_CARD = "README.md"          # beside a saved model: what it is (model_card)
 CHECKSUMS = "checksums.json"        # written last: size and digest of every other file
 LEGACY_SCHEDULER = "custom_checkpoint_0.pkl"  # where accelerate kept our scheduler before scheduler.json
 
@@ -150,11 +151,25 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
         ensure_stop_token(gen, tokenizer)
         gen.save_pretrained(path)
         cfg.save_yaml(path / CONFIG_FILE)
+        atomic_write_text(path / MODEL_CARD, model_card(cfg))  # in place of PEFT's empty card
         if state_dict is not None:
             check_saved_shapes(path, unwrapped)
         restore_layout(path, cfg.model_name_or_path)  # a Qwen3.5 base: its vision tower and MTP weights too
         apply_umask(path)
     accelerator.wait_for_everyone()
+
+
+def model_card(cfg) -> str:
+    """README.md of a saved model: what it is and how to load it. PEFT's own card is an empty
+    template naming the base by its resolved path (for the tiny preset, a folder in sftkit's cache)."""
+    kind = (f"a LoRA adapter (rank {cfg.lora_r}, alpha {cfg.lora_alpha})" if cfg.use_lora
+            else "a fully fine-tuned model")
+    load = ("peft.AutoPeftModelForCausalLM.from_pretrained(this folder), or `sftkit merge-lora --adapter "
+            "this folder` for a standalone model" if cfg.use_lora
+            else "transformers.AutoModelForCausalLM.from_pretrained(this folder)")
+    data = ", ".join(f"`{d}`" for d in cfg.data_path) or "(none named)"
+    return (f"# Fine-tuned with sftkit\n\nThis folder holds {kind} of `{cfg.model_name_or_path}`, trained on "
+            f"{data}.\nEvery option of the run is in `{CONFIG_FILE}` beside this file.\n\nLoad it with {load}.\n")
 
 
 def save_final(accelerator, model, tokenizer, cfg, out_dir: Path, step: int) -> Path:

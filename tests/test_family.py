@@ -135,7 +135,7 @@ def test_hybrid_chain(bases, kind, tmp_path):
         run_cli("train", "--model_name_or_path", str(base), "--data_path", str(tmp_path / "prepared"),
                 "--output_dir", str(tmp_path / name), *SHORT, *extra)
     proc = run_cli("eval", "--model", str(tmp_path / "lora" / "final"), "--data_path", "data/demo_alpaca.json")
-    assert json.loads((tmp_path / "lora" / "final" / "eval.json").read_text())["loss"] > 0, proc.stdout
+    assert json.loads((tmp_path / "lora" / "eval" / "eval.json").read_text())["loss"] > 0, proc.stdout  # beside final/
     run_cli("merge-lora", "--adapter", str(tmp_path / "lora" / "final"), "--output_dir", str(tmp_path / "merged"))
     peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
                                            str(tmp_path / "lora" / "final"))

@@ -60,6 +60,9 @@ def test_train_to_a_log_file(tmp_path):
                     f"tensorboard logs in {out / out.name}")]
     assert end["train_loss"] == [r["loss"] for r in records if "loss" in r][-1]
     assert any(p.name.startswith("events.out.tfevents") for p in (out / out.name).iterdir())
+    card = (out / "final" / "README.md").read_text()  # not PEFT's empty card naming a cache path
+    assert "a fully fine-tuned model of `tiny-qwen3`" in card and f"`{DEMO}`" in card
+    assert os.environ["SFTKIT_CACHE"] not in card
 
 
 def test_terminal_bar_shows_eval(tmp_path):
