@@ -272,7 +272,7 @@ def _train_steps(eight, out, steps: int = 2, **options):
 def test_train_step_parity_across_splits_and_loss_paths(eight, tmp_path):
     """train_step: 8 x 1, 2 x 4 and 1 x 8 micro-batches train the same step (losses and weights
     within rtol 1e-5; adam_epsilon 1 as in test_accumulation_parity), and the plain loss path the
-    same as the fused one (loss rtol 1e-6; weights within 1e-4 of each tensor's largest change:
+    same as the fused one (loss rtol 1e-5; weights within 1e-4 of each tensor's largest change:
     the two paths' gradients differ by float round-off, about 2e-7 here, see test_performance)."""
     want_losses, before, want = _train_steps(eight, tmp_path / "ref", per_device_train_batch_size=8)
     assert want_losses[1] < want_losses[0]
@@ -283,7 +283,9 @@ def test_train_step_parity_across_splits_and_loss_paths(eight, tmp_path):
         for name, tensor in want.items():
             torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7, msg=f"{split} {name}")
     losses, _, got = _train_steps(eight, tmp_path / "plain", per_device_train_batch_size=8, loss_chunk_size=0)
-    assert losses == pytest.approx(want_losses, rel=1e-6)
+    # rel 1e-5, not 1e-6: the plain path's fp32 logits are 1.4e-6 off the float64 value on an AVX2
+    # EPYC (the fused one 5e-8, test_performance), and that round-off moves with the CPU's kernels
+    assert losses == pytest.approx(want_losses, rel=1e-5)
     for name, tensor in want.items():
         change = (tensor - before[name]).abs().max().item()
         assert change > 0 and (got[name] - tensor).abs().max().item() <= 1e-4 * change, name
