@@ -47,7 +47,7 @@ from sftkit.checkpoint import (
     save_final,
 )
 from sftkit.config import SFTConfig
-from sftkit.data.dataset import hold_out, prepared_dir
+from sftkit.data.dataset import hold_out, lengths, prepared_dir
 from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
@@ -193,7 +193,7 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     train_set, eval_set, data_fp = load_sets(cfg, accelerator, tokenizer, console)
-    schedule = Schedule(train_set["length"], cfg.per_device_train_batch_size, accelerator.num_processes,
+    schedule = Schedule(lengths(train_set), cfg.per_device_train_batch_size, accelerator.num_processes,
                         cfg.gradient_accumulation_steps, cfg.seed, cfg.packing, cfg.max_length, cfg.group_by_length)
     steps = total_steps(schedule, cfg.num_train_epochs, cfg.max_steps)
     check_step_size(cfg, schedule, console if accelerator.is_main_process else None)
@@ -245,7 +245,7 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
                                 label="eval data") if cfg.eval_data_path else None
     manifest = read_manifest(train_dir)
     train_set = load_prepared(train_dir)
-    check_lengths(cfg, train_dir, manifest.get("length", {}).get("max") or max(train_set["length"], default=0))
+    check_lengths(cfg, train_dir, manifest.get("length", {}).get("max") or max(lengths(train_set), default=0))
     eval_set = load_prepared(eval_dir) if eval_dir else None
     if cfg.val_size:
         train_set, eval_set = hold_out(train_set, cfg.val_size, cfg.seed, console if main else None)

@@ -230,3 +230,13 @@ def test_hugging_face_dataset_loader_on_a_local_dataset_directory(tmp_path):
     assert sources.resolve("someorg/some-dataset")[0].hub
     with pytest.raises(DataError, match="loading it as a Hugging Face dataset failed"):
         list(sources.read_rows(sources.Source("someorg/does-not-exist", hub=True)))
+
+
+def test_lengths_reads_the_column_through_a_selection():
+    import datasets
+
+    from sftkit.data.dataset import hold_out, lengths
+    ds = datasets.Dataset.from_dict({"length": [5, 3, 9, 1, 7, 2, 8]})
+    train, held = hold_out(ds, 2, seed=0)
+    assert lengths(train) == list(train["length"]) and lengths(held) == list(held["length"])
+    assert sorted(lengths(train) + lengths(held)) == sorted(ds["length"])

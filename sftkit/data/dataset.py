@@ -45,6 +45,12 @@ def data_note(manifest: dict, opts: DataOptions, label: str = "data") -> str | N
     return f"{label}: kept {manifest['examples_kept']:,} of {manifest['rows_in']:,} rows; " + "; ".join(parts)
 
 
+def lengths(dataset) -> list[int]:
+    """Every example's length as one Arrow column read (indices mapping applied). Indexing
+    datasets' lazy `dataset["length"]` per example cost ~0.5 ms a row: 60k rows took 30 s of setup."""
+    return dataset.with_format("arrow")["length"].to_numpy().tolist()
+
+
 def hold_out(dataset, size: float, seed: int, console=None):
     """(train, eval): `size` examples (a share below 1, a count from 1) drawn by `seed` for eval,
     the rest for training, each in its original order."""
