@@ -302,6 +302,11 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     from sftkit.progress import progress_bar
 
     srcs = resolve_sources(specs, opts)
+    for spec in specs:
+        left = sources.skipped(spec)
+        if left and console is not None:
+            console.print(f"note: {spec}: skipped {len(left)} file(s): {', '.join(left)}; "
+                          f"read are {', '.join(sources.SUFFIXES)}", markup=False, highlight=False)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     fp = fp or fingerprint(srcs, tokenizer, opts, mixing, tokenizer_fp)
     old = read_manifest(out_dir)

@@ -81,6 +81,16 @@ def resolve(spec: str, config: str | None = None, split: str = "train", dataset_
     return [Source(spec, hub=True, config=config, split=split)]
 
 
+def skipped(spec: str) -> list[str]:
+    """'name (why)' for each file a directory holds but resolve does not read, so that none is
+    skipped silently (a folder of a.jsonl, b.jsonl.gz and c.tsv prepared a.jsonl's rows alone)."""
+    p = Path(spec)
+    if not p.is_dir():
+        return []
+    return [f"{f.relative_to(p)} (type '{''.join(f.suffixes[-2:]) or 'none'}' is not read)"
+            for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() not in SUFFIXES]
+
+
 def read_rows(src: Source) -> Iterator[tuple[str, Any]]:
     """(location, row) pairs; location is 'line N' for JSON Lines, 'row N (line L)' for a JSON array
     and 'row N' otherwise (1-based; a CSV's row 1 is the first after the header).
