@@ -7,6 +7,7 @@ import math
 import torch
 
 from sftkit.batching import load_micro_batch
+from sftkit.data.dataset import lengths as example_lengths
 from sftkit.loss import token_loss_sum
 
 
@@ -20,7 +21,7 @@ def evaluate_loss(model, dataset, accelerator, batch_size: int, pad_id: int, hea
     world, rank = accelerator.num_processes, accelerator.process_index
     n = len(dataset)
     # Sort by length so batches pad little; every rank runs the same number of batches.
-    lengths = dataset["length"]
+    lengths = example_lengths(dataset)  # one Arrow column read, not ~0.5 ms a row through datasets
     order = sorted(range(n), key=lambda i: lengths[i])
     per_step = batch_size * world
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
