@@ -119,12 +119,12 @@ def test_valid_oddities_prepare(cli, tmp_path):
 def test_csv_cells_keep_their_newlines_and_a_bom_is_not_part_of_a_column_name():
     from sftkit.data import formats, sources
 
-    rows = [row for _, row in sources.read_rows(sources.Source(str(BAD / "embedded_newlines.csv")))]
+    rows = [row for _, row in sources.read(sources.Source(str(BAD / "embedded_newlines.csv"))).rows]
     assert rows[0]["instruction"] == "Write a haiku\nabout rain." and rows[1]["input"] == "2 and 3"
     assert formats.to_messages(rows[0], "alpaca")[-1]["content"].count("\n") == 2
-    rows = [row for _, row in sources.read_rows(sources.Source(str(BAD / "bom.csv")))]
+    rows = [row for _, row in sources.read(sources.Source(str(BAD / "bom.csv"))).rows]
     assert list(rows[0]) == ["instruction", "input", "output"]
-    rows = [row for _, row in sources.read_rows(sources.Source(str(BAD / "crlf.csv")))]
+    rows = [row for _, row in sources.read(sources.Source(str(BAD / "crlf.csv"))).rows]
     assert rows[1]["instruction"] == "Two\r\nlines"
 
 

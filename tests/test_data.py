@@ -225,11 +225,11 @@ def test_hugging_face_dataset_loader_on_a_local_dataset_directory(tmp_path):
     repo.mkdir(parents=True)
     write_jsonl(repo / "train.jsonl", [ALPACA, ALPACA])
     src = sources.Source(str(tmp_path / "my_dataset"), hub=True, split="train")
-    rows = list(sources.read_rows(src))
+    rows = list(sources.read(src).rows)
     assert [w for w, _ in rows] == ["row 1", "row 2"] and rows[0][1]["output"] == "5"
     assert sources.resolve("someorg/some-dataset")[0].hub
     with pytest.raises(DataError, match="loading it as a Hugging Face dataset failed"):
-        list(sources.read_rows(sources.Source("someorg/does-not-exist", hub=True)))
+        list(sources.read(sources.Source("someorg/does-not-exist", hub=True)).rows)
 
 
 def test_lengths_reads_the_column_through_a_selection():

@@ -56,6 +56,7 @@ class Loaded:
     per_source: list[dict] = field(default_factory=list)
     too_long: int = 0  # dropped by their length in characters, before tokenizing (see bound_text)
     warnings: Counter = field(default_factory=Counter)  # kept rows worth a look, by kind (formats.warnings)
+    read: list[tuple[int, sources.Source]] = field(default_factory=list)  # each source with the digest of the bytes read
 
     def keep(self, indices: list[int]) -> None:
         """Only the conversations at `indices`, with everything recorded beside each."""
@@ -112,7 +113,9 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
         fmt = src.format_type or (None if opts.format_type == "auto" else opts.format_type)
         fmt = fmt or formats.mapped_format(field_map)
         n_in = n_bad = 0
-        for where, row in sources.read_rows(src):
+        reading = sources.read(src)
+        out.read.append((origin, reading.source))
+        for where, row in reading.rows:
             n_in += 1
             try:
                 fmt = fmt or formats.detect_format(row)
@@ -302,6 +305,8 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     from sftkit.progress import progress_bar
 
     srcs = resolve_sources(specs, opts)
+    if fp is None:  # each file's digest kept, so that its read can be checked against it (sources.read)
+        srcs = [(i, s.hashed()) for i, s in srcs]
     for spec in specs:
         left = sources.skipped(spec)
         if left and console is not None:
@@ -320,6 +325,8 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     check_switches(tokenizer, template, render_opts)
     with gc_paused(), progress_bar("reading", console) as bar:
         loaded = load_conversations(srcs, opts, progress=bar)
+    if fingerprint(loaded.read, tokenizer, opts, mixing, tokenizer_fp) != fp:  # the rows are not of the key's bytes
+        raise sources.changed(", ".join(s.path for _, s in srcs))
     bound_text(loaded, opts.max_length, opts.truncation, max_token_chars(tokenizer))
     with gc_paused(), progress_bar("tokenizing", console, total=len(loaded.convs)) as bar:
         rendered = tokenize_all(loaded, tokenizer, render_opts, opts.num_proc, progress=bar, spec=template)

@@ -1,9 +1,13 @@
 """Read rows from local files, directories, globs or a Hugging Face dataset, each with its location.
 
-JSON and JSON Lines are parsed here, line by line (a JSON array element by element), so an error
-can name its line; Parquet is read with pyarrow, CSV with pandas, Hub datasets with `datasets`, and
-their rows are named by number. Every problem is one line: a DataError for the file, or a row that
-formats turns into a RowError (which --skip_bad_rows skips and counts).
+JSON and JSON Lines (also gzip-compressed, .json.gz and .jsonl.gz) are parsed here, line by line
+(a JSON array element by element), so an error can name its line; Parquet is read with pyarrow, CSV
+with pandas, Hub datasets with `datasets`, and their rows are named by number. Every problem is one
+line: a DataError for the file, or a row that formats turns into a RowError (which --skip_bad_rows
+skips and counts).
+
+A file's bytes are read once (`read`): the rows are parsed from the very bytes that are hashed, so
+a file replaced while it is read can never have its rows saved under the other file's key.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import io
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +27,21 @@ from typing import Any
 from sftkit.data import formats, registry
 from sftkit.errors import DataError
 
-SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".json.gz", ".jsonl.gz")
+# Bytes of memory that reading one byte of JSON Lines takes at its peak: the file's bytes, its lines,
+# the decoded rows. bench/read_memory.py measured 3.3-3.4x for 20 and 100 MB of rows of ~1.8 KB, and
+# shorter rows take more, so a file refused by this surely cannot be read; it is refused from its
+# size, before it is read: a 2 GB file once took 48 s and 4.6 GB of memory to be refused.
+READ_MEMORY = 3
+# A file with holes reads as zero bytes there, which no JSON, CSV or Parquet file holds; below 1 MiB
+# a file's blocks say little (ext4 and btrfs keep a file of a few KB inline, in 0 blocks).
+SPARSE_FROM = 1 << 20
+
+
+def file_type(path: str | Path) -> str:
+    """A file's type as read here: its last suffix, or its last two when that is '.gz' ('.jsonl.gz')."""
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    return "".join(suffixes[-2:]) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
 
 
 @dataclass(frozen=True)
@@ -34,20 +54,34 @@ class Source:
     split: str = "train"
     format_type: str | None = None          # set by a dataset_info.json entry
     field_map: tuple[tuple[str, str], ...] = ()  # the entry's columns and tags
+    digest: str | None = None  # the data's hash once known: a file's sha256, a Hub dataset's fingerprint
 
     def fingerprint(self) -> str:
         """The data's hash, and how an entry of a dataset registry says to read it."""
         how = f"|{self.format_type}|{json.dumps(self.field_map)}" if self.format_type else ""
-        if not self.hub:
-            h = hashlib.sha256()
-            try:
-                with open(self.path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-            except OSError as err:
-                raise _cannot_read(self.path, err) from None
-            return h.hexdigest() + how
-        return _load_hub(self)._fingerprint + how
+        return (self.digest or self.hashed().digest) + how
+
+    def hashed(self) -> Source:
+        """This source with its digest: the sha256 of the file's bytes (read 1 MiB at a time, so
+        hashing takes no memory), or the fingerprint `datasets` gives a Hub dataset."""
+        if self.hub:
+            return dataclasses.replace(self, digest=_load_hub(self)._fingerprint)
+        h = hashlib.sha256()
+        try:
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as err:
+            raise _cannot_read(self.path, err) from None
+        return dataclasses.replace(self, digest=h.hexdigest())
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A source's rows, parsed from the bytes whose hash `source.digest` is."""
+
+    source: Source
+    rows: Iterator[tuple[str, Any]]
 
 
 def resolve(spec: str, config: str | None = None, split: str = "train", dataset_info: str | None = None
@@ -62,20 +96,20 @@ def resolve(spec: str, config: str | None = None, split: str = "train", dataset_
         return [dataclasses.replace(s, format_type=entry.format_type, field_map=entry.field_map) for s in found]
     p = Path(spec)
     if p.is_file():
-        if p.suffix.lower() not in SUFFIXES:
-            raise DataError(spec, "", None, f"unsupported file type '{p.suffix}'; use one of {', '.join(SUFFIXES)}")
-        return [Source(str(p))]
+        if file_type(p) not in SUFFIXES:
+            raise DataError(spec, "", None, f"unsupported file type '{file_type(p)}'; use one of {', '.join(SUFFIXES)}")
+        return [_local(str(p))]
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and file_type(f) in SUFFIXES)
         if not files:
             raise DataError(spec, "", None, f"the directory holds no {', '.join(SUFFIXES)} files")
-        return [Source(f) for f in files]
+        return [_local(f) for f in files]
     if any(ch in spec for ch in "*?["):
-        files = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).suffix.lower() in SUFFIXES)
+        files = sorted(f for f in glob.glob(spec, recursive=True) if file_type(f) in SUFFIXES)
         if not files:
             raise DataError(spec, "", None, "the pattern matches no data files")
-        return [Source(f) for f in files]
-    looks_local = spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in SUFFIXES or spec.count("/") > 1
+        return [_local(f) for f in files]
+    looks_local = spec.startswith((".", "/", "~")) or file_type(spec) in SUFFIXES or spec.count("/") > 1
     if looks_local:
         raise DataError(spec, "", None, "no such file or directory")
     return [Source(spec, hub=True, config=config, split=split)]
@@ -87,39 +121,133 @@ def skipped(spec: str) -> list[str]:
     p = Path(spec)
     if not p.is_dir():
         return []
-    return [f"{f.relative_to(p)} (type '{''.join(f.suffixes[-2:]) or 'none'}' is not read)"
-            for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() not in SUFFIXES]
+    return [f"{f.relative_to(p)} (type '{file_type(f) or 'none'}' is not read)"
+            for f in sorted(p.rglob("*")) if f.is_file() and file_type(f) not in SUFFIXES]
 
 
-def read_rows(src: Source) -> Iterator[tuple[str, Any]]:
-    """(location, row) pairs; location is 'line N' for JSON Lines, 'row N (line L)' for a JSON array
+def _local(path: str) -> Source:
+    """A file as a source, once its size says it can be read: see check_size."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise _cannot_read(path, err) from None
+    check_size(path, st, available_memory())
+    return Source(path)
+
+
+def check_size(path: str, st: os.stat_result, available: int | None) -> None:
+    """Refuse, from its size alone, a sparse file or one too big to read in `available` bytes of
+    memory (None: unknown, not checked). A 2 GB sparse file was once refused only after 48 s and
+    4.6 GB of memory, as not valid UTF-8."""
+    on_disk = getattr(st, "st_blocks", None)
+    if on_disk is not None and st.st_size >= SPARSE_FROM and on_disk * 512 < st.st_size // 2 and _has_hole(path, st):
+        raise DataError(path, "", None, f"is a sparse file: {_size(st.st_size)} long but {_size(on_disk * 512)} "
+                        "on disk, the rest holes that read as zero bytes, which no data file holds; it was cut "
+                        "short or not fully written (copy or download it again)")
+    if available is not None and st.st_size * READ_MEMORY > available:
+        raise DataError(path, "", None, f"is {_size(st.st_size)}, and reading it takes about {READ_MEMORY}x that "
+                        f"in memory, more than the {_size(available)} available (MemAvailable); split it into "
+                        "files of a smaller total, or free memory")
+
+
+def _has_hole(path: str, st: os.stat_result) -> bool:
+    """Whether the file has a hole before its end. Blocks alone can mislead: a compressing file
+    system (btrfs, ZFS) stores 1 GB of JSON in far fewer blocks, with no hole."""
+    if not hasattr(os, "SEEK_HOLE"):
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.lseek(fd, 0, os.SEEK_HOLE) < st.st_size
+        finally:
+            os.close(fd)
+    except OSError:
+        return True  # the blocks say holes, and the file system cannot say otherwise
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for a new read: MemAvailable of /proc/meminfo, or less where a cgroup
+    limit (a container's) leaves less; None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def read(src: Source) -> Reading:
+    """The source's bytes, read now and once, hashed, and their rows, parsed as they are taken:
+    (location, row) pairs; location is 'line N' for JSON Lines, 'row N (line L)' for a JSON array
     and 'row N' otherwise (1-based; a CSV's row 1 is the first after the header).
 
+    A source whose digest is already known (the cache key was computed from it) is refused when
+    the bytes read now hash otherwise: the file changed between the two reads.
     A JSON Lines line that cannot be read (not UTF-8, not JSON) comes as a formats.Unreadable row, so
     that --skip_bad_rows can skip and count it; a fault of the whole file raises DataError."""
     if src.hub:
-        yield from ((f"row {i + 1}", formats.TableRow(row, src.path)) for i, row in enumerate(_load_hub(src)))
-        return
-    suffix = Path(src.path).suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        yield from _read_json(src.path)
-    elif suffix == ".parquet":
-        yield from _read_parquet(src.path)
-    else:
-        rows = _read_csv(src.path)
-        yield from ((f"row {i + 1}", formats.TableRow(row, src.path)) for i, row in enumerate(rows))
+        ds = _load_hub(src)
+        got = dataclasses.replace(src, digest=ds._fingerprint)
+        return Reading(got, ((f"row {i + 1}", formats.TableRow(row, src.path)) for i, row in enumerate(ds)))
+    try:
+        data = Path(src.path).read_bytes()
+    except OSError as err:
+        raise _cannot_read(src.path, err) from None
+    got = dataclasses.replace(src, digest=hashlib.sha256(data).hexdigest())
+    if src.digest is not None and got.digest != src.digest:
+        raise changed(src.path)
+    kind = file_type(src.path)
+    if kind.endswith(".gz"):
+        data = _gunzip(src.path, data, available_memory())
+    if kind.startswith(".json"):
+        return Reading(got, _read_json(src.path, data))
+    if kind == ".parquet":
+        return Reading(got, _read_parquet(src.path, data))
+    return Reading(got, ((f"row {i + 1}", formats.TableRow(row, src.path))
+                         for i, row in enumerate(_read_csv(src.path, data))))
+
+
+def changed(path: str) -> DataError:
+    return DataError(path, "", None, "changed while it was read (its bytes differ from those the cache key was "
+                     "computed from); run again")
+
+
+def _gunzip(path: str, data: bytes, available: int | None) -> bytes:
+    """A gzip file's contents; one line for a corrupt file, or one too big to unpack in memory
+    (a 1 MB gzip can hold 1 GB of zeros)."""
+    import gzip
+    import zlib
+
+    cap = -1 if available is None else available // READ_MEMORY + 1
+    try:
+        out = gzip.GzipFile(fileobj=io.BytesIO(data)).read(cap)
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DataError(path, "", None, f"is not a valid gzip file ({_first_line(err)}); compress it again "
+                        "with gzip, or pass it uncompressed") from None
+    if cap != -1 and len(out) >= cap:
+        raise DataError(path, "", None, f"unpacks to more than {_size(cap - 1)}, and reading that takes about "
+                        f"{READ_MEMORY}x that in memory, more than the {_size(available)} available (MemAvailable); "
+                        "split it into files of a smaller total, or free memory")
+    return out
 
 
 _BOM = b"\xef\xbb\xbf"
 _WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
-def _raw(path: str) -> bytes:
+def _text(path: str, raw: bytes) -> bytes:
     """The file's bytes without a UTF-8 byte-order mark; DataError for an empty or UTF-16 file."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
-        raise _cannot_read(path, err) from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(path, "", None, "the file is UTF-16 encoded; re-save it as UTF-8")
     raw = raw.removeprefix(_BOM)  # as some Windows editors write
@@ -163,8 +291,8 @@ def _loads(text: str) -> Any:
         return formats.Unreadable(_json_problem(err, text))
 
 
-def _read_json(path: str) -> Iterator[tuple[str, Any]]:
-    raw = _raw(path)
+def _read_json(path: str, raw: bytes) -> Iterator[tuple[str, Any]]:
+    raw = _text(path, raw)
     first = raw.lstrip()[:1]
     if first == b"[" and not _lines_of_arrays(raw.lstrip()):
         yield from _read_json_array(path, _decode(path, raw))
@@ -285,14 +413,16 @@ def _read_json_array(path: str, text: str) -> Iterator[tuple[str, Any]]:
         raise fail(json.JSONDecodeError("Extra data after the array", text, pos), pos) from None
 
 
-def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
-    """Rows of a Parquet file, a batch at a time; a file pyarrow cannot read is a DataError."""
+def _read_parquet(path: str, data: bytes) -> Iterator[tuple[str, Any]]:
+    """Rows of a Parquet file's bytes, a batch at a time; a file pyarrow cannot read is a DataError."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _raw_size_check(path)
+    if not data:
+        raise DataError(path, "", None, "the file is empty")
     n = 0
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        batches = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data))).iter_batches(batch_size=1024)
     except Exception as err:  # pyarrow raises many types for a broken file
         raise DataError(path, "", None, f"cannot read as parquet: {_first_line(err)}") from None
     while True:
@@ -309,21 +439,10 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
             yield f"row {n}", formats.TableRow(row, path)
 
 
-def _raw_size_check(path: str) -> None:
-    try:
-        size = Path(path).stat().st_size
-    except OSError as err:
-        raise _cannot_read(path, err) from None
-    if size == 0:
-        raise DataError(path, "", None, "the file is empty")
-
-
-def _read_csv(path: str) -> list[dict[str, Any]]:
-    import io
-
+def _read_csv(path: str, raw: bytes) -> list[dict[str, Any]]:
     import pandas  # a dependency of datasets
 
-    text = _decode(path, _raw(path))
+    text = _decode(path, _text(path, raw))
     try:
         # Every cell is text: '5' must stay the string '5', and an empty cell an empty string.
         frame = pandas.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
