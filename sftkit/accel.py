@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from datetime import timedelta
 
 from sftkit.config import SFTConfig
@@ -119,9 +123,12 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
         if "timed out" not in str(err).lower():
             raise
         raise SftkitError(f"rank {os.environ.get('RANK', '?')} waited {cfg.ddp_timeout_minutes:g} min at the "
-                          f"rendezvous for the other ranks of WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
-                          f"({clip(str(err))}); start every rank, or raise --ddp_timeout_minutes") from None
+                          f"rendezvous for the other ranks of WORLD_SIZE={os.environ.get('WORLD_SIZE')}: "
+                          f"{missing_at_rendezvous(str(err))} ({clip(str(err))}); start every rank, or raise "
+                          "--ddp_timeout_minutes") from None
     check_launch(accelerator)
+    if launched:
+        check_all_arrived(accelerator, cfg.ddp_timeout_minutes)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and cfg.load_in_4bit:
         raise ConfigError("--load_in_4bit does not work under DeepSpeed (its engine casts and partitions the "
@@ -146,6 +153,62 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
                 raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the flags give {value}; "
                                   f"set it to \"auto\" in the DeepSpeed JSON, or change the flags to match")
     return accelerator
+
+
+def missing_at_rendezvous(message: str) -> str:
+    """Who never came, from torch's rendezvous time-out: rank 0's store counts the ranks that
+    joined ("1/2 clients joined"), so of two the missing one is known; a rank that is not 0 waited
+    for rank 0's store."""
+    rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "0") or 0)
+    if rank != 0:
+        return f"rank 0 (the store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) never arrived"
+    joined = re.search(r"(\d+)/(\d+) clients joined", message)
+    if world == 2:
+        return "rank 1 never arrived"
+    if joined:
+        return f"{int(joined.group(2)) - int(joined.group(1))} of ranks 1-{world - 1} never arrived"
+    return "some never arrived"
+
+
+def check_all_arrived(accelerator, minutes: float) -> None:
+    """The first collective is a monitored barrier: a rank that joined the process group but
+    never reaches it (stuck, or dead before it) is named in one line by the ranks that wait, after
+    --ddp_timeout_minutes, where a plain collective gave a gloo traceback naming no rank (or, on
+    NCCL, waited out its time-out). monitored_barrier is gloo's: on NCCL it runs in a gloo side group."""
+    import torch.distributed as dist
+
+    if accelerator.num_processes < 2 or not dist.is_initialized():
+        return
+    rank = dist.get_rank()
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    try:
+        with _native_stderr_held("monitoredBarrier"):
+            dist.monitored_barrier(group=group, timeout=timedelta(minutes=minutes), wait_all_ranks=True)
+    except RuntimeError as err:
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(err))
+        who = f"rank(s) {found.group(1).strip()}" if found else "rank 0" if rank else "the other ranks"
+        raise SftkitError(f"rank {rank} waited {minutes:g} min at the first collective for {who} of "
+                          f"{accelerator.num_processes}, which never arrived ({clip(str(err))}); see that rank's "
+                          "output for why, or raise --ddp_timeout_minutes") from None
+
+
+@contextmanager
+def _native_stderr_held(drop: str):
+    """File descriptor 2 held in a temporary file while `drop`'s C++ code runs: on a time-out gloo's
+    logger printed the news twice ("[Rank 0]: Rank 1 failed to pass monitoredBarrier in 6000 ms")
+    before the exception our one line is made from. Its other lines are passed on, in order."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True) if drop.encode() not in line]
+            os.write(2, b"".join(kept))
 
 
 def distributed_type(accelerator) -> str:

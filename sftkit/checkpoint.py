@@ -434,7 +434,15 @@ def load_weights(models: list, folder: str) -> None:
         if not file.is_file():
             return  # not a layout sftkit writes: accelerate's own loader decides
         frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        missing, unexpected = load_model(model, str(file), strict=False)
+        try:
+            missing, unexpected = load_model(model, str(file), strict=False)
+        except RuntimeError as err:  # torch's size mismatch: one line per tensor
+            from sftkit.fit import mismatch_error
+
+            line = mismatch_error(err, file, "this run loads")
+            if line is None:
+                raise
+            raise line from None
         missing, unexpected = set(missing) & kept_names(model), set(unexpected) - frozen
         if missing or unexpected:
             what = f"lacks {len(missing)} weight(s) that train" if missing else f"holds {len(unexpected)} unknown tensor(s)"

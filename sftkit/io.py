@@ -3,6 +3,7 @@ behind: temp path, then rename."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -120,6 +121,19 @@ def check_free_space(path: Path, need: int, what: str = "--output_dir") -> None:
     if free < need:
         raise ConfigError(f"{what} {path}: {_size(free)} free on its file system, and what is written there needs "
                           f"at least {_size(need)}; free some space or choose another place")
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free on the file system where `path` is (or would be created)."""
+    return shutil.disk_usage(_nearest_existing(path)).free
+
+
+def disk_full(err: BaseException) -> bool:
+    """A full disk or quota, however the writer reported it: OSError ENOSPC/EDQUOT, or the same
+    text inside safetensors' SafetensorError or torch's RuntimeError."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
 
 
 def _size(n: int) -> str:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftkit.errors import ConfigError
+from sftkit.fit import tensor_headers
+from sftkit.io import disk_full, free_bytes
 
 PROBES = ["Hello! What can you do?", "2 + 2 = ?", "Translate to French: good morning", "写一首关于春天的诗"]
 
@@ -35,9 +37,10 @@ def _tolerance(dtype, scale: float) -> float:
 def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     """Merge, save into `output_dir` (atomically), reload and compare; `opts` is a MergeOptions."""
     from sftkit.checkpoint import ensure_stop_token, model_in
+    from sftkit.fit import check_adapter_fits
     from sftkit.io import atomic_directory, check_free_output, check_free_space, check_not_an_input, remove_stale_tmp
     from sftkit.lock import check_unlocked
-    from sftkit.models import adapter_base, load_model, load_tokenizer, min_saved_bytes
+    from sftkit.models import adapter_base, load_adapter, load_model, load_tokenizer
 
     check_unlocked(Path(output_dir))  # first: a live run's folder is refused for that, whatever else is wrong
     given, adapter = adapter, Path(model_in(str(adapter)))
@@ -47,42 +50,114 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     output_dir = Path(output_dir)
     check_not_an_input(output_dir, [given, adapter, base_name])
     check_free_output(output_dir, opts.overwrite_output_dir)
-    check_free_space(output_dir, min_saved_bytes(base_name))
+    check_adapter_fits(adapter, base_name)
+    tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_name
+    check_free_space(output_dir, merged_bytes(adapter, base_name, opts.dtype, tokenizer_source))
     remove_stale_tmp(output_dir.parent)  # what a merge killed mid-write left
     import torch  # the checks above come first: peft's import alone takes ~8 s here
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from sftkit.arch.layout import restore as restore_layout
 
-    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_name)
+    tokenizer = load_tokenizer(tokenizer_source)
     base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto")
     if getattr(base.config, "quantization_config", None):
         raise ConfigError(f"{base_name} is quantized; merge into the full-precision base (load it without "
                           "quantization), since merged low-bit weights lose the adapter's update")
     dtype = base.dtype
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    model = load_adapter(base, adapter, base_name).eval()
     batch = _probe_batch(tokenizer)
     with torch.no_grad():
         expected = model(**batch).logits.float()
     merged = model.merge_and_unload()
     untied = _untie_if_needed(merged)
-    with atomic_directory(Path(output_dir)) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=opts.max_shard_size)
-        restore_layout(tmp, base_name)  # a Qwen3.5 base: written as the vision-language model it came as
-        tokenizer.save_pretrained(tmp)
-        gen = merged.generation_config
-        ensure_stop_token(gen, tokenizer)
-        gen.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-        with torch.no_grad():
-            got = reloaded(**batch).logits.float()
-        diff = (got - expected).abs().max().item()
-        tolerance = _tolerance(dtype, expected.abs().max().item())
-        if diff > tolerance:
-            raise ConfigError(f"the merged model's logits differ from base + adapter by {diff:.3g} "
-                              f"(tolerance {tolerance:.3g}); nothing was written to {output_dir}")
+    try:
+        with atomic_directory(Path(output_dir)) as tmp:  # a failure removes tmp: no half-written folder stays
+            merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=opts.max_shard_size)
+            restore_layout(tmp, base_name)  # a Qwen3.5 base: written as the vision-language model it came as
+            tokenizer.save_pretrained(tmp)
+            gen = merged.generation_config
+            ensure_stop_token(gen, tokenizer)
+            gen.save_pretrained(tmp)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            with torch.no_grad():
+                got = reloaded(**batch).logits.float()
+            diff = (got - expected).abs().max().item()
+            tolerance = _tolerance(dtype, expected.abs().max().item())
+            if diff > tolerance:
+                raise ConfigError(f"the merged model's logits differ from base + adapter by {diff:.3g} "
+                                  f"(tolerance {tolerance:.3g}); nothing was written to {output_dir}")
+    except Exception as err:  # a full disk is an OSError, safetensors' SafetensorError or a RuntimeError
+        if not disk_full(err):
+            raise
+        raise ConfigError(f"--output_dir {output_dir}: the disk filled while the merged model was written (No space "
+                          f"left on device, {free_bytes(output_dir):,} bytes free now); the partial copy was removed "
+                          "and nothing was written there: free some space or choose another place") from None
     return MergeReport(adapter, base_name, str(dtype).replace("torch.", ""), untied, diff)
+
+
+# bytes per element of the dtypes a merged model is saved in, by torch's and safetensors' names
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8,
+                 "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def merged_bytes(adapter: Path, base_name: str, dtype: str | None, tokenizer_source: str) -> int:
+    """What merge-lora writes, from the safetensors headers of a local base (no weight is read):
+    each tensor's elements x the bytes of the dtype it is saved in (--dtype, else the base's), an
+    embedding saved twice where a tied model is untied, their headers, and the tokenizer's and
+    config files at their source's sizes, plus 64 KiB for file system blocks. For tiny-qwen3: 39.2
+    MB of weights + 11.4 MB of tokenizer = 50.7 MB, where the old check (half the weights) asked for
+    19.6 MB. Where the base is no local safetensors: half its weight files, or 0 (not checked)."""
+    from sftkit.models import min_saved_bytes
+
+    headers = tensor_headers(Path(base_name))
+    if not headers:
+        return min_saved_bytes(base_name)
+    config = _read_json(Path(base_name) / "config.json")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    saved_as = dtype or text.get("dtype") or text.get("torch_dtype")
+    total = 0
+    for name, (shape, own) in headers.items():
+        elements = 1
+        for n in shape:
+            elements *= n
+        size = ELEMENT_BYTES.get(saved_as if own in ("F32", "BF16", "F16") and saved_as else own, 4)
+        total += elements * size
+        if text.get("tie_word_embeddings") and name.endswith("embed_tokens.weight") and _trains_embeddings(adapter):
+            total += elements * size  # untied: lm_head is written too (_untie_if_needed)
+    source = Path(tokenizer_source)
+    files = [Path(base_name) / "config.json", Path(base_name) / "generation_config.json",
+             *(source / name for name in TOKENIZER_FILES)]
+    if not (source / "tokenizer.json").is_file():
+        files += [source / "vocab.json", source / "merges.txt"]
+    total += sum(f.stat().st_size for f in files if f.is_file())
+    return total + sum(_header_size(f) for f in Path(base_name).glob("*.safetensors")) + 64 * 2**10
+
+
+def _trains_embeddings(adapter: Path) -> bool:
+    config = _read_json(adapter / "adapter_config.json")
+    names = [config.get("modules_to_save") or [], config.get("target_modules") or []]
+    names = [n for group in names for n in ([group] if isinstance(group, str) else group)]  # a regex is a str
+    return any("embed_tokens" in n or "lm_head" in n for n in names if isinstance(n, str))
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _header_size(file: Path) -> int:
+    try:
+        with open(file, "rb") as f:
+            return 8 + int.from_bytes(f.read(8), "little")
+    except OSError:
+        return 0
 
 
 def _probe_batch(tokenizer):

@@ -329,15 +329,32 @@ def load_for_eval(path: str, cfg):
     tokenizer = load_tokenizer(path if (p / "tokenizer_config.json").is_file() else cfg.model_name_or_path,
                                cfg.trust_remote_code)
     if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from sftkit.fit import check_adapter_fits
 
         base = adapter_base(p)
-        model = PeftModel.from_pretrained(load_model(base, dtype, attention, cfg.trust_remote_code), path)
+        check_adapter_fits(p, base)  # before the base loads
+        model = load_adapter(load_model(base, dtype, attention, cfg.trust_remote_code), p, base)
     else:
         check_weights_format(path)
         model = load_model(path, dtype, attention, cfg.trust_remote_code)
     model.eval()
     return model, tokenizer
+
+
+def load_adapter(base_model, adapter: Path, base_name: str):
+    """PeftModel of `adapter` on `base_model`; a base of another size (where check_adapter_fits
+    could not read it first: a Hub id) is one line naming a tensor and both shapes."""
+    from peft import PeftModel
+
+    from sftkit.fit import mismatch_error
+
+    try:
+        return PeftModel.from_pretrained(base_model, str(adapter))
+    except RuntimeError as err:
+        line = mismatch_error(err, adapter, base_name)
+        if line is None:
+            raise
+        raise line from None
 
 
 def adapter_base(adapter: Path) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sftkit.checkpoint import (
     FINAL_DIR,
+    MODEL_DIR,
     TRAINER_STATE,
     TrainState,
     damage,
@@ -152,7 +153,11 @@ def base_identity(model_path: str) -> str:
 
 def check_base(path: Path, saved: TrainState, state: TrainState) -> None:
     """The base this run loads is the one the checkpoint was trained on (its frozen weights are
-    reloaded from it, never kept in the checkpoint). Unknown on either side: not checked."""
+    reloaded from it, never kept in the checkpoint). Unknown on either side: not checked. A base
+    of another size is named first, by a tensor and both shapes."""
+    from sftkit.fit import check_checkpoint_fits
+
+    check_checkpoint_fits(path / MODEL_DIR, state.base_model)
     if saved.base_hash and state.base_hash and saved.base_hash != state.base_hash:
         raise ConfigError(f"{path} was trained on the base model {saved.base_model} (identity {saved.base_hash}), "
                           f"but {state.base_model} now has identity {state.base_hash}: its config or weight files "

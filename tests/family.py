@@ -35,8 +35,13 @@ _MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
 _HYBRID_LAYERS = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
 
 
-def text_config(kind: str) -> dict:
-    """The tiny text model's config values for one model_type."""
+def text_config(kind: str, overrides: dict | None = None) -> dict:
+    """The tiny text model's config values for one model_type; `overrides` replace some (a base
+    of another size: {"hidden_size": 96})."""
+    return {**_text_config(kind), **(overrides or {})}
+
+
+def _text_config(kind: str) -> dict:
     if kind == "qwen3":
         return dict(**_COMMON, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=True)
     if kind == "qwen3_moe":
@@ -57,8 +62,9 @@ _VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 
            "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64, "num_position_embeddings": 16}
 
 
-def build(kind: str, path: Path, seed: int = 0) -> Path:
-    """Save a tiny random-init `kind` model with tokenizer and template into `path`; returns it."""
+def build(kind: str, path: Path, seed: int = 0, overrides: dict | None = None) -> Path:
+    """Save a tiny random-init `kind` model with tokenizer and template into `path`; returns it.
+    `overrides`: text config values to change (see text_config)."""
     import torch
     import transformers
     from transformers import AutoTokenizer, GenerationConfig
@@ -68,19 +74,20 @@ def build(kind: str, path: Path, seed: int = 0) -> Path:
     path = Path(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        text = text_config(kind, overrides)
         if kind in ("qwen3_5", "qwen3_5_moe"):
             cls = "Qwen3_5" if kind == "qwen3_5" else "Qwen3_5Moe"
-            config = getattr(transformers, f"{cls}Config")(text_config=text_config(kind), vision_config=_VISION,
-                                                           tie_word_embeddings=text_config(kind)["tie_word_embeddings"])
+            config = getattr(transformers, f"{cls}Config")(text_config=text, vision_config=_VISION,
+                                                           tie_word_embeddings=text["tie_word_embeddings"])
             model = getattr(transformers, f"{cls}ForConditionalGeneration")(config)
         else:
-            config = transformers.AutoConfig.for_model(kind, **text_config(kind))
+            config = transformers.AutoConfig.for_model(kind, **text)
             model = transformers.AutoModelForCausalLM.from_config(config)
     # the Qwen3.5 releases are sharded with an index (which transformers reads only where no single
     # model.safetensors is beside it); 20MB cuts the tiny ones in shards too
     model.save_pretrained(path, max_shard_size="20MB" if kind in ("qwen3_5", "qwen3_5_moe") else "5GB")
     if kind in ("qwen3_5", "qwen3_5_moe"):
-        _add_mtp_weights(path, text_config(kind)["hidden_size"], seed)
+        _add_mtp_weights(path, text["hidden_size"], seed)
     tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
     tok.chat_template = (TEMPLATES / TEMPLATE[kind]).read_text()
     tok.save_pretrained(path)

@@ -320,4 +320,37 @@ def test_a_rank_that_never_comes_times_out_in_the_set_minutes(tmp_path):
     proc = run_cli("train", *ARGS, "--max_steps", "1", "--ddp_timeout_minutes", "0.1", "--output_dir",
                    str(tmp_path / "o"), env=env, check=False, timeout=300)
     assert proc.returncode == 2 and _one_error(proc).startswith(
-        "error: rank 0 waited 0.1 min at the rendezvous for the other ranks of WORLD_SIZE=2"), proc.stderr[-3000:]
+        "error: rank 0 waited 0.1 min at the rendezvous for the other ranks of WORLD_SIZE=2: rank 1 never arrived ("
+    ), proc.stderr[-3000:]
+
+
+# rank 1 as a plain torch process: it joins the process group, then never reaches a collective
+PEER = ("import datetime, time, torch.distributed as dist; "
+        "dist.init_process_group('gloo', rank=1, world_size=2, timeout=datetime.timedelta(seconds=90)); "
+        "print('joined', flush=True); time.sleep(90)")
+
+
+def test_a_rank_that_joins_but_never_reaches_the_first_collective_is_named(tmp_path):
+    """Rank 0 (sftkit) and a rank 1 that joins the group and then hangs: rank 0's first collective,
+    a monitored barrier, gives up after --ddp_timeout_minutes (0.1 here, 6 s; it waited the whole
+    time-out and printed gloo's traceback naming no rank) with one line naming rank 1. The whole
+    rank 0 took 33 s in all here, most of it start-up."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    peer = subprocess.Popen([sys.executable, "-c", PEER], env={**os.environ, **env, "RANK": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc = run_cli("train", *ARGS, "--max_steps", "1", "--ddp_timeout_minutes", "0.1", "--output_dir",
+                       str(tmp_path / "o"), env={**env, "RANK": "0", "LOCAL_RANK": "0"}, check=False, timeout=300)
+    finally:
+        peer.kill()
+        said, _ = peer.communicate()
+    assert "joined" in said  # it passed the rendezvous: what timed out is the collective
+    assert proc.returncode == 2 and _one_error(proc).startswith(
+        "error: rank 0 waited 0.1 min at the first collective for rank(s) 1 of 2, which never arrived"), proc.stderr
+    assert "ProcessGroupGloo" not in proc.stderr  # gloo's own two lines of the same news are held back
