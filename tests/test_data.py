@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from sftkit.data import formats
 from sftkit.data.options import DataOptions
 from sftkit.data.prepare import prepare, read_manifest
 from sftkit.data.render import IGNORE_INDEX
-from sftkit.errors import DataError
+from sftkit.errors import ConfigError, DataError
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -201,19 +202,99 @@ def test_weighted_mixing_on_the_command_line_and_in_yaml(tmp_path):
     assert proc.returncode == 2 and "one weight per source" in proc.stderr
 
 
-def test_num_proc_gives_identical_output(tmp_path, tok):
-    import datasets
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
 
-    path = ROOT / "data" / "sample_sharegpt.json"
-    rows = json.loads(path.read_text()) * 12  # 600 rows: two chunks of 512, so two workers share work
-    big = tmp_path / "big.json"
+
+def test_num_proc_gives_identical_output(tmp_path):
+    """The real CLI with 1 and with 2 processes: every saved file the same bytes (the arrow data,
+    datasets' json, lengths.png), the manifest the same but for its honest "seconds"."""
+    rows = json.loads((ROOT / "data" / "sample_sharegpt.json").read_text()) * 12
+    big = tmp_path / "big.json"  # 600 rows: two chunks of 512, so each process renders one
     big.write_text(json.dumps(rows))
-    one = prepare(DataOptions(max_length=512), [str(big)], tmp_path / "one", tok)
-    two = prepare(DataOptions(max_length=512, num_proc=2), [str(big)], tmp_path / "two", tok)
-    assert one["fingerprint"] == two["fingerprint"]  # num_proc does not change the output
-    a = datasets.load_from_disk(str(tmp_path / "one" / "dataset"))
-    b = datasets.load_from_disk(str(tmp_path / "two" / "dataset"))
-    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+    for n in ("1", "2"):
+        run_cli("prepare-data", "--data_path", str(big), "--max_length", "512", "--num_proc", n,
+                "--output_dir", str(tmp_path / n))
+    one, two = _files(tmp_path / "1"), _files(tmp_path / "2")
+    assert sorted(one) == sorted(two) and "dataset/data-00000-of-00001.arrow" in one
+    manifests = [json.loads(files.pop("manifest.json")) for files in (one, two)]
+    assert one == two
+    for m in manifests:
+        del m["seconds"]
+    assert manifests[0] == manifests[1] and manifests[0]["examples_kept"] == 600
+
+
+def test_processes_for_rows_and_cores():
+    from sftkit.data.options import AUTO_MAX_PROCS, AUTO_ROWS_PER_PROC
+    from sftkit.data.prepare import processes_for, usable_cores
+
+    assert DataOptions().num_proc == 0  # auto
+    assert processes_for(0, 50) == 1 and processes_for(0, 2 * AUTO_ROWS_PER_PROC - 1) == 1
+    assert processes_for(0, 10**7) == min(usable_cores(), AUTO_MAX_PROCS)
+    assert processes_for(4, 600) == 2  # never more processes than chunks of 512 rows
+    assert processes_for(3, 10**7) == 3  # a number given is taken as given
+    with pytest.raises(ConfigError, match="num_proc must be at least 1, or 0 \\(auto\\)"):
+        DataOptions(num_proc=-1)
+
+
+def test_bad_row_past_the_first_chunk_reads_the_same_with_two_processes(tmp_path):
+    """A row the template refuses (Qwen3's never reads reasoning_effort), rendered by the second
+    process: the same one line, naming file and line, and exit 2, as with one process."""
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(600)]
+    rows[550]["reasoning_effort"] = "high"
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    said = []
+    for n in ("1", "2"):
+        proc = run_cli("prepare-data", "--data_path", str(data), "--num_proc", n, "--output_dir",
+                       str(tmp_path / n), check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert not (tmp_path / n).exists()
+        said.append(proc.stderr)
+    assert said[0] == said[1] and said[0].startswith(f"error: {data}:line 551: field 'reasoning_effort': ")
+
+
+def _session(sid: int) -> list[str]:
+    """Command lines of the processes in session `sid` (the CLI's, started with start_new_session)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # after pid and (comm): state, ppid, pgrp, session
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue  # it ended while being read
+    return found
+
+
+def test_ctrl_c_during_a_multi_process_prepare(tmp_path):
+    """SIGINT to the process group, as Ctrl-C sends it, while the tokenizing children run: the
+    command exits 130 without a traceback (none from a child either), leaves nothing in the output
+    folder's parent, and no process of its session outlives it."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(1100)])
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(BIN / "sftkit"), "prepare-data", "--data_path", str(data), "--num_proc", "2",
+                             "--output_dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if sum("sftkit.data.workers" in c for c in _session(proc.pid)) == 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the command ended before its children started"
+    time.sleep(1)  # the children are importing transformers (5 s): the window where one would print a traceback
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err.decode(), err.decode()  # 128 + SIGINT, as a shell says it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    while _session(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _session(proc.pid) == []
 
 
 def test_hugging_face_dataset_loader_on_a_local_dataset_directory(tmp_path):
