@@ -255,15 +255,52 @@ def test_bad_row_past_the_first_chunk_reads_the_same_with_two_processes(tmp_path
 
 def _session(sid: int) -> list[str]:
     """Command lines of the processes in session `sid` (the CLI's, started with start_new_session)."""
+    return [cmd for _, cmd in _session_pids(sid)]
+
+
+def _session_pids(sid: int) -> list[tuple[int, str]]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) == sid:  # after pid and (comm): state, ppid, pgrp, session
-                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                found.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
         except (OSError, IndexError, ValueError):
             continue  # it ended while being read
     return found
+
+
+def _start_two_children(tmp_path):
+    """`sftkit prepare-data --num_proc 2` in a session of its own, once both its children run."""
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(1100)])
+    proc = subprocess.Popen([str(BIN / "sftkit"), "prepare-data", "--data_path", str(data), "--num_proc", "2",
+                             "--output_dir", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        children = [pid for pid, cmd in _session_pids(proc.pid) if "sftkit.data.workers" in cmd]
+        if len(children) == 2:
+            return proc, children
+        time.sleep(0.05)
+    raise AssertionError(f"the command ended (or hung) before its children started: {proc.poll()}")
+
+
+def _ends_clean(proc, tmp_path) -> str:
+    """The command's stderr, once it and every process of its session are gone and it left no file."""
+    import time
+
+    _, err = proc.communicate(timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    deadline = time.time() + 30
+    while _session(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _session(proc.pid) == []
+    return err.decode()
 
 
 def test_ctrl_c_during_a_multi_process_prepare(tmp_path):
@@ -271,30 +308,25 @@ def test_ctrl_c_during_a_multi_process_prepare(tmp_path):
     command exits 130 without a traceback (none from a child either), leaves nothing in the output
     folder's parent, and no process of its session outlives it."""
     import signal
-    import subprocess
     import time
 
-    from conftest import BIN
-
-    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(1100)])
-    out = tmp_path / "out"
-    proc = subprocess.Popen([str(BIN / "sftkit"), "prepare-data", "--data_path", str(data), "--num_proc", "2",
-                             "--output_dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if sum("sftkit.data.workers" in c for c in _session(proc.pid)) == 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the command ended before its children started"
+    proc, _ = _start_two_children(tmp_path)
     time.sleep(1)  # the children are importing transformers (5 s): the window where one would print a traceback
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err.decode(), err.decode()  # 128 + SIGINT, as a shell says it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
-    while _session(proc.pid) and time.time() < deadline:
-        time.sleep(0.1)
-    assert _session(proc.pid) == []
+    err = _ends_clean(proc, tmp_path)
+    assert proc.returncode == 130 and "Traceback" not in err, err  # 128 + SIGINT, as a shell says it
+
+
+def test_a_killed_child_ends_the_prepare_with_one_line(tmp_path):
+    """A child killed as the out-of-memory killer does it (SIGKILL): one line and exit 2, not a
+    parent waiting forever for its results."""
+    import signal
+
+    proc, children = _start_two_children(tmp_path)
+    os.kill(children[0], signal.SIGKILL)
+    err = _ends_clean(proc, tmp_path)
+    assert proc.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: a tokenizing process was killed by SIGKILL before it finished")
 
 
 def test_hugging_face_dataset_loader_on_a_local_dataset_directory(tmp_path):

@@ -25,12 +25,23 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from sftkit.errors import SftkitError
+
 _LENGTH = struct.Struct("<Q")  # each frame: its length in 8 bytes, then the pickle
 _CHILD = "from sftkit.data.workers import serve; serve()"
 
 
-class WorkerDied(RuntimeError):
-    """A tokenizing child process exited before it sent all its results (its own error is above)."""
+class WorkerDied(SftkitError):
+    """A tokenizing child process ended before it sent all its results: killed (the kernel's
+    out-of-memory killer sends SIGKILL), or its own error printed above."""
+
+    def __init__(self, code: int):
+        if code < 0 and -code in signal.valid_signals():
+            said = (f"was killed by {signal.Signals(-code).name} before it finished (the out-of-memory killer "
+                    "sends SIGKILL: each process holds its share of the rows and a tokenizer; lower --num_proc)")
+        else:
+            said = f"exited with code {code} before it finished; its own error is above"
+        super().__init__(f"a tokenizing process {said}")
 
 
 def _send(stream, obj, data: bytes | None = None) -> None:
@@ -110,11 +121,12 @@ def render_in_children(chunks: list[tuple], n: int, setup: tuple, progress: Call
                 _send(child.stdin, chunks[i])
                 part = _receive(child.stdout)
                 if part is None:
-                    raise WorkerDied(f"a tokenizing process exited with code {child.wait()} before it finished; "
-                                     "its own error is above")
+                    raise WorkerDied(child.wait())
                 results[i] = part
                 done.put((len(part), None))
             child.stdin.close()
+        except BrokenPipeError:  # it died before it read all it was sent
+            done.put((None, WorkerDied(child.wait())))
         except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
             done.put((None, err))
 
