@@ -23,12 +23,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from sftkit.errors import SftkitError
 
 _LENGTH = struct.Struct("<Q")  # each frame: its length in 8 bytes, then the pickle
-_CHILD = "from sftkit.data.workers import serve; serve()"
+# the parent's sys.path, as multiprocessing's spawn hands it on: the child imports the same sftkit
+# and transformers as the parent (`python -c` alone would put the working directory first)
+_CHILD = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from sftkit.data.workers import serve; serve()"
 
 
 class WorkerDied(SftkitError):
@@ -87,13 +88,13 @@ def serve() -> None:
 def _start(n: int) -> list[subprocess.Popen]:
     """n children with SIGINT blocked (a signal mask passes through fork and exec, and Python's
     start-up keeps it), so none prints a KeyboardInterrupt traceback of its own."""
-    env = dict(os.environ)
-    here = str(Path(__file__).resolve().parents[2])  # this sftkit, not another on the path
-    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
+    import json
+
+    path = json.dumps(sys.path)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        return [subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 env=env) for _ in range(n)]
+        return [subprocess.Popen([sys.executable, "-c", _CHILD, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                for _ in range(n)]
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
