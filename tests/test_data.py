@@ -253,6 +253,25 @@ def test_bad_row_past_the_first_chunk_reads_the_same_with_two_processes(tmp_path
     assert said[0] == said[1] and said[0].startswith(f"error: {data}:line 551: field 'reasoning_effort': ")
 
 
+def test_two_processes_from_a_script_without_a_main_guard(tmp_path):
+    """SFTDataset(..., num_proc=2) at the top of a script, no `if __name__ == "__main__"`: the
+    children never run the script again (a spawned multiprocessing child would, and fail)."""
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(600)])
+    script = tmp_path / "script.py"
+    script.write_text("from transformers import AutoTokenizer\nfrom sftkit import SFTDataset\n"
+                      "from sftkit.models import bundled_tokenizer_dir\n"
+                      "print('script body ran', flush=True)\n"
+                      f"ds = SFTDataset({str(data)!r}, AutoTokenizer.from_pretrained(bundled_tokenizer_dir()), num_proc=2)\n"
+                      "print(len(ds))\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["script", "body", "ran", "600"]
+
+
 def _session(sid: int) -> list[str]:
     """Command lines of the processes in session `sid` (the CLI's, started with start_new_session)."""
     return [cmd for _, cmd in _session_pids(sid)]
