@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from sftkit.data import formats
 from sftkit.data.options import DataOptions
 from sftkit.data.prepare import prepare, read_manifest
 from sftkit.data.render import IGNORE_INDEX
-from sftkit.errors import DataError
+from sftkit.errors import ConfigError, DataError
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -201,19 +202,150 @@ def test_weighted_mixing_on_the_command_line_and_in_yaml(tmp_path):
     assert proc.returncode == 2 and "one weight per source" in proc.stderr
 
 
-def test_num_proc_gives_identical_output(tmp_path, tok):
-    import datasets
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
 
-    path = ROOT / "data" / "sample_sharegpt.json"
-    rows = json.loads(path.read_text()) * 12  # 600 rows: two chunks of 512, so two workers share work
-    big = tmp_path / "big.json"
+
+def test_num_proc_gives_identical_output(tmp_path):
+    """The real CLI with 1 and with 2 processes: every saved file the same bytes (the arrow data,
+    datasets' json, lengths.png), the manifest the same but for its honest "seconds"."""
+    rows = json.loads((ROOT / "data" / "sample_sharegpt.json").read_text()) * 12
+    big = tmp_path / "big.json"  # 600 rows: two chunks of 512, so each process renders one
     big.write_text(json.dumps(rows))
-    one = prepare(DataOptions(max_length=512), [str(big)], tmp_path / "one", tok)
-    two = prepare(DataOptions(max_length=512, num_proc=2), [str(big)], tmp_path / "two", tok)
-    assert one["fingerprint"] == two["fingerprint"]  # num_proc does not change the output
-    a = datasets.load_from_disk(str(tmp_path / "one" / "dataset"))
-    b = datasets.load_from_disk(str(tmp_path / "two" / "dataset"))
-    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+    for n in ("1", "2"):
+        run_cli("prepare-data", "--data_path", str(big), "--max_length", "512", "--num_proc", n,
+                "--output_dir", str(tmp_path / n))
+    one, two = _files(tmp_path / "1"), _files(tmp_path / "2")
+    assert sorted(one) == sorted(two) and "dataset/data-00000-of-00001.arrow" in one
+    manifests = [json.loads(files.pop("manifest.json")) for files in (one, two)]
+    assert one == two
+    for m in manifests:
+        del m["seconds"]
+    assert manifests[0] == manifests[1] and manifests[0]["examples_kept"] == 600
+
+
+def test_processes_for_rows_and_cores():
+    from sftkit.data.options import AUTO_MAX_PROCS, AUTO_ROWS_PER_PROC
+    from sftkit.data.prepare import processes_for, usable_cores
+
+    assert DataOptions().num_proc == 0  # auto
+    assert processes_for(0, 50) == 1 and processes_for(0, 2 * AUTO_ROWS_PER_PROC - 1) == 1
+    assert processes_for(0, 10**7) == min(usable_cores(), AUTO_MAX_PROCS)
+    assert processes_for(4, 600) == 2  # never more processes than chunks of 512 rows
+    assert processes_for(3, 10**7) == 3  # a number given is taken as given
+    with pytest.raises(ConfigError, match="num_proc must be at least 1, or 0 \\(auto\\)"):
+        DataOptions(num_proc=-1)
+
+
+def test_bad_row_past_the_first_chunk_reads_the_same_with_two_processes(tmp_path):
+    """A row the template refuses (Qwen3's never reads reasoning_effort), rendered by the second
+    process: the same one line, naming file and line, and exit 2, as with one process."""
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(600)]
+    rows[550]["reasoning_effort"] = "high"
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    said = []
+    for n in ("1", "2"):
+        proc = run_cli("prepare-data", "--data_path", str(data), "--num_proc", n, "--output_dir",
+                       str(tmp_path / n), check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert not (tmp_path / n).exists()
+        said.append(proc.stderr)
+    assert said[0] == said[1] and said[0].startswith(f"error: {data}:line 551: field 'reasoning_effort': ")
+
+
+def test_two_processes_from_a_script_without_a_main_guard(tmp_path):
+    """SFTDataset(..., num_proc=2) at the top of a script, no `if __name__ == "__main__"`: the
+    children never run the script again (a spawned multiprocessing child would, and fail)."""
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(600)])
+    script = tmp_path / "script.py"
+    script.write_text("from transformers import AutoTokenizer\nfrom sftkit import SFTDataset\n"
+                      "from sftkit.models import bundled_tokenizer_dir\n"
+                      "print('script body ran', flush=True)\n"
+                      f"ds = SFTDataset({str(data)!r}, AutoTokenizer.from_pretrained(bundled_tokenizer_dir()), num_proc=2)\n"
+                      "print(len(ds))\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["script", "body", "ran", "600"]
+
+
+def _session(sid: int) -> list[str]:
+    """Command lines of the processes in session `sid` (the CLI's, started with start_new_session)."""
+    return [cmd for _, cmd in _session_pids(sid)]
+
+
+def _session_pids(sid: int) -> list[tuple[int, str]]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # after pid and (comm): state, ppid, pgrp, session
+                found.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, IndexError, ValueError):
+            continue  # it ended while being read
+    return found
+
+
+def _start_two_children(tmp_path):
+    """`sftkit prepare-data --num_proc 2` in a session of its own, once both its children run."""
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(1100)])
+    proc = subprocess.Popen([str(BIN / "sftkit"), "prepare-data", "--data_path", str(data), "--num_proc", "2",
+                             "--output_dir", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        children = [pid for pid, cmd in _session_pids(proc.pid) if "sftkit.data.workers" in cmd]
+        if len(children) == 2:
+            return proc, children
+        time.sleep(0.05)
+    raise AssertionError(f"the command ended (or hung) before its children started: {proc.poll()}")
+
+
+def _ends_clean(proc, tmp_path) -> str:
+    """The command's stderr, once it and every process of its session are gone and it left no file."""
+    import time
+
+    _, err = proc.communicate(timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    deadline = time.time() + 30
+    while _session(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _session(proc.pid) == []
+    return err.decode()
+
+
+def test_ctrl_c_during_a_multi_process_prepare(tmp_path):
+    """SIGINT to the process group, as Ctrl-C sends it, while the tokenizing children run: the
+    command exits 130 without a traceback (none from a child either), leaves nothing in the output
+    folder's parent, and no process of its session outlives it."""
+    import signal
+    import time
+
+    proc, _ = _start_two_children(tmp_path)
+    time.sleep(1)  # the children are importing transformers (5 s): the window where one would print a traceback
+    os.killpg(proc.pid, signal.SIGINT)
+    err = _ends_clean(proc, tmp_path)
+    assert proc.returncode == 130 and "Traceback" not in err, err  # 128 + SIGINT, as a shell says it
+
+
+def test_a_killed_child_ends_the_prepare_with_one_line(tmp_path):
+    """A child killed as the out-of-memory killer does it (SIGKILL): one line and exit 2, not a
+    parent waiting forever for its results."""
+    import signal
+
+    proc, children = _start_two_children(tmp_path)
+    os.kill(children[0], signal.SIGKILL)
+    err = _ends_clean(proc, tmp_path)
+    assert proc.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: a tokenizing process was killed by SIGKILL before it finished")
 
 
 def test_hugging_face_dataset_loader_on_a_local_dataset_directory(tmp_path):

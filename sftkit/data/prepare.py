@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
-from sftkit.data.options import DataOptions, Mixing
+from sftkit.data.options import AUTO_MAX_PROCS, AUTO_PROCS, AUTO_ROWS_PER_PROC, DataOptions, Mixing
 from sftkit.data.render import (
     IGNORE_INDEX,
     Refused,
@@ -146,40 +147,42 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
     return out
 
 
-_WORKER: dict[str, Any] = {}
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a SLURM or container CPU set),
+    which can be fewer than the machine has. A CPU quota (cgroup cpu.max) is not counted."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
 
 
-def _init_worker(tokenizer, opts: RenderOptions, spec: TemplateSpec | None = None) -> None:
-    _WORKER.update(tok=tokenizer, spec=spec or template_spec(tokenizer), opts=opts)
+def processes_for(num_proc: int, rows: int) -> int:
+    """How many processes tokenize `rows` conversations: `num_proc`, or for AUTO_PROCS one per
+    AUTO_ROWS_PER_PROC rows, at most the usable cores and AUTO_MAX_PROCS; never more than the
+    chunks of CHUNK rows there are to hand out."""
+    if num_proc == AUTO_PROCS:
+        num_proc = min(usable_cores(), AUTO_MAX_PROCS, rows // AUTO_ROWS_PER_PROC)
+    return max(1, min(num_proc, -(-rows // CHUNK)))
 
 
-def _render_chunk(chunk):
-    convs, tools, switches = chunk
-    return render_batch(convs, _WORKER["tok"], _WORKER["spec"], _WORKER["opts"], tools, switches)
-
-
-def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, num_proc: int = 1, progress=None,
+def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, procs: int = 1, progress=None,
                  spec: TemplateSpec | None = None):
-    """(input_ids, labels), or Refused, for every conversation, in order; `num_proc` worker processes."""
+    """(input_ids, labels), or Refused, for every conversation, in order. procs > 1: rendered in
+    that many child processes (sftkit.data.workers), chunk by chunk, put back in row order."""
+    spec = spec or template_spec(tokenizer)
     chunks = [(loaded.convs[i:i + CHUNK], loaded.tools[i:i + CHUNK], loaded.switches[i:i + CHUNK])
               for i in range(0, len(loaded.convs), CHUNK)]
-    results: list = []
-    if num_proc > 1 and len(chunks) > 1:
-        import multiprocessing as mp
+    if procs > 1 and len(chunks) > 1:
+        from sftkit.data.workers import render_in_children
 
-        with mp.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer, opts)) as pool:
-            for part in pool.imap(_render_chunk, chunks):
-                results.extend(part)
-                if progress:
-                    progress(len(part))
+        parts = render_in_children(chunks, procs, (tokenizer, opts, spec), progress)
     else:
-        _init_worker(tokenizer, opts, spec)
-        for chunk in chunks:
-            part = _render_chunk(chunk)
-            results.extend(part)
+        parts = []
+        for convs, tools, switches in chunks:
+            parts.append(render_batch(convs, tokenizer, spec, opts, tools, switches))
             if progress:
-                progress(len(part))
-    return results
+                progress(len(parts[-1]))
+    return [r for part in parts for r in part]
 
 
 def max_token_chars(tokenizer) -> int:
@@ -328,8 +331,10 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     if fingerprint(loaded.read, tokenizer, opts, mixing, tokenizer_fp) != fp:  # the rows are not of the key's bytes
         raise sources.changed(", ".join(s.path for _, s in srcs))
     bound_text(loaded, opts.max_length, opts.truncation, max_token_chars(tokenizer))
-    with gc_paused(), progress_bar("tokenizing", console, total=len(loaded.convs)) as bar:
-        rendered = tokenize_all(loaded, tokenizer, render_opts, opts.num_proc, progress=bar, spec=template)
+    procs = processes_for(opts.num_proc, len(loaded.convs))
+    label = f"tokenizing ({procs} processes)" if procs > 1 else "tokenizing"
+    with gc_paused(), progress_bar(label, console, total=len(loaded.convs)) as bar:
+        rendered = tokenize_all(loaded, tokenizer, render_opts, procs, progress=bar, spec=template)
     refused_rows(rendered, loaded, opts.skip_bad_rows)
     kept = keep_fitting(rendered, loaded, opts)
     if not kept.ids:
