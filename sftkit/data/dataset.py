@@ -45,6 +45,15 @@ def data_note(manifest: dict, opts: DataOptions, label: str = "data") -> str | N
     return f"{label}: kept {manifest['examples_kept']:,} of {manifest['rows_in']:,} rows; " + "; ".join(parts)
 
 
+def spelled_fingerprint(opts: DataOptions, specs: list[str], tokenizer, mixing: Mixing | None = None) -> str:
+    """The training set's fingerprint by the rule of earlier sftkit, which hashed each file's path
+    as typed: what a checkpoint of that time recorded (run_dir.spelled_run_identity). A prepared
+    directory's is its manifest's, as it always was."""
+    if len(specs) == 1 and prep.is_prepared(specs[0]):
+        return (prep.read_manifest(Path(specs[0])) or {}).get("fingerprint", "")
+    return prep.fingerprint(prep.resolve_sources(specs, opts), tokenizer, opts, mixing, spelled=True)
+
+
 def lengths(dataset) -> list[int]:
     """Every example's length as one Arrow column read (indices mapping applied). Indexing
     datasets' lazy `dataset["length"]` per example cost ~0.5 ms a row: 60k rows took 30 s of setup."""
