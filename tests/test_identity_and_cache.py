@@ -105,3 +105,65 @@ def test_a_checkpoint_of_the_path_spelled_identity_resumes_as_typed_then_or_is_r
     assert _said_changed(proc) == "changed since that checkpoint: max_steps 2 -> 4" and "warning" not in proc.stdout
     assert read_state(out / "checkpoint-4").run_id.startswith("v2:")  # written by this identity from now on
 
+
+def _cache_entry(data: Path) -> Path:
+    """The prepared-cache entry made from `data` (its manifest names the file it read)."""
+    import os
+
+    entries = [m.parent for m in (Path(os.environ["SFTKIT_CACHE"]) / "prepared").glob("*/manifest.json")
+               if str(data) in (s["path"] for s in json.loads(m.read_text())["sources"])]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def _cut(path: Path) -> tuple[int, int]:
+    """Truncate a file to half its size, as a copy cut short would; (new size, old size)."""
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    return size // 2, size
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_one_note_and_a_damaged_prepared_set_is_one_error(tmp_path):
+    """The trial: a truncated .arrow file in a cache entry failed every later run of that data with
+    ArrowInvalid (entries were never checked). Now each entry's manifest records every file's size
+    and digest, checked before each use."""
+    from sftkit.data.dataset import damage
+
+    rows = [{"messages": [{"role": "user", "content": f"build five, question {i}"},
+                          {"role": "assistant", "content": f"answer {i} of the cache trial"}]} for i in range(8)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [*ARGS, "--data_path", str(data), "--max_steps", "1"]
+    run_cli("train", *common, "--output_dir", str(tmp_path / "one"))
+    entry = _cache_entry(data)
+    arrow = next((entry / "dataset").glob("*.arrow"))
+    new, old = _cut(arrow)
+    proc = run_cli("train", *common, "--output_dir", str(tmp_path / "two"))
+    assert (f"note: prepared cache {entry} was damaged (dataset/{arrow.name}: size {new:,}, expected {old:,}); "
+            "rebuilding") in proc.stdout
+    assert "Traceback" not in proc.stderr and damage(entry) is None and arrow.stat().st_size == old
+    assert not list(entry.parent.glob(".*.tmp"))  # the damaged copy is gone
+
+    # same size, other bytes: the digest finds it (a flipped block)
+    with open(arrow, "r+b") as fh:
+        fh.seek(old // 2)
+        byte = fh.read(1)
+        fh.seek(old // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    assert damage(entry).startswith(f"dataset/{arrow.name}: its bytes changed (digest xxh3_128:")
+    # a set written before the record: every Arrow file must still read to its end
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    _cut(arrow)
+    assert damage(entry).startswith(f"dataset/{arrow.name}: cannot be read as Arrow (")
+
+    # a prepared folder given to train is the user's: one line naming the file and the fix, exit 2
+    prepared = tmp_path / "prepared"
+    run_cli("prepare-data", "--data_path", str(data), "--max_length", "512", "--output_dir", str(prepared))
+    arrow = next((prepared / "dataset").glob("*.arrow"))
+    new, old = _cut(arrow)
+    proc = run_cli("train", *ARGS, "--data_path", str(prepared), "--max_steps", "1", "--output_dir",
+                   str(tmp_path / "three"), check=False)
+    assert _one_error(proc) == (f"error: {arrow}: the prepared set is damaged (size {new:,}, expected {old:,}); "
+                                f"run prepare-data again into {prepared} to rebuild it")

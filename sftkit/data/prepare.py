@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftkit import digest
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
 from sftkit.data.options import DataOptions, Mixing
@@ -360,6 +361,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     with atomic_directory(out_dir, replace=not cache) as tmp:
         _save_dataset(tmp / DATASET_DIR, ids, labels)
         _plot_lengths(tmp / "lengths.png", lengths, opts.max_length)
+        manifest["files"] = digest.record(tmp, DATASET_DIR)  # checked before each use: dataset.damage
         atomic_write_json(tmp / MANIFEST, manifest)
     manifest["cached"] = False
     return manifest
