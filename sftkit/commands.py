@@ -43,7 +43,7 @@ def train_command(cfg: SFTConfig) -> dict:
     if not PartialState().is_main_process:
         return summary
     if summary["event"] == "stopped":
-        config = Path(cfg.output_dir) / "config.yaml"
+        config = Path(cfg.output_dir).absolute() / "config.yaml"  # its paths are absolute too: any folder
         con.print(f"stopped at step {summary['step']}: saved {summary['checkpoint']}. Resume with the same launcher:\n"
                   f"  sftkit train --config {config} --resume_from_checkpoint latest", highlight=False)
         return summary

@@ -1,4 +1,4 @@
-"""File digests for checkpoint checksums: xxh3-128, several files at once.
+"""File digests for checkpoint checksums and prepared sets: xxh3-128, several files at once.
 
 xxh3-128 hashed 22 GB/s on one core of the 2-core CI machine, blake3 4.1 (6.5 on its threads) and
 sha256 1.8 (bench/RESULTS.md, "Checkpoint bench"): at that speed the disk, not the hash, sets
@@ -7,7 +7,8 @@ finds damage (a copy cut short, a flipped block); what a checkpoint may hold at 
 its loaders (safetensors, torch.load with weights_only=True). xxhash comes with datasets.
 
 A digest is written "xxh3_128:<hex>"; checkpoints before state version 4 hold a bare sha256 hex
-digest, which still verifies.
+digest, which still verifies. A folder's record (`record`, checked by `damage`) holds each file's
+size and digest: sizes are compared first, for nothing, and the files hashed only if all match.
 """
 
 from __future__ import annotations
@@ -62,3 +63,28 @@ def of_files(paths: list[Path], algos: list[str] | None = None) -> list[str]:
 
 def _format(h, algo: str) -> str:
     return h.hexdigest() if algo == "sha256" else f"{algo}:{h.hexdigest()}"
+
+
+def record(root: Path, under: str) -> dict[str, dict]:
+    """{path relative to root: {"size": bytes, "digest": ...}} for every file under root/under."""
+    files = sorted(p for p in (root / under).rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "digest": d}
+            for p, d in zip(files, of_files(files))}
+
+
+def damage(root: Path, files: dict[str, dict]) -> str | None:
+    """What differs from the `record` of root: `NAME: size X, expected Y` for the first file that
+    is missing or of another size (a copy cut short), then `NAME: its bytes changed` for one whose
+    digest differs (read only once every size matched); None when every file is as recorded."""
+    for name, want in files.items():
+        try:
+            size = (root / name).stat().st_size
+        except OSError:
+            return f"{name}: missing"
+        if size != want["size"]:
+            return f"{name}: size {size:,}, expected {want['size']:,}"
+    got = of_files([root / name for name in files], [algo_of(w["digest"]) for w in files.values()])
+    for (name, want), digest in zip(files.items(), got):
+        if digest != want["digest"]:
+            return f"{name}: its bytes changed (digest {digest}, expected {want['digest']})"
+    return None

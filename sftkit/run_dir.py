@@ -4,13 +4,19 @@ resume takes a checkpoint of its own run, says what it continues, and never bend
 A run's identity is the hash of what decides each of its steps: the options of
 `SFTConfig.identity()`, the prepared training set's fingerprint and the number of processes.
 Checkpoints record it (TrainState.run_id); `--resume_from_checkpoint latest` only takes those that
-match, so a folder reused by a different run is never resumed by mistake.
+match, so a folder reused by a different run is never resumed by mistake. It holds no path as
+typed: the data counts by its content (prepare.fingerprint), a local model or template by where
+its path leads, so `data.jsonl` from one folder and `/abs/data.jsonl` from another are one run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import glob
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +42,63 @@ RUN_FILES = ("metrics.jsonl", "loss.png", "config.yaml")  # written beside check
 NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")  # differ on every resume
 
 
+# Run ids are "v2:<16 hex>" since identities hold no path as typed; a bare 16-hex id is older
+# (its options and data fingerprint held the paths as spelled): see spelled_run_identity.
+SCHEME = "v2"
+PATH_OPTIONS = ("model_name_or_path", "chat_template")  # identity options that may name a local path
+# options naming local files: config.yaml holds them absolute (see portable)
+LOCAL_PATHS = ("model_name_or_path", "chat_template", "eval_data_path", "dataset_info", "resume_from_checkpoint")
+
+
 def run_identity(cfg, data_fingerprint: str, world_size: int) -> str:
-    text = json.dumps({"options": cfg.identity(), "data": data_fingerprint, "world_size": world_size},
+    options = {k: _real(v) if k in PATH_OPTIONS else v for k, v in cfg.identity().items()}
+    return f"{SCHEME}:{_digest(options, data_fingerprint, world_size)}"
+
+
+def spelled_run_identity(cfg, spelled_data_fingerprint: str, world_size: int) -> str:
+    """The identity as sftkit wrote it before SCHEME: the options' paths as typed, and the data
+    fingerprint that hashed the data's paths (dataset.spelled_fingerprint). Only to recognise a
+    checkpoint of that time, which then resumes when typed as it was then."""
+    return _digest(cfg.identity(), spelled_data_fingerprint, world_size)
+
+
+def is_spelled(run_id: str | None) -> bool:
+    """Whether a checkpoint's run id is of the scheme before SCHEME (paths as spelled)."""
+    return bool(run_id) and ":" not in run_id
+
+
+def _digest(options: dict, data_fingerprint: str, world_size: int) -> str:
+    text = json.dumps({"options": options, "data": data_fingerprint, "world_size": world_size},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _real(value):
+    """A local path as where it leads (relative, absolute and symlinked spellings are one); any
+    other value (a Hub id, the tiny preset, None) as it is."""
+    return os.path.realpath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+
+def portable(cfg):
+    """`cfg` with its local paths absolute, for the run's config.yaml: the resume command printed
+    at a stop (`sftkit train --config OUT/config.yaml ...`) then reads the same files from any
+    folder, where `data.jsonl` was read relative to wherever the command was typed."""
+    values = {k: _absolute(getattr(cfg, k)) for k in LOCAL_PATHS}
+    return dataclasses.replace(cfg, **values, data_path=[_absolute(x) for x in cfg.data_path],
+                               output_dir=os.path.abspath(cfg.output_dir))
+
+
+def _absolute(value: str | None) -> str | None:
+    """A local file, folder, glob that matches or REGISTRY.json:NAME made absolute; a Hub id, the
+    tiny preset, `latest` or None unchanged."""
+    if not value:
+        return value
+    registry, sep, name = value.rpartition(":")
+    if sep and registry.lower().endswith(".json") and os.path.isfile(registry) and not os.path.exists(value):
+        return f"{os.path.abspath(registry)}:{name}"
+    if os.path.exists(value) or (any(ch in value for ch in "*?[") and glob.glob(value, recursive=True)):
+        return os.path.abspath(value)
+    return value
 
 
 def check_output_dir(out: Path, inputs: list) -> None:
@@ -100,20 +159,33 @@ class Resume:
     skipped: list[str]   # newer checkpoints of this run that were damaged, with what was wrong
 
 
-def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float]) -> Resume:
+def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float],
+                spelled_id: Callable[[], str] | None = None) -> Resume:
     """The checkpoint `cfg.resume_from_checkpoint` names, checked against this configuration
     (whose identity, schedule length and data `state` holds; `lr_factor(total_steps, step)` is its
-    schedule). Raises NothingToDo for a finished run, ConfigError for a checkpoint of another run
-    (`latest`) or a schedule that would bend."""
+    schedule). `spelled_id`: this run's spelled_run_identity, computed only if a checkpoint of
+    that scheme is there (it reads the data again). Raises NothingToDo for a finished run,
+    ConfigError for a checkpoint of another run (`latest`) or a schedule that would bend."""
     out, spec = Path(cfg.output_dir), cfg.resume_from_checkpoint
+    spelled_id = functools.cache(spelled_id) if spelled_id else None
+
+    def ours(run_id: str | None) -> bool:  # "": written before run ids; None: unreadable (judged later)
+        return run_id in (None, "", state.run_id) or (is_spelled(run_id) and spelled_id is not None
+                                                       and run_id == spelled_id())
+
     if spec == "latest":
         found = list_checkpoints(out)
-        mine = [p for p in found if _run_of(p) in (None, "", state.run_id)]  # "": written before run ids
+        mine = [p for p in found if ours(_run_of(p))]
         if not found and (out / FINAL_DIR).is_dir():
             raise NothingToDo(f"the run in {out} has finished ({FINAL_DIR}/ is there, and it kept no checkpoint); "
                               "nothing to resume")
         if not found:
             raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {out}")
+        if not mine and is_spelled(_run_of(found[-1])):
+            raise ConfigError(f"the checkpoints in {out} were written by an earlier sftkit, whose run identity held "
+                              "the data's and the model's paths as typed, and this run's paths or options differ from "
+                              "that run's: resume from the folder it ran in with its paths typed as then, or pass "
+                              f"--resume_from_checkpoint {found[-1]} to continue it with these options")
         if not mine:
             changes = "; ".join(describe_changes(found[-1], cfg, read_state(found[-1]), state))
             raise ConfigError(f"the checkpoints in {out} belong to another run (changed: "
@@ -133,8 +205,10 @@ def find_resume(cfg, state: TrainState, lr_factor: Callable[[int, int], float]) 
     saved = read_state(path)
     check_schedule(path, saved, state.total_steps, lr_factor, final_step(out))
     check_base(path, saved, state)
-    return Resume(path, saved, describe_changes(path, cfg, saved, state), saved.run_id in ("", state.run_id),
-                  skipped)
+    same_run = ours(saved.run_id)
+    # a spelled id that matches hashed this run's data: its data fingerprint is of the older rule
+    same_data = saved.data_fingerprint in ("", state.data_fingerprint) or (same_run and is_spelled(saved.run_id))
+    return Resume(path, saved, describe_changes(path, cfg, saved, state, same_data), same_run, skipped)
 
 
 def base_identity(model_path: str) -> str:
@@ -198,11 +272,33 @@ def check_schedule(path: Path, saved: TrainState, total: int, lr_factor: Callabl
                           "or start a new run (another --output_dir) to train longer")
 
 
-def describe_changes(path: Path, cfg, saved: TrainState, state: TrainState) -> list[str]:
-    """'name old -> new' for each option that differs from the run that wrote the checkpoint."""
+# path options whose value counts by what it names: the data fingerprint holds the data and the
+# template (the tokenizer's fingerprint), the base identity the model
+BY_DATA = ("data_path", "chat_template", "dataset_info")
+
+
+def describe_changes(path: Path, cfg, saved: TrainState, state: TrainState, same_data: bool | None = None) -> list[str]:
+    """'name old -> new' for each option that differs from the run that wrote the checkpoint. A
+    path counts by what it names: where the data (or the base) is the same, another spelling of
+    its path is no change (`data.jsonl` -> `/abs/data.jsonl` from another folder)."""
+    if same_data is None:
+        same_data = saved.data_fingerprint in ("", state.data_fingerprint)
+    same_base = bool(saved.base_hash) and saved.base_hash == state.base_hash
     old = saved_config(path)
+
+    def changed(k: str, was, now) -> bool:
+        if k in NOT_COMPARED or (k in BY_DATA and same_data) or (k == "model_name_or_path" and same_base):
+            return False
+        if k in (*LOCAL_PATHS, "data_path"):
+            return _paths(was) != _paths(now)
+        return was != now
+
     changes = [f"{k} {quote(old[k])} -> {quote(v)}" for k, v in cfg.to_dict().items()
-               if k in old and k not in NOT_COMPARED and old[k] != v]
-    if saved.data_fingerprint and saved.data_fingerprint != state.data_fingerprint:
+               if k in old and changed(k, old[k], v)]
+    if not same_data:
         changes.append("the training data (its prepared set has another fingerprint)")
     return changes
+
+
+def _paths(value):
+    return [_real(x) for x in value] if isinstance(value, list) else _real(value)

@@ -47,7 +47,7 @@ from sftkit.checkpoint import (
     save_final,
 )
 from sftkit.config import SFTConfig
-from sftkit.data.dataset import hold_out, lengths, prepared_dir
+from sftkit.data.dataset import hold_out, lengths, prepared_dir, spelled_fingerprint
 from sftkit.data.prepare import load_prepared, read_manifest
 from sftkit.errors import SftkitError
 from sftkit.evaluate import evaluate_loss
@@ -71,7 +71,7 @@ from sftkit.models import (
     resolve_model_path,
 )
 from sftkit.neftune import add_neftune
-from sftkit.run_dir import Resume, base_identity, claim, find_resume, run_identity
+from sftkit.run_dir import Resume, base_identity, claim, find_resume, portable, run_identity, spelled_run_identity
 from sftkit.signals import StoppedWaiting, StopRequest
 
 
@@ -204,7 +204,9 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
         base = resolve_model_path(cfg.model_name_or_path)
     state = TrainState(total_steps=steps, run_id=run_identity(cfg, data_fp, accelerator.num_processes),
                        data_fingerprint=data_fp, base_model=base, base_hash=base_identity(base))
-    resume = find_resume(cfg, state, lr_schedule(cfg)) if cfg.resume_from_checkpoint else None
+    resume = find_resume(cfg, state, lr_schedule(cfg), lambda: spelled_run_identity(
+        cfg, spelled_fingerprint(cfg.data_options(), cfg.data_path, tokenizer, cfg.mixing()),
+        accelerator.num_processes)) if cfg.resume_from_checkpoint else None
     cuda = accelerator.device.type == "cuda"  # Run.cuda, before there is a Run
     model = build_for_training(cfg, cuda)  # auto attention: varlen on a GPU
     add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
@@ -297,7 +299,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
     cfg, acc = run.cfg, run.accelerator
     if acc.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
-        cfg.save_yaml(run.out / "config.yaml")
+        portable(cfg).save_yaml(run.out / "config.yaml")  # absolute paths: the resume command works anywhere
     if cfg.trackers:
         # trackers take scalars only: lists become comma-separated text, None an empty string
         flat = {k: ",".join(map(str, v)) if isinstance(v, list) else "" if v is None else v

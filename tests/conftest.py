@@ -37,14 +37,14 @@ def tok():
 
 
 def run_cli(*args: str, launch: list[str] | None = None, env: dict | None = None, check: bool = True,
-            timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `sftkit ARGS` (or `accelerate launch LAUNCH -m sftkit ARGS`) in a subprocess."""
+            timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `sftkit ARGS` (or `accelerate launch LAUNCH -m sftkit ARGS`) in a subprocess, in `cwd`."""
     if launch is None:
         cmd = [str(BIN / "sftkit"), *args]
     else:
         cmd = [str(BIN / "accelerate"), "launch", *launch, "-m", "sftkit", *args]
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-5000:]}")

@@ -97,7 +97,9 @@ def test_train_reads_raw_data_and_reuses_its_cache(tmp_path):
 
     cache = Path(os.environ["SFTKIT_CACHE"]) / "prepared"
     data = tmp_path / "raw.json"
-    data.write_text((Path("data") / "sample_alpaca.json").resolve().read_text())
+    # bytes of its own (a trailing line): the cache is keyed by content, and other tests of this
+    # session prepare sample_alpaca.json with these options
+    data.write_text((Path("data") / "sample_alpaca.json").resolve().read_text() + "\n")
     args = ["train", "--data_path", str(data), "--max_steps", "1", "--save_steps", "0", "--use_lora",
             "--max_length", "512"]
     before = set(cache.iterdir()) if cache.exists() else set()

@@ -3,11 +3,14 @@ its fingerprint (so a second run, or the other ranks, reuse it)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
+from sftkit import digest
 from sftkit.data import prepare as prep
 from sftkit.data.options import DataOptions, Mixing
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, DataError
 
 
 def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
@@ -45,6 +48,15 @@ def data_note(manifest: dict, opts: DataOptions, label: str = "data") -> str | N
     return f"{label}: kept {manifest['examples_kept']:,} of {manifest['rows_in']:,} rows; " + "; ".join(parts)
 
 
+def spelled_fingerprint(opts: DataOptions, specs: list[str], tokenizer, mixing: Mixing | None = None) -> str:
+    """The training set's fingerprint by the rule of earlier sftkit, which hashed each file's path
+    as typed: what a checkpoint of that time recorded (run_dir.spelled_run_identity). A prepared
+    directory's is its manifest's, as it always was."""
+    if len(specs) == 1 and prep.is_prepared(specs[0]):
+        return (prep.read_manifest(Path(specs[0])) or {}).get("fingerprint", "")
+    return prep.fingerprint(prep.resolve_sources(specs, opts), tokenizer, opts, mixing, spelled=True)
+
+
 def lengths(dataset) -> list[int]:
     """Every example's length as one Arrow column read (indices mapping applied). Indexing
     datasets' lazy `dataset["length"]` per example cost ~0.5 ms a row: 60k rows took 30 s of setup."""
@@ -79,6 +91,11 @@ def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
         raise ConfigError("a prepared directory cannot be mixed with other sources or weighted; "
                           "pass the raw files with --data_path and --data_weights, or prepare them together")
     if len(specs) == 1 and prep.is_prepared(specs[0]):
+        problem = damage(Path(specs[0]))  # first: a manifest cut short is damage too
+        if problem:
+            name, _, what = problem.partition(": ")
+            raise DataError(str(Path(specs[0]) / name), "", None, f"the prepared set is damaged ({what}); run "
+                            f"prepare-data again into {specs[0]} to rebuild it")
         manifest = prep.read_manifest(Path(specs[0]))
         if manifest.get("format") != prep.FORMAT:
             raise ConfigError(f"{specs[0]} was prepared by an older sftkit; run prepare-data again")
@@ -89,11 +106,65 @@ def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
     srcs = prep.resolve_sources(specs, opts)
     fp = prep.fingerprint(srcs, tokenizer, opts, mixing)  # names the entry; prepare reuses it
     out = cache_dir() / "prepared" / fp[:20]
+    if out.exists():
+        inode, problem = out.stat().st_ino, damage(out)
+        if problem:
+            if console is not None:
+                console.print(f"note: prepared cache {out} was damaged ({problem}); rebuilding", markup=False,
+                              highlight=False)
+            discard(out, inode)
     if not prep.is_prepared(out):
         check_cache_writable(out)
         remove_stale_tmp(out.parent)
     prep.prepare(opts, specs, out, tokenizer, console, mixing, cache=True, fp=fp)
     return out
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a prepared set, `NAME: what` (None: intact), checked before each use: a
+    truncated .arrow file once failed every later run on that data with ArrowInvalid. Sizes and
+    digests against the manifest's record of its files (digest.damage); a set written before that
+    record is checked as far as it can be: every Arrow file of it must read to its end."""
+    manifest = prep.read_manifest(folder)
+    if manifest is None:
+        return f"{prep.MANIFEST}: missing or not JSON"
+    if "files" in manifest:
+        return digest.damage(folder, manifest["files"])
+    for path in sorted((folder / prep.DATASET_DIR).glob("*.arrow")):
+        problem = _unreadable_arrow(path)
+        if problem:
+            return f"{path.relative_to(folder).as_posix()}: {problem}"
+    return None if (folder / prep.DATASET_DIR).is_dir() else f"{prep.DATASET_DIR}/: missing"
+
+
+def _unreadable_arrow(path: Path) -> str | None:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            pa.ipc.open_stream(source).read_all()  # memory-mapped: the buffers are not copied
+    except (OSError, pa.ArrowException) as err:
+        return f"cannot be read as Arrow ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})"
+    return None
+
+
+def discard(entry: Path, inode: int) -> None:
+    """Move a damaged cache entry aside and remove it. Another process may be doing the same, or
+    have rebuilt it already: what was moved is put back when it is not the damaged folder (`inode`)."""
+    from sftkit.io import _writer_tag
+
+    aside = entry.with_name(f".{entry.name}.{_writer_tag()}-damaged.tmp")
+    try:
+        os.rename(entry, aside)
+    except FileNotFoundError:
+        return  # moved by another process first
+    if aside.stat().st_ino != inode:
+        try:
+            os.rename(aside, entry)  # a rebuilt, intact entry: back where its readers look for it
+            return
+        except OSError:
+            pass  # a third copy is there by now; this one is not needed
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class SFTDataset:

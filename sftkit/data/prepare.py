@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftkit import digest
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
 from sftkit.data.options import AUTO_MAX_PROCS, AUTO_PROCS, AUTO_ROWS_PER_PROC, DataOptions, Mixing
@@ -242,17 +243,32 @@ def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: s
 
 
 def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, opts: DataOptions, mixing: Mixing | None,
-                tokenizer_fp: str | None = None) -> str:
-    """Changes whenever the data bytes, the tokenizer, the template or a data option changes."""
+                tokenizer_fp: str | None = None, spelled: bool = False) -> str:
+    """Changes whenever the data bytes, the tokenizer, the template or a data option changes, and
+    never with where a file lies or how its path is spelled: data.jsonl, /abs/data.jsonl and a
+    symlink to it are one set (the path's spelling once made the same bytes "another run", so
+    `latest` refused a resume typed with an absolute path). A local file counts by its bytes and
+    by its suffix, which picks the reader; a Hub dataset by its name, config, split and datasets'
+    own fingerprint. `spelled`: the rule of earlier sftkit, which hashed each file's path as
+    resolved from the spelling, kept to recognise the checkpoints of that time
+    (run_dir.spelled_run_identity)."""
     h = hashlib.sha256()
     weights, seed = (mixing.weights, mixing.seed) if mixing else ([], "")
     h.update(f"sftkit {__version__} format {FORMAT} rows {ROW_RULES} weights={weights} seed={seed}\n".encode())
     for i, s in srcs:
         h.update(f"{i}|".encode())
-        h.update(f"{s.path}|{s.config}|{s.split}|{s.fingerprint()}\n".encode())
+        name = s.path if s.hub or spelled else f"file {_read_as(s.path)}"
+        h.update(f"{name}|{s.config}|{s.split}|{s.fingerprint()}\n".encode())
     h.update((tokenizer_fp or tokenizer_fingerprint(tokenizer)).encode())
     h.update(json.dumps(opts.example_options(), sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _read_as(path: str) -> str:
+    """The part of a file's name that decides how its bytes are read: its suffix (the last two
+    for a compressed file, `.jsonl.gz`), lower-cased as sources reads it."""
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    return "".join(suffixes[-2:] if suffixes[-1:] == [".gz"] else suffixes[-1:])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -357,6 +373,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     with atomic_directory(out_dir, replace=not cache) as tmp:
         _save_dataset(tmp / DATASET_DIR, ids, labels)
         _plot_lengths(tmp / "lengths.png", lengths, opts.max_length)
+        manifest["files"] = digest.record(tmp, DATASET_DIR)  # checked before each use: dataset.damage
         atomic_write_json(tmp / MANIFEST, manifest)
     manifest["cached"] = False
     return manifest
