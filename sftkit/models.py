@@ -111,13 +111,26 @@ def check_chat_template(tok, source: str) -> None:
     raise ConfigError(f"{source}: the chat template {clip(what)}; fix it, or use the model's own template")
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str | None = None):
-    from transformers import AutoTokenizer
+def _bundled_tokenizer():
+    """The bundled files as AutoTokenizer loads them, through the class it picks for them: their
+    tokenizer_config.json names Qwen2Tokenizer, with no config.json and no auto_map. AutoTokenizer's
+    own module imports the model configuration code, and with it torch: 2.4 s of prepare-data's 11 s
+    on 1 row, which needs no torch."""
+    from transformers import Qwen2Tokenizer
 
+    return Qwen2Tokenizer.from_pretrained(bundled_tokenizer_dir())
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str | None = None):
     check_model_code(name, trust_remote_code)
+    path = bundled_tokenizer_dir() if name == TINY else name
     try:
-        path = bundled_tokenizer_dir() if name == TINY else name
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if name == TINY:
+            tok = _bundled_tokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # ValueError: e.g. a tokenizer class that needs its own code
         raise ConfigError(f"cannot load a tokenizer from '{name}': {' '.join(str(err).split())[:200]}; "
                           "pass a local model directory or a Hub id (tiny-qwen3 works offline)") from None

@@ -148,3 +148,29 @@ def test_special_token_text_in_user_content_is_not_a_control_token(tok, spec, li
     # ...but the only control tokens are the template's: 3 blocks, each <|im_start|> ... <|im_end|>
     assert sum(t in specials for t in ids) == 6
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == f"<think>\n\n</think>\n\nreply {literal} end<|im_end|>"
+
+
+def test_the_bundled_tokenizer_loads_as_autotokenizer_does_without_torch(tok):
+    """load_tokenizer('tiny-qwen3') takes AutoTokenizer's class for the bundled files directly (so
+    prepare-data imports no torch): the same class, vocabulary, template and special tokens, and
+    the same ids and labels for every conversation here."""
+    import subprocess
+    import sys
+
+    from sftkit.models import load_tokenizer
+
+    ours = load_tokenizer("tiny-qwen3")
+    assert type(ours) is type(tok)
+    assert ours.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    assert ours.chat_template == tok.chat_template
+    assert ours.init_kwargs == tok.init_kwargs
+    assert ours.added_tokens_decoder == tok.added_tokens_decoder
+    assert (ours.pad_token_id, ours.eos_token_id, ours.bos_token_id) == (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
+    for msgs in CONVERSATIONS:
+        assert ours.apply_chat_template(msgs) == tok.apply_chat_template(msgs)
+    opts = RenderOptions()
+    assert render_batch(CONVERSATIONS, ours, template_spec(ours), opts) == \
+        render_batch(CONVERSATIONS, tok, template_spec(tok), opts)
+    code = "import sys; from sftkit.models import load_tokenizer; load_tokenizer('tiny-qwen3'); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert done.stdout.strip() == "False", done.stderr

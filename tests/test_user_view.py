@@ -92,6 +92,7 @@ def test_terminal_bar_shows_eval(tmp_path):
 
 # Each mistake that needs no model, and the start of its one line; the process must not have
 # imported torch (8-20 s on 2 busy cores) when it reports it. bench/time_to_error.py times them.
+BAD_ROW = "error: {bad}:line 2: field 'messages': expected a list of messages, got a number"
 NO_MODEL_MISTAKES = {
     "missing data file": (["train", "--data_path", "mydata/nope.jsonl"], "error: mydata/nope.jsonl: no such file"),
     "no --data_path": (["train"], "error: no data given; pass --data_path"),
@@ -101,6 +102,9 @@ NO_MODEL_MISTAKES = {
                                    "error: --output_dir {file}/o: {file} is a file"),
     "unreadable data file": (["prepare-data", "--data_path", "{locked}", "--output_dir", "{tmp}/p"],
                              "error: {locked}: cannot be read (permission denied)"),
+    "bad row, train": (["train", "--data_path", "{bad}"], BAD_ROW),
+    "bad row, prepare-data": (["prepare-data", "--data_path", "{bad}", "--output_dir", "{tmp}/p"], BAD_ROW),
+    "bad row, eval": (["eval", "--model", "tiny-qwen3", "--data_path", "{bad}", "--output_dir", "{tmp}/e"], BAD_ROW),
     "eval without data": (["eval", "--model", "{tmp}"], "error: no data given"),
     "eval output over its data": (["eval", "--model", "tiny-qwen3", "--data_path", str(DEMO), "--output_dir",
                                    str(DEMO.parent)], f"error: --output_dir {DEMO.parent} would overwrite an input"),
@@ -129,7 +133,10 @@ def test_mistakes_that_need_no_model_fail_before_torch_imports(tmp_path):
     locked.chmod(0)
     if os.access(locked, os.R_OK):  # root reads anything: nothing to check there
         locked.chmod(0o644)
-    names = {"file": tmp_path / "a_file", "locked": locked, "tmp": tmp_path}
+    bad = tmp_path / "bad.jsonl"  # read before the tokenizer: the first rows are checked with the files
+    bad.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                   '{"messages": 5}\n')
+    names = {"file": tmp_path / "a_file", "locked": locked, "tmp": tmp_path, "bad": bad}
     for name, (argv, said) in NO_MODEL_MISTAKES.items():
         if name == "unreadable data file" and os.access(locked, os.R_OK):
             continue
@@ -141,7 +148,7 @@ def test_mistakes_that_need_no_model_fail_before_torch_imports(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 2 and lines[0].startswith(said.format(**names)), (name, proc.stderr)
         assert lines[1] == "exit 2; torch imported: False", (name, proc.stderr)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "p").exists()
+    assert not any((tmp_path / d).exists() for d in ("out", "p", "e"))
 
 
 # ---- flags TRL users reach for ------------------------------------------------------------------

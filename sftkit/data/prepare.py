@@ -6,6 +6,7 @@ Every row read is accounted for in manifest.json: kept, or dropped with a reason
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -106,8 +107,10 @@ def resolve_sources(specs: list[str], opts: DataOptions) -> list[tuple[int, sour
             for s in sources.resolve(spec, opts.dataset_config, opts.dataset_split, opts.dataset_info)]
 
 
-def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, progress=None) -> Loaded:
-    """Read and validate every row. A bad row stops here unless opts.skip_bad_rows."""
+def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, progress=None,
+                       limit: int | None = None) -> Loaded:
+    """Read and validate every row (the first `limit` of each source). A bad row stops here unless
+    opts.skip_bad_rows."""
     base_map = formats.parse_field_map(opts.field_map)
     out = Loaded()
     for origin, src in srcs:
@@ -117,7 +120,7 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
         n_in = n_bad = 0
         reading = sources.read(src)
         out.read.append((origin, reading.source))
-        for where, row in reading.rows:
+        for where, row in itertools.islice(reading.rows, limit):
             n_in += 1
             try:
                 fmt = fmt or formats.detect_format(row)
