@@ -159,10 +159,10 @@ def test_a_glob_input_is_checked_against_the_output(tmp_path):
     proj.mkdir()
     shutil.copy(ROOT / "data" / "sample_alpaca.json", proj / "rows.json")
     (proj / "config.yaml").write_text("mine: true\n")
-    app = build_app()
     for command in ("prepare-data", "train"):
-        result = CliRunner().invoke(app, [command, "--data_path", f"{proj}/*.json", "--output_dir", str(proj)])
-        assert result.exit_code == 2 and f"would overwrite an input ({proj / 'rows.json'})" in _one_error(result)
+        proc = run_cli(command, "--data_path", f"{proj}/*.json", "--output_dir", str(proj), check=False)
+        assert proc.returncode == 2 and f"would overwrite an input ({proj / 'rows.json'})" in _one_error(proc), \
+            proc.stderr[-3000:]
     assert sorted(p.name for p in proj.iterdir()) == ["config.yaml", "rows.json"]
     assert (proj / "config.yaml").read_text() == "mine: true\n"
 
