@@ -275,20 +275,20 @@ def test_a_lone_surrogate_is_a_bad_row_and_a_duplicate_yaml_key_an_error(tmp_pat
     """A lone "\\ud83d" escape was a TypeError from the tokenizer, naming no file, line or field."""
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "Smile \\ud83d", "output": "ok"}\n')
-    app, runner = build_app(), CliRunner()
-    result = runner.invoke(app, ["prepare-data", "--data_path", str(rows), "--output_dir", str(tmp_path / "p")])
-    assert result.exit_code == 2 and _one_error(result).startswith(
-        f"error: {rows}:line 2: field 'instruction': holds '\\ud83d' at character 6, a lone surrogate")
-    result = runner.invoke(app, ["prepare-data", "--data_path", str(rows), "--output_dir", str(tmp_path / "p"),
-                                 "--skip_bad_rows"])
-    assert result.exit_code == 0, result.output
+    proc = run_cli("prepare-data", "--data_path", str(rows), "--output_dir", str(tmp_path / "p"), check=False)
+    assert proc.returncode == 2 and _one_error(proc).startswith(
+        f"error: {rows}:line 2: field 'instruction': holds '\\ud83d' at character 6, a lone surrogate"), \
+        proc.stderr[-3000:]
+    proc = run_cli("prepare-data", "--data_path", str(rows), "--output_dir", str(tmp_path / "p"), "--skip_bad_rows",
+                   check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["rows_in"] == 2 and manifest["examples_kept"] == 1 and manifest["dropped"]["bad_row"] == 1
     run = tmp_path / "run.yaml"
     run.write_text("learning_rate: 1.0e-4\nmax_steps: 3\nlearning_rate: 1.0e-3\n")
-    result = runner.invoke(app, ["train", "--config", str(run)])
-    assert result.exit_code == 2 and _one_error(result) == \
-        f"error: {run}:3: key 'learning_rate' is given twice (lines 1 and 3); keep one"
+    proc = run_cli("train", "--config", str(run), check=False)
+    assert proc.returncode == 2 and _one_error(proc) == \
+        f"error: {run}:3: key 'learning_rate' is given twice (lines 1 and 3); keep one", proc.stderr[-3000:]
 
 
 def test_looping_long_and_non_utf8_paths_are_named_in_one_line(tmp_path):
@@ -300,11 +300,10 @@ def test_looping_long_and_non_utf8_paths_are_named_in_one_line(tmp_path):
         ("data/sample_alpaca.json", str(tmp_path / ("a" * 300))): "is 300 bytes long, and a file system takes at most 255",
         (latin1, str(tmp_path / "out")): f"error: input {tmp_path}/caf\\xe9.json: the name is not valid UTF-8",
     }
-    app = build_app()
     for (data, out), said in cases.items():
-        for command in ("prepare-data", "train"):
-            result = CliRunner().invoke(app, [command, "--data_path", data, "--output_dir", out])
-            assert result.exit_code == 2 and said in _one_error(result), (command, out)
+        for command in ("prepare-data", "train"):  # argv as bytes: the name is not UTF-8
+            proc = run_cli(command, "--data_path", os.fsencode(data), "--output_dir", out, check=False)
+            assert proc.returncode == 2 and said in _one_error(proc), (command, out, proc.stderr[-3000:])
     assert sorted(os.listdir(tmp_path)) == sorted(["loop", os.path.basename(latin1)])
 
 
