@@ -223,16 +223,30 @@ def test_a_new_learning_rate_at_resume_is_applied_and_a_short_max_length_refused
     assert not (tmp_path / "short").exists()
 
 
-@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"},
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"},
+                                 {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1"},
                                  {"WORLD_SIZE": "2"}])
 def test_a_launch_environment_without_a_launcher_is_refused_before_any_collective(env, tmp_path):
     """Left over from a launcher, these waited 2 hours for a rank that never came (or, alone, gave
-    a traceback). In-process: the refusal comes before any model, process group or output."""
-    for command in (["train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(tmp_path / "o")],
-                    ["eval", "--model", "tiny-qwen3", "--data_path", "data/sample_alpaca.json"]):
-        result = CliRunner().invoke(build_app(), command, env=env)
-        line = _one_error(result)
-        assert result.exit_code == 2 and line.startswith("error: WORLD_SIZE=2 is set but no launcher started"), line
+    a traceback). The refusal comes before any model, process group or output: MASTER_PORT is a
+    socket of the test's own, listening, and nothing connects to it (rank 1 would, to rank 0's
+    store; rank 0 would fail to bind it and say something else)."""
+    import socket
+
+    with socket.socket() as master:
+        master.bind(("127.0.0.1", 0))
+        master.listen()
+        master.setblocking(False)
+        if "MASTER_ADDR" in env:
+            env = {**env, "MASTER_PORT": str(master.getsockname()[1])}
+        for command in (["train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(tmp_path / "o")],
+                        ["eval", "--model", "tiny-qwen3", "--data_path", "data/sample_alpaca.json"]):
+            proc = run_cli(*command, env=env, check=False, timeout=300)
+            line = _one_error(proc)
+            assert proc.returncode == 2 and line.startswith("error: WORLD_SIZE=2 is set but no launcher started"), \
+                proc.stderr[-3000:]
+        with pytest.raises(BlockingIOError):  # no connection is waiting
+            master.accept()
     assert not (tmp_path / "o").exists()
 
 
