@@ -32,9 +32,10 @@ ARGS = ["--data_path", "data/sample_alpaca.json", "--use_lora", "--per_device_tr
 STEPS = 24  # long enough (~1 s a step here) to outlive the commands tried against it
 
 
-def _start(out, *extra):
+def _start(out, *extra, new_session: bool = False):
     return subprocess.Popen([str(BIN / "sftkit"), "train", *ARGS, "--output_dir", str(out), *extra], cwd=ROOT,
-                            env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
 
 
 def _one_error(result_or_proc) -> str:
@@ -252,22 +253,35 @@ def test_a_launch_environment_without_a_launcher_is_refused_before_any_collectiv
 
 def test_a_stuck_data_worker_does_not_hold_a_stopped_run(tmp_path):
     """The worker is stopped (SIGSTOP: it can neither work nor handle SIGTERM); SIGTERM to the
-    run then saves the checkpoint, and the run exits 75 instead of joining the worker forever."""
+    run then saves the checkpoint, and the run exits 75 instead of joining the worker forever,
+    leaving no process behind: its own process group (a session of its own) is empty once it has
+    exited, before this test kills anything."""
     out = tmp_path / "stuck"
-    proc = _start(out, "--max_steps", "400", "--save_steps", "0")
+    proc = _start(out, "--max_steps", "400", "--save_steps", "0", new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not any(r.get("step") for r in _lines(out)) and proc.poll() is None:
         time.sleep(0.1)
     workers = [int(c) for task in (Path("/proc") / str(proc.pid) / "task").iterdir()
                for c in (task / "children").read_text().split()]
     assert workers, "no DataLoader worker found"
+    assert {str(w) for w in workers} <= {m.split()[0] for m in _group_members(proc.pid)}  # what is checked below
     for worker in workers:
         os.kill(worker, signal.SIGSTOP)
     time.sleep(3)  # the run uses up the steps already handed over, then waits for the stopped worker
     os.kill(proc.pid, signal.SIGTERM)
     try:
         said, err = proc.communicate(timeout=90)  # torch's own shutdown takes 10 s of it
+        # what the run left, seen right after it exited: before the safety net below kills anything
+        left_workers = [w for w in workers if Path(f"/proc/{w}").exists()]
+        left_in_group = _group_members(proc.pid)
+        try:
+            os.killpg(proc.pid, 0)
+            group_empty = False
+        except ProcessLookupError:
+            group_empty = True
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         for worker in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
@@ -275,7 +289,20 @@ def test_a_stuck_data_worker_does_not_hold_a_stopped_run(tmp_path):
     assert proc.returncode == 75, err[-3000:]
     step = read_metrics(out)[-1]["step"]
     assert f"stopped at step {step}: saved {out / f'checkpoint-{step}'}" in said and damage(out / f"checkpoint-{step}") is None
-    assert not any(Path(f"/proc/{w}").exists() for w in workers)
+    assert not left_workers, f"workers {left_workers} outlived the run"
+    assert group_empty and not left_in_group, f"processes of the run left: {left_in_group}"
+
+
+def _group_members(pgid: int) -> list[str]:
+    """'pid state command' of each process in process group `pgid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            command, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ...
+                found.append(f"{stat.parent.name} {fields[0]} {command}")
+    return found
 
 
 def _lines(out) -> list[dict]:
