@@ -147,11 +147,10 @@ def test_eval_writes_beside_the_model_never_into_a_checkpoint_or_onto_its_data(l
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert data.read_bytes() == rows and json.loads((data.parent / "eval" / "eval.json").read_text())["loss"] > 0
     # an --output_dir that is the checkpoint, or the data's own folder, is refused in one line
-    app = build_app()
     for target, inputs in ((ckpt, str(ckpt)), (data.parent, str(data))):
-        result = CliRunner().invoke(app, ["eval", "--model", inputs if target == ckpt else "tiny-qwen3",
-                                          "--data_path", str(data), "--output_dir", str(target)])
-        assert result.exit_code == 2 and "would overwrite an input" in _one_error(result)
+        proc = run_cli("eval", "--model", inputs if target == ckpt else "tiny-qwen3", "--data_path", str(data),
+                       "--output_dir", str(target), check=False)
+        assert proc.returncode == 2 and "would overwrite an input" in _one_error(proc), proc.stderr[-3000:]
     assert damage(ckpt) is None and data.read_bytes() == rows
 
 
