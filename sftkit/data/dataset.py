@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sftkit import digest
+from sftkit.digest import damage as files_damage
 from sftkit.data import prepare as prep
 from sftkit.data.options import DataOptions, Mixing
 from sftkit.errors import ConfigError, DataError
@@ -123,13 +123,13 @@ def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
 def damage(folder: Path) -> str | None:
     """What is wrong with a prepared set, `NAME: what` (None: intact), checked before each use: a
     truncated .arrow file once failed every later run on that data with ArrowInvalid. Sizes and
-    digests against the manifest's record of its files (digest.damage); a set written before that
+    digests against the manifest's record of its files (sftkit.digest.damage); a set written before that
     record is checked as far as it can be: every Arrow file of it must read to its end."""
     manifest = prep.read_manifest(folder)
     if manifest is None:
         return f"{prep.MANIFEST}: missing or not JSON"
     if "files" in manifest:
-        return digest.damage(folder, manifest["files"])
+        return files_damage(folder, manifest["files"])
     for path in sorted((folder / prep.DATASET_DIR).glob("*.arrow")):
         problem = _unreadable_arrow(path)
         if problem:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftkit import digest
+from sftkit.digest import record as record_files
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
 from sftkit.data.options import AUTO_MAX_PROCS, AUTO_PROCS, AUTO_ROWS_PER_PROC, DataOptions, Mixing
@@ -376,7 +376,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     with atomic_directory(out_dir, replace=not cache) as tmp:
         _save_dataset(tmp / DATASET_DIR, ids, labels)
         _plot_lengths(tmp / "lengths.png", lengths, opts.max_length)
-        manifest["files"] = digest.record(tmp, DATASET_DIR)  # checked before each use: dataset.damage
+        manifest["files"] = record_files(tmp, DATASET_DIR)  # checked before each use: dataset.damage
         atomic_write_json(tmp / MANIFEST, manifest)
     manifest["cached"] = False
     return manifest
