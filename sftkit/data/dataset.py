@@ -7,9 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
-from sftkit.digest import damage as files_damage
 from sftkit.data import prepare as prep
 from sftkit.data.options import DataOptions, Mixing
+from sftkit.digest import damage as files_damage
 from sftkit.errors import ConfigError, DataError
 
 

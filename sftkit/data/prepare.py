@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftkit.digest import record as record_files
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
 from sftkit.data.options import AUTO_MAX_PROCS, AUTO_PROCS, AUTO_ROWS_PER_PROC, DataOptions, Mixing
@@ -31,6 +30,7 @@ from sftkit.data.render import (
     template_reads,
     template_spec,
 )
+from sftkit.digest import record as record_files
 from sftkit.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
