@@ -42,6 +42,7 @@ def base_set(work: Path, code: str) -> Path:
 
 def big_set(work: Path, base: Path, rows: int) -> Path:
     from sftkit.data.prepare import DATASET_DIR, MANIFEST, _save_dataset, load_prepared
+    from sftkit.digest import record
 
     out = work / f"set_{rows}"
     if (out / MANIFEST).is_file():
@@ -60,6 +61,8 @@ def big_set(work: Path, base: Path, rows: int) -> Path:
     m.update(rows_in=rows, examples_kept=rows, examples_saved=rows, tokens=round(m["tokens"] * scale),
              supervised_tokens=round(m["supervised_tokens"] * scale),
              fingerprint=f"{m['fingerprint']}-x{rows}")
+    if "files" in m:  # the sizes and digests train checks before each use (dataset.damage)
+        m["files"] = record(tmp, DATASET_DIR)
     (tmp / MANIFEST).write_text(json.dumps(m, indent=2))
     tmp.rename(out)
     return out

@@ -289,15 +289,24 @@ def _session_pids(sid: int) -> list[tuple[int, str]]:
     return found
 
 
+DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 def _start_two_children(tmp_path):
     """`sftkit prepare-data --num_proc 2` in a session of its own, once both its children run."""
     import subprocess
+    import sys
     import time
 
     from conftest import BIN
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(1100)])
-    proc = subprocess.Popen([str(BIN / "sftkit"), "prepare-data", "--data_path", str(data), "--num_proc", "2",
+    # Started as a terminal starts it, SIGINT at its default: a job run in the background of a
+    # non-interactive shell (`nohup make test &`) inherits SIGINT ignored, Python then installs no
+    # KeyboardInterrupt, and the prepare rightly runs to its end (this test failed so, twice).
+    proc = subprocess.Popen([sys.executable, "-c", DEFAULT_SIGINT, str(BIN / "sftkit"), "prepare-data",
+                             "--data_path", str(data), "--num_proc", "2",
                              "--output_dir", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
