@@ -8,12 +8,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, tmpfs
 from family import build
 
 WIDE = {"hidden_size": 96}  # the tiny qwen3 is 64 wide: q_proj [64, 64] there, [64, 96] here
@@ -102,24 +100,12 @@ def test_a_resume_on_a_base_of_another_size_names_both_shapes(bases, tmp_path, l
 
 
 # ---- merge-lora's disk space ---------------------------------------------------------------------
-@contextmanager
-def _tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted at `path` with these mount options, unmounted afterwards."""
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_merge_refuses_a_disk_smaller_than_what_it_writes(bases, tmp_path):
     """The trial: 24 MB free passed the old check (half the base's 39.2 MB of weights) and then
     failed in safetensors. The merge writes 39.2 MB of weights and 11.4 MB of tokenizer."""
     _, _, adapter = bases
-    with _tmpfs(tmp_path / "disk", "size=24m") as disk:
+    with tmpfs(tmp_path / "disk", "size=24m") as disk:
         proc = run_cli("merge-lora", "--adapter", str(adapter), "--output_dir", str(disk / "merged"), check=False)
         assert proc.returncode == 2
         assert _one_error(proc) == (f"error: --output_dir {disk / 'merged'}: 24.0 MiB free on its file system, and "
@@ -133,7 +119,7 @@ def test_a_disk_that_fills_during_the_merge_leaves_nothing(bases, tmp_path):
     """Room for the bytes but only 4 files (tmpfs nr_inodes: its root, the temporary folder and
     two files): the third file written fails with ENOSPC, as a full disk does."""
     _, _, adapter = bases
-    with _tmpfs(tmp_path / "disk", "size=200m,nr_inodes=4") as disk:
+    with tmpfs(tmp_path / "disk", "size=200m,nr_inodes=4") as disk:
         proc = run_cli("merge-lora", "--adapter", str(adapter), "--output_dir", str(disk / "merged"), check=False)
         assert proc.returncode == 2
         line = _one_error(proc)

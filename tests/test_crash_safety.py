@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, read_metrics, run_cli
+from conftest import BIN, ROOT, read_metrics, run_cli, tmpfs
 
 ARGS = ["--data_path", "data/sample_alpaca.json", "--use_lora", "--per_device_train_batch_size", "1",
         "--gradient_accumulation_steps", "4", "--lr_scheduler_type", "constant", "--warmup_ratio", "0",
@@ -56,13 +56,9 @@ def test_kill_9_at_random_moments(reference, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root")
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
     # a LoRA checkpoint of tiny-qwen3 is ~12 MB (the adapter, its optimizer state and the 11 MB
     # tokenizer; 49 MB while it held the frozen base): the first fits in 18 MB, the second does not
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=18M", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "disk", "size=18M") as disk:
         out = disk / "run"
         proc = run_cli("train", "--output_dir", str(out), "--save_steps", "2", "--save_total_limit", "1",
                        *ARGS[:-1], "6", check=False)
@@ -71,8 +67,6 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
         assert sorted(p.name for p in out.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))) == ["checkpoint-2"]
         assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
         shutil.copytree(out, tmp_path / "roomy")  # more space: resume from what survived
-    finally:
-        subprocess.run(["umount", str(disk)])
     run_cli("train", "--output_dir", str(tmp_path / "roomy"), "--save_steps", "0", "--resume_from_checkpoint",
             "latest", *ARGS[:-1], "3")
     assert [r["step"] for r in read_metrics(tmp_path / "roomy") if "loss" in r] == [1, 2, 3]

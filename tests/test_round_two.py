@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, read_metrics, run_cli
+from conftest import BIN, ROOT, read_metrics, run_cli, tmpfs
 from typer.testing import CliRunner
 
 from sftkit.checkpoint import checksums, damage, list_checkpoints
@@ -177,11 +177,7 @@ def test_a_full_disk_during_the_final_save_is_resumable(live, tmp_path):
     that checkpoint (sized from the live run's, same model) and half of final/."""
     out, _ = live
     need = _size(out / "checkpoint-24") + _size(out / "final") // 2 + 2 * 2**20  # + config, metrics, tmpfs blocks
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need}", "tmpfs", str(disk)], check=False).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "disk", f"size={need}") as disk:
         run = disk / "run"
         proc = run_cli("train", *ARGS, "--max_steps", "2", "--save_steps", "0", "--output_dir", str(run), check=False)
         assert proc.returncode == 2
@@ -190,8 +186,6 @@ def test_a_full_disk_during_the_final_save_is_resumable(live, tmp_path):
                                     "writes final/")
         assert not list(run.glob(".*")) and not (run / "final").exists() and damage(run / "checkpoint-2") is None
         shutil.copytree(run, tmp_path / "roomy")  # more space: what survived, elsewhere
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
     roomy = tmp_path / "roomy"
     proc = run_cli("train", *ARGS, "--max_steps", "2", "--save_steps", "0", "--output_dir", str(roomy),
                    "--resume_from_checkpoint", "latest")
