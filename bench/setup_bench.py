@@ -41,6 +41,7 @@ def base_set(work: Path, code: str) -> Path:
 
 
 def big_set(work: Path, base: Path, rows: int) -> Path:
+    from sftkit.data.columns import pack
     from sftkit.data.prepare import DATASET_DIR, MANIFEST, _save_dataset, load_prepared
     from sftkit.digest import record
 
@@ -48,14 +49,12 @@ def big_set(work: Path, base: Path, rows: int) -> Path:
     if (out / MANIFEST).is_file():
         return out
     ds = load_prepared(base)
-    ids, labels = list(ds["input_ids"]), list(ds["labels"])
-    n = len(ids)
-    rep = [i % n for i in range(rows)]
+    base_cols = pack(list(zip(ds["input_ids"], ds["labels"])))
+    rep = [i % len(base_cols) for i in range(rows)]
     tmp = work / f"tmp_{rows}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # the same list objects repeated: cheap in memory, and pa.array copies them into Arrow anyway
-    _save_dataset(tmp / DATASET_DIR, [ids[i] for i in rep], [labels[i] for i in rep])
+    _save_dataset(tmp / DATASET_DIR, base_cols.take(rep))  # row i is example i % 50
     m = json.loads((base / MANIFEST).read_text())
     scale = rows / m["examples_saved"]
     m.update(rows_in=rows, examples_kept=rows, examples_saved=rows, tokens=round(m["tokens"] * scale),

@@ -19,9 +19,9 @@ from typing import Any
 
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
+from sftkit.data.columns import Columns, arrow_lists, concat, fit_lengths, pack
 from sftkit.data.options import AUTO_MAX_PROCS, AUTO_PROCS, AUTO_ROWS_PER_PROC, DataOptions, Mixing
 from sftkit.data.render import (
-    IGNORE_INDEX,
     Refused,
     RenderOptions,
     TemplateSpec,
@@ -170,9 +170,10 @@ def processes_for(num_proc: int, rows: int) -> int:
 
 
 def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, procs: int = 1, progress=None,
-                 spec: TemplateSpec | None = None):
-    """(input_ids, labels), or Refused, for every conversation, in order. procs > 1: rendered in
-    that many child processes (sftkit.data.workers), chunk by chunk, put back in row order."""
+                 spec: TemplateSpec | None = None) -> Columns:
+    """Every conversation's input_ids and labels as columns, in order; the rows the template
+    refused in `refused`. procs > 1: rendered in that many child processes
+    (sftkit.data.workers), chunk by chunk, put back in row order."""
     spec = spec or template_spec(tokenizer)
     chunks = [(loaded.convs[i:i + CHUNK], loaded.tools[i:i + CHUNK], loaded.switches[i:i + CHUNK])
               for i in range(0, len(loaded.convs), CHUNK)]
@@ -183,10 +184,10 @@ def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, procs: int = 1,
     else:
         parts = []
         for convs, tools, switches in chunks:
-            parts.append(render_batch(convs, tokenizer, spec, opts, tools, switches))
+            parts.append(pack(render_batch(convs, tokenizer, spec, opts, tools, switches)))
             if progress:
                 progress(len(parts[-1]))
-    return [r for part in parts for r in part]
+    return concat(parts)
 
 
 def max_token_chars(tokenizer) -> int:
@@ -222,27 +223,15 @@ def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token
         loaded.keep(keep)
 
 
-def refused_rows(rendered: list, loaded: Loaded, skip_bad_rows: bool) -> None:
+def refused_rows(refused: dict[int, Refused], loaded: Loaded, skip_bad_rows: bool) -> None:
     """Rows the chat template refused (Refused from render_batch) are bad rows: the first is the
     error, naming its file and line, unless skip_bad_rows; then each is counted and listed."""
-    for i, r in enumerate(rendered):
-        if isinstance(r, Refused):
-            error = DataError(loaded.per_source[loaded.source[i]]["path"], loaded.where[i], r.field, r.problem)
-            if not skip_bad_rows:
-                raise error
-            loaded.skip_bad(i, error)
-
-
-def fit_length(ids: list[int], labels: list[int], max_length: int, truncation: str):
-    """Apply the truncation policy; returns (ids, labels, drop_reason or None)."""
-    if len(ids) > max_length:
-        if truncation == "drop":
-            return ids, labels, "too_long"
-        cut = slice(len(ids) - max_length, None) if truncation == "left" else slice(0, max_length)
-        ids, labels = ids[cut], labels[cut]
-    if all(t == IGNORE_INDEX for t in labels[1:]):  # position 0 has no context to predict from
-        return ids, labels, "no_supervised_tokens"
-    return ids, labels, None
+    for i in sorted(refused):
+        r = refused[i]
+        error = DataError(loaded.per_source[loaded.source[i]]["path"], loaded.where[i], r.field, r.problem)
+        if not skip_bad_rows:
+            raise error
+        loaded.skip_bad(i, error)
 
 
 def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, opts: DataOptions, mixing: Mixing | None,
@@ -354,19 +343,20 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     label = f"tokenizing ({procs} processes)" if procs > 1 else "tokenizing"
     with gc_paused(), progress_bar(label, console, total=len(loaded.convs)) as bar:
         rendered = tokenize_all(loaded, tokenizer, render_opts, procs, progress=bar, spec=template)
-    refused_rows(rendered, loaded, opts.skip_bad_rows)
+    refused_rows(rendered.refused, loaded, opts.skip_bad_rows)
     kept = keep_fitting(rendered, loaded, opts)
-    if not kept.ids:
+    del rendered
+    if not len(kept.columns):
         raise DataError(", ".join(s.path for _, s in srcs), "", None, nothing_left(kept.dropped, loaded, opts))
-    ids, labels, mixed = weigh(kept, specs, mixing)
-    lengths = [len(x) for x in ids]
+    saved, mixed = weigh(kept, specs, mixing)
+    lengths = saved.lengths.tolist()
     manifest = {
         "sftkit_version": __version__, "fingerprint": fp, "format": FORMAT, "sources": loaded.per_source,
-        "rows_in": loaded.rows_in, "examples_kept": len(kept.ids),
+        "rows_in": loaded.rows_in, "examples_kept": len(kept.columns),
         "dropped": {k: kept.dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
         "truncated": kept.truncated, "warnings": {k: loaded.warnings.get(k, 0) for k in ("empty_reply",)},
-        "bad_rows_first": loaded.bad_examples, "mixing": mixed, "examples_saved": len(ids),
-        "tokens": sum(lengths), "supervised_tokens": sum(len(lab) - lab.count(IGNORE_INDEX) for lab in labels),
+        "bad_rows_first": loaded.bad_examples, "mixing": mixed, "examples_saved": len(saved),
+        "tokens": sum(lengths), "supervised_tokens": saved.supervised(),
         "length": percentiles(lengths), "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "tokenizer_sha256": tokenizer_fp,
         "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
@@ -374,7 +364,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     }
     assert manifest["rows_in"] == manifest["examples_kept"] + sum(manifest["dropped"].values())
     with atomic_directory(out_dir, replace=not cache) as tmp:
-        _save_dataset(tmp / DATASET_DIR, ids, labels)
+        _save_dataset(tmp / DATASET_DIR, saved)
         _plot_lengths(tmp / "lengths.png", lengths, opts.max_length)
         manifest["files"] = record_files(tmp, DATASET_DIR)  # checked before each use: dataset.damage
         atomic_write_json(tmp / MANIFEST, manifest)
@@ -386,32 +376,20 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
 class Kept:
     """The examples that fit, where each came from, and the count of the others by reason."""
 
-    ids: list[list[int]] = field(default_factory=list)
-    labels: list[list[int]] = field(default_factory=list)
-    origin: list[int] = field(default_factory=list)
+    columns: Columns
+    origin: list[int]  # the data_path entry of each kept example
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0  # kept, cut to max_length by --truncation left/right
 
 
-def keep_fitting(rendered: list, loaded: Loaded, opts: DataOptions) -> Kept:
-    """Apply the length policy to every rendered example; bad rows are counted as dropped too."""
-    kept = Kept()
-    kept.dropped["bad_row"] = loaded.bad_rows
-    kept.dropped["too_long"] = loaded.too_long
-    for r, origin in zip(rendered, loaded.origin):
-        if isinstance(r, Refused):  # counted by refused_rows, as a bad row
-            continue
-        ids, labels = r
-        cut = len(ids) > opts.max_length  # and kept: then --truncation cut it
-        ids, labels, reason = fit_length(ids, labels, opts.max_length, opts.truncation)
-        if reason:
-            kept.dropped[reason] += 1
-            continue
-        kept.truncated += cut
-        kept.ids.append(ids)
-        kept.labels.append(labels)
-        kept.origin.append(origin)
-    return kept
+def keep_fitting(rendered: Columns, loaded: Loaded, opts: DataOptions) -> Kept:
+    """Apply the length policy to every rendered example; bad rows are counted as dropped too
+    (the refused ones by refused_rows, as bad rows)."""
+    fitted = fit_lengths(rendered, opts.max_length, opts.truncation)
+    dropped = Counter(bad_row=loaded.bad_rows, too_long=loaded.too_long + fitted.too_long,
+                      no_supervised_tokens=fitted.no_supervised)
+    origin = [o for o, keep in zip(loaded.origin, fitted.kept.tolist()) if keep]
+    return Kept(fitted.columns, origin, dropped, fitted.truncated)
 
 
 def nothing_left(dropped: Counter, loaded: Loaded, opts: DataOptions) -> str:
@@ -429,17 +407,17 @@ def nothing_left(dropped: Counter, loaded: Loaded, opts: DataOptions) -> str:
     return "no example is left: " + "; ".join(why)
 
 
-def weigh(kept: Kept, specs: list[str], mixing: Mixing | None) -> tuple[list, list, list[dict] | None]:
-    """(ids, labels, what each weight did) after mixing; unchanged without weights."""
+def weigh(kept: Kept, specs: list[str], mixing: Mixing | None) -> tuple[Columns, list[dict] | None]:
+    """(the examples, what each weight did) after mixing; unchanged without weights."""
     if not mixing:
-        return kept.ids, kept.labels, None
+        return kept.columns, None
     order = mix(kept.origin, mixing.weights, mixing.seed)
     report = [{"data_path": spec, "weight": w, "examples": kept.origin.count(i),
                "after_weighting": sum(kept.origin[j] == i for j in order)}
               for i, (spec, w) in enumerate(zip(specs, mixing.weights))]
     if not order:
         raise ConfigError("data_weights leave no example; give at least one source a positive weight")
-    return [kept.ids[j] for j in order], [kept.labels[j] for j in order], report
+    return kept.columns.take(order), report
 
 
 @contextmanager
@@ -473,7 +451,7 @@ def quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _save_dataset(path: Path, ids: list[list[int]], labels: list[list[int]]) -> None:
+def _save_dataset(path: Path, examples: Columns) -> None:
     import datasets
     import pyarrow as pa
 
@@ -482,11 +460,11 @@ def _save_dataset(path: Path, ids: list[list[int]], labels: list[list[int]]) -> 
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),  # for batching without reading every example
     })
-    # Arrow arrays built directly: Dataset.from_dict checks and encodes every example in Python
-    # against the features, 1.9 of 2.2 CPU-seconds for 20,000 examples; pa.array takes 0.8.
-    ints = pa.list_(pa.int32())
-    table = pa.table({"input_ids": pa.array(ids, ints), "labels": pa.array(labels, ints),
-                      "length": pa.array([len(x) for x in ids], pa.int32())})
+    # Arrow arrays built directly from the columns: Dataset.from_dict checks and encodes every
+    # example in Python against the features (1.9 of 2.2 CPU-seconds for 20,000 examples)
+    table = pa.table({"input_ids": arrow_lists(examples.ids, examples.offsets),
+                      "labels": arrow_lists(examples.labels, examples.offsets),
+                      "length": pa.array(examples.lengths.astype("int32"), pa.int32())})
     with quiet_datasets():
         datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(str(path))
 

@@ -67,7 +67,8 @@ def _receive(stream):
 
 def serve() -> None:
     """A child's whole life: (tokenizer, options, spec), then (convs, tools, switches) chunks in,
-    one render_batch result out for each, until its stdin closes."""
+    one render_batch result out for each (as columns: sftkit.data.columns.pack), until its stdin closes."""
+    from sftkit.data.columns import pack
     from sftkit.data.render import render_batch
 
     replies = os.fdopen(os.dup(1), "wb")
@@ -80,7 +81,7 @@ def serve() -> None:
         tokenizer, opts, spec = setup
         while (chunk := _receive(tasks)) is not None:
             convs, tools, switches = chunk
-            _send(replies, render_batch(convs, tokenizer, spec, opts, tools, switches))
+            _send(replies, pack(render_batch(convs, tokenizer, spec, opts, tools, switches)))
     except BrokenPipeError:  # the parent is gone: nobody is left to tell
         pass
 
