@@ -33,6 +33,7 @@ from typing import Any
 
 from sftkit.data.formats import PLAIN, Conversation
 from sftkit.data.options import SWITCHES
+from sftkit.data.template import apply
 
 IGNORE_INDEX = -100
 """Label of a token the model is not trained to produce (Hugging Face's convention)."""
@@ -105,10 +106,10 @@ def template_spec(tokenizer) -> TemplateSpec:
     if not specials:
         raise ConfigError("the tokenizer has no special tokens; a chat template with special-token turn markers is needed")
     user = [{"role": "user", "content": "PROBE_Q"}]
-    base = tokenizer.apply_chat_template(user, tokenize=False)
-    with_prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    base = apply(tokenizer, user)
+    with_prompt = apply(tokenizer, user, add_generation_prompt=True)
     opener = next((s for s in specials if with_prompt.startswith(s, len(base))), None)
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "PROBE_A"}], tokenize=False)
+    full = apply(tokenizer, user + [{"role": "assistant", "content": "PROBE_A"}])
     after = full[full.rfind("PROBE_A") + len("PROBE_A"):]
     closer = next((s for s in specials if after.startswith(s)), None)
     user_at = base.rfind(f"{opener}user")
@@ -146,8 +147,8 @@ def reply_opening(tokenizer, spec: TemplateSpec, switches: dict[str, Any]) -> st
         from sftkit.errors import ConfigError
 
         user = [{"role": "user", "content": "PROBE_Q"}]
-        base = tokenizer.apply_chat_template(user, tokenize=False, **switches)
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True, **switches)
+        base = apply(tokenizer, user, switches=switches)
+        prompt = apply(tokenizer, user, add_generation_prompt=True, switches=switches)
         lead = base + spec.block_open + spec.reply_header
         if not prompt.startswith(lead) or spec.split_re.search(prompt, len(lead)):
             # a special token after the header would be cut into its own piece, where the
@@ -186,10 +187,8 @@ def render_text(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderO
                 switches: dict[str, Any] | None = None) -> str:
     """The template's text for a whole conversation, special-token strings in content escaped.
     `switches`: the template variables to pass; by default the run's (opts.switches())."""
-    return tokenizer.apply_chat_template(
-        prepare_messages(msgs, opts, spec.escapes), tools=tools, tokenize=False,
-        add_generation_prompt=False, **(opts.switches() if switches is None else switches),
-    )
+    return apply(tokenizer, prepare_messages(msgs, opts, spec.escapes), tools,
+                 switches=opts.switches() if switches is None else switches)
 
 
 @dataclass
