@@ -34,6 +34,7 @@ PER_ROW = [
     ("render + tokenize + mask (tokenize_all)", "sftkit/data/prepare.py", "tokenize_all"),
     ("  Rust encode_batch", "~", "<method 'encode_batch' of 'tokenizers.Tokenizer' objects>"),
     ("  transformers apply_chat_template", "tokenization_utils_base.py", "apply_chat_template"),
+    ("  sftkit's render (sftkit/data/template.py)", "sftkit/data/template.py", "render"),
     ("    jinja2 template body", "<template>", "root"),
     ("      jinja2 sandbox attribute checks", "jinja2/sandbox.py", "getattr"),
     ("  split_pieces (cut at special tokens)", "sftkit/data/render.py", "split_pieces"),

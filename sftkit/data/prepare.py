@@ -263,12 +263,12 @@ def _read_as(path: str) -> str:
     return "".join(suffixes[-2:] if suffixes[-1:] == [".gz"] else suffixes[-1:])
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer, serialised: str | None = None) -> str:
     """Hash of what decides the ids: vocabulary, merges, normalizer, added tokens, template.
     The serialised backend lists truncation and padding first and the rest from "added_tokens" on;
     saving a tokenizer changes padding, not the ids, so the hash starts there (10 ms, where parsing
-    and re-dumping the 11 MB JSON took 1 s)."""
-    text = tokenizer.backend_tokenizer.to_str()
+    and re-dumping the 11 MB JSON took 1 s). `serialised`: the backend's `to_str()`, if at hand."""
+    text = tokenizer.backend_tokenizer.to_str() if serialised is None else serialised
     h = hashlib.sha256(text[max(text.find('"added_tokens"'), 0):].encode())
     h.update((tokenizer.chat_template or "").encode())
     return h.hexdigest()
@@ -323,7 +323,8 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
         if left and console is not None:
             console.print(f"note: {spec}: skipped {len(left)} file(s): {', '.join(left)}; "
                           f"read are {', '.join(sources.SUFFIXES)}", markup=False, highlight=False)
-    tokenizer_fp = tokenizer_fingerprint(tokenizer)
+    serialised = tokenizer.backend_tokenizer.to_str()  # once, for the hash and the spec's encoder
+    tokenizer_fp = tokenizer_fingerprint(tokenizer, serialised)
     fp = fp or fingerprint(srcs, tokenizer, opts, mixing, tokenizer_fp)
     old = read_manifest(out_dir)
     if old and old.get("fingerprint") == fp and is_prepared(out_dir):
@@ -332,7 +333,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     if out_dir.exists() and any(out_dir.iterdir()) and old is None:
         raise ConfigError(f"{out_dir} exists and is not a prepare-data output; choose another --output_dir")
     start = time.time()
-    template, render_opts = template_spec(tokenizer), render_options(opts)
+    template, render_opts = template_spec(tokenizer, serialised), render_options(opts)
     check_switches(tokenizer, template, render_opts)
     with gc_paused(), progress_bar("reading", console) as bar:
         loaded = load_conversations(srcs, opts, progress=bar)
@@ -478,11 +479,14 @@ def load_prepared(path: str | Path):
 
 
 def _plot_lengths(path: Path, lengths: list[int], max_length: int) -> None:
+    import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="#4477aa")
+    # one filled outline, not ax.hist's 50 bar patches: the same picture, 0.1 of 0.33 CPU-s less
+    counts, edges = np.histogram(lengths, bins=min(50, max(5, len(set(lengths)))))
+    ax.stairs(counts, edges, fill=True, color="#4477aa")
     ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length {max_length}")
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")

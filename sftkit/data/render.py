@@ -21,6 +21,9 @@ tokenized with `split_special_tokens=True`. So a user who writes "<|im_end|>" ge
 characters, never the control token. Without such text the ids equal
 `tokenizer.apply_chat_template(messages, tokenize=True, **switches)` exactly.
 
+The template is rendered by sftkit/data/template.py, which gives `apply_chat_template(...,
+tokenize=False)`'s text without its per-call wrapper (2.6 of 4.5 CPU-ms a row under cProfile).
+
 A row the template refuses (Qwen3.5: "System message must be at the beginning.") comes back as
 `Refused` with the template's message, for prepare-data to report as a bad row.
 """
@@ -33,6 +36,7 @@ from typing import Any
 
 from sftkit.data.formats import PLAIN, Conversation
 from sftkit.data.options import SWITCHES
+from sftkit.data.template import apply
 
 IGNORE_INDEX = -100
 """Label of a token the model is not trained to produce (Hugging Face's convention)."""
@@ -96,19 +100,20 @@ _NOT_CHATML = ("the chat template does not mark turns with special tokens the wa
                "(ChatML: <|im_start|>role ... <|im_end|>); use the model's own template or a ChatML one")
 
 
-def template_spec(tokenizer) -> TemplateSpec:
+def template_spec(tokenizer, serialised: str | None = None) -> TemplateSpec:
     """Find the turn markers, the reply header and the switches the template reads, by rendering
-    probe conversations (with no switch set)."""
+    probe conversations (with no switch set). `serialised`: the backend's `to_str()` when the
+    caller has it already (prepare hashes it too; 0.2 CPU-s each time for the 11 MB JSON)."""
     from sftkit.errors import ConfigError
 
     specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
     if not specials:
         raise ConfigError("the tokenizer has no special tokens; a chat template with special-token turn markers is needed")
     user = [{"role": "user", "content": "PROBE_Q"}]
-    base = tokenizer.apply_chat_template(user, tokenize=False)
-    with_prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    base = apply(tokenizer, user)
+    with_prompt = apply(tokenizer, user, add_generation_prompt=True)
     opener = next((s for s in specials if with_prompt.startswith(s, len(base))), None)
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "PROBE_A"}], tokenize=False)
+    full = apply(tokenizer, user + [{"role": "assistant", "content": "PROBE_A"}])
     after = full[full.rfind("PROBE_A") + len("PROBE_A"):]
     closer = next((s for s in specials if after.startswith(s)), None)
     user_at = base.rfind(f"{opener}user")
@@ -126,7 +131,7 @@ def template_spec(tokenizer) -> TemplateSpec:
         reply_header=header,
         block_close=closer,
         reads=frozenset(s for s in SWITCHES if re.search(rf"\b{s}\b", template)),
-        encoder=plain_text_encoder(tokenizer),
+        encoder=plain_text_encoder(tokenizer, serialised),
         eos_id=tokenizer.eos_token_id,
     )
 
@@ -146,8 +151,8 @@ def reply_opening(tokenizer, spec: TemplateSpec, switches: dict[str, Any]) -> st
         from sftkit.errors import ConfigError
 
         user = [{"role": "user", "content": "PROBE_Q"}]
-        base = tokenizer.apply_chat_template(user, tokenize=False, **switches)
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True, **switches)
+        base = apply(tokenizer, user, switches=switches)
+        prompt = apply(tokenizer, user, add_generation_prompt=True, switches=switches)
         lead = base + spec.block_open + spec.reply_header
         if not prompt.startswith(lead) or spec.split_re.search(prompt, len(lead)):
             # a special token after the header would be cut into its own piece, where the
@@ -186,10 +191,8 @@ def render_text(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderO
                 switches: dict[str, Any] | None = None) -> str:
     """The template's text for a whole conversation, special-token strings in content escaped.
     `switches`: the template variables to pass; by default the run's (opts.switches())."""
-    return tokenizer.apply_chat_template(
-        prepare_messages(msgs, opts, spec.escapes), tools=tools, tokenize=False,
-        add_generation_prompt=False, **(opts.switches() if switches is None else switches),
-    )
+    return apply(tokenizer, prepare_messages(msgs, opts, spec.escapes), tools,
+                 switches=opts.switches() if switches is None else switches)
 
 
 @dataclass
@@ -263,13 +266,14 @@ def plain_pieces(conv: Conversation) -> list[_Piece]:
             for m in conv if m["content"]]
 
 
-def plain_text_encoder(tokenizer):
+def plain_text_encoder(tokenizer, serialised: str | None = None):
     """The tokenizer's Rust backend set to read special-token strings as plain text (what
     `split_special_tokens=True` does), without padding or truncation. Calling it directly skips
-    transformers' conversion of every piece's ids and offsets to Python lists: ~20% of the time."""
+    transformers' conversion of every piece's ids and offsets to Python lists: ~20% of the time.
+    A copy (from `serialised`, the backend's `to_str()`), so the caller's tokenizer is not changed."""
     from tokenizers import Tokenizer
 
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str() if serialised is None else serialised)
     backend.no_padding()
     backend.no_truncation()
     backend.encode_special_tokens = True
