@@ -96,6 +96,42 @@ def check_4bit(cuda: bool) -> None:
                               "--load_in_4bit")
 
 
+def deepspeed_fills(cfg: SFTConfig, world: int) -> dict:
+    """What the flags give for the DeepSpeed config's batch and clipping fields."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+
+
+def check_deepspeed_batch(ds: dict, cfg: SFTConfig, world: int) -> None:
+    """A batch field the DeepSpeed JSON fixes (not "auto") must be what the flags give: DeepSpeed
+    would batch otherwise than our loop and the loss normalisation. gradient_clipping may differ."""
+    for key, value in deepspeed_fills(cfg, world).items():
+        if key != "gradient_clipping" and ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the flags give {value}; "
+                              f"set it to \"auto\" in the DeepSpeed JSON, or change the flags to match")
+
+
+def check_deepspeed_file(cfg: SFTConfig) -> None:
+    """The batch check above, from the JSON file accelerate launch names, before anything heavy is
+    imported: as the Accelerator's own check it came after 30-40 s of imports and set-up."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" or not path:
+        return
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except (OSError, ValueError):
+        return  # accelerate names the file and what is wrong with it
+    if isinstance(ds, dict):
+        check_deepspeed_batch(ds, cfg, launched_processes())
+
+
 def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     import torch
     from accelerate import Accelerator
@@ -139,19 +175,10 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     if plugin is not None:
         # We batch ourselves (no DataLoader goes through prepare), so fill DeepSpeed's "auto"s here.
         ds = plugin.deepspeed_config
-        world = accelerator.num_processes
-        fills = {
-            "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
-            "gradient_clipping": cfg.max_grad_norm,
-        }
-        for key, value in fills.items():
+        check_deepspeed_batch(ds, cfg, accelerator.num_processes)
+        for key, value in deepspeed_fills(cfg, accelerator.num_processes).items():
             if ds.get(key, "auto") == "auto":
                 ds[key] = value
-            elif key != "gradient_clipping" and ds[key] != value:
-                raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the flags give {value}; "
-                                  f"set it to \"auto\" in the DeepSpeed JSON, or change the flags to match")
     return accelerator
 
 

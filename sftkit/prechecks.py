@@ -72,8 +72,10 @@ def check_hub_name(name: str, flag: str = "--model_name_or_path") -> None:
 def check_train(cfg: SFTConfig) -> None:
     """`sftkit train`: the training and eval data, and the output folder (claim checks it again,
     with the accelerator, and takes it)."""
+    from sftkit.accel import check_deepspeed_file
     from sftkit.run_dir import check_output_dir, run_inputs
 
+    check_deepspeed_file(cfg)
     check_output_dir(Path(cfg.output_dir), run_inputs(cfg))
     check_data(cfg.data_path, cfg)
     if cfg.eval_data_path:
