@@ -8,7 +8,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	.venv/bin/python -m pytest -q -m "not family" -n 2 --dist loadfile
+	.venv/bin/python -m pytest -q -m "not family" -n 2 --dist loadfile --no-loadscope-reorder
 
 lint:
 	.venv/bin/ruff check sftkit tests
