@@ -224,13 +224,19 @@ def test_num_proc_gives_identical_output(tmp_path):
     assert manifests[0] == manifests[1] and manifests[0]["examples_kept"] == 600
 
 
-def test_processes_for_rows_and_cores():
-    from sftkit.data.options import AUTO_MAX_PROCS, AUTO_ROWS_PER_PROC
+def test_processes_for_rows_and_cores(tmp_path):
+    from sftkit.data.options import AUTO_CORES_PER_PROC, AUTO_MAX_PROCS, AUTO_ROWS_PER_PROC
     from sftkit.data.prepare import processes_for, usable_cores
 
     assert DataOptions().num_proc == 0  # auto
     assert processes_for(0, 50) == 1 and processes_for(0, 2 * AUTO_ROWS_PER_PROC - 1) == 1
-    assert processes_for(0, 10**7) == min(usable_cores(), AUTO_MAX_PROCS)
+    assert processes_for(0, 10**7) == max(1, min(usable_cores() // AUTO_CORES_PER_PROC, AUTO_MAX_PROCS))
+    mask = len(os.sched_getaffinity(0))
+    for text, cores in (("max 100000\n", mask), ("150000 100000\n", 1), ("50000 100000\n", 1),
+                        (f"{100000 * (mask + 4)} 100000\n", mask), ("garbled", mask)):
+        (tmp_path / "cpu.max").write_text(text)  # cgroup v2: a quota of 1.5 CPUs is 1 core, none is the mask
+        assert usable_cores(str(tmp_path / "cpu.max")) == cores, text
+    assert usable_cores(str(tmp_path / "absent")) == mask
     assert processes_for(4, 600) == 2  # never more processes than chunks of 512 rows
     assert processes_for(3, 10**7) == 3  # a number given is taken as given
     with pytest.raises(ConfigError, match="num_proc must be at least 1, or 0 \\(auto\\)"):

@@ -33,6 +33,11 @@ AUTO_PROCS = 0
 AUTO_ROWS_PER_PROC = 8192
 # The parent pickles every chunk out and every result back: 0.12 CPU-ms a row, 5% of a child's
 # work, so 8 children keep it under half busy; more were never measured (2 cores here).
+# The Rust encoder already runs ~2 threads a process: encode_batch alone took 17.3 CPU-s in 8.9 s
+# wall on 2 cores (20,000 alpaca rows). So auto gives one process per CORES_PER_PROC cores: on 2
+# cores a second process only added its start-up (2026-12-02, idle, bench/prepare_bench.py:
+# alpaca 15.0 -> 15.8 s, messages 15.7 -> 16.7 s, multi-turn 22.6 -> 21.1 s wall).
+AUTO_CORES_PER_PROC = 2
 AUTO_MAX_PROCS = 8
 
 
@@ -100,7 +105,8 @@ class DataOptions:
     num_proc: int = field(default=AUTO_PROCS, metadata={**NOT_IN_EXAMPLES, **at_least(1, off=AUTO_PROCS,
                                                                                         off_means="auto")})
     """Processes for tokenization. 0 (auto): one per 8,192 rows (a process costs seconds to start,
-    so a small set stays in one), at most the cores this process may use and at most 8. Any
+    so a small set stays in one) and per 2 of the cores this process may use (the tokenizer
+    already runs 2 threads in each), at most 8. Any
     number gives the same prepared set, byte for byte."""
 
     def __post_init__(self) -> None:

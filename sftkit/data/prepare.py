@@ -20,7 +20,14 @@ from typing import Any
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
 from sftkit.data.columns import Columns, arrow_lists, concat, fit_lengths, pack
-from sftkit.data.options import AUTO_MAX_PROCS, AUTO_PROCS, AUTO_ROWS_PER_PROC, DataOptions, Mixing
+from sftkit.data.options import (
+    AUTO_CORES_PER_PROC,
+    AUTO_MAX_PROCS,
+    AUTO_PROCS,
+    AUTO_ROWS_PER_PROC,
+    DataOptions,
+    Mixing,
+)
 from sftkit.data.render import (
     Refused,
     RenderOptions,
@@ -151,21 +158,29 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
     return out
 
 
-def usable_cores() -> int:
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """The cores this process may run on: its affinity mask (taskset, a SLURM or container CPU set),
-    which can be fewer than the machine has. A CPU quota (cgroup cpu.max) is not counted."""
+    which can be fewer than the machine has, and at most its CPU quota (cgroup v2 cpu.max,
+    "QUOTA PERIOD" or "max PERIOD": a container given 2 CPUs of 64 sees all 64 in its mask)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2 here, or a line we do not know
+        pass
+    return cores
 
 
 def processes_for(num_proc: int, rows: int) -> int:
     """How many processes tokenize `rows` conversations: `num_proc`, or for AUTO_PROCS one per
-    AUTO_ROWS_PER_PROC rows, at most the usable cores and AUTO_MAX_PROCS; never more than the
-    chunks of CHUNK rows there are to hand out."""
+    AUTO_ROWS_PER_PROC rows and per AUTO_CORES_PER_PROC usable cores, at most AUTO_MAX_PROCS;
+    never more than the chunks of CHUNK rows there are to hand out."""
     if num_proc == AUTO_PROCS:
-        num_proc = min(usable_cores(), AUTO_MAX_PROCS, rows // AUTO_ROWS_PER_PROC)
+        num_proc = min(usable_cores() // AUTO_CORES_PER_PROC, AUTO_MAX_PROCS, rows // AUTO_ROWS_PER_PROC)
     return max(1, min(num_proc, -(-rows // CHUNK)))
 
 
