@@ -1,9 +1,11 @@
 """Benchmark sftkit's prepare-data against TRL's SFTTrainer dataset preparation. Offline, CPU only.
 
 Both tools get the same synthetic JSONL files (OpenAI `messages` rows) and must produce input_ids
-plus an assistant-only loss mask. Two distributions, each timed in the same run:
-  multi-turn  1-4 turns, a system message in ~30%, reasoning_content in ~35% of replies
-  alpaca      Alpaca-style: 56% single turn, no reasoning, replies of 10-800 tokens (log-uniform)
+plus an assistant-only loss mask. Three distributions, each timed in the same run:
+  multi-turn  1-4 turns, a system message in ~30%, reasoning_content in ~35% of replies (max_length 4096)
+  alpaca      Alpaca-style: 56% single turn, no reasoning, replies of 10-800 tokens (log-uniform; 4096)
+  messages    issue 24's shape: 1-4 turns with P .55/.25/.12/.08, a system message in 10%, user ~60 and
+              assistant ~180 tokens, lognormal (max_length 1024, as the issue measured)
 Timed:
   sftkit  `prepare(DataOptions(...), [file], fresh_dir, tok)`, end to end: read, validate, render, tokenize,
           mask, length filter, save_to_disk, lengths plot.
@@ -12,10 +14,12 @@ Timed:
           `SFTTrainer(...)`; model building and the rest of the constructor are reported apart.
           HF datasets caching is off, so nothing is a cache hit.
 Each tool is warmed up first on a few rows, so neither pays its first imports inside the clock.
+The bare encode (the Rust `encode_batch` of each rendered conversation, nothing else) is timed too:
+the floor both tools pay; sftkit's CPU seconds above it, a row, are its per-row overhead.
 Besides wall time, CPU seconds (this process + reaped worker processes) are reported: on a shared
 machine they are the steadier measure of work, while wall time shows what parallelism buys.
 
-    .venv/bin/python bench/prepare_bench.py --n 20000 --num_proc 2
+    .venv/bin/python bench/prepare_bench.py                 # all three, sftkit num_proc 1 and auto (0)
     .venv/bin/python bench/prepare_bench.py --data alpaca --n 2000   # one distribution, quick
 """
 
@@ -88,7 +92,26 @@ def alpaca_conversation(rng: random.Random) -> dict:
     return {"messages": msgs}
 
 
-DISTRIBUTIONS = {"multi-turn": conversation, "alpaca": alpaca_conversation}
+def words(rng: random.Random, mean: float, sigma: float = 0.6) -> int:
+    """A lognormal word count with this mean (at least 1)."""
+    return max(1, round(rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)))
+
+
+def messages_conversation(rng: random.Random) -> dict:
+    """Issue 24's hidden set, regenerated with our own seed: 1-4 turns with P .55/.25/.12/.08, a system
+    message in 10%, user ~60 and assistant ~180 tokens, lognormal (sigma 0.6). `text` gives ~1.36
+    tokens a word (the alpaca set's 8-600 words -> 8-818 tokens), so 44 and 132 words on average."""
+    msgs = [{"role": "system", "content": text(rng, 5, 30)}] if rng.random() < 0.1 else []
+    for _ in range(rng.choices((1, 2, 3, 4), weights=(0.55, 0.25, 0.12, 0.08))[0]):
+        n = words(rng, 44)
+        msgs.append({"role": "user", "content": text(rng, n, n)})
+        n = words(rng, 132)
+        msgs.append({"role": "assistant", "content": text(rng, n, n)})
+    return {"messages": msgs}
+
+
+DISTRIBUTIONS = {"multi-turn": conversation, "alpaca": alpaca_conversation, "messages": messages_conversation}
+MAX_LENGTH = {"multi-turn": 4096, "alpaca": 4096, "messages": 1024}
 
 
 def write_data(n: int, seed: int, path: Path, make=conversation) -> None:
@@ -122,21 +145,36 @@ def clock():
     return lambda: tuple(b - a for a, b in zip(start, _now()))
 
 
-def bench_sftkit(data: Path, out: Path, tok, num_proc: int) -> dict:
-    from sftkit.data.options import DataOptions
-    from sftkit.data.prepare import prepare
+def bench_encode(data: Path, tok) -> dict:
+    """The floor: each conversation rendered to one text (not timed), then only the Rust encode."""
+    convs = [json.loads(line)["messages"] for line in data.open(encoding="utf-8")]
+    texts = tok.apply_chat_template(convs, tokenize=False)
+    backend = tok.backend_tokenizer
+    backend.encode_batch(texts[:8], add_special_tokens=False)  # warm-up
+    elapsed = clock()
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    secs, cpu = elapsed()
+    return {"tool": "bare encode_batch (floor)", "seconds": secs, "cpu": cpu, "examples": len(texts),
+            "tokens": sum(len(e.ids) for e in encs), "supervised": 0, "dropped": 0}
 
-    cfg = DataOptions(max_length=4096, num_proc=num_proc)
+
+def bench_sftkit(data: Path, out: Path, tok, num_proc: int, max_length: int = 4096) -> dict:
+    from sftkit.data.options import DataOptions
+    from sftkit.data.prepare import prepare, processes_for
+
+    cfg = DataOptions(max_length=max_length, num_proc=num_proc)
+    procs = processes_for(num_proc, sum(1 for _ in data.open(encoding="utf-8")))
     elapsed = clock()
     man = prepare(cfg, [str(data)], fresh(out / f"sftkit_np{num_proc}"), tok)
     secs, cpu = elapsed()
     assert not man["cached"]
-    return {"tool": f"sftkit prepare (num_proc={num_proc})", "seconds": secs, "cpu": cpu,
+    name = f"auto: {procs}" if num_proc == 0 else num_proc
+    return {"tool": f"sftkit prepare (num_proc={name})", "seconds": secs, "cpu": cpu,
             "examples": man["examples_kept"], "tokens": man["tokens"], "supervised": man["supervised_tokens"],
             "dropped": sum(man["dropped"].values())}
 
 
-def bench_trl(data: Path, out: Path, tok, num_proc: int) -> tuple[dict, object]:
+def bench_trl(data: Path, out: Path, tok, num_proc: int, max_length: int = 4096) -> tuple[dict, object]:
     import datasets
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -150,7 +188,7 @@ def bench_trl(data: Path, out: Path, tok, num_proc: int) -> tuple[dict, object]:
         vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, intermediate_size=128, tie_word_embeddings=True))
     model_secs = time.perf_counter() - start
-    args = SFTConfig(output_dir=str(fresh(out / "trl_out")), assistant_only_loss=True, max_length=4096,
+    args = SFTConfig(output_dir=str(fresh(out / "trl_out")), assistant_only_loss=True, max_length=max_length,
                      packing=False, dataset_num_proc=num_proc, report_to=[], bf16=False)
 
     class TimedSFTTrainer(SFTTrainer):
@@ -221,17 +259,25 @@ def bench_all(names: list[str], a, tok) -> list[dict]:
         write_data(a.n, a.seed, data[name], DISTRIBUTIONS[name])
         print(f"data {name}: {data[name]} ({data[name].stat().st_size / 1e6:.1f} MB, {a.n} conversations)")
     bench_sftkit(sample(data[names[0]], a.out), a.out, tok, 1)  # warm-up: imports (datasets, matplotlib)
-    ours = {name: [bench_sftkit(data[name], a.out / name, tok, n) for n in sorted({1, a.num_proc})] for name in names}
+    procs = list(dict.fromkeys([1, a.num_proc]))
+    ours = {name: [bench_sftkit(data[name], a.out / name, tok, n, MAX_LENGTH[name]) for n in procs] for name in names}
+    for name in names:
+        floor = bench_encode(data[name], tok)
+        one = ours[name][0]
+        print(f"per-row overhead over the bare encode on {name}: sftkit num_proc=1 {1e3 * one['cpu'] / one['examples']:.2f} "
+              f"CPU-ms a row, encode_batch alone {1e3 * floor['cpu'] / floor['examples']:.2f} ({floor['seconds']:.1f} s "
+              f"wall, {floor['tokens']:,} tokens): {1e3 * (one['cpu'] - floor['cpu']) / one['examples']:.2f} CPU-ms a row more")
+        ours[name].append(floor)
     if not find_spec("trl"):
         print("trl is not installed: TRL comparison skipped (pip install trl==1.16.0)")
         return [dict(r, data=name) for name in names for r in ours[name]]
     rows = []
     for name in names:
-        trl_row, trl_ds = bench_trl(data[name], a.out, tok, a.trl_num_proc)
+        trl_row, trl_ds = bench_trl(data[name], a.out, tok, a.trl_num_proc, MAX_LENGTH[name])
         print(f"TRL on {name}: {trl_row['note']}")
         if trl_row["supervised"] == 0:
             print("WARNING: TRL's assistant mask is all zero: it would train on nothing")
-        for r in ours[name]:
+        for r in ours[name][:-1]:  # not the floor
             wall = (r["examples"] / r["seconds"]) / (trl_row["examples"] / trl_row["seconds"])
             cpu = (r["examples"] / r["cpu"]) / (trl_row["examples"] / trl_row["cpu"])
             r["ratio"] = f"{wall:.2f}x / {cpu:.2f}x"
@@ -244,10 +290,11 @@ def bench_all(names: list[str], a, tok) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=20000, help="synthetic conversations per distribution")
-    ap.add_argument("--num_proc", type=int, default=1, help="sftkit processes (1 is always run as well)")
+    ap.add_argument("--num_proc", type=int, default=0, help="sftkit processes, 0 = auto, the default "
+                    "(1 is always run as well)")
     ap.add_argument("--trl_num_proc", type=int, default=1, help="TRL dataset_num_proc")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", choices=[*DISTRIBUTIONS, "both"], default="both", help="which distribution(s)")
+    ap.add_argument("--data", choices=[*DISTRIBUTIONS, "all"], default="all", help="which distribution(s)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/prepare_bench"))
     a = ap.parse_args()
 
@@ -256,7 +303,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     print(versions())
     tok = load_tokenizer("tiny-qwen3")
-    rows = bench_all(list(DISTRIBUTIONS) if a.data == "both" else [a.data], a, tok)
+    rows = bench_all(list(DISTRIBUTIONS) if a.data == "all" else [a.data], a, tok)
     print("\n| data | tool | examples/s | tokens/s | seconds | CPU seconds | examples/CPU-s | examples | tokens "
           "| supervised tokens | dropped | / TRL (examples/s, per CPU-s) |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
