@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
+import random
+import re
+import threading
+import time
 
 import pytest
 from conftest import run_cli
@@ -105,3 +110,50 @@ def test_a_file_bigger_than_memory_allows_is_refused_from_its_size(tmp_path):
         sources.check_size(str(path), os.stat(path), available=5_000_000)
     sources.check_size(str(path), os.stat(path), available=7_000_000)
     sources.check_size(str(path), os.stat(path), available=None)  # memory unknown: nothing is refused
+
+
+def test_a_file_replaced_over_and_over_during_prepare_data_never_saves_one_files_rows_under_the_others_key(tmp_path):
+    """The issue's trial on the real CLI: the data file is swapped between A (30 rows) and B (50)
+    every millisecond or so while `prepare-data` reads it. It may refuse ("changed while it was
+    read"), or save a set whose key and rows are of one file; never A's key over B's rows (before
+    the one-read rule the key came from one read and the rows from another: run on that code
+    (006877b^), 3 of 6 runs of this test with 2 swapped prepares caught B's key over A's rows; it has 4)."""
+    rows = {name: "".join(json.dumps({"instruction": f"{name} {i}", "output": "ok"}) + "\n" for i in range(n))
+            for name, n in (("A", 30), ("B", 50))}
+    data = tmp_path / "rows.jsonl"
+    truth = {}  # each file's key, from a prepare of it left alone
+    for name, text in rows.items():
+        data.write_text(text)
+        run_cli("prepare-data", "--data_path", str(data), "--output_dir", str(tmp_path / f"alone_{name}"))
+        manifest = json.loads((tmp_path / f"alone_{name}" / "manifest.json").read_text())
+        truth[manifest["fingerprint"]] = manifest["rows_in"]
+    assert sorted(truth.values()) == [30, 50]
+    stop = threading.Event()
+
+    def swap():
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            tmp = tmp_path / f".swap{i % 2}"
+            tmp.write_text(rows["AB"[i % 2]])
+            os.replace(tmp, data)
+            time.sleep(random.uniform(0, 0.002))
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    try:
+        procs = [run_cli("prepare-data", "--data_path", str(data), "--output_dir", str(tmp_path / f"swapped_{i}"),
+                         check=False) for i in range(4)]
+    finally:
+        stop.set()
+        swapper.join()
+    for i, proc in enumerate(procs):
+        out = tmp_path / f"swapped_{i}"
+        if proc.returncode == 2:
+            assert re.fullmatch(rf"error: {re.escape(str(data))}: changed while it was read .*; run again", proc.stderr.strip()), \
+                proc.stderr[-3000:]
+            assert not out.exists()
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            manifest = json.loads((out / "manifest.json").read_text())
+            assert truth.get(manifest["fingerprint"]) == manifest["rows_in"], (truth, manifest["fingerprint"], manifest["rows_in"])
