@@ -115,6 +115,13 @@ def check_deepspeed_batch(ds: dict, cfg: SFTConfig, world: int) -> None:
                               f"set it to \"auto\" in the DeepSpeed JSON, or change the flags to match")
 
 
+def check_sequence_world(size: int, world: int) -> None:
+    """--sequence_parallel_size divides the processes (checked again when the groups are made)."""
+    if world % size:
+        raise ConfigError(f"--sequence_parallel_size {size} must divide the {world} processes; launch a multiple "
+                          f"of {size} (--num_processes) or pick a divisor of {world}")
+
+
 def check_deepspeed_file(cfg: SFTConfig) -> None:
     """The batch check above, from the JSON file accelerate launch names, before anything heavy is
     imported: as the Accelerator's own check it came after 30-40 s of imports and set-up."""

@@ -204,6 +204,40 @@ def load_micro_batch(dataset, rows: list[list[int]], pad_id: int, packed: bool =
     return collate([[dataset[i] for i in row] for row in rows], pad_id, packed, padding_free)
 
 
+def shard_sequence(batch: MicroBatch, size: int, index: int) -> MicroBatch:
+    """Shard `index` of `size` of a padding-free packed micro-batch (one row), for sequence
+    parallelism (sftkit/sequence_parallel.py): the row, padded to a multiple of `size` with a
+    padding sequence of its own, cut into equal spans of tokens. Each shard keeps the whole row's
+    offsets (its attention sees every token after the all-to-all) and the targets of its own
+    logits; tokens, slots and attention pairs are split so that their sums over the shards are the
+    row's."""
+    ids, positions = batch.inputs["input_ids"], batch.inputs["position_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError("sequence parallelism shards padding-free rows (packing with varlen attention)")
+    width = ids.shape[1]
+    extra = -width % size
+    cu, longest = batch.inputs["cu_seq_lens_q"], batch.inputs["max_length_q"]
+    keep, segments = batch.keep, batch.segments
+    if extra:
+        # any id will do: the padding is a sequence of its own and never a target
+        ids = torch.cat([ids, torch.full((1, extra), int(ids[0, -1]), dtype=ids.dtype)], dim=1)
+        positions = torch.cat([positions, torch.arange(extra, dtype=positions.dtype)[None]], dim=1)
+        keep = torch.cat([keep, torch.zeros((1, extra), dtype=torch.bool)], dim=1)
+        segments = torch.cat([segments, torch.full((1, extra), -1, dtype=segments.dtype)], dim=1)
+        cu = torch.cat([cu, torch.tensor([width + extra], dtype=cu.dtype)])
+        longest = max(longest, extra)
+    span = (width + extra) // size
+    start, end = index * span, (index + 1) * span
+    before = int(keep[0, :start].sum())
+    inputs = {**batch.inputs, "input_ids": ids[:, start:end], "position_ids": positions[:, start:end],
+              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    pairs = batch.attn_pairs // size + (batch.attn_pairs % size if index == 0 else 0)
+    tokens = min(end, batch.tokens) - min(start, batch.tokens)  # the row's real tokens come first
+    lengths = batch.lengths if index == 0 or batch.lengths is None else batch.lengths[:0]
+    return MicroBatch(inputs, keep[:, start:end], batch.targets[before:before + int(keep[0, start:end].sum())],
+                      tokens, span, pairs, segments[:, start:end], lengths)
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn. SLURM's scancel, a container stop or Ctrl-C signal the whole
     process group: a worker killed by SIGTERM would make the training process raise mid-step
@@ -239,14 +273,17 @@ class StepBatches(torch.utils.data.Dataset):
     workers can then collate ahead of the training loop, and a resumed run starts at any step."""
 
     def __init__(self, dataset, schedule: Schedule, accumulation: int, rank: int, pad_id: int,
-                 packed: bool, padding_free: bool = False):
+                 packed: bool, padding_free: bool = False, sequence: tuple[int, int] = (1, 0)):
         self.dataset, self.schedule, self.accumulation, self.rank = dataset, schedule, accumulation, rank
         self.pad_id, self.packed, self.padding_free = pad_id, packed, padding_free
+        self.sequence = sequence  # (processes sharing each row, this one's shard): sequence parallelism
 
     def __getitem__(self, step: int) -> list[MicroBatch]:
         first = step * self.accumulation
-        return [load_micro_batch(self.dataset, self.schedule.examples(first + i, self.rank), self.pad_id,
-                                 self.packed, self.padding_free) for i in range(self.accumulation)]
+        batches = [load_micro_batch(self.dataset, self.schedule.examples(first + i, self.rank), self.pad_id,
+                                    self.packed, self.padding_free) for i in range(self.accumulation)]
+        size, index = self.sequence
+        return batches if size == 1 else [shard_sequence(b, size, index) for b in batches]
 
 
 @dataclass

@@ -139,6 +139,13 @@ class TrainOptions:
     """Pack examples into rows of max_length (best-fit decreasing); each example attends only to
     itself (position_ids restart, no cross-example attention). per_device_train_batch_size then
     counts rows."""
+    sequence_parallel_size: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(1)})
+    """Split each packed row's tokens over this many processes (Ulysses sequence parallelism): at
+    each attention layer an all-to-all gives every process all the row's tokens for its share of
+    the heads, so the rest of the model keeps 1/N of the row's activations. For rows longer than one
+    device holds. Needs packing with varlen attention (auto picks it); N divides the processes
+    (data parallelism runs over processes / N) and the model's attention heads. Gated DeltaNet
+    hybrids (Qwen3-Next, Qwen3.5) and the MoE balance loss are refused. 1: off."""
     val_size: float = field(default=0.0, metadata=at_least(0))
     """Hold out part of the training data for eval (instead of eval_data_path): below 1 a share
     (0.1: a tenth), from 1 a count of examples; picked by `seed`, the same on every rank and
@@ -240,6 +247,9 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         if self.lora_target_parameters not in ([], ["none"]) and self.lora_dropout:
             raise ConfigError(f"lora_target_parameters {', '.join(self.lora_target_parameters)}: PEFT cannot apply "
                               f"dropout to a parameter (lora_dropout={self.lora_dropout}); add --lora_dropout 0")
+        if self.sequence_parallel_size > 1 and not (self.packing and self.attn_implementation in ("auto", "varlen")):
+            raise ConfigError(f"sequence_parallel_size {self.sequence_parallel_size} splits packed rows and needs "
+                              "varlen attention; add --packing and leave --attn_implementation auto (or varlen)")
         if self.packing and self.attn_implementation not in PACKING_ATTENTION:
             raise ConfigError(f"packing needs an attention implementation that keeps packed examples apart "
                               f"({', '.join(PACKING_ATTENTION)}); set --attn_implementation sdpa or drop --packing")
@@ -267,11 +277,12 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
     def attention(self, cuda: bool) -> str:
-        """The attention kernel this run uses: auto is varlen when packing on a GPU, sdpa otherwise
-        (on a CPU the varlen path is a per-example loop, slower than sdpa's block mask)."""
+        """The attention kernel this run uses: auto is varlen when packing on a GPU or with sequence
+        parallelism, sdpa otherwise (on a CPU the varlen path is a per-example loop, slower than
+        sdpa's block mask)."""
         if self.attn_implementation != "auto":
             return self.attn_implementation
-        return "varlen" if self.packing and cuda else "sdpa"
+        return "varlen" if self.packing and (cuda or self.sequence_parallel_size > 1) else "sdpa"
 
     def loss_chunk(self, cuda: bool) -> int:
         """loss_chunk_size, with -1 resolved for the device (see its docstring)."""

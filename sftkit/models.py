@@ -193,15 +193,22 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
         raise ConfigError(f"cannot load model '{name}': {' '.join(str(err).split())[:300]}") from None
 
 
-def build_for_training(cfg, cuda: bool = False):
+def build_for_training(cfg, cuda: bool = False, sequence=None):
     """The model as it trains: base weights, then LoRA or not, gradient checkpointing, no cache.
-    `cuda`: it trains on a GPU, which decides what attn_implementation auto means."""
+    `cuda`: it trains on a GPU, which decides what attn_implementation auto means. `sequence`: the
+    process's SequenceGroup under sequence parallelism (its attention then splits heads)."""
     attention = cfg.attention(cuda)
     model = load_model(cfg.model_name_or_path, base_dtype(cfg), attention, cfg.trust_remote_code, quantized(cfg, cuda))
     if attention == "varlen":
         from sftkit.arch.packed_attention import check_model
 
         check_model(model.config)
+    if sequence is not None:
+        from sftkit.sequence_parallel import check_model as check_split
+        from sftkit.sequence_parallel import register as register_split
+
+        check_split(model.config, sequence.size)
+        model.set_attn_implementation(register_split(sequence))
     model.config.use_cache = False
     if cfg.packing:
         keep_linear_attention_apart(model)

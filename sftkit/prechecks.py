@@ -72,10 +72,11 @@ def check_hub_name(name: str, flag: str = "--model_name_or_path") -> None:
 def check_train(cfg: SFTConfig) -> None:
     """`sftkit train`: the training and eval data, and the output folder (claim checks it again,
     with the accelerator, and takes it)."""
-    from sftkit.accel import check_deepspeed_file
+    from sftkit.accel import check_deepspeed_file, check_sequence_world, launched_processes
     from sftkit.run_dir import check_output_dir, run_inputs
 
     check_deepspeed_file(cfg)
+    check_sequence_world(cfg.sequence_parallel_size, launched_processes())
     check_output_dir(Path(cfg.output_dir), run_inputs(cfg))
     check_data(cfg.data_path, cfg)
     if cfg.eval_data_path:

@@ -49,7 +49,7 @@ from sftkit.checkpoint import (
 from sftkit.config import SFTConfig
 from sftkit.data.dataset import hold_out, lengths, prepared_dir, spelled_fingerprint
 from sftkit.data.prepare import load_prepared, read_manifest
-from sftkit.errors import SftkitError
+from sftkit.errors import ConfigError, SftkitError
 from sftkit.evaluate import evaluate_loss
 from sftkit.lock import FolderLock
 from sftkit.loss import FusedHead, fused_head, loss_sums
@@ -72,6 +72,7 @@ from sftkit.models import (
 )
 from sftkit.neftune import add_neftune
 from sftkit.run_dir import Resume, base_identity, claim, find_resume, portable, run_identity, spelled_run_identity
+from sftkit.sequence_parallel import SequenceGroup, sequence_group
 from sftkit.signals import StoppedWaiting, StopRequest
 
 
@@ -97,6 +98,7 @@ class Run:
     start_time: float                # wall clock of step 0, a resumed run's earlier time included
     balance: RouterBalance | None = None  # MoE: the routers' load-balancing term; None: dense or off
     lock: FolderLock | None = None   # the output folder's (run_dir.claim): held while the run lives
+    sequence: SequenceGroup | None = None  # sequence parallelism: the processes sharing each row
     saved_step: int | None = None    # the step whose checkpoint is on disk (resumed from or saved)
     log: MetricsLog | None = None    # set by start_outputs
     meter: Throughput | None = None  # set by fit: windows start with the loop
@@ -193,8 +195,11 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
     train_set, eval_set, data_fp = load_sets(cfg, accelerator, tokenizer, console)
-    schedule = Schedule(lengths(train_set), cfg.per_device_train_batch_size, accelerator.num_processes,
-                        cfg.gradient_accumulation_steps, cfg.seed, cfg.packing, cfg.max_length, cfg.group_by_length)
+    sequence = sequence_group(cfg, accelerator)  # None unless --sequence_parallel_size > 1
+    # each sequence group of N processes trains one data-parallel share of the step
+    schedule = Schedule(lengths(train_set), cfg.per_device_train_batch_size,
+                        accelerator.num_processes // cfg.sequence_parallel_size, cfg.gradient_accumulation_steps,
+                        cfg.seed, cfg.packing, cfg.max_length, cfg.group_by_length)
     steps = total_steps(schedule, cfg.num_train_epochs, cfg.max_steps)
     check_step_size(cfg, schedule, console if accelerator.is_main_process else None)
     if cfg.warmup_steps and cfg.warmup_ratio and accelerator.is_main_process and console is not None:
@@ -208,7 +213,7 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
         cfg, spelled_fingerprint(cfg.data_options(), cfg.data_path, tokenizer, cfg.mixing()),
         accelerator.num_processes)) if cfg.resume_from_checkpoint else None
     cuda = accelerator.device.type == "cuda"  # Run.cuda, before there is a Run
-    model = build_for_training(cfg, cuda)  # auto attention: varlen on a GPU
+    model = build_for_training(cfg, cuda, sequence)  # auto attention: varlen on a GPU
     add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,7 +237,10 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s, lock=lock, saved_step=state.step if resume else None,
-              balance=router_balance(unwrapped.config, cfg.router_aux_loss_coef))
+              balance=router_balance(unwrapped.config, cfg.router_aux_loss_coef), sequence=sequence)
+    if sequence is not None and run.balance is not None:
+        raise ConfigError(f"--sequence_parallel_size {sequence.size}: the MoE balance loss is computed per example, "
+                          "and an example's tokens are split over processes here; add --router_aux_loss_coef 0")
     start_outputs(run, trainable, total, resumed=state.step if resume else None, console=console)
     return run
 
@@ -311,6 +319,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
     run.log = MetricsLog(acc, run.out / "metrics.jsonl", resumed, console)
     run.log.write({
         "event": "start", "world_size": acc.num_processes, "distributed_type": distributed_type(acc),
+        "sequence_parallel_size": cfg.sequence_parallel_size,
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
         "val_examples": len(run.eval_set) if cfg.val_size else None, "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
@@ -321,9 +330,10 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
 
 def step_batches(run: Run) -> StepBatches:
     """Item k: this rank's micro-batches of optimizer step k."""
+    size = run.sequence.size if run.sequence else 1
     return StepBatches(run.train_set, run.schedule, run.cfg.gradient_accumulation_steps,
-                       run.accelerator.process_index, run.tokenizer.pad_token_id, run.cfg.packing,
-                       run.cfg.padding_free(run.cuda))
+                       run.accelerator.process_index // size, run.tokenizer.pad_token_id, run.cfg.packing,
+                       run.cfg.padding_free(run.cuda), (size, run.sequence.index if run.sequence else 0))
 
 
 def step_loader(run: Run, stop: StopRequest | None = None):
@@ -557,11 +567,13 @@ def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
             summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
     prints = None if is_zero3(acc) else acc.gather(
         param_fingerprint(run.model).to(acc.device).unsqueeze(0)).tolist()
+    rss = acc.gather(torch.tensor([peak_rss_mb() or 0.0], dtype=torch.float64, device=acc.device)).tolist()
     summary.update(event="end", step=state.step, train_loss=run.last_loss, skipped_steps=state.skipped_steps,
                    tokens=state.tokens,
                    supervised_tokens=state.supervised_tokens,
                    elapsed_s=round(state.elapsed_s, 2), **run.meter.whole_run(),
-                   peak_rss_mb=peak_rss_mb(), peak_gpu_mem_gb=peak_gpu_gb(), param_fingerprints=prints,
+                   peak_rss_mb=peak_rss_mb(), peak_rss_mb_per_rank=rss, peak_gpu_mem_gb=peak_gpu_gb(),
+                   param_fingerprints=prints,
                    ranks_in_sync=None if prints is None else all(p == prints[0] for p in prints))
     run.log.write(summary)
     if acc.is_main_process:

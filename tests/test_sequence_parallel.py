@@ -1,0 +1,121 @@
+"""Sequence parallelism (Ulysses, --sequence_parallel_size): a packed row's tokens split over the
+processes of a group, attention over heads by all-to-all, on this CPU over gloo. Sequence
+parallel 2 must train what sequence parallel 1 trains: the loss and every gradient of a packed
+row of several examples (2 ranks under torchrun), and a whole run under `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from conftest import BIN, ROOT, read_metrics, run_cli
+from safetensors.torch import load_file
+
+from sftkit.batching import collate, shard_sequence
+from sftkit.errors import ConfigError
+
+
+def _examples(lengths):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, 1000, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100 if i < n // 2 else t for i, t in enumerate(ids)]})
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_the_shards_of_a_row_are_the_row(size):
+    """Laid end to end, the shards are the row padded to a multiple of `size` (the padding a
+    sequence of its own); each keeps the whole row's offsets and its own logits' targets."""
+    batch = collate([_examples([9, 1, 14, 7])], 0, True, padding_free=True)  # 31 tokens
+    shards = [shard_sequence(batch, size, i) for i in range(size)]
+    width = batch.inputs["input_ids"].shape[1]
+    padded = -(-width // size) * size
+    assert {s.inputs["input_ids"].shape[1] for s in shards} == {padded // size}
+    ids = torch.cat([s.inputs["input_ids"] for s in shards], dim=1)
+    assert torch.equal(ids[:, :width], batch.inputs["input_ids"])
+    positions = torch.cat([s.inputs["position_ids"] for s in shards], dim=1)
+    assert torch.equal(positions[:, :width], batch.inputs["position_ids"])
+    assert positions[0, width:].tolist() == list(range(padded - width))  # a sequence of its own
+    assert torch.equal(torch.cat([s.targets for s in shards]), batch.targets)
+    assert torch.equal(torch.cat([s.keep for s in shards], dim=1)[:, :width], batch.keep)
+    for s in shards:
+        assert s.inputs["cu_seq_lens_q"].tolist() == batch.inputs["cu_seq_lens_q"].tolist() + [padded] * (padded > width)
+    assert sum(s.tokens for s in shards) == batch.tokens and sum(s.slots for s in shards) == padded
+    assert sum(s.attn_pairs for s in shards) == batch.attn_pairs
+    assert sum(s.counted_tokens for s in shards) == batch.counted_tokens
+
+
+def test_sequence_parallel_2_gives_the_loss_and_every_gradient_of_1(tmp_path):
+    """2 ranks, one packed row of 5 examples (103 tokens, one of them a single token), float64 on
+    the plain loss path: loss and every parameter's gradient (summed over the ranks) against the
+    unsplit row. The same shards with the row's boundaries dropped must give another loss."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "sequence_parallel_check.py"), str(out)],
+                          cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    got = json.loads(out.read_text())
+    assert got["row_tokens"] == 103 and got["shard_tokens"] == 52
+    assert got["targets"] == got["want_targets"] > 0
+    assert got["loss"] == pytest.approx(got["want_loss"], rel=1e-12)
+    assert got["grad_names"] == got["want_names"] and len(got["grad_names"]) == 24
+    assert got["worst_grad_rel"] < 1e-10, got["worst_grad_rel"]  # measured 7.7e-16
+    assert abs(got["blind_loss"] - got["want_loss"]) > 1e-3 * got["want_loss"], got
+
+
+# lr 1 with adam_epsilon 1 (as tests/test_distributed.py): updates proportional to the gradient
+TRAIN = ["--data_path", "data/sample_alpaca.json", "--use_lora", "--max_steps", "3", "--logging_steps", "1",
+         "--learning_rate", "1", "--adam_epsilon", "1", "--warmup_ratio", "0", "--save_steps", "0",
+         "--lora_dropout", "0", "--max_length", "256", "--packing", "--per_device_train_batch_size", "2"]
+TWO = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_a_run_with_sequence_parallel_2_trains_the_steps_of_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli("train", *TRAIN, "--attn_implementation", "varlen", "--output_dir", str(one))
+    # with gradient checkpointing too: the recompute runs the all-to-alls again, in the same order on both ranks
+    run_cli("train", *TRAIN, "--sequence_parallel_size", "2", "--gradient_checkpointing", "--output_dir", str(two),
+            launch=["--config_file", "accelerate_configs/multi_gpu.yaml", *TWO], env={"ACCELERATE_USE_CPU": "true"})
+    start, end = read_metrics(two)[0], read_metrics(two)[-1]
+    assert start["world_size"] == 2 and start["sequence_parallel_size"] == 2 and start["attention"] == "varlen"
+    assert end["event"] == "end" and end["step"] == 3 and end["ranks_in_sync"] is True
+    losses = [[r["loss"] for r in read_metrics(o) if "loss" in r] for o in (one, two)]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    # each rank held half of every row: the ranks' tokens add up to the row's (copies would double them)
+    counts = [[(r["tokens"], r["supervised_tokens"]) for r in read_metrics(o) if "loss" in r] for o in (one, two)]
+    assert counts[1] == counts[0]
+    norms = [[r["grad_norm"] for r in read_metrics(o) if "grad_norm" in r] for o in (one, two)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+    got, want = (load_file(o / "final" / "adapter_model.safetensors") for o in (two, one))
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_what_sequence_parallelism_cannot_split_is_one_line(tmp_path):
+    proc = run_cli("train", *TRAIN, "--sequence_parallel_size", "2", "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --sequence_parallel_size 2 must divide the 1 processes; launch a multiple of 2 (--num_processes) "
+        "or pick a divisor of 1") and "Traceback" not in proc.stderr, proc.stderr
+    no_packing = [x for x in TRAIN if x != "--packing"]
+    proc = run_cli("train", *no_packing, "--sequence_parallel_size", "2", "--output_dir", str(tmp_path / "o"),
+                   check=False)
+    assert proc.returncode == 2 and "add --packing" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_gated_deltanet_hybrid_or_indivisible_heads_are_refused():
+    from transformers import AutoConfig, Qwen3Config
+
+    from sftkit.sequence_parallel import check_model
+
+    with pytest.raises(ConfigError, match="Gated DeltaNet layers, whose recurrence runs along the whole sequence"):
+        check_model(AutoConfig.for_model("qwen3_next"), 2)
+    with pytest.raises(ConfigError, match="must divide the model's 4 attention heads"):
+        check_model(Qwen3Config(num_attention_heads=4, num_key_value_heads=2), 3)
+    check_model(Qwen3Config(num_attention_heads=4, num_key_value_heads=2), 4)  # kv heads repeated to split
