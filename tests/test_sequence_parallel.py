@@ -75,9 +75,16 @@ TRAIN = ["--data_path", "data/sample_alpaca.json", "--use_lora", "--max_steps", 
 TWO = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def test_a_run_with_sequence_parallel_2_trains_the_steps_of_one_process(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_cli("train", *TRAIN, "--attn_implementation", "varlen", "--output_dir", str(one))
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The reference: one process, micro-batch 2 rows (packed into one padding-free row)."""
+    out = tmp_path_factory.mktemp("sp") / "one"
+    run_cli("train", *TRAIN, "--attn_implementation", "varlen", "--output_dir", str(out))
+    return out
+
+
+def test_a_run_with_sequence_parallel_2_trains_the_steps_of_one_process(one, tmp_path):
+    two = tmp_path / "two"
     # with gradient checkpointing too: the recompute runs the all-to-alls again, in the same order on both ranks
     run_cli("train", *TRAIN, "--sequence_parallel_size", "2", "--gradient_checkpointing", "--output_dir", str(two),
             launch=["--config_file", "accelerate_configs/multi_gpu.yaml", *TWO], env={"ACCELERATE_USE_CPU": "true"})
@@ -95,6 +102,23 @@ def test_a_run_with_sequence_parallel_2_trains_the_steps_of_one_process(tmp_path
     assert got.keys() == want.keys()
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_four_processes_are_two_data_parallel_groups_of_two(one, tmp_path):
+    """4 processes with --sequence_parallel_size 2: ranks 0-1 share one row, ranks 2-3 the next;
+    the step's 2 rows are those one process with micro-batch 2 trains."""
+    four = tmp_path / "four"
+    base = [x for x in TRAIN if x != "2"] + ["1"]  # micro-batch 1 row a data-parallel group
+    assert base.count("--per_device_train_batch_size") == 1 and base[-2:] == ["--per_device_train_batch_size", "1"]
+    run_cli("train", *base, "--sequence_parallel_size", "2", "--output_dir", str(four),
+            launch=["--config_file", "accelerate_configs/multi_gpu.yaml", *TWO[:1], "4", *TWO[2:]],
+            env={"ACCELERATE_USE_CPU": "true"})
+    start, end = read_metrics(four)[0], read_metrics(four)[-1]
+    assert start["world_size"] == 4 and start["sequence_parallel_size"] == 2
+    assert end["step"] == 3 and end["ranks_in_sync"] is True and len(end["param_fingerprints"]) == 4
+    steps = [[(r["tokens"], r["supervised_tokens"], r["loss"]) for r in read_metrics(o) if "loss" in r] for o in (one, four)]
+    assert [s[:2] for s in steps[1]] == [s[:2] for s in steps[0]]
+    assert [s[2] for s in steps[1]] == pytest.approx([s[2] for s in steps[0]], rel=1e-5)
 
 
 def test_what_sequence_parallelism_cannot_split_is_one_line(tmp_path):
