@@ -30,6 +30,7 @@ from sftkit.arch.layout import restore as restore_layout
 from sftkit.digest import algo_of, of_bytes, of_files
 from sftkit.errors import ConfigError, SftkitError
 from sftkit.io import apply_umask, atomic_write_text
+from sftkit.sharding import full_state_dict, is_sharded
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -138,11 +139,13 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
     """Model or adapter + tokenizer + generation config + sftkit config, loadable without sftkit,
     in the layout of the base checkpoint (sftkit/arch/layout.py).
 
-    Under ZeRO-3 each rank holds a slice of every weight: get_state_dict gathers them (all ranks
-    must call it), and the files are reopened afterwards to check every shape.
+    Under ZeRO-3 and FSDP2 each rank holds a slice of every weight: they are gathered on rank 0
+    (all ranks must call it), and the files are reopened afterwards to check every shape. A LoRA
+    model saves its adapter alone from the gathered state dict, as PEFT does from its own.
     """
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model) if is_zero3(accelerator) else None
+    state_dict = accelerator.get_state_dict(model) if is_zero3(accelerator) else \
+        full_state_dict(model) if is_sharded(model) else None
     if accelerator.is_main_process:
         path.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)

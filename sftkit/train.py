@@ -1,4 +1,4 @@
-"""The training loop: one accelerate loop for CPU, one GPU, DDP and DeepSpeed ZeRO-1/2/3.
+"""The training loop: one accelerate loop for CPU, one GPU, DDP, DeepSpeed ZeRO-1/2/3 and FSDP2.
 
     run(cfg) = setup(cfg) -> fit(run) -> finish(run)
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator
+from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator, shards_model
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.arch.moe import RouterBalance, router_balance
 from sftkit.batching import (
@@ -72,6 +72,7 @@ from sftkit.models import (
 )
 from sftkit.neftune import add_neftune
 from sftkit.run_dir import Resume, base_identity, claim, find_resume, portable, run_identity, spelled_run_identity
+from sftkit.sharding import clip_grad_norm_, is_sharded, shard
 from sftkit.signals import StoppedWaiting, StopRequest
 
 
@@ -81,7 +82,7 @@ class Run:
 
     cfg: SFTConfig
     accelerator: Any
-    model: torch.nn.Module           # wrapped by accelerate (DDP, DeepSpeed engine) where it applies
+    model: torch.nn.Module           # wrapped by accelerate (DDP, DeepSpeed engine), or sharded (FSDP2)
     optimizer: Any
     scheduler: torch.optim.lr_scheduler.LRScheduler
     params: list[torch.nn.Parameter]  # the trainable ones
@@ -211,9 +212,14 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
     model = build_for_training(cfg, cuda)  # auto attention: varlen on a GPU
     add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
     trainable, total = count_parameters(model)
+    if shards_model(accelerator):  # FSDP2: sharded here, before the optimizer sees its parameters
+        model = shard(model, cfg.bf16, accelerator.device.type)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if is_sharded(model):  # prepare() would wrap it in DDP: only the optimizer goes through it
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     # Not passed to prepare(): accelerate would step it once per process per optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -310,7 +316,8 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         console.print(note, highlight=False)
     run.log = MetricsLog(acc, run.out / "metrics.jsonl", resumed, console)
     run.log.write({
-        "event": "start", "world_size": acc.num_processes, "distributed_type": distributed_type(acc),
+        "event": "start", "world_size": acc.num_processes,
+        "distributed_type": "FSDP" if is_sharded(run.model) else distributed_type(acc),
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
         "val_examples": len(run.eval_set) if cfg.val_size else None, "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
@@ -374,7 +381,7 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
     # and the last before it starts; everything else in the step stays on the device (.item() only
     # at logging steps).
     n_sup, n_tok, n_slots, n_stop, n_pairs, n_routed = acc.reduce(counts, reduction="sum").tolist()
-    # accelerate divides by the accumulation steps and DDP/DeepSpeed average over ranks: undo both,
+    # accelerate divides by the accumulation steps and DDP/DeepSpeed/FSDP2 average over ranks: undo both,
     # so the gradient is exactly d(sum of token losses / n_sup + coef * balance loss)/d(theta).
     scale = cfg.gradient_accumulation_steps * acc.num_processes / max(n_sup, 1)
     coef = run.balance.coef if run.balance else 0.0
@@ -382,6 +389,7 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     aux_sum = torch.zeros((), dtype=torch.float32, device=acc.device)
     grad_norm, skip = None, False
+    clip = clip_grad_norm_ if is_sharded(run.model) else acc.clip_grad_norm_  # FSDP2: DTensor shards
     for batch in batches:
         batch = batch.to(acc.device)
         with acc.accumulate(run.model):
@@ -390,7 +398,7 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
             loss_sum += ce.detach()
             aux_sum += 0 if aux is None else aux.detach()
             if acc.sync_gradients and (cfg.max_grad_norm > 0 or cfg.skip_nan_steps):
-                grad_norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)
+                grad_norm = clip(run.params, cfg.max_grad_norm or math.inf)
                 # the norm of the synced gradients: every rank takes the same decision
                 skip = cfg.skip_nan_steps and not math.isfinite(as_float(grad_norm))
             if not skip:
@@ -507,6 +515,9 @@ def log_eval(run: Run, stop: StopRequest | None = None, bar=None) -> dict | None
 
 def save(run: Run) -> Path:
     """checkpoint-N for the current step, written only from finite weights and optimizer state."""
+    if is_sharded(run.model):  # accel.check_fsdp refuses --save_steps: only a stop signal comes here
+        raise SftkitError(f"stopped at step {run.state.step}; FSDP2 runs write no checkpoint yet (issue 22, part 2), "
+                          "so it cannot be resumed: start it again, or train with multi_gpu.yaml (DDP)")
     if not state_is_finite(run):
         raise SftkitError(f"training diverged at step {run.state.step}: a weight or an optimizer moment became "
                           f"nan or inf, so checkpoint-{run.state.step} was not written. {last_finite(run)} "
@@ -543,8 +554,8 @@ def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
 
     acc, state, summary = run.accelerator, run.state, {}
     state.elapsed_s = time.time() - run.start_time
-    if run.saved_step != state.step:  # kept until final/ is complete: a failed final save is resumable
-        save(run)
+    if run.saved_step != state.step and not is_sharded(run.model):  # kept until final/ is complete: a
+        save(run)                                                        # failed final save is resumable
     save_final(acc, run.model, run.tokenizer, run.cfg, run.out, state.step)
     if not run.cfg.save_steps and acc.is_main_process:  # save_steps 0 keeps no checkpoint once final/ is there
         shutil.rmtree(checkpoint_dir(run.out, state.step), ignore_errors=True)
@@ -555,7 +566,7 @@ def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
             summary["final_eval"] = f"skipped: stopped by {stop.signal or 'a signal on another rank'}"
         else:
             summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
-    prints = None if is_zero3(acc) else acc.gather(
+    prints = None if is_zero3(acc) or is_sharded(run.model) else acc.gather(
         param_fingerprint(run.model).to(acc.device).unsqueeze(0)).tolist()
     summary.update(event="end", step=state.step, train_loss=run.last_loss, skipped_steps=state.skipped_steps,
                    tokens=state.tokens,
