@@ -177,10 +177,6 @@ def check_fsdp(cfg: SFTConfig) -> None:
         raise ConfigError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION')}; sftkit "
                           "runs FSDP2 only: set fsdp_version: 2 in its fsdp_config (as "
                           "accelerate_configs/fsdp2.yaml does), or use multi_gpu.yaml (DDP) or a deepspeed_*.yaml")
-    if cfg.save_steps or cfg.resume_from_checkpoint:
-        raise ConfigError("checkpoints under FSDP2 are not written yet (issue 22, part 2): pass --save_steps 0 and "
-                          "no --resume_from_checkpoint (final/ is still written), or use multi_gpu.yaml (DDP) or "
-                          "a deepspeed_*.yaml for a resumable run")
     if cfg.load_in_4bit:
         raise ConfigError("--load_in_4bit does not work under FSDP2 (fully_shard cannot slice bitsandbytes' packed "
                           "4-bit weights); use one GPU or DDP (multi_gpu.yaml)")

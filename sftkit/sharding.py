@@ -79,3 +79,73 @@ def full_state_dict(model) -> dict:
         if kept != name and kept in state and name in state:
             state[name] = state[kept]
     return state
+
+
+# ---- checkpoints: torch.distributed.checkpoint (DCP), sharded as trained, resharded as loaded ----
+DCP_DIR = "dcp"  # in a checkpoint's state/: the model's trained tensors and the optimizer, by name
+
+
+def save_sharded(model, optimizer, folder, keep: set[str]) -> None:
+    """Every rank writes its own shards of the weights that train (`keep`: never a frozen base
+    weight) and of the optimizer's moments, keyed by parameter name, and its RNG states; DCP's
+    coordinator (rank 0) writes the metadata once every rank's files are in, so a checkpoint holds
+    the whole state however many ranks wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
+             "optim": get_optimizer_state_dict(model, inner)}
+    dcp.save(state, checkpoint_id=str(folder / DCP_DIR))
+    save_rng(folder)
+
+
+def load_sharded(model, optimizer, folder, keep: set[str]) -> None:
+    """The state save_sharded wrote, into this run's model and optimizer: sharded or not, on any
+    number of ranks (DCP reads each rank's slices of every tensor by name)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
+             "optim": get_optimizer_state_dict(model, inner)}
+    dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, inner, state["optim"])
+    load_rng(folder)
+
+
+def rng_file(folder, rank: int):
+    return folder / f"rng_{rank}.pt"
+
+
+def save_rng(folder) -> None:
+    """This rank's torch (and CUDA) RNG states, for the dropout masks a resumed run must repeat."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(states, rng_file(folder, rank))
+
+
+def load_rng(folder) -> None:
+    """This rank's saved RNG states; a rank the checkpoint has none of (more ranks than wrote it)
+    takes rank 0's."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = rng_file(folder, rank)
+    states = torch.load(path if path.is_file() else rng_file(folder, 0), weights_only=True)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -226,7 +226,7 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
         optimizer, functools.partial(lr_schedule(cfg), steps))
     if resume:
         # the counters continue; the identity, length and data are this configuration's from now on
-        state = dataclasses.replace(load_checkpoint(accelerator, resume.path, scheduler), total_steps=steps,
+        state = dataclasses.replace(load_checkpoint(accelerator, resume.path, scheduler, model, optimizer), total_steps=steps,
                                     run_id=state.run_id, data_fingerprint=data_fp, base_model=state.base_model,
                                     base_hash=state.base_hash)
         apply_optimizer_options(cfg, optimizer, scheduler, lr_schedule(cfg)(steps, state.step))
@@ -515,25 +515,25 @@ def log_eval(run: Run, stop: StopRequest | None = None, bar=None) -> dict | None
 
 def save(run: Run) -> Path:
     """checkpoint-N for the current step, written only from finite weights and optimizer state."""
-    if is_sharded(run.model):  # accel.check_fsdp refuses --save_steps: only a stop signal comes here
-        raise SftkitError(f"stopped at step {run.state.step}; FSDP2 runs write no checkpoint yet (issue 22, part 2), "
-                          "so it cannot be resumed: start it again, or train with multi_gpu.yaml (DDP)")
     if not state_is_finite(run):
         raise SftkitError(f"training diverged at step {run.state.step}: a weight or an optimizer moment became "
                           f"nan or inf, so checkpoint-{run.state.step} was not written. {last_finite(run)} "
                           "Lower --learning_rate, use bf16 instead of fp16, or pass --skip_nan_steps")
     run.state.elapsed_s = time.time() - run.start_time
-    path = save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler)
+    path = save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler,
+                           run.optimizer)
     run.saved_step = run.state.step
     return path
 
 
 def state_is_finite(run: Run) -> bool:
-    """Every trainable weight and optimizer tensor finite, on every rank (one all-reduce)."""
+    """Every trainable weight and optimizer tensor finite, on every rank (one all-reduce). Under
+    FSDP2 each rank checks its own shards (DTensor.to_local), and the all-reduce covers them all."""
     device = run.accelerator.device
     tensors = [p.detach() for p in run.params]
     tensors += [v for st in getattr(run.optimizer, "state", {}).values() for v in st.values()
                 if torch.is_tensor(v) and v.is_floating_point()]
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
     bad = torch.stack([(~torch.isfinite(t).all()).to(device) for t in tensors]).sum() if tensors else \
         torch.zeros((), device=device)
     return run.accelerator.reduce(bad.long(), reduction="sum").item() == 0
@@ -554,8 +554,8 @@ def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
 
     acc, state, summary = run.accelerator, run.state, {}
     state.elapsed_s = time.time() - run.start_time
-    if run.saved_step != state.step and not is_sharded(run.model):  # kept until final/ is complete: a
-        save(run)                                                        # failed final save is resumable
+    if run.saved_step != state.step:  # kept until final/ is complete: a failed final save is resumable
+        save(run)
     save_final(acc, run.model, run.tokenizer, run.cfg, run.out, state.step)
     if not run.cfg.save_steps and acc.is_main_process:  # save_steps 0 keeps no checkpoint once final/ is there
         shutil.rmtree(checkpoint_dir(run.out, state.step), ignore_errors=True)

@@ -4,6 +4,8 @@ final/ is a plain Hugging Face folder. What FSDP2 cannot do yet is refused in on
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import ROOT, read_metrics, run_cli
@@ -129,15 +131,43 @@ def test_fsdp_version_1_is_refused(tmp_path):
     assert "FSDP version 1" in lines[0] and "fsdp_version: 2" in lines[0]
 
 
-@pytest.mark.parametrize("flags", [["--save_steps", "2"],
-                                   ["--save_steps", "0", "--resume_from_checkpoint", "latest"]])
-def test_checkpoints_are_refused(flags, tmp_path):
-    """No half-working checkpoint: --save_steps and resume stop before the model loads, exit 2.
-    One process with the variables `accelerate launch --config_file fsdp2.yaml` exports."""
-    args = with_values(LORA, save_steps=None) + flags
-    proc = run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(tmp_path / "out"), *args,
-                   env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "checkpoints under FSDP2" in lines[0] and "--save_steps 0" in lines[0]
-    assert not (tmp_path / "out").exists()
+def _resume_copy(src, dest, keep: str):
+    """`src`'s run folder as a crash after `keep` left it: that checkpoint, none later, no final/."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("final"))
+    for ckpt in dest.glob("checkpoint-*"):
+        if ckpt.name != keep:
+            shutil.rmtree(ckpt)
+    return dest
+
+
+def test_a_checkpoint_resumes_exactly_on_two_ranks_and_loads_on_one(tmp_path):
+    """Full fine-tuning, 4 steps, a checkpoint at 2 (DCP: each rank's shards of the weights and
+    AdamW's moments, its RNG). Resumed from it on 2 ranks, steps 3-4 are those of the run that went
+    on; on 1 process (unsharded, micro-batch 8: the same global batch) they agree to float
+    round-off."""
+    whole = tmp_path / "whole"
+    args = with_values(FULL, max_steps="4", save_steps="2")
+    launch(whole, "fsdp2", args)
+    ckpt = whole / "checkpoint-2"
+    assert sorted(p.name for p in (ckpt / "state" / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    want = steps(whole, "loss")
+    assert len(want) == 4
+    two = _resume_copy(whole, tmp_path / "two", "checkpoint-2")
+    launch(two, "fsdp2", [*args, "--resume_from_checkpoint", "latest"])
+    assert read_metrics(two)[-1]["event"] == "end"
+    assert steps(two, "loss")[-2:] == want[2:]  # the same ranks, the same shards: the same numbers
+    final, expected = (load_file(str(o / "final" / "model.safetensors")) for o in (two, whole))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+    one = _resume_copy(whole, tmp_path / "one", "checkpoint-2")
+    run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(one),
+            "--per_device_train_batch_size", "8", *with_values(args, save_steps="1"),
+            "--resume_from_checkpoint", str(one / "checkpoint-2"))
+    assert read_metrics(one)[-1]["event"] == "end"
+    assert steps(one, "loss")[-2:] == pytest.approx(want[2:], rel=1e-5)
+    # and back: the unsharded run's checkpoint-3 (accelerate's files, whole optimizer tensors) under FSDP2
+    proc = run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(one),
+                   "--per_device_train_batch_size", "4", *args, "--resume_from_checkpoint", str(one / "checkpoint-3"),
+                   launch=["--config_file", "accelerate_configs/fsdp2.yaml", *TWO],
+                   env={"ACCELERATE_USE_CPU": "true"}, check=False)
+    lines = error_lines(proc)
+    assert proc.returncode != 0 and lines and "was written by a run without FSDP2" in lines[0], proc.stderr[-3000:]
