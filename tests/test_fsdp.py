@@ -37,9 +37,10 @@ FULL = with_values(TRAIN, max_steps="3", max_length="128", use_lora=None, lora_d
 LORA = with_values(TRAIN, max_steps="3", max_length="128") + CLIP + ["--val_size", "6"]
 
 
-def launch(out, config: str, args: list[str]) -> list[dict]:
+def launch(out, config: str, args: list[str], batch: tuple[str, str] = ("4", "1")) -> list[dict]:
+    """Train on 2 ranks; `batch`: micro-batch and accumulation steps (a global batch of 8 either way)."""
     run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(out),
-            "--per_device_train_batch_size", "4", *args,
+            "--per_device_train_batch_size", batch[0], "--gradient_accumulation_steps", batch[1], *args,
             launch=["--config_file", f"accelerate_configs/{config}.yaml", *TWO], env={"ACCELERATE_USE_CPU": "true"})
     return read_metrics(out)
 
@@ -99,10 +100,11 @@ def test_full_fine_tune_matches_ddp(ddp_full, tmp_path):
     torch.testing.assert_close(model.lm_head.weight, expected["model.embed_tokens.weight"], rtol=1e-5, atol=1e-6)
 
 
-def test_lora_with_gradient_checkpointing_matches_ddp(ddp_lora, tmp_path):
-    """Recomputing each layer in the backward changes no number: the reference runs without it."""
+def test_lora_with_accumulation_and_checkpointing_matches_ddp(ddp_lora, tmp_path):
+    """2 micro-batches of 2 where DDP takes 1 of 4, each layer recomputed in the backward where
+    DDP keeps its activations: neither changes a number (the loss is the token mean of the step)."""
     out = tmp_path / "fsdp_lora"
-    check_start(launch(out, "fsdp2", [*LORA, "--gradient_checkpointing"]))
+    check_start(launch(out, "fsdp2", [*LORA, "--gradient_checkpointing"], batch=("2", "2")))
     check_steps(out, ddp_lora)
     assert read_metrics(out)[-1]["eval_loss"] == pytest.approx(read_metrics(ddp_lora)[-1]["eval_loss"], rel=1e-5)
     adapter, expected = load_file(str(out / "final" / "adapter_model.safetensors")), \
