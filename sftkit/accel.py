@@ -169,7 +169,7 @@ def fsdp_version() -> int | None:
 
 
 def check_fsdp(cfg: SFTConfig) -> None:
-    """What FSDP2 runs cannot do yet, refused before anything loads."""
+    """What FSDP2 runs cannot do, refused before anything loads."""
     version = fsdp_version()
     if version is None:
         return
