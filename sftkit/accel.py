@@ -145,6 +145,7 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     from accelerate.utils import InitProcessGroupKwargs
 
     check_rendezvous()
+    check_fsdp(cfg)
     # Without a GPU, DeepSpeed needs gloo named here: otherwise every rank silently trains alone
     # (../shared/PLATFORM_NOTES.md: data not split, loss doubled). The time-out is an option: rank
     # 0 may tokenize a big set while the others wait.
@@ -154,14 +155,17 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     timeout = timedelta(minutes=cfg.ddp_timeout_minutes)
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if launched else []
     try:
-        accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
-            # several processes on a machine without a GPU (torchrun, or multi_gpu.yaml without
-            # ACCELERATE_USE_CPU): accelerate would leave each alone; cpu=True makes them MULTI_CPU
-            cpu=launched and not deepspeed and not torch.cuda.is_available(),
-        )
+        # FSDP2 is sftkit's own (sharding.py): accelerate's FSDP mode, GPU-only in 1.15, would
+        # shard again in prepare(); it builds a plain multi-process run instead (MULTI_CPU, MULTI_GPU)
+        with hidden_from_accelerate("ACCELERATE_USE_FSDP"):
+            accelerator = Accelerator(
+                mixed_precision=cfg.mixed_precision,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                log_with=log_with, project_dir=cfg.output_dir, kwargs_handlers=handlers,
+                # several processes on a machine without a GPU (torchrun, or multi_gpu.yaml without
+                # ACCELERATE_USE_CPU): accelerate would leave each alone; cpu=True makes them MULTI_CPU
+                cpu=launched and not deepspeed and not torch.cuda.is_available(),
+            )
     except RuntimeError as err:  # torch's DistStoreError is one: "Timed out ... 1/2 clients joined"
         if "timed out" not in str(err).lower():
             raise
@@ -187,6 +191,46 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
             if ds.get(key, "auto") == "auto":
                 ds[key] = value
     return accelerator
+
+
+def fsdp_version() -> int | None:
+    """The FSDP version the accelerate config asks for (accelerate launch exports its
+    distributed_type FSDP as ACCELERATE_USE_FSDP, its fsdp_version as FSDP_VERSION); None: no FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    version = os.environ.get("FSDP_VERSION", "1").strip()
+    return int(version) if version.isdigit() else -1
+
+
+def check_fsdp(cfg: SFTConfig) -> None:
+    """What FSDP2 runs cannot do, refused before anything loads."""
+    version = fsdp_version()
+    if version is None:
+        return
+    if version != 2:
+        raise ConfigError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION')}; sftkit "
+                          "runs FSDP2 only: set fsdp_version: 2 in its fsdp_config (as "
+                          "accelerate_configs/fsdp2.yaml does), or use multi_gpu.yaml (DDP) or a deepspeed_*.yaml")
+    if cfg.load_in_4bit:
+        raise ConfigError("--load_in_4bit does not work under FSDP2 (fully_shard cannot slice bitsandbytes' packed "
+                          "4-bit weights); use one GPU or DDP (multi_gpu.yaml)")
+
+
+def shards_model(accelerator) -> bool:
+    """The model is to be sharded with FSDP2: the config asks for it and there are ranks to shard over
+    (one process trains the whole model, as it would without FSDP)."""
+    return fsdp_version() == 2 and accelerator.num_processes > 1
+
+
+@contextmanager
+def hidden_from_accelerate(var: str):
+    """`var` absent from the environment while accelerate reads it, then back as it was."""
+    value = os.environ.pop(var, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[var] = value
 
 
 def missing_at_rendezvous(message: str) -> str:

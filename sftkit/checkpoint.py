@@ -30,6 +30,7 @@ from sftkit.arch.layout import restore as restore_layout
 from sftkit.digest import algo_of, of_bytes, of_files
 from sftkit.errors import ConfigError, SftkitError
 from sftkit.io import apply_umask, atomic_write_text
+from sftkit.sharding import DCP_DIR, full_state_dict, is_sharded, load_sharded, save_sharded
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -138,11 +139,13 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
     """Model or adapter + tokenizer + generation config + sftkit config, loadable without sftkit,
     in the layout of the base checkpoint (sftkit/arch/layout.py).
 
-    Under ZeRO-3 each rank holds a slice of every weight: get_state_dict gathers them (all ranks
-    must call it), and the files are reopened afterwards to check every shape.
+    Under ZeRO-3 and FSDP2 each rank holds a slice of every weight: they are gathered on rank 0
+    (all ranks must call it), and the files are reopened afterwards to check every shape. A LoRA
+    model saves its adapter alone from the gathered state dict, as PEFT does from its own.
     """
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model) if is_zero3(accelerator) else None
+    state_dict = accelerator.get_state_dict(model) if is_zero3(accelerator) else \
+        full_state_dict(model) if is_sharded(model) else None
     if accelerator.is_main_process:
         path.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
@@ -234,7 +237,8 @@ def check_saved_shapes(path: Path, model) -> None:
         raise RuntimeError(f"no tensors were written to {path}")
 
 
-def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: TrainState, scheduler) -> Path:
+def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: TrainState, scheduler,
+                    optimizer=None) -> Path:
     step = state.step
     final = checkpoint_dir(out_dir, step)
     tmp = out_dir / f".checkpoint-{step}.tmp"
@@ -243,7 +247,11 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        save_state(accelerator, tmp / STATE_DIR)
+        if is_sharded(model):  # FSDP2: every rank writes its shards (DCP)
+            (tmp / STATE_DIR).mkdir(exist_ok=True)
+            save_sharded(model, optimizer, tmp / STATE_DIR, kept_names(model))
+        else:
+            save_state(accelerator, tmp / STATE_DIR)
         save_model(accelerator, model, tokenizer, cfg, tmp / MODEL_DIR)
         if accelerator.is_main_process:
             # JSON, not accelerate's custom_checkpoint pickle, which it loads with weights_only=False
@@ -383,10 +391,22 @@ def mismatch(listed: dict[str, list], files: dict[str, Path]) -> str | None:
     return None
 
 
-def load_checkpoint(accelerator, path: Path, scheduler) -> TrainState:
-    """Weights, optimizer, RNG states (accelerate, which reads with weights_only=True), the
-    scheduler (JSON; older checkpoints: accelerate's pickle, read with weights_only=True), state."""
+def load_checkpoint(accelerator, path: Path, scheduler, model=None, optimizer=None) -> TrainState:
+    """Weights, optimizer, RNG states (accelerate, which reads with weights_only=True; an FSDP2
+    checkpoint's through DCP, on any number of ranks, sharded or not), the scheduler (JSON; older
+    checkpoints: accelerate's pickle, read with weights_only=True), state."""
     legacy = path / STATE_DIR / LEGACY_SCHEDULER
+    sharded = (path / STATE_DIR / DCP_DIR).is_dir()
+    if model is not None and is_sharded(model) and not sharded:
+        raise ConfigError(f"{path} was written by a run without FSDP2, whose optimizer state cannot be sharded here; "
+                          "resume it with the accelerate config that wrote it (multi_gpu.yaml or a deepspeed_*.yaml)")
+    if sharded:
+        if model is None:
+            raise ValueError("an FSDP2 checkpoint loads into the model and optimizer: pass them")
+        scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+        load_sharded(accelerator.unwrap_model(model) if not is_sharded(model) else model, optimizer,
+                     path / STATE_DIR, kept_names(accelerator.unwrap_model(model)))
+        return read_state(path)
     if (path / SCHEDULER_FILE).is_file():
         scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
         load_state(accelerator, path / STATE_DIR)

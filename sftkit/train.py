@@ -1,4 +1,4 @@
-"""The training loop: one accelerate loop for CPU, one GPU, DDP and DeepSpeed ZeRO-1/2/3.
+"""The training loop: one accelerate loop for CPU, one GPU, DDP, DeepSpeed ZeRO-1/2/3 and FSDP2.
 
     run(cfg) = setup(cfg) -> fit(run) -> finish(run)
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator
+from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator, shards_model
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.arch.moe import RouterBalance, router_balance
 from sftkit.batching import (
@@ -73,6 +73,7 @@ from sftkit.models import (
 from sftkit.neftune import add_neftune
 from sftkit.run_dir import Resume, base_identity, claim, find_resume, portable, run_identity, spelled_run_identity
 from sftkit.sequence_parallel import SequenceGroup, sequence_group
+from sftkit.sharding import clip_grad_norm_, is_sharded, shard
 from sftkit.signals import StoppedWaiting, StopRequest
 
 
@@ -82,7 +83,7 @@ class Run:
 
     cfg: SFTConfig
     accelerator: Any
-    model: torch.nn.Module           # wrapped by accelerate (DDP, DeepSpeed engine) where it applies
+    model: torch.nn.Module           # wrapped by accelerate (DDP, DeepSpeed engine), or sharded (FSDP2)
     optimizer: Any
     scheduler: torch.optim.lr_scheduler.LRScheduler
     params: list[torch.nn.Parameter]  # the trainable ones
@@ -216,18 +217,23 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
     model = build_for_training(cfg, cuda, sequence)  # auto attention: varlen on a GPU
     add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
     trainable, total = count_parameters(model)
+    if shards_model(accelerator):  # FSDP2: sharded here, before the optimizer sees its parameters
+        model = shard(model, cfg.bf16, accelerator.device.type)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if is_sharded(model):  # prepare() would wrap it in DDP: only the optimizer goes through it
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     # Not passed to prepare(): accelerate would step it once per process per optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_schedule(cfg), steps))
     if resume:
         # the counters continue; the identity, length and data are this configuration's from now on
-        state = dataclasses.replace(load_checkpoint(accelerator, resume.path, scheduler), total_steps=steps,
-                                    run_id=state.run_id, data_fingerprint=data_fp, base_model=state.base_model,
-                                    base_hash=state.base_hash)
+        loaded = load_checkpoint(accelerator, resume.path, scheduler, model, optimizer)
+        state = dataclasses.replace(loaded, total_steps=steps, run_id=state.run_id, data_fingerprint=data_fp,
+                                    base_model=state.base_model, base_hash=state.base_hash)
         apply_optimizer_options(cfg, optimizer, scheduler, lr_schedule(cfg)(steps, state.step))
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
@@ -318,7 +324,8 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         console.print(note, highlight=False)
     run.log = MetricsLog(acc, run.out / "metrics.jsonl", resumed, console)
     run.log.write({
-        "event": "start", "world_size": acc.num_processes, "distributed_type": distributed_type(acc),
+        "event": "start", "world_size": acc.num_processes,
+        "distributed_type": "FSDP" if is_sharded(run.model) else distributed_type(acc),
         "sequence_parallel_size": cfg.sequence_parallel_size,
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
         "val_examples": len(run.eval_set) if cfg.val_size else None, "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
@@ -384,7 +391,7 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
     # and the last before it starts; everything else in the step stays on the device (.item() only
     # at logging steps).
     n_sup, n_tok, n_slots, n_stop, n_pairs, n_routed = acc.reduce(counts, reduction="sum").tolist()
-    # accelerate divides by the accumulation steps and DDP/DeepSpeed average over ranks: undo both,
+    # accelerate divides by the accumulation steps and DDP/DeepSpeed/FSDP2 average over ranks: undo both,
     # so the gradient is exactly d(sum of token losses / n_sup + coef * balance loss)/d(theta).
     scale = cfg.gradient_accumulation_steps * acc.num_processes / max(n_sup, 1)
     coef = run.balance.coef if run.balance else 0.0
@@ -392,6 +399,7 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     aux_sum = torch.zeros((), dtype=torch.float32, device=acc.device)
     grad_norm, skip = None, False
+    clip = clip_grad_norm_ if is_sharded(run.model) else acc.clip_grad_norm_  # FSDP2: DTensor shards
     for batch in batches:
         batch = batch.to(acc.device)
         with acc.accumulate(run.model):
@@ -400,7 +408,7 @@ def train_step(run: Run, batches: list[MicroBatch], stop: bool = False) -> StepS
             loss_sum += ce.detach()
             aux_sum += 0 if aux is None else aux.detach()
             if acc.sync_gradients and (cfg.max_grad_norm > 0 or cfg.skip_nan_steps):
-                grad_norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)
+                grad_norm = clip(run.params, cfg.max_grad_norm or math.inf)
                 # the norm of the synced gradients: every rank takes the same decision
                 skip = cfg.skip_nan_steps and not math.isfinite(as_float(grad_norm))
             if not skip:
@@ -522,17 +530,20 @@ def save(run: Run) -> Path:
                           f"nan or inf, so checkpoint-{run.state.step} was not written. {last_finite(run)} "
                           "Lower --learning_rate, use bf16 instead of fp16, or pass --skip_nan_steps")
     run.state.elapsed_s = time.time() - run.start_time
-    path = save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler)
+    path = save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler,
+                           run.optimizer)
     run.saved_step = run.state.step
     return path
 
 
 def state_is_finite(run: Run) -> bool:
-    """Every trainable weight and optimizer tensor finite, on every rank (one all-reduce)."""
+    """Every trainable weight and optimizer tensor finite, on every rank (one all-reduce). Under
+    FSDP2 each rank checks its own shards (DTensor.to_local), and the all-reduce covers them all."""
     device = run.accelerator.device
     tensors = [p.detach() for p in run.params]
     tensors += [v for st in getattr(run.optimizer, "state", {}).values() for v in st.values()
                 if torch.is_tensor(v) and v.is_floating_point()]
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
     bad = torch.stack([(~torch.isfinite(t).all()).to(device) for t in tensors]).sum() if tensors else \
         torch.zeros((), device=device)
     return run.accelerator.reduce(bad.long(), reduction="sum").item() == 0
@@ -565,7 +576,7 @@ def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
             summary["final_eval"] = f"skipped: stopped by {stop.signal or 'a signal on another rank'}"
         else:
             summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
-    prints = None if is_zero3(acc) else acc.gather(
+    prints = None if is_zero3(acc) or is_sharded(run.model) else acc.gather(
         param_fingerprint(run.model).to(acc.device).unsqueeze(0)).tolist()
     rss = acc.gather(torch.tensor([peak_rss_mb() or 0.0], dtype=torch.float64, device=acc.device)).tolist()
     summary.update(event="end", step=state.step, train_loss=run.last_loss, skipped_steps=state.skipped_steps,

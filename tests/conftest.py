@@ -17,11 +17,12 @@ BIN = Path(sys.executable).parent
 # The files that take longest, longest first (test-seconds of a --durations run on 9cf3859, both
 # workers busy): training 1205, habits 1015, faults 810, round_two 807, performance 447,
 # crash_safety 336, merge_eval 319, distributed 250, config_cli 222; every other file < 200.
+# test_fsdp (added since): 123-153 s run alone, placed by that.
 # `make test` hands whole files to 2 workers in collection order (--dist loadfile
 # --no-loadscope-reorder): xdist's own order, by test count, put crash_safety (few tests, 336 s)
 # last and left one worker alone for ~5 minutes at the end.
 LONGEST_FIRST = ("test_training.py", "test_habits.py", "test_faults.py", "test_round_two.py", "test_performance.py",
-                 "test_crash_safety.py", "test_merge_eval.py", "test_distributed.py", "test_config_cli.py")
+                 "test_crash_safety.py", "test_merge_eval.py", "test_fsdp.py", "test_distributed.py", "test_config_cli.py")
 
 
 def pytest_collection_modifyitems(items):

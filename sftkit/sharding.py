@@ -1,0 +1,151 @@
+"""FSDP2: every weight, gradient and optimizer moment sharded over the ranks (torch's fully_shard).
+
+accelerate 1.15 enables FSDP for GPU device modes only and silently runs a CPU launch as plain
+DDP, so sftkit shards the model itself, on every device, and accelerate runs the processes as a
+plain multi-process run (sftkit/accel.py). One group per decoder layer, then the root (embeddings,
+final norm, lm_head): a layer's weights are gathered for its forward and its backward only.
+Gradients are reduce-scattered after every micro-batch's backward, also under accumulation:
+holding them back (set_requires_gradient_sync(False)) would keep every layer's whole gradient
+until the last micro-batch, DDP's memory.
+
+  shard(model, bf16)       fully_shard per decoder layer, then the root
+  is_sharded(model)        whether `model` is one that shard() returned
+  clip_grad_norm_          the norm of all ranks' gradient shards, and the clip by it
+  full_state_dict(model)   the whole model gathered on rank 0's CPU, for save_pretrained
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def shard(model, bf16: bool, device_type: str):
+    """`model` sharded in place over the default process group (every rank calls it). With
+    `bf16` layers compute with bf16 copies of the fp32 weights and gradients are reduced in fp32
+    (bf16 keeps 8 significant bits, and a sum over 8 ranks in it can lose 3); otherwise all is fp32.
+    The optimizer must be built afterwards: fully_shard replaces every parameter by a DTensor."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from sftkit.models import decoder_layers
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    # the root keeps its weights gathered from its forward to the end of the backward (FSDP2 does
+    # not reshard the root after forward): the fused loss head reads the whole lm_head weight there
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def clip_grad_norm_(params: list, max_norm: float):
+    """Scale the gradients so that their global 2-norm is at most `max_norm`; returns the norm
+    before clipping, a plain tensor, equal on every rank. A rank's own shards give only part of
+    the sum of squares: full_tensor() all-reduces it (clipped by its own part, each rank's shard
+    would be scaled by another factor: an update no single model's gradient gives)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return total
+
+
+def full_state_dict(model) -> dict:
+    """The unsharded state dict on rank 0's CPU ({} on the other ranks); every rank must call it.
+    Tied weights come back as separate copies (tiny-qwen3's final/ held 25 tensors, lm_head.weight
+    beside model.embed_tokens.weight, where DDP's held 24): each name of a shared parameter gets
+    the same tensor again, so save_pretrained drops the tied one as it does for an unsharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name and kept in state and name in state:
+            state[name] = state[kept]
+    return state
+
+
+# ---- checkpoints: torch.distributed.checkpoint (DCP), sharded as trained, resharded as loaded ----
+DCP_DIR = "dcp"  # in a checkpoint's state/: the model's trained tensors and the optimizer, by name
+
+
+def save_sharded(model, optimizer, folder, keep: set[str]) -> None:
+    """Every rank writes its own shards of the weights that train (`keep`: never a frozen base
+    weight) and of the optimizer's moments, keyed by parameter name, and its RNG states; DCP's
+    coordinator (rank 0) writes the metadata once every rank's files are in, so a checkpoint holds
+    the whole state however many ranks wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
+             "optim": get_optimizer_state_dict(model, inner)}
+    dcp.save(state, checkpoint_id=str(folder / DCP_DIR))
+    save_rng(folder)
+
+
+def load_sharded(model, optimizer, folder, keep: set[str]) -> None:
+    """The state save_sharded wrote, into this run's model and optimizer: sharded or not, on any
+    number of ranks (DCP reads each rank's slices of every tensor by name)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
+             "optim": get_optimizer_state_dict(model, inner)}
+    dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, inner, state["optim"])
+    load_rng(folder)
+
+
+def rng_file(folder, rank: int):
+    return folder / f"rng_{rank}.pt"
+
+
+def save_rng(folder) -> None:
+    """This rank's torch (and CUDA) RNG states, for the dropout masks a resumed run must repeat."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(states, rng_file(folder, rank))
+
+
+def load_rng(folder) -> None:
+    """This rank's saved RNG states; a rank the checkpoint has none of (more ranks than wrote it)
+    takes rank 0's."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = rng_file(folder, rank)
+    states = torch.load(path if path.is_file() else rng_file(folder, 0), weights_only=True)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
