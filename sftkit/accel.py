@@ -202,6 +202,11 @@ def fsdp_version() -> int | None:
     return int(version) if version.isdigit() else -1
 
 
+def fsdp_offload() -> bool:
+    """The accelerate config's fsdp_offload_params (exported as FSDP_OFFLOAD_PARAMS)."""
+    return os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
+
+
 def check_fsdp(cfg: SFTConfig) -> None:
     """What FSDP2 runs cannot do, refused before anything loads."""
     version = fsdp_version()

@@ -19,26 +19,30 @@ from __future__ import annotations
 import math
 
 
-def shard(model, bf16: bool, device_type: str):
+def shard(model, bf16: bool, device_type: str, offload: bool = False):
     """`model` sharded in place over the default process group (every rank calls it). With
     `bf16` layers compute with bf16 copies of the fp32 weights and gradients are reduced in fp32
     (bf16 keeps 8 significant bits, and a sum over 8 ranks in it can lose 3); otherwise all is fp32.
-    The optimizer must be built afterwards: fully_shard replaces every parameter by a DTensor."""
+    The optimizer must be built afterwards: fully_shard replaces every parameter by a DTensor.
+    `offload` (fsdp2_offload.yaml): the shards of the weights, gradients and AdamW moments live in
+    CPU memory, copied to the device for each layer's all-gather, and the optimizer steps on the
+    CPU: the device keeps the layers being computed and the activations."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     from sftkit.models import decoder_layers
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
+    where = CPUOffloadPolicy(pin_memory=device_type == "cuda") if offload else OffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=where)
     # the root keeps its weights gathered from its forward to the end of the backward (FSDP2 does
     # not reshard the root after forward): the fused loss head reads the whole lm_head weight there
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=where)
     return model
 
 

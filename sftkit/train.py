@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sftkit.accel import check_device, distributed_type, is_zero3, make_accelerator, shards_model
+from sftkit.accel import check_device, distributed_type, fsdp_offload, is_zero3, make_accelerator, shards_model
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.arch.moe import RouterBalance, router_balance
 from sftkit.batching import (
@@ -218,7 +218,7 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
     add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
     trainable, total = count_parameters(model)
     if shards_model(accelerator):  # FSDP2: sharded here, before the optimizer sees its parameters
-        model = shard(model, cfg.bf16, accelerator.device.type)
+        model = shard(model, cfg.bf16, accelerator.device.type, fsdp_offload())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     if is_sharded(model):  # prepare() would wrap it in DDP: only the optimizer goes through it
@@ -326,6 +326,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
     run.log.write({
         "event": "start", "world_size": acc.num_processes,
         "distributed_type": "FSDP" if is_sharded(run.model) else distributed_type(acc),
+        "fsdp_cpu_offload": fsdp_offload() if is_sharded(run.model) else None,
         "sequence_parallel_size": cfg.sequence_parallel_size,
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
         "val_examples": len(run.eval_set) if cfg.val_size else None, "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,

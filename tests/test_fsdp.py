@@ -76,7 +76,7 @@ def check_steps(out, ref) -> None:
 
 def check_start(records: list[dict]) -> None:
     start, end = records[0], records[-1]
-    assert start["world_size"] == 2 and start["distributed_type"] == "FSDP"
+    assert start["world_size"] == 2 and start["distributed_type"] == "FSDP" and start["fsdp_cpu_offload"] is False
     assert start["fused_loss"] is True  # the root's forward leaves the lm_head weight gathered for the loss
     assert end["event"] == "end" and end["step"] == 3
 

@@ -104,6 +104,24 @@ def test_a_run_with_sequence_parallel_2_trains_the_steps_of_one_process(one, tmp
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
 
 
+def test_sequence_parallel_under_fsdp2_with_cpu_offload_trains_the_steps_of_one_process(one, tmp_path):
+    """FSDP2 (fsdp2_offload.yaml: the shards in CPU memory, the optimizer stepping there) sharding
+    the weights over the 2 processes that also split each row."""
+    two = tmp_path / "fsdp2"
+    run_cli("train", *TRAIN, "--sequence_parallel_size", "2", "--output_dir", str(two),
+            launch=["--config_file", "accelerate_configs/fsdp2_offload.yaml", *TWO], env={"ACCELERATE_USE_CPU": "true"})
+    start = read_metrics(two)[0]
+    assert start["distributed_type"] == "FSDP" and start["fsdp_cpu_offload"] is True
+    assert start["sequence_parallel_size"] == 2
+    steps = [[(r["tokens"], r["supervised_tokens"], r["loss"]) for r in read_metrics(o) if "loss" in r] for o in (one, two)]
+    assert [s[:2] for s in steps[1]] == [s[:2] for s in steps[0]]
+    assert [s[2] for s in steps[1]] == pytest.approx([s[2] for s in steps[0]], rel=1e-5)
+    got, want = (load_file(o / "final" / "adapter_model.safetensors") for o in (two, one))
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+
+
 def test_four_processes_are_two_data_parallel_groups_of_two(one, tmp_path):
     """4 processes with --sequence_parallel_size 2: ranks 0-1 share one row, ranks 2-3 the next;
     the step's 2 rows are those one process with micro-batch 2 trains."""
