@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -137,6 +138,24 @@ def test_four_processes_are_two_data_parallel_groups_of_two(one, tmp_path):
     steps = [[(r["tokens"], r["supervised_tokens"], r["loss"]) for r in read_metrics(o) if "loss" in r] for o in (one, four)]
     assert [s[:2] for s in steps[1]] == [s[:2] for s in steps[0]]
     assert [s[2] for s in steps[1]] == pytest.approx([s[2] for s in steps[0]], rel=1e-5)
+
+
+def test_a_sequence_parallel_run_resumes_exactly(tmp_path):
+    """Resumed from checkpoint-2 of 4, steps 3-4 and the final adapter are the uninterrupted run's, bit for bit."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = [*TRAIN, "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3", "--sequence_parallel_size", "2"]
+    launch = {"launch": ["--config_file", "accelerate_configs/multi_gpu.yaml", *TWO],
+              "env": {"ACCELERATE_USE_CPU": "true"}}
+    run_cli("train", *args, "--output_dir", str(whole), **launch)
+    shutil.copytree(whole, resumed, ignore=shutil.ignore_patterns("final", "checkpoint-4"))
+    kept = [x for x in (resumed / "metrics.jsonl").read_text().splitlines() if json.loads(x).get("step", 0) <= 2]
+    (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n")  # as a crash after step 2 left it
+    proc = run_cli("train", *args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", **launch)
+    assert f"resuming from {resumed / 'checkpoint-2'}: step 2 of 4" in proc.stdout
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(o) if "loss" in r] for o in (whole, resumed)]
+    assert losses[1] == losses[0] and len(losses[0]) == 4
+    assert (resumed / "final" / "adapter_model.safetensors").read_bytes() == \
+        (whole / "final" / "adapter_model.safetensors").read_bytes()
 
 
 def test_what_sequence_parallelism_cannot_split_is_one_line(tmp_path):
