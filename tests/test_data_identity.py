@@ -157,3 +157,21 @@ def test_a_file_replaced_over_and_over_during_prepare_data_never_saves_one_files
             assert proc.returncode == 0, proc.stderr[-3000:]
             manifest = json.loads((out / "manifest.json").read_text())
             assert truth.get(manifest["fingerprint"]) == manifest["rows_in"], (truth, manifest["fingerprint"], manifest["rows_in"])
+
+
+def test_the_precheck_reads_a_json_lines_file_only_as_far_as_it_checks(tmp_path):
+    """prepare-data and train check the first rows before their imports: a JSON Lines file is read
+    that many lines far (not hashed), and a file that only its whole shows (a pretty-printed object,
+    an array in a .jsonl) is read whole, giving the rows the full read gives."""
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text(ROW_A * 3 + '{"instruction": "' + "x" * 3_000_000 + '", "output": "y"}\n' + ROW_B * 2)
+    got = sources.read(sources.Source(str(lines)), head=3)
+    assert got.source.digest is None and [w for w, _ in got.rows] == ["line 1", "line 2", "line 3"]
+    whole = sources.read(sources.Source(str(lines)))
+    assert whole.source.digest is not None and len(list(whole.rows)) == 6
+    for text in ('{\n  "instruction": "Hi",\n  "output": "Hello"\n}\n', '[\n' + ROW_A.strip() + ',\n' + ROW_B.strip() + '\n]\n',
+                 "\ufeff" + ROW_A * 2):
+        other = tmp_path / "other.jsonl"
+        other.write_text(text)
+        head = [(w, dict(r)) for w, r in sources.read(sources.Source(str(other)), head=1000).rows]
+        assert head == [(w, dict(r)) for w, r in sources.read(sources.Source(str(other))).rows] and head

@@ -125,7 +125,7 @@ def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions
         fmt = src.format_type or (None if opts.format_type == "auto" else opts.format_type)
         fmt = fmt or formats.mapped_format(field_map)
         n_in = n_bad = 0
-        reading = sources.read(src)
+        reading = sources.read(src, head=limit)
         out.read.append((origin, reading.source))
         for where, row in itertools.islice(reading.rows, limit):
             n_in += 1

@@ -187,7 +187,7 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
-def read(src: Source) -> Reading:
+def read(src: Source, head: int | None = None) -> Reading:
     """The source's bytes, read now and once, hashed, and their rows, parsed as they are taken:
     (location, row) pairs; location is 'line N' for JSON Lines, 'row N (line L)' for a JSON array
     and 'row N' otherwise (1-based; a CSV's row 1 is the first after the header).
@@ -195,7 +195,16 @@ def read(src: Source) -> Reading:
     A source whose digest is already known (the cache key was computed from it) is refused when
     the bytes read now hash otherwise: the file changed between the two reads.
     A JSON Lines line that cannot be read (not UTF-8, not JSON) comes as a formats.Unreadable row, so
-    that --skip_bad_rows can skip and count it; a fault of the whole file raises DataError."""
+    that --skip_bad_rows can skip and count it; a fault of the whole file raises DataError.
+
+    `head` (the checks before the imports, which take the first rows): a JSON Lines file whose
+    first line is an object is read only that many lines far, and not hashed (its digest stays
+    unknown); the precheck read and hashed whole files, 0.35 CPU-s and the file's size in memory
+    per 100 MB, before the real read did it again."""
+    if head is not None and not src.hub and file_type(src.path) == ".jsonl":
+        data = _head_lines(src.path, head)
+        if data is not None:
+            return Reading(src, _read_json(src.path, data))
     if src.hub:
         ds = _load_hub(src)
         got = dataclasses.replace(src, digest=ds._fingerprint)
@@ -216,6 +225,31 @@ def read(src: Source) -> Reading:
         return Reading(got, _read_parquet(src.path, data))
     return Reading(got, ((f"row {i + 1}", formats.TableRow(row, src.path))
                          for i, row in enumerate(_read_csv(src.path, data))))
+
+
+def _head_lines(path: str, lines: int) -> bytes | None:
+    """The first `lines` lines of a file, read by blocks of 1 MiB; None where its first line is not
+    a JSON object (a pretty-printed object or an array, which only the whole file shows)."""
+    parts, newlines = [], 0
+    try:
+        with open(path, "rb") as f:
+            while newlines < lines and (block := f.read(1 << 20)):
+                parts.append(block)
+                newlines += block.count(b"\n")
+    except OSError as err:
+        raise _cannot_read(path, err) from None
+    data = b"".join(parts)
+    cut = -1
+    for _ in range(lines):
+        cut = data.find(b"\n", cut + 1)
+        if cut < 0:
+            break
+    data = data if cut < 0 else data[:cut + 1]
+    first = data.split(b"\n", 1)[0].strip()
+    try:
+        return data if first.startswith(b"{") and isinstance(_loads(first.decode("utf-8")), dict) else None
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def changed(path: str) -> DataError:
