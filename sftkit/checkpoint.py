@@ -400,16 +400,15 @@ def load_checkpoint(accelerator, path: Path, scheduler, model=None, optimizer=No
     if model is not None and is_sharded(model) and not sharded:
         raise ConfigError(f"{path} was written by a run without FSDP2, whose optimizer state cannot be sharded here; "
                           "resume it with the accelerate config that wrote it (multi_gpu.yaml or a deepspeed_*.yaml)")
-    if sharded:
-        if model is None:
-            raise ValueError("an FSDP2 checkpoint loads into the model and optimizer: pass them")
-        scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-        load_sharded(accelerator.unwrap_model(model) if not is_sharded(model) else model, optimizer,
-                     path / STATE_DIR, kept_names(accelerator.unwrap_model(model)))
-        return read_state(path)
+    if sharded and model is None:
+        raise ValueError("an FSDP2 checkpoint loads into the model and optimizer: pass them")
     if (path / SCHEDULER_FILE).is_file():
         scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-        load_state(accelerator, path / STATE_DIR)
+        if sharded:  # unwrap_model leaves a sharded model as it is
+            unwrapped = accelerator.unwrap_model(model)
+            load_sharded(unwrapped, optimizer, path / STATE_DIR, kept_names(unwrapped))
+        else:
+            load_state(accelerator, path / STATE_DIR)
         return read_state(path)
     if legacy.is_file():
         import torch

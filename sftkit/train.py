@@ -338,10 +338,10 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
 
 def step_batches(run: Run) -> StepBatches:
     """Item k: this rank's micro-batches of optimizer step k."""
-    size = run.sequence.size if run.sequence else 1
+    size, index = (run.sequence.size, run.sequence.index) if run.sequence else (1, 0)
     return StepBatches(run.train_set, run.schedule, run.cfg.gradient_accumulation_steps,
                        run.accelerator.process_index // size, run.tokenizer.pad_token_id, run.cfg.packing,
-                       run.cfg.padding_free(run.cuda), (size, run.sequence.index if run.sequence else 0))
+                       run.cfg.padding_free(run.cuda), (size, index))
 
 
 def step_loader(run: Run, stop: StopRequest | None = None):
@@ -579,12 +579,13 @@ def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
             summary.update(eval_loss=ev["loss"], eval_ppl=ev["perplexity"])
     prints = None if is_zero3(acc) or is_sharded(run.model) else acc.gather(
         param_fingerprint(run.model).to(acc.device).unsqueeze(0)).tolist()
-    rss = acc.gather(torch.tensor([peak_rss_mb() or 0.0], dtype=torch.float64, device=acc.device)).tolist()
+    rss_mb = peak_rss_mb()
+    rss = acc.gather(torch.tensor([rss_mb or 0.0], dtype=torch.float64, device=acc.device)).tolist()
     summary.update(event="end", step=state.step, train_loss=run.last_loss, skipped_steps=state.skipped_steps,
                    tokens=state.tokens,
                    supervised_tokens=state.supervised_tokens,
                    elapsed_s=round(state.elapsed_s, 2), **run.meter.whole_run(),
-                   peak_rss_mb=peak_rss_mb(), peak_rss_mb_per_rank=rss, peak_gpu_mem_gb=peak_gpu_gb(),
+                   peak_rss_mb=rss_mb, peak_rss_mb_per_rank=rss, peak_gpu_mem_gb=peak_gpu_gb(),
                    param_fingerprints=prints,
                    ranks_in_sync=None if prints is None else all(p == prints[0] for p in prints))
     run.log.write(summary)

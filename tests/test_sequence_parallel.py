@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import BIN, ROOT, read_metrics, run_cli
 from safetensors.torch import load_file
+from test_distributed import TWO
 
 from sftkit.batching import collate, shard_sequence
 from sftkit.errors import ConfigError
@@ -73,7 +74,6 @@ def test_sequence_parallel_2_gives_the_loss_and_every_gradient_of_1(tmp_path):
 TRAIN = ["--data_path", "data/sample_alpaca.json", "--use_lora", "--max_steps", "3", "--logging_steps", "1",
          "--learning_rate", "1", "--adam_epsilon", "1", "--warmup_ratio", "0", "--save_steps", "0",
          "--lora_dropout", "0", "--max_length", "256", "--packing", "--per_device_train_batch_size", "2"]
-TWO = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 @pytest.fixture(scope="module")

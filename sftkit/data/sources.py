@@ -248,7 +248,7 @@ def _head_lines(path: str, lines: int) -> bytes | None:
     first = data.split(b"\n", 1)[0].strip()
     try:
         return data if first.startswith(b"{") and isinstance(_loads(first.decode("utf-8")), dict) else None
-    except (UnicodeDecodeError, ValueError):
+    except UnicodeDecodeError:  # _loads itself turns a JSON error into an Unreadable row
         return None
 
 
