@@ -43,6 +43,11 @@ PACKING_ATTENTION = ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "fl
 # row with no padding at all; eager/sdpa would build a block mask quadratic in that row instead.
 VARLEN_ATTENTION = ("varlen", "flash_attention_2", "flash_attention_3")
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_DROPOUT = 0.05  # lora_dropout's value where no expert parameter is targeted
+# loss_chunk_size -1: one chunk's fp32 logits at most this many bytes (cpu, cuda). On a CPU, 0.3 GiB
+# (512 rows of Qwen3) ran at the speed of twice that; on a GPU, 1.25 GiB (2048 rows of Qwen3) keeps
+# the lm_head gradient's pass per chunk, not the logits, from dominating. bench/loss_memory.py.
+LOSS_CHUNK_BYTES = {"cpu": int(0.3 * 2**30), "cuda": int(1.25 * 2**30)}
 
 
 @dataclass
@@ -105,12 +110,10 @@ class TrainOptions:
     """With gradient_checkpointing: recompute only every n-th decoder layer (1: all). 2 keeps half
     the layers' activations and skips half the recompute; the gradients are the same."""
     loss_chunk_size: int = field(default=-1, metadata={**NOT_IDENTITY, **at_least(0, off=-1, off_means="by device")})
-    """Rows of logits the fused cross-entropy computes at once; -1 picks by device: 512 on a CPU
-    (512 rows x 151,936 words: 0.3 GB in fp32; on 2 CPU cores 512 and 1024 ran at the same speed,
-    1024 with 0.6 GB more RSS), 2048 on a GPU (each chunk also passes over the whole lm_head
-    gradient, 0.6 GB at 1.7B; about 2 GB of logits at a time, against 7 GB for the plain path at
-    8k tokens). 0 takes the plain path, which keeps every supervised position's logits for the
-    backward. ZeRO-3, fp16 and a LoRA/modules_to_save lm_head always take the plain path."""
+    """Rows of logits the fused loss head computes at once. -1: the most (a power of two) whose fp32
+    logits fit LOSS_CHUNK_BYTES of the device: 512 rows on a CPU and 2048 on a GPU at Qwen3's 151,936
+    words, 256 and 1024 at Qwen3.5's 248,320. 0: the plain path, which keeps every supervised
+    position's logits for the backward (as do ZeRO-3, fp16 and a LoRA/modules_to_save lm_head)."""
     fused_adamw: bool = field(default=True, metadata=NOT_IDENTITY)
     """torch's fused AdamW (one kernel per step, CPU and GPU); False: the foreach implementation."""
     torch_compile: bool = field(default=False, metadata=NOT_IDENTITY)
@@ -168,8 +171,9 @@ class LoraOptions:
     """LoRA rank."""
     lora_alpha: int = field(default=32, metadata=at_least(1))
     """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
-    lora_dropout: float = field(default=0.05, metadata=between(0, 1, hi_open=True))
-    """Dropout on the LoRA input."""
+    lora_dropout: float | None = field(default=None, metadata=between(0, 1, hi_open=True))
+    """Dropout on the LoRA input. Default: 0.05, or 0 where LoRA reaches expert parameters (MoE
+    models), since PEFT applies no dropout to a parameter; a value above 0 leaves the experts frozen."""
     lora_target_modules: list[str] = field(default_factory=list)
     """Module names that get LoRA weights. Empty: the architecture's own list (sftkit/arch/table.py):
     q/k/v/o_proj and gate/up/down_proj (Qwen3, Qwen3.5); on Gated DeltaNet layers in_proj_qkv,
@@ -180,8 +184,8 @@ class LoraOptions:
     lora_target_parameters: list[str] = field(default_factory=list)
     """Parameters that get LoRA weights (PEFT target_parameters, matched by name suffix), e.g. the
     fused expert tensors mlp.experts.gate_up_proj. Empty: the architecture's own (MoE: the routed
-    experts, and Qwen3-Next's shared expert) when lora_dropout is 0, none otherwise, since PEFT
-    applies no dropout to a parameter; `none`: none. Each expert gets its own rank-r pair."""
+    experts, and Qwen3-Next's shared expert) unless lora_dropout is set above 0; `none`: none.
+    Each expert gets its own rank-r pair."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapter, e.g. embed_tokens and lm_head for new tokens."""
     use_dora: bool = False
@@ -284,9 +288,12 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
             return self.attn_implementation
         return "varlen" if self.packing and (cuda or self.sequence_parallel_size > 1) else "sdpa"
 
-    def loss_chunk(self, cuda: bool) -> int:
-        """loss_chunk_size, with -1 resolved for the device (see its docstring)."""
-        return self.loss_chunk_size if self.loss_chunk_size >= 0 else 2048 if cuda else 512
+    def loss_chunk(self, cuda: bool, vocab_size: int) -> int:
+        """loss_chunk_size, with -1 resolved for the device and the vocabulary (see its docstring)."""
+        if self.loss_chunk_size >= 0:
+            return self.loss_chunk_size
+        rows = LOSS_CHUNK_BYTES["cuda" if cuda else "cpu"] // (4 * vocab_size)
+        return 1 << max(rows.bit_length() - 1, 4)
 
     def padding_free(self, cuda: bool) -> bool:
         """Packed micro-batches become one row with no padding (attention that takes varlen offsets)."""

@@ -21,10 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sftkit.arch.moe import RouterBalance, balance_loss_sum
-
-# Architectures whose last hidden state goes straight into a bias-free lm_head (no logit scaling or
-# soft-capping), which is what the fused path computes. Others take the plain path.
-FUSED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "qwen3_next")
+from sftkit.arch.table import arch_of
 
 
 @dataclass
@@ -51,7 +48,7 @@ def fused_head(model, mixed_precision: str, zero3: bool, chunk: int, cuda: bool 
     if chunk <= 0 or zero3 or mixed_precision == "fp16":
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    if getattr(base.config, "model_type", None) not in FUSED_MODEL_TYPES:
+    if not arch_of(base.config).fused_loss:
         return None
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.dtype == torch.float16:

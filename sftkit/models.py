@@ -224,7 +224,7 @@ def build_for_training(cfg, cuda: bool = False, sequence=None):
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=lora_dropout(cfg, model.config),
                           use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
                           target_modules=lora_targets(cfg, model.config),
                           target_parameters=lora_parameters(cfg, model.config) or None,
@@ -266,25 +266,42 @@ def lora_targets(cfg, config) -> list[str]:
 
 def lora_parameters(cfg, config) -> list[str]:
     """The parameters LoRA wraps (PEFT target_parameters): the user's list, else the architecture's
-    expert tensors, which only PEFT's ParamWrapper reaches, and it refuses lora_dropout != 0."""
+    expert tensors, which only PEFT's ParamWrapper reaches, and it refuses lora_dropout != 0 and
+    DoRA: so not when the user set either."""
     from sftkit.arch.table import arch_of
 
     if cfg.lora_target_parameters == ["none"]:
         return []
-    if cfg.lora_target_parameters or cfg.lora_dropout:
+    if cfg.lora_target_parameters or cfg.lora_dropout or cfg.use_dora:
         return list(cfg.lora_target_parameters)
     return list(arch_of(config).lora_expert_parameters)
 
 
-def frozen_experts_note(cfg, config) -> str | None:
-    """One line for the start of a LoRA run whose default leaves the experts frozen, naming the fix."""
+def lora_dropout(cfg, config) -> float:
+    """lora_dropout as set, else 0 where LoRA wraps parameters (PEFT gives them no dropout) and the
+    default elsewhere."""
+    from sftkit.config import LORA_DROPOUT
+
+    if cfg.lora_dropout is not None:
+        return cfg.lora_dropout
+    return 0.0 if lora_parameters(cfg, config) else LORA_DROPOUT
+
+
+def experts_note(cfg, config) -> str | None:
+    """One line for the start of a LoRA run on an MoE model: what its default does to the experts."""
     from sftkit.arch.table import arch_of
 
     experts = arch_of(config).lora_expert_parameters
-    if not (cfg.use_lora and experts and cfg.lora_dropout and not cfg.lora_target_parameters):
+    if not (cfg.use_lora and experts and not cfg.lora_target_parameters):
         return None
-    return (f"note: LoRA leaves the experts ({', '.join(experts)}) frozen: PEFT applies no dropout to them and "
-            f"lora_dropout is {cfg.lora_dropout}; --lora_dropout 0 trains them too")
+    if cfg.use_dora:
+        return (f"note: DoRA leaves the experts ({', '.join(experts)}) frozen: PEFT has no DoRA for expert "
+                "parameters; without --use_dora, LoRA trains them too")
+    if cfg.lora_dropout:
+        return (f"note: LoRA leaves the experts ({', '.join(experts)}) frozen: PEFT applies no dropout to them and "
+                f"lora_dropout is {cfg.lora_dropout}; leave --lora_dropout unset (or 0) to train them too")
+    return (f"LoRA adapts the experts too ({', '.join(experts)}; a rank-{cfg.lora_r} pair per expert) with "
+            "lora_dropout 0, since PEFT applies no dropout to them; --lora_target_parameters none leaves them frozen")
 
 
 def lora_error(message: str) -> str:
@@ -293,6 +310,9 @@ def lora_error(message: str) -> str:
         return (f"LoRA: {message} PEFT reaches expert weights as parameters, which take no dropout; pass "
                 "--lora_dropout 0, or leave gate_proj/up_proj/down_proj out of --lora_target_modules (PEFT reads "
                 "them as the fused routed experts on Qwen3 MoE and Qwen3-Next)")
+    if "use_dora" in message:
+        return (f"LoRA: {message} PEFT reaches expert weights as parameters, which take no DoRA; drop --use_dora or "
+                "--lora_target_parameters")
     return f"LoRA: {message}; check --lora_target_modules and --lora_target_parameters"
 
 

@@ -29,6 +29,7 @@ import torch
 from sftkit.accel import check_device, distributed_type, fsdp_offload, is_zero3, make_accelerator, shards_model
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.arch.moe import RouterBalance, router_balance
+from sftkit.arch.table import text_config
 from sftkit.batching import (
     MicroBatch,
     PackedSteps,
@@ -66,7 +67,7 @@ from sftkit.metrics import (
 from sftkit.models import (
     build_for_training,
     count_parameters,
-    frozen_experts_note,
+    experts_note,
     load_tokenizer,
     resolve_model_path,
 )
@@ -238,8 +239,9 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
         if accelerator.is_main_process and console is not None:
             report_resume(resume, steps, console)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    chunk = cfg.loss_chunk(cuda, text_config(unwrapped.config).vocab_size)
     run = Run(cfg, accelerator, model, optimizer, scheduler, params,
-              fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), cfg.loss_chunk(cuda), cuda),
+              fused_head(unwrapped, accelerator.mixed_precision, is_zero3(accelerator), chunk, cuda),
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s, lock=lock, saved_step=state.step if resume else None,
@@ -319,7 +321,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         flat = {k: ",".join(map(str, v)) if isinstance(v, list) else "" if v is None else v
                 for k, v in cfg.to_dict().items()}
         acc.init_trackers(cfg.run_name or run.out.name, config=flat)
-    note = frozen_experts_note(cfg, acc.unwrap_model(run.model).config)
+    note = experts_note(cfg, acc.unwrap_model(run.model).config)
     if note and console is not None and acc.is_main_process:
         console.print(note, highlight=False)
     run.log = MetricsLog(acc, run.out / "metrics.jsonl", resumed, console)
@@ -331,6 +333,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "mixed_precision": acc.mixed_precision, "num_examples": len(run.train_set),
         "val_examples": len(run.eval_set) if cfg.val_size else None, "rows_per_epoch": len(run.schedule.units), "total_steps": run.total_steps, "trainable_params": trainable,
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
+        "loss_chunk_rows": run.head.chunk if run.head else None,
         "attention": cfg.attention(run.cuda),
         **({"router_aux_loss_coef": run.balance.coef} if run.balance else {}),  # what -1 (the config's) resolved to
     }, first=True)

@@ -182,37 +182,53 @@ def test_hybrid_moe_routers_are_all_seen_and_split_free(models, tok, kind):
 # ---- LoRA on experts --------------------------------------------------------------------------------
 def _lora(path, **options):
     from sftkit.config import SFTConfig
-    from sftkit.models import build_for_training, frozen_experts_note
+    from sftkit.models import build_for_training, experts_note, lora_dropout
 
     cfg = SFTConfig(model_name_or_path=str(path), use_lora=True, **options)
     cfg.validate()
     model = build_for_training(cfg)
     wrapped = {n.split(".lora_A")[0] for n, p in model.named_parameters() if p.requires_grad and ".lora_A" in n}
-    return model, wrapped, frozen_experts_note(cfg, model.config)
+    return model, wrapped, experts_note(cfg, model.config), lora_dropout(cfg, model.config)
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_next", "qwen3_5_moe"])
-def test_lora_reaches_routed_and_shared_experts(models, kind):
-    """Default dropout 0.05: LoRA builds (Qwen3-Next's exited 2: PEFT turned its MLP names into
-    expert ParamWrappers, which refuse dropout), leaves the experts frozen and says so; dropout 0:
-    every MoE layer's fused gate_up_proj and down_proj, and the shared expert, get LoRA weights."""
-    _, wrapped, note = _lora(models(kind))
-    assert not any("experts" in n for n in wrapped) and "--lora_dropout 0" in note
-    model, wrapped, note = _lora(models(kind), lora_dropout=0.0)
+def test_default_lora_reaches_routed_and_shared_experts(models, kind):
+    """Default LoRA: every MoE layer's fused gate_up_proj and down_proj, and the shared expert, get
+    LoRA weights, with dropout 0 (PEFT applies none to a parameter), said in one line. A dropout set
+    above 0: LoRA builds (Qwen3-Next's exited 2: PEFT turned its MLP names into expert
+    ParamWrappers, which refuse dropout), leaves the experts frozen and says how to train them."""
+    model, wrapped, note, dropout = _lora(models(kind))
     layers = model.config.get_text_config().num_hidden_layers
     experts = {n for n in wrapped if ".mlp.experts" in n}
-    assert note is None and len(experts) == 2 * layers, sorted(experts)  # nested: down_proj wraps gate_up_proj
+    assert len(experts) == 2 * layers, sorted(experts)  # nested: down_proj wraps gate_up_proj
     shared = {n for n in wrapped if "shared_expert." in n}
     assert len(shared) == (0 if kind == "qwen3_moe" else 3 * layers), sorted(shared)
+    assert dropout == 0.0 and "adapts the experts" in note and "--lora_target_parameters none" in note
+    _, wrapped, note, dropout = _lora(models(kind), lora_dropout=0.05)
+    assert not any("experts" in n for n in wrapped) and "leave --lora_dropout unset" in note and dropout == 0.05
+    _, wrapped, note, dropout = _lora(models(kind), lora_target_parameters=["none"])
+    assert not any("experts" in n for n in wrapped) and note is None and dropout == 0.05
+    if kind == "qwen3_moe":  # PEFT has no DoRA for a parameter: DoRA on the attention, experts frozen, said
+        _, wrapped, note, dropout = _lora(models(kind), use_dora=True)
+        assert not any("experts" in n for n in wrapped) and "DoRA leaves the experts" in note and dropout == 0.05
+
+
+def test_default_lora_dropout_on_a_dense_model(tmp_path):
+    """No expert parameter to reach: the dropout default is 0.05, and nothing is said."""
+    _, wrapped, note, dropout = _lora(family.build("qwen3_5", tmp_path / "dense"))
+    assert dropout == 0.05 and note is None and {n.rsplit(".", 1)[-1] for n in wrapped} >= {"q_proj", "gate_proj"}
 
 
 def test_lora_on_experts_with_dropout_is_one_line_naming_the_fix(models):
     from sftkit.config import SFTConfig
 
     with pytest.raises(ConfigError, match="add --lora_dropout 0"):
-        SFTConfig(use_lora=True, lora_target_parameters=["mlp.experts.down_proj"]).validate()
+        SFTConfig(use_lora=True, lora_target_parameters=["mlp.experts.down_proj"], lora_dropout=0.05).validate()
     with pytest.raises(ConfigError, match="pass --lora_dropout 0"):
-        _lora(models("qwen3_moe"), lora_target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+        _lora(models("qwen3_moe"), lora_target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"],
+              lora_dropout=0.05)
+    with pytest.raises(ConfigError, match="drop --use_dora or --lora_target_parameters"):
+        _lora(models("qwen3_moe"), lora_target_parameters=["mlp.experts.down_proj"], use_dora=True)
 
 
 # ---- the whole chain ----------------------------------------------------------------------------------
@@ -228,12 +244,15 @@ def test_qwen3_moe_prepare_train_eval_merge(models, four, tmp_path):
     run_cli("prepare-data", "--model_name_or_path", str(base), "--data_path", data, "--output_dir", str(prep))
     common = ["--model_name_or_path", str(base), "--data_path", str(prep), "--max_steps", "2", "--logging_steps", "1",
               "--save_steps", "0", "--learning_rate", "1e-2", "--warmup_ratio", "0"]
-    run_cli("train", *common, "--output_dir", str(tmp_path / "lora"), "--use_lora", "--lora_dropout", "0")
+    trained = run_cli("train", *common, "--output_dir", str(tmp_path / "lora"), "--use_lora")  # the default LoRA
+    assert "LoRA adapts the experts too" in trained.stdout
     assert read_metrics(tmp_path / "lora")[0]["router_aux_loss_coef"] == 0.001  # the config's, by default
     steps = [r for r in read_metrics(tmp_path / "lora") if "loss" in r]
     assert len(steps) == 2 and all(1.0 < r["aux_loss"] < 4.0 for r in steps)
     adapter = tmp_path / "lora" / "final"
     assert "mlp.experts.gate_up_proj" in json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert sum(".mlp.experts." in name for name in saved) == 4 * 2  # A and B of gate_up_proj and down_proj, 2 layers
     ev = run_cli("eval", "--model", str(adapter), "--data_path", str(prep))
     assert "eval.json" in ev.stdout and "aux_loss" not in json.loads((adapter.parent / "eval" / "eval.json").read_text())
     run_cli("merge-lora", "--adapter", str(adapter), "--output_dir", str(tmp_path / "merged"))

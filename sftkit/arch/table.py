@@ -47,11 +47,18 @@ class Arch:
     """q_proj also yields a sigmoid gate per head output (2 x heads x head_dim outputs): FLOPs."""
     vision_language: bool = False
     """Released checkpoints wrap the text model in a vision-language model (vision tower, MTP)."""
+    fused_loss: bool = True
+    """The last (normed) hidden state goes straight into a bias-free lm_head, with no logit scaling
+    or soft-capping: the fused loss head (sftkit/loss.py) computes exactly what the model would."""
 
 
-DENSE = Arch("dense")
+# a model_type the table does not know: Qwen3-like facts, but the plain loss path (its logits may
+# be scaled or capped)
+UNKNOWN = Arch("unknown", fused_loss=False)
 ARCHS: dict[str, Arch] = {
     "qwen2": Arch("Qwen2.5"),
+    "llama": Arch("Llama"),
+    "mistral": Arch("Mistral"),
     "qwen3": Arch("Qwen3"),
     "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, lora_expert_parameters=EXPERTS, moe=True),
     "qwen3_next": Arch("Qwen3-Next", lora_modules=ATTENTION + DELTANET_NEXT,
@@ -68,8 +75,13 @@ ARCHS["qwen3_5_text"] = ARCHS["qwen3_5"]
 ARCHS["qwen3_5_moe_text"] = ARCHS["qwen3_5_moe"]
 
 
+def text_config(config):
+    """The text model's config: a vision-language config's text part, or the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def arch_of(config) -> Arch:
-    """The facts for a model config (a vision-language config: its text model); dense Qwen3-like
-    facts for a model_type the table does not know."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ARCHS.get(getattr(text, "model_type", None)) or ARCHS.get(getattr(config, "model_type", None)) or DENSE
+    """The facts for a model config (a vision-language config: its text model); UNKNOWN's for a
+    model_type the table does not know."""
+    text = text_config(config)
+    return ARCHS.get(getattr(text, "model_type", None)) or ARCHS.get(getattr(config, "model_type", None)) or UNKNOWN
