@@ -25,6 +25,9 @@ WHEELS=(
     pytest==9.2.0          # pytest -m gpu
     pluggy==1.7.0
     iniconfig==2.3.1
+    flash-linear-attention==0.6.0  # sftkit[gdn]: Gated DeltaNet kernels (its modules are in fla-core)
+    fla-core==0.6.0
+    einops==0.8.2                  # fla-core's one dependency (Triton comes with the CUDA torch)
 )
 mkdir -p "$DEST"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

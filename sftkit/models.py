@@ -210,8 +210,7 @@ def build_for_training(cfg, cuda: bool = False, sequence=None):
         check_split(model.config, sequence.size)
         model.set_attn_implementation(register_split(sequence))
     model.config.use_cache = False
-    if cfg.packing:
-        keep_linear_attention_apart(model)
+    keep_linear_attention_apart(model, cfg.packing)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads.
         every = cfg.checkpoint_every_n_layers
@@ -242,16 +241,18 @@ def build_for_training(cfg, cuda: bool = False, sequence=None):
     return model
 
 
-def keep_linear_attention_apart(model) -> None:
-    """Packing a model with linear-attention layers: they get the example boundaries, or the run
-    stops here (a layer that cannot take them would run its recurrence across examples, silently)."""
+def keep_linear_attention_apart(model, packing: bool) -> None:
+    """Gated DeltaNet layers get sftkit's forward (flash-linear-attention's kernels on CUDA where
+    installed; packed examples kept apart: sftkit/arch/packed_linear_attention.py). With `packing`,
+    a model whose linear-attention layers sftkit finds none of stops here (they would run their
+    recurrence across examples, silently)."""
     from sftkit.arch.packed_linear_attention import install
     from sftkit.arch.table import arch_of
 
-    text = model.config.get_text_config()
-    if not (arch_of(model.config).linear_attention or "linear_attention" in (getattr(text, "layer_types", None) or [])):
+    if install(model) or not packing:
         return
-    if install(model) == 0:
+    text = model.config.get_text_config()
+    if arch_of(model.config).linear_attention or "linear_attention" in (getattr(text, "layer_types", None) or []):
         raise ConfigError(f"packing: {text.model_type} has linear-attention layers that sftkit cannot hand the example "
                           "boundaries to (no Gated DeltaNet layer found), so packed examples would share their state; "
                           "set packing: false")

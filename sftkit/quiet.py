@@ -24,8 +24,10 @@ EXPECTED_LOG_LINES = {
     # 2026-12-02 once bitsandbytes was installed beside sftkit): its 4-bit CPU kernel, which no
     # sftkit command uses, falls back to a plain one
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
-    # Qwen3-Next / Qwen3.5 on a machine without flash-linear-attention or causal-conv1d (every CPU):
-    # one line per kernel that transformers' PyTorch reference stands in for, which is exact
+    # Qwen3-Next / Qwen3.5 without flash-linear-attention or causal-conv1d (every CPU): one line per
+    # kernel that transformers' exact PyTorch reference stands in for. It names causal-conv1d, which
+    # sftkit does not use; on CUDA without fla the run's start prints sftkit's own line instead
+    # (kernel_warning in sftkit/arch/packed_linear_attention.py), naming sftkit's extra and the cost
     "transformers.integrations.hub_kernels": "is falling back to its reference PyTorch implementation",
 }
 # warnings raised inside libraries by calls of other libraries, not by sftkit's use of them

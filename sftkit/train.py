@@ -29,6 +29,7 @@ import torch
 from sftkit.accel import check_device, distributed_type, fsdp_offload, is_zero3, make_accelerator, shards_model
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.arch.moe import RouterBalance, router_balance
+from sftkit.arch.packed_linear_attention import kernel_warning, linear_attention_path_of
 from sftkit.arch.table import text_config
 from sftkit.batching import (
     MicroBatch,
@@ -321,9 +322,10 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         flat = {k: ",".join(map(str, v)) if isinstance(v, list) else "" if v is None else v
                 for k, v in cfg.to_dict().items()}
         acc.init_trackers(cfg.run_name or run.out.name, config=flat)
-    note = experts_note(cfg, acc.unwrap_model(run.model).config)
-    if note and console is not None and acc.is_main_process:
-        console.print(note, highlight=False)
+    model = acc.unwrap_model(run.model)
+    for note in (experts_note(cfg, model.config), kernel_warning(model, run.cuda)):
+        if note and console is not None and acc.is_main_process:
+            console.print(note, highlight=False)
     run.log = MetricsLog(acc, run.out / "metrics.jsonl", resumed, console)
     run.log.write({
         "event": "start", "world_size": acc.num_processes,
@@ -335,6 +337,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "total_params": total, "resumed_from_step": resumed, "fused_loss": run.head is not None,
         "loss_chunk_rows": run.head.chunk if run.head else None,
         "attention": cfg.attention(run.cuda),
+        "linear_attention": linear_attention_path_of(model, run.cuda, cfg.packing, cfg.padding_free(run.cuda)),
         **({"router_aux_loss_coef": run.balance.coef} if run.balance else {}),  # what -1 (the config's) resolved to
     }, first=True)
 

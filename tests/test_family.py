@@ -101,6 +101,10 @@ def test_qwen3_5_lora_two_ranks_match_one(bases, packed_lora, tmp_path):
             launch=TWO, env={"ACCELERATE_USE_CPU": "true"})
     end = read_metrics(out)[-1]
     assert read_metrics(out)[0]["world_size"] == 2 and end["ranks_in_sync"] is True
+    # the CPU's paths: Gated DeltaNet layers example by example, the fused loss head in chunks of 512 rows
+    # (the tiny model has Qwen3's 151,936 words)
+    start = read_metrics(packed_lora)[0]
+    assert (start["linear_attention"], start["fused_loss"], start["loss_chunk_rows"]) == ("loop", True, 512)
     assert losses(out) == pytest.approx(losses(packed_lora), rel=1e-5)
     got, want = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (out, packed_lora))
     assert got.keys() == want.keys() and any("linear_attn.in_proj_qkv" in k for k in got)

@@ -92,12 +92,14 @@ def test_packed_hybrid_equals_each_example_alone(hybrid, kind):
 
 @pytest.mark.parametrize("kind", HYBRIDS)
 def test_without_boundaries_packed_examples_leak(hybrid, kind):
-    """The check above can fail: the same packed row without sftkit's layer forward (what
-    transformers and TRL do with position_ids alone) moves the loss and the gradients of the
-    linear-attention layers far beyond the tolerance above (by 0.48 and 1.0 of the largest
-    gradient; the loss by 1e-5 and 2e-4); handed the offsets, transformers' reference refuses them."""
+    """The check above can fail: the same packed row without the boundaries (what transformers and
+    TRL do with position_ids alone) moves the loss and the gradients of the linear-attention layers
+    far beyond the tolerance above (by 0.48 and 1.0 of the largest gradient; the loss by 1e-5 and
+    2e-4); handed the offsets, transformers' own forward (sftkit's set aside) refuses them."""
+    from sftkit.arch.packed_linear_attention import is_gated_delta_net
+
     path, tok, docs = hybrid[kind]
-    plain = float64_model(path)  # not packing: nothing installed
+    plain = float64_model(path)
     want_loss, want = loss_and_grads(plain, [collate([[d]], tok.pad_token_id, False) for d in docs])
     batch = collate([docs], tok.pad_token_id, True, padding_free=True)
     positions_only = type(batch)({k: batch.inputs[k] for k in ("input_ids", "position_ids")}, batch.keep,
@@ -108,6 +110,8 @@ def test_without_boundaries_packed_examples_leak(hybrid, kind):
         assert_same_gradients(got, want, "position_ids only")
     leak = max((got[n] - want[n]).abs().max().item() / want[n].abs().max().item() for n in want if "linear_attn" in n)
     assert leak > 1e-2
+    for layer in (m for m in plain.modules() if is_gated_delta_net(m)):
+        del layer.forward  # transformers' forward again
     with pytest.raises(ValueError, match="packed sequences apart"):
         token_loss_sum(plain, batch)
 
@@ -122,24 +126,24 @@ def test_packing_refuses_a_linear_attention_model_it_cannot_split(hybrid):
     config = AutoConfig.for_model("qwen3", **family.text_config("qwen3"))
     config.layer_types = ["linear_attention", "full_attention"]
     with pytest.raises(ConfigError, match="set packing: false"):
-        keep_linear_attention_apart(AutoModelForCausalLM.from_config(config))
+        keep_linear_attention_apart(AutoModelForCausalLM.from_config(config), packing=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", HYBRIDS)
 def test_kernels_keep_packed_examples_apart_on_cuda(hybrid, kind):
-    """On a GPU, one padding-free row in bfloat16: through flash-linear-attention's varlen delta
-    rule and causal-conv1d's seq_idx where both are installed (else the per-example loop), the loss
-    and the Gated DeltaNet gradients of each example alone, to bfloat16's precision."""
-    from sftkit.arch.packed_linear_attention import kernels_take_boundaries
+    """On a GPU, one padding-free row in bfloat16: through flash-linear-attention's varlen short
+    convolution and delta rule where it is installed (else the per-example loop), the loss and the
+    Gated DeltaNet gradients of each example alone, to bfloat16's precision."""
+    from sftkit.arch.packed_linear_attention import linear_attention_path_of
 
     path, tok, docs = hybrid[kind]
     model = build_for_training(SFTConfig(model_name_or_path=str(path), packing=True)).cuda().to(torch.bfloat16)
     alone = [collate([[d]], tok.pad_token_id, False).to("cuda") for d in docs]
     want_loss, want = loss_and_grads(model, alone)
     loss, got = loss_and_grads(model, [collate([docs], tok.pad_token_id, True, padding_free=True).to("cuda")])
-    print(f"{kind}: kernels {'on' if kernels_take_boundaries() else 'off (per-example loop)'}")
+    print(f"{kind}: {linear_attention_path_of(model, cuda=True, packing=True, padding_free=True)}")
     assert loss == pytest.approx(want_loss, rel=2e-2)
     for name in (n for n in want if "linear_attn" in n):
         scale = want[name].float().abs().max().item()
