@@ -56,9 +56,46 @@ REPO = Path(__file__).resolve().parents[1]
 QWEN3_DIR = REPO / "bench" / "qwen3"  # Qwen's published configs (no weights), copied from ../shared/qwen3
 SYSTEMS = ("sftkit", "trl_default", "trl_best", "trl_liger", "bare")
 RESULT = "TRAIN_BENCH_RESULT "  # prefix of the one line a child prints for the parent
+START_FIELDS = ("fused_loss", "loss_chunk_rows", "attention", "linear_attention", "mixed_precision", "trainable_params",
+                "total_params")
 TINY128 = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 2, "head_dim": 32, "initializer_range": 0.02}  # the size PLATFORM_NOTES measured
 REAL = {"qwen3-0.6b": "Qwen3-0.6B", "qwen3-1.7b": "Qwen3-1.7B", "qwen3-8b": "Qwen3-8B"}
+# Newer generations, built from a config alone (bench/qwen3_5/README.md, bench/qwen3_moe/README.md):
+# preset -> (the config's directory, values that replace the saved ones). The Qwen3 tokenizer's ids
+# (< 151,936) fit Qwen3.5's 248,320-word vocabulary, whose every row is still in the embedding and lm_head.
+QWEN3_5_2B = REPO / "bench" / "qwen3_5" / "Qwen3.5-2B"
+QWEN3_30B_A3B = REPO / "bench" / "qwen3_moe" / "Qwen3-30B-A3B"
+# 12 of Qwen3-30B-A3B's 48 layers: each holds 623M parameters (128 experts of 3 x 2048 x 768), 1.25 GB
+# in bf16, and a LoRA step on the experts keeps about as much again (PEFT's ParamWrapper merges each
+# expert stack with its adapter every forward, and the backward holds the merge), plus ~0.2 GB of
+# fp32 adapters with their AdamW moments and the activations of 4096 tokens. 12 layers are ~16 GB of
+# weights and an estimated ~45 GB peak: room to spare on one 80 GB GPU, and quick to save and load
+# within the check's time; all 48 (61 GB of bf16 weights) would not fit. Per-layer speed and MFU do
+# not depend on the layer count.
+MOE_LAYERS = 12
+HYBRID4 = ["linear_attention"] * 3 + ["full_attention"]
+SHAPED = {
+    "qwen3.5-2b": (QWEN3_5_2B, {}),
+    f"qwen3-30b-a3b-{MOE_LAYERS}l": (QWEN3_30B_A3B, {"num_hidden_layers": MOE_LAYERS, "max_window_layers": MOE_LAYERS}),
+    # stand-ins of the same architectures for a CPU (the GPU check's dry run): Qwen3.5's whole vocabulary
+    "tiny-qwen3.5": (QWEN3_5_2B, {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                                  "layer_types": HYBRID4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                  "head_dim": 16, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                                  "linear_num_key_heads": 2, "linear_num_value_heads": 4}),
+    "tiny-moe": (QWEN3_30B_A3B, {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                 "max_window_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+}
+
+
+def shaped_config(name: str):
+    """A SHAPED preset's config: the saved config.json with the preset's values in place of its own."""
+    from transformers import AutoConfig
+
+    path, changes = SHAPED[name]
+    values = {**json.loads((path / "config.json").read_text()), **changes}
+    return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def work_dir() -> Path:
@@ -72,7 +109,7 @@ def build_model(name: str) -> Path:
     if Path(name).is_dir():
         return Path(name)
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen3Config
 
     from sftkit.io import atomic_directory
     from sftkit.models import TINY_CONFIG, TINY_INIT_SEED, bundled_tokenizer_dir
@@ -81,20 +118,25 @@ def build_model(name: str) -> Path:
         if not (QWEN3_DIR / REAL[name] / "config.json").is_file():
             raise SystemExit(f"--model {name}: {QWEN3_DIR / REAL[name]}/config.json not found (see bench/qwen3/README.md)")
         config = Qwen3Config.from_pretrained(QWEN3_DIR / REAL[name])
+    elif name in SHAPED:
+        config = shaped_config(name)
     elif name in ("tiny", "tiny128"):
         config = Qwen3Config(**{**TINY_CONFIG, **(TINY128 if name == "tiny128" else {})})
     else:
-        raise SystemExit(f"--model: '{name}' is neither a preset (tiny, tiny128, {', '.join(REAL)}) nor a directory")
+        raise SystemExit(f"--model: '{name}' is neither a preset (tiny, tiny128, {', '.join([*REAL, *SHAPED])}) "
+                         "nor a directory")
     key = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:12]  # a changed preset never reuses a build
     path = work_dir() / "models" / f"{name}-{key}"
     if any(path.glob("model*.safetensors*")):
         return path
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 8B takes minutes on a CPU
+    published = name in REAL or (name in SHAPED and not name.startswith("tiny"))
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(TINY_INIT_SEED)
-        model = Qwen3ForCausalLM(config)
-    if name in REAL:
-        model = model.to(torch.bfloat16)  # as published; every system loads it in fp32 all the same
+        # the SHAPED ones are made in bf16 directly: 12 layers of Qwen3-30B-A3B are 30 GB in fp32
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": torch.bfloat16} if published and name in SHAPED else {}))
+    if published:
+        model = model.to(torch.bfloat16)  # as published; a full fine-tune loads it in fp32 all the same
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp)
@@ -160,6 +202,9 @@ def child_sftkit(a) -> dict:
     from sftkit.train import finish, fit, setup
 
     run = setup(sftkit_config(a, a.scratch / "sftkit"))
+    config = run.accelerator.unwrap_model(run.model).config
+    # a MoE model's routed-experts kernel (transformers' grouped_mm, batched_mm or eager loop)
+    experts = getattr(config, "_experts_implementation", None) if getattr(config, "num_experts", None) else None
     fit(run)
     peak_mb = peak_memory_mb()  # the peak of training, not of writing final/ after it
     finish(run)
@@ -170,7 +215,9 @@ def child_sftkit(a) -> dict:
     return {"ends": [r["elapsed_s"] for r in steps], "sup": sup, "tok": tok,
             "slots": sum(t / r["padding_efficiency"] for t, r in zip(tok, steps)), "first_loss": steps[0]["loss"],
             "tflops": [r["tflops_per_device"] for r in steps], "peak_mb": peak_mb,
-            "note": f"fused_loss={lines[0].get('fused_loss')}, attention={lines[0].get('attention')}, logging_steps=1"}
+            "note": f"fused_loss={lines[0].get('fused_loss')}, attention={lines[0].get('attention')}, logging_steps=1",
+            # the start record's paths (linear_attention: fla, loop or torch; absent without Gated DeltaNet layers)
+            "start": {**{k: lines[0].get(k) for k in START_FIELDS}, "experts": experts}}
 
 
 def child_bare(a) -> dict:
@@ -247,9 +294,9 @@ def child_trl(a, best: bool, liger: bool = False) -> dict:
     if a.lora:
         from peft import LoraConfig
 
-        from sftkit.models import lora_targets
+        from sftkit.models import lora_dropout, lora_targets
 
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=lora_dropout(cfg, model.config),
                                  target_modules=lora_targets(cfg, model.config), task_type="CAUSAL_LM")
     trainer = CountingSFTTrainer(model=model, args=args,
                                  train_dataset=train, processing_class=load_tokenizer(str(a.model_dir)),
@@ -272,7 +319,8 @@ def summarize(rec: dict, warmup: int = 1) -> dict:
            "sup_tok_s": sum(sup[w:]) / rest if ok else math.nan, "tok_s": sum(tok[w:]) / rest if ok else math.nan,
            "sup_tok_s_all": sum(sup) / ends[-1], "tok_s_all": sum(tok) / ends[-1],
            "supervised_tokens": sum(sup), "tokens": sum(tok), "padding_efficiency": sum(tok) / rec["slots"],
-           "peak_mb": rec["peak_mb"], "first_loss": rec["first_loss"], "note": rec["note"], "step_ends_s": ends}
+           "peak_mb": rec["peak_mb"], "first_loss": rec["first_loss"], "note": rec["note"], "step_ends_s": ends,
+           "start": rec.get("start")}
     if rec.get("tflops") and ok:  # sftkit's own count, each step's TFLOPS times its duration
         steps_s = diffs(ends)
         out["model_tflop_timed"] = sum(t * d for t, d in zip(rec["tflops"][w:], steps_s[w:]))
@@ -369,7 +417,8 @@ def print_table(rows: list[dict], mem: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny", help="tiny, tiny128, qwen3-0.6b, qwen3-1.7b, qwen3-8b, or a directory")
+    ap.add_argument("--model", default="tiny", help=f"a preset ({', '.join(['tiny', 'tiny128', *REAL, *SHAPED])}) or a "
+                    "directory")
     ap.add_argument("--n", type=int, help="synthetic conversations; those over max_length are dropped. Default: 512 "
                     "on a GPU, 32 on a CPU (where TRL trains the tiny model at about 50 supervised tokens/s)")
     ap.add_argument("--max_length", type=int, default=1024)
