@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,18 +57,68 @@ def tok():
 
 
 def run_cli(*args: str, launch: list[str] | None = None, env: dict | None = None, check: bool = True,
-            timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run `sftkit ARGS` (or `accelerate launch LAUNCH -m sftkit ARGS`) in a subprocess, in `cwd`."""
-    if launch is None:
-        cmd = [str(BIN / "sftkit"), *args]
-    else:
+            timeout: int = 600, cwd: Path = ROOT, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `sftkit ARGS` as a process of its own in `cwd`: forked from a warm server that has done
+    the imports (tests/warm_cli.py), or with `fresh` the console script itself, for what a fresh
+    interpreter does while importing. `launch`: `accelerate launch LAUNCH -m sftkit ARGS`, fresh."""
+    if launch is not None:
         cmd = [str(BIN / "accelerate"), "launch", *launch, "-m", "sftkit", *args]
+    else:
+        cmd = [str(BIN / "sftkit"), *args]
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if fresh or launch is not None:
+        proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
+    else:
+        proc = warm_server().run(cmd, full_env, cwd, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-5000:]}")
     return proc
+
+
+class WarmServer:
+    """The client of tests/warm_cli.py: one server per test process, started on first use."""
+
+    def __init__(self):
+        self.log = tempfile.NamedTemporaryFile(prefix="warm_cli_", suffix=".log", delete=False)  # noqa: SIM115
+        read, write = os.pipe()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_cli.py"), str(write)], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=self.log, stderr=self.log, pass_fds=(write,),
+                                     text=True)
+        os.close(write)
+        self.answers = os.fdopen(read)
+        atexit.register(self.close)
+
+    def run(self, cmd: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(prefix="warm_cli_") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"args": cmd[1:], "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                       "timeout": timeout}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.answers.readline()
+            if not line:
+                raise RuntimeError(f"tests/warm_cli.py stopped: {Path(self.log.name).read_text()[-3000:]}")
+            answer = json.loads(line)
+            if answer.get("timeout"):
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            return subprocess.CompletedProcess(cmd, answer["returncode"], out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        os.unlink(self.log.name)
+
+
+_SERVER: list[WarmServer] = []  # this test process's server, once started
+
+
+def warm_server() -> WarmServer:
+    if not _SERVER:
+        _SERVER.append(WarmServer())
+    return _SERVER[0]
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

@@ -177,12 +177,12 @@ def test_a_train_run_prints_no_third_party_warnings(tmp_path):
     deprecation warning, DeepSpeed's 'Setting accelerator to CPU' and the weight-loading bars all
     used to print. --verbose shows them again (so this test can fail)."""
     args = [*SHORT, "--max_steps", "2", "--save_steps", "1"]
-    quiet = run_cli("train", *args, "--output_dir", str(tmp_path / "q"))
+    quiet = run_cli("train", *args, "--output_dir", str(tmp_path / "q"), fresh=True)  # import-time lines too
     assert quiet.stderr.strip() == "", quiet.stderr
     for noise in ("Setting accelerator to CPU", "Removed shared tensor", "Loading weights", "Writing model shards",
                   "Failed to load CPU gemm_4bit_forward"):  # the last: bitsandbytes, when installed, imported by PEFT
         assert noise not in quiet.stdout
-    loud = run_cli("train", *args, "--output_dir", str(tmp_path / "v"), "--verbose")
+    loud = run_cli("train", *args, "--output_dir", str(tmp_path / "v"), "--verbose", fresh=True)
     # a LoRA checkpoint no longer holds the tied (frozen) embedding, so accelerate's "Removed shared
     # tensor" is gone from this run; DeepSpeed's line at import still shows that --verbose lets noise through
     assert "Setting accelerator to CPU" in loud.stdout + loud.stderr
