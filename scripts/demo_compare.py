@@ -46,8 +46,8 @@ def main() -> None:
 
     from sftkit.config import SFTConfig
     from sftkit.data.prepare import load_conversations, resolve_sources
+    from sftkit.evaluate import load_for_eval
     from sftkit.generate import generate, split_prompt
-    from sftkit.models import load_for_eval
     from sftkit.quiet import quiet_third_party
 
     quiet_third_party()

@@ -35,12 +35,13 @@ class SFTTrainer:
     def evaluate(self, data_path: str | None = None, model: str | None = None) -> dict:
         """Loss and perplexity of `model` (default: this run's final/) on `data_path`
         (default: eval_data_path)."""
+        from sftkit.checkpoint import FINAL_DIR
         from sftkit.commands import eval_command
 
         data = data_path or self.config.eval_data_path
         if not data:
             raise ConfigError("evaluate() needs data: pass data_path= or set eval_data_path in the config")
-        target = model or str(Path(self.config.output_dir) / "final")
+        target = model or str(Path(self.config.output_dir) / FINAL_DIR)
         cfg = SFTConfig(**{**self.config.to_dict(), "data_path": [data]})
         self._quiet()
         return eval_command(target, cfg, None)  # loss and perplexity only: no generation options

@@ -3,14 +3,19 @@ into place, so `latest` never finds a half-written checkpoint.
 
 checkpoint-N/
   state/              accelerate.save_state: the weights that train (never a frozen one), the
-                      optimizer, RNG of every rank (DeepSpeed: its engine's files, frozen excluded)
+                      optimizer, RNG of every rank (DeepSpeed: its engine's files, frozen excluded);
+                      under FSDP2 instead dcp/ (torch.distributed.checkpoint: the trained weights'
+                      and the optimizer's shards, by name) and rng_{rank}.pt
   model/              the model or adapter in Hugging Face format (eval and merge-lora read it)
   scheduler.json      the learning-rate scheduler's state
   trainer_state.json  the TrainState: step, micro-batches consumed, token counts, time, skipped
                       steps, and the base model the frozen weights are reloaded from
   checksums.json      written last: the size and digest of every other file (resume verifies them)
 
-This module owns those names: nothing else spells them.
+final/                the model as save_model writes it (what eval and merge-lora take), and
+                      sftkit_state.json: the step it holds
+
+This module owns those names: nothing else spells them (tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from sftkit.arch.layout import restore as restore_layout
 from sftkit.digest import algo_of, of_bytes, of_files
 from sftkit.errors import ConfigError, SftkitError
 from sftkit.io import apply_umask, atomic_write_text
-from sftkit.sharding import DCP_DIR, full_state_dict, is_sharded, load_sharded, save_sharded
+from sftkit.sharding import full_state_dict, is_sharded
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_PREFIX = "checkpoint-"   # checkpoint-N: the state after step N
+CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 STATE_DIR = "state"
 MODEL_DIR = "model"
@@ -43,6 +49,8 @@ FINAL_STATE = "sftkit_state.json"   # in final/: the step it holds (a finished r
 MODEL_CARD = "README.md"          # beside a saved model: what it is (model_card)
 CHECKSUMS = "checksums.json"        # written last: size and digest of every other file
 LEGACY_SCHEDULER = "custom_checkpoint_0.pkl"  # where accelerate kept our scheduler before scheduler.json
+DCP_DIR = "dcp"                     # FSDP2, in state/: the trained tensors and the optimizer, by name
+RNG_FILE = "rng_{rank}.pt"          # FSDP2, in state/: each rank's RNG states
 
 
 @dataclass
@@ -90,12 +98,30 @@ class TrainState:
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
-    found = [p for p in out_dir.glob("checkpoint-*") if CHECKPOINT_RE.match(p.name) and (p / TRAINER_STATE).is_file()]
+    found = [p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if CHECKPOINT_RE.match(p.name)
+             and (p / TRAINER_STATE).is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / f"checkpoint-{step}"
+    return out_dir / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def temporary(folder: Path) -> Path:
+    """Where `folder` (a checkpoint-N or final/) is written before it is renamed into place."""
+    return folder.with_name(f".{folder.name}.tmp")
+
+
+def saves_in(out_dir: Path) -> list[Path]:
+    """What a run saved in `out_dir` (every checkpoint-* folder, whole or not, and final/), for
+    --overwrite_output_dir to remove."""
+    return [*out_dir.glob(f"{CHECKPOINT_PREFIX}*"), out_dir / FINAL_DIR]
+
+
+def saves_cut_short(out_dir: Path) -> list[Path]:
+    """The temporary folders of saves that never finished (a killed run's), for the next owner of
+    `out_dir` to remove."""
+    return [*out_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"), temporary(out_dir / FINAL_DIR)]
 
 
 def read_state(path: Path) -> TrainState:
@@ -124,10 +150,14 @@ def model_in(path: str) -> str:
 
 
 def ensure_stop_token(generation_config, tokenizer) -> None:
-    """Make generation stop at the chat template's end-of-turn token (<|im_end|> for Qwen3)."""
+    """Make generation stop at the token the chat template ends a reply with (<|im_end|> for
+    Qwen3, whose base models' eos is <|endoftext|>), as well as at the tokenizer's eos."""
+    from sftkit.data.render import reply_close
+
     eos = generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    for tok_id in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id):
+    close = reply_close(tokenizer)
+    for tok_id in (close and tokenizer.convert_tokens_to_ids(close), tokenizer.eos_token_id):
         if isinstance(tok_id, int) and tok_id >= 0 and tok_id != tokenizer.unk_token_id and tok_id not in eos:
             eos.append(tok_id)
     generation_config.eos_token_id = eos
@@ -180,7 +210,8 @@ def save_final(accelerator, model, tokenizer, cfg, out_dir: Path, step: int) -> 
     half-written or empty final/. It records its step (FINAL_STATE): the run has finished only once
     a final/ of its last step is there. A failed write (a full disk) removes the partial folder and
     says which checkpoint a rerun writes final/ from."""
-    final, tmp = out_dir / FINAL_DIR, out_dir / f".{FINAL_DIR}.tmp"
+    final = out_dir / FINAL_DIR
+    tmp = temporary(final)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -241,7 +272,7 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
                     optimizer=None) -> Path:
     step = state.step
     final = checkpoint_dir(out_dir, step)
-    tmp = out_dir / f".checkpoint-{step}.tmp"
+    tmp = temporary(final)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -267,7 +298,7 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
     except Exception as err:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError: a full disk is any of them
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(out_dir)
-        raise SftkitError(f"saving checkpoint-{step} failed ({_cause(err)}); "
+        raise SftkitError(f"saving {final.name} failed ({_cause(err)}); "
                           + (f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists")
                           + "; free space and resume with --resume_from_checkpoint latest") from None
     accelerator.wait_for_everyone()
@@ -469,3 +500,72 @@ def load_weights(models: list, folder: str) -> None:
             raise ConfigError(f"{file} {what} (e.g. {example}): it was written for another model; resume from "
                               "a checkpoint of this run, or start a new run")
     models.clear()
+
+
+# ---- FSDP2's state/: torch.distributed.checkpoint (DCP), sharded as trained, resharded as loaded ----
+
+
+def save_sharded(model, optimizer, folder, keep: set[str]) -> None:
+    """Every rank writes its own shards of the weights that train (`keep`: never a frozen base
+    weight) and of the optimizer's moments, keyed by parameter name, and its RNG states; DCP's
+    coordinator (rank 0) writes the metadata once every rank's files are in, so a checkpoint holds
+    the whole state however many ranks wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
+             "optim": get_optimizer_state_dict(model, inner)}
+    dcp.save(state, checkpoint_id=str(folder / DCP_DIR))
+    save_rng(folder)
+
+
+def load_sharded(model, optimizer, folder, keep: set[str]) -> None:
+    """The state save_sharded wrote, into this run's model and optimizer: sharded or not, on any
+    number of ranks (DCP reads each rank's slices of every tensor by name)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
+             "optim": get_optimizer_state_dict(model, inner)}
+    dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, inner, state["optim"])
+    load_rng(folder)
+
+
+def rng_file(folder, rank: int):
+    return folder / RNG_FILE.format(rank=rank)
+
+
+def save_rng(folder) -> None:
+    """This rank's torch (and CUDA) RNG states, for the dropout masks a resumed run must repeat."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(states, rng_file(folder, rank))
+
+
+def load_rng(folder) -> None:
+    """This rank's saved RNG states; a rank the checkpoint has none of (more ranks than wrote it)
+    takes rank 0's."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = rng_file(folder, rank)
+    states = torch.load(path if path.is_file() else rng_file(folder, 0), weights_only=True)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

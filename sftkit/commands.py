@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sftkit.checkpoint import FINAL_DIR
 from sftkit.config import GenerationOptions, MergeOptions, SFTConfig
 from sftkit.errors import ConfigError
 from sftkit.prechecks import check_data, check_eval, check_hub_name, check_train
@@ -54,7 +55,7 @@ def train_command(cfg: SFTConfig) -> dict:
                   highlight=False)
     if "final_eval" in summary:  # a stop signal came during the final eval: the model is complete
         con.print(f"the final eval was {summary['final_eval']}; run it with: sftkit eval --model "
-                  f"{Path(cfg.output_dir) / 'final'} --data_path {cfg.eval_data_path}", highlight=False)
+                  f"{Path(cfg.output_dir) / FINAL_DIR} --data_path {cfg.eval_data_path}", highlight=False)
     return summary
 
 
@@ -67,7 +68,7 @@ def end_line(summary: dict, cfg: SFTConfig) -> str:
         parts.append(f"train loss {summary['train_loss']:.4f}")
     if summary.get("eval_loss") is not None:
         parts.append(f"eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_ppl']:.4g})")
-    parts.append(f"model in {out / 'final'}")
+    parts.append(f"model in {out / FINAL_DIR}")
     # accelerate's trackers log under project_dir (our output_dir) / the run's name
     run_name = cfg.run_name or out.name
     for tracker in cfg.trackers or []:
@@ -86,9 +87,8 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
     from sftkit.accel import make_accelerator
     from sftkit.data.dataset import prepared_dir
     from sftkit.data.prepare import load_prepared
-    from sftkit.evaluate import evaluate_loss
+    from sftkit.evaluate import evaluate_loss, load_for_eval
     from sftkit.io import atomic_write_json
-    from sftkit.models import load_for_eval
     from sftkit.report import print_eval
 
     con = console()

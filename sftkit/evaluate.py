@@ -1,14 +1,43 @@
-"""Evaluation: the exact token-mean loss (the training loss's definition) and perplexity."""
+"""Evaluation: the model eval is pointed at (an adapter, a merged or full model, a checkpoint, a
+base), and the exact token-mean loss (the training loss's definition) and perplexity."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from sftkit.batching import load_micro_batch
+from sftkit.checkpoint import model_in
 from sftkit.data.dataset import lengths as example_lengths
+from sftkit.errors import ConfigError
 from sftkit.loss import token_loss_sum
+from sftkit.models import adapter_base, check_weights_format, load_adapter, load_model, load_tokenizer
+
+
+def load_for_eval(path: str, cfg):
+    """(model in eval mode, tokenizer) for an adapter, a merged or full model, a checkpoint, or a base."""
+    path = model_in(path)
+    p = Path(path)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    attention = cfg.attention(torch.cuda.is_available())
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--model {path}: expected a model directory")
+    # the tokenizer first: its chat template is checked before any weights load
+    tokenizer = load_tokenizer(path if (p / "tokenizer_config.json").is_file() else cfg.model_name_or_path,
+                               cfg.trust_remote_code)
+    if (p / "adapter_config.json").is_file():
+        from sftkit.fit import check_adapter_fits
+
+        base = adapter_base(p)
+        check_adapter_fits(p, base)  # before the base loads
+        model = load_adapter(load_model(base, dtype, attention, cfg.trust_remote_code), p, base)
+    else:
+        check_weights_format(path)
+        model = load_model(path, dtype, attention, cfg.trust_remote_code)
+    model.eval()
+    return model, tokenizer
 
 
 @torch.no_grad()

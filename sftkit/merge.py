@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftkit.arch.table import text_config
 from sftkit.errors import ConfigError
 from sftkit.fit import tensor_headers
 from sftkit.io import disk_full, free_bytes
@@ -178,6 +179,5 @@ def _untie_if_needed(model) -> bool:
         return False
     head.weight = torch.nn.Parameter(head.weight.detach().clone())
     model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
+    text_config(model.config).tie_word_embeddings = False
     return True

@@ -1,12 +1,12 @@
 """Load and build models and tokenizers: the built-in `tiny-qwen3`, a local directory, a Hub id;
-the model as it trains (LoRA, checkpointing, compile); and whatever eval is pointed at (an adapter,
-a merged or full model, a checkpoint, a base)."""
+the model as it trains (LoRA, checkpointing, compile); an adapter on its base."""
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
 
+from sftkit.arch.table import arch_of, decoder_layers, linear_attention_layers, text_config
 from sftkit.errors import ConfigError, clip, quote
 
 TINY = "tiny-qwen3"
@@ -244,24 +244,20 @@ def build_for_training(cfg, cuda: bool = False, sequence=None):
 def keep_linear_attention_apart(model, packing: bool) -> None:
     """Gated DeltaNet layers get sftkit's forward (flash-linear-attention's kernels on CUDA where
     installed; packed examples kept apart: sftkit/arch/packed_linear_attention.py). With `packing`,
-    a model whose linear-attention layers sftkit finds none of stops here (they would run their
-    recurrence across examples, silently)."""
+    a model whose config names linear-attention layers but that has no Gated DeltaNet module sftkit
+    can drive stops here (they would run their recurrence across examples, silently)."""
     from sftkit.arch.packed_linear_attention import install
-    from sftkit.arch.table import arch_of
 
     if install(model) or not packing:
         return
-    text = model.config.get_text_config()
-    if arch_of(model.config).linear_attention or "linear_attention" in (getattr(text, "layer_types", None) or []):
-        raise ConfigError(f"packing: {text.model_type} has linear-attention layers that sftkit cannot hand the example "
-                          "boundaries to (no Gated DeltaNet layer found), so packed examples would share their state; "
-                          "set packing: false")
+    if linear_attention_layers(model.config):
+        raise ConfigError(f"packing: {text_config(model.config).model_type} has linear-attention layers that sftkit "
+                          "cannot hand the example boundaries to (no Gated DeltaNet layer found), so packed examples "
+                          "would share their state; set packing: false")
 
 
 def lora_targets(cfg, config) -> list[str]:
     """The modules LoRA wraps: the user's list, else the architecture's (sftkit/arch/table.py)."""
-    from sftkit.arch.table import arch_of
-
     return list(cfg.lora_target_modules) or list(arch_of(config).lora_modules)
 
 
@@ -269,8 +265,6 @@ def lora_parameters(cfg, config) -> list[str]:
     """The parameters LoRA wraps (PEFT target_parameters): the user's list, else the architecture's
     expert tensors, which only PEFT's ParamWrapper reaches, and it refuses lora_dropout != 0 and
     DoRA: so not when the user set either."""
-    from sftkit.arch.table import arch_of
-
     if cfg.lora_target_parameters == ["none"]:
         return []
     if cfg.lora_target_parameters or cfg.lora_dropout or cfg.use_dora:
@@ -290,8 +284,6 @@ def lora_dropout(cfg, config) -> float:
 
 def experts_note(cfg, config) -> str | None:
     """One line for the start of a LoRA run on an MoE model: what its default does to the experts."""
-    from sftkit.arch.table import arch_of
-
     experts = arch_of(config).lora_expert_parameters
     if not (cfg.use_lora and experts and not cfg.lora_target_parameters):
         return None
@@ -354,34 +346,6 @@ def trainable_in_fp32(model) -> None:
             p.data = p.data.float()
 
 
-def load_for_eval(path: str, cfg):
-    """(model in eval mode, tokenizer) for an adapter, a merged or full model, a checkpoint, or a base."""
-    import torch
-
-    from sftkit.checkpoint import model_in
-
-    path = model_in(path)
-    p = Path(path)
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    attention = cfg.attention(torch.cuda.is_available())
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"--model {path}: expected a model directory")
-    # the tokenizer first: its chat template is checked before any weights load
-    tokenizer = load_tokenizer(path if (p / "tokenizer_config.json").is_file() else cfg.model_name_or_path,
-                               cfg.trust_remote_code)
-    if (p / "adapter_config.json").is_file():
-        from sftkit.fit import check_adapter_fits
-
-        base = adapter_base(p)
-        check_adapter_fits(p, base)  # before the base loads
-        model = load_adapter(load_model(base, dtype, attention, cfg.trust_remote_code), p, base)
-    else:
-        check_weights_format(path)
-        model = load_model(path, dtype, attention, cfg.trust_remote_code)
-    model.eval()
-    return model, tokenizer
-
-
 def load_adapter(base_model, adapter: Path, base_name: str):
     """PeftModel of `adapter` on `base_model`; a base of another size (where check_adapter_fits
     could not read it first: a Hub id) is one line naming a tensor and both shapes."""
@@ -406,13 +370,6 @@ def adapter_base(adapter: Path) -> str:
     if not base:
         raise ConfigError(f"{adapter}/adapter_config.json names no base model (base_model_name_or_path)")
     return base
-
-
-def decoder_layers(model) -> list:
-    """The repeated transformer blocks, in order (transformers marks them GradientCheckpointingLayer)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -32,6 +32,8 @@ from sftkit.checkpoint import (
     list_checkpoints,
     read_state,
     saved_config,
+    saves_cut_short,
+    saves_in,
 )
 from sftkit.errors import ConfigError, NothingToDo, quote
 from sftkit.io import check_free_space, check_not_a_file, check_not_an_input, check_writable
@@ -127,7 +129,7 @@ def claim(cfg, accelerator) -> FolderLock:
         if not cfg.use_lora:  # final/ holds the whole model at least (an adapter is small)
             check_free_space(out, min_saved_bytes(cfg.model_name_or_path))
         if accelerator.is_main_process:
-            for stale in [*out.glob(".checkpoint-*.tmp"), out / f".{FINAL_DIR}.tmp"]:
+            for stale in saves_cut_short(out):
                 shutil.rmtree(stale, ignore_errors=True)
         if not cfg.resume_from_checkpoint:
             _claim_new(cfg, accelerator, out)
@@ -143,7 +145,7 @@ def _claim_new(cfg, accelerator, out: Path) -> None:
         raise ConfigError(f"{out} holds another run ({shown}); continue it with --resume_from_checkpoint latest, "
                           "choose a new --output_dir, or pass --overwrite_output_dir to replace it")
     if accelerator.is_main_process:
-        for p in [*out.glob("checkpoint-*"), out / FINAL_DIR]:  # temporary folders went above
+        for p in saves_in(out):  # temporary folders went above
             shutil.rmtree(p, ignore_errors=True)
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)

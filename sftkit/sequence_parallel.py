@@ -36,12 +36,11 @@ class SequenceGroup:
 
 def check_model(config, size: int) -> None:
     """Refuse what a head split cannot compute; one line, naming the fix."""
-    from sftkit.arch.table import arch_of
+    from sftkit.arch.table import arch_of, linear_attention_layers
 
-    arch = arch_of(config)
-    if arch.linear_attention:
-        raise ConfigError(f"--sequence_parallel_size {size}: {arch.name} has Gated DeltaNet layers, whose recurrence "
-                          "runs along the whole sequence and is not split here; use --sequence_parallel_size 1")
+    if linear_attention_layers(config):
+        raise ConfigError(f"--sequence_parallel_size {size}: {arch_of(config).name} has Gated DeltaNet layers, whose "
+                          "recurrence runs along the whole sequence and is not split here; use --sequence_parallel_size 1")
     heads = config.num_attention_heads
     if heads % size:
         raise ConfigError(f"--sequence_parallel_size {size} must divide the model's {heads} attention heads "

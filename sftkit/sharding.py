@@ -12,11 +12,16 @@ until the last micro-batch, DDP's memory.
   is_sharded(model)        whether `model` is one that shard() returned
   clip_grad_norm_          the norm of all ranks' gradient shards, and the clip by it
   full_state_dict(model)   the whole model gathered on rank 0's CPU, for save_pretrained
+
+What a sharded checkpoint holds (DCP shards of the trained weights and optimizer, every rank's
+RNG states) is written and read by sftkit/checkpoint.py, with every other checkpoint file.
 """
 
 from __future__ import annotations
 
 import math
+
+from sftkit.arch.table import decoder_layers
 
 
 def shard(model, bf16: bool, device_type: str, offload: bool = False):
@@ -31,8 +36,6 @@ def shard(model, bf16: bool, device_type: str, offload: bool = False):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    from sftkit.models import decoder_layers
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
@@ -83,73 +86,3 @@ def full_state_dict(model) -> dict:
         if kept != name and kept in state and name in state:
             state[name] = state[kept]
     return state
-
-
-# ---- checkpoints: torch.distributed.checkpoint (DCP), sharded as trained, resharded as loaded ----
-DCP_DIR = "dcp"  # in a checkpoint's state/: the model's trained tensors and the optimizer, by name
-
-
-def save_sharded(model, optimizer, folder, keep: set[str]) -> None:
-    """Every rank writes its own shards of the weights that train (`keep`: never a frozen base
-    weight) and of the optimizer's moments, keyed by parameter name, and its RNG states; DCP's
-    coordinator (rank 0) writes the metadata once every rank's files are in, so a checkpoint holds
-    the whole state however many ranks wrote it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
-             "optim": get_optimizer_state_dict(model, inner)}
-    dcp.save(state, checkpoint_id=str(folder / DCP_DIR))
-    save_rng(folder)
-
-
-def load_sharded(model, optimizer, folder, keep: set[str]) -> None:
-    """The state save_sharded wrote, into this run's model and optimizer: sharded or not, on any
-    number of ranks (DCP reads each rank's slices of every tensor by name)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    inner = getattr(optimizer, "optimizer", optimizer)
-    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
-             "optim": get_optimizer_state_dict(model, inner)}
-    dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, inner, state["optim"])
-    load_rng(folder)
-
-
-def rng_file(folder, rank: int):
-    return folder / f"rng_{rank}.pt"
-
-
-def save_rng(folder) -> None:
-    """This rank's torch (and CUDA) RNG states, for the dropout masks a resumed run must repeat."""
-    import torch
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(states, rng_file(folder, rank))
-
-
-def load_rng(folder) -> None:
-    """This rank's saved RNG states; a rank the checkpoint has none of (more ranks than wrote it)
-    takes rank 0's."""
-    import torch
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    path = rng_file(folder, rank)
-    states = torch.load(path if path.is_file() else rng_file(folder, 0), weights_only=True)
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -533,8 +533,9 @@ def log_eval(run: Run, stop: StopRequest | None = None, bar=None) -> dict | None
 def save(run: Run) -> Path:
     """checkpoint-N for the current step, written only from finite weights and optimizer state."""
     if not state_is_finite(run):
+        unsaved = checkpoint_dir(run.out, run.state.step).name
         raise SftkitError(f"training diverged at step {run.state.step}: a weight or an optimizer moment became "
-                          f"nan or inf, so checkpoint-{run.state.step} was not written. {last_finite(run)} "
+                          f"nan or inf, so {unsaved} was not written. {last_finite(run)} "
                           "Lower --learning_rate, use bf16 instead of fp16, or pass --skip_nan_steps")
     run.state.elapsed_s = time.time() - run.start_time
     path = save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg, run.out, run.state, run.scheduler,

@@ -92,7 +92,9 @@ class WarmServer:
     def run(self, cmd: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory(prefix="warm_cli_") as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {"args": cmd[1:], "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+            # bytes (a non-UTF-8 name) as the child's sys.argv would hold them: decoded with surrogateescape
+            args = [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in cmd[1:]]
+            request = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
                        "timeout": timeout}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()

@@ -69,6 +69,82 @@ def test_imports_only_go_down():
     assert not upward, f"imports against the layers of docs/ARCHITECTURE.md: {upward}"
 
 
+def import_cycles() -> list[list[str]]:
+    """Chains of imports that come back to where they started (lazy imports inside functions
+    count: Python never fails on them, but the modules still cannot be read or tested apart): the
+    shortest one through each module that is on one, each once, as [a, b, c, a] from its first
+    module in sorted order."""
+    graph = {mod: sorted(sftkit_imports(path) - {mod}) for mod, path in MODULES.items()}
+    found = set()
+    for start in graph:
+        came_from, todo = {}, [start]
+        while todo and start not in came_from:  # breadth first: the shortest way back to start
+            mod = todo.pop(0)
+            for dep in graph.get(mod, []):
+                if dep not in came_from:
+                    came_from[dep] = mod
+                    todo.append(dep)
+        if start in came_from:
+            cycle, mod = [], start
+            while not cycle or mod != start:
+                cycle.append(mod)
+                mod = came_from[mod]
+            cycle.reverse()
+            first = cycle.index(min(cycle))
+            found.add(tuple(cycle[first:] + cycle[:first]))
+    return sorted([*cycle, cycle[0]] for cycle in found)
+
+
+def test_no_import_cycle():
+    cycles = import_cycles()
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """The ids of the string constants that stand alone as statements (module, class, function
+    and attribute docstrings): prose, not code."""
+    return {id(node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+
+
+def checkpoint_names() -> dict[str, str]:
+    """NAME -> text of every module-level string constant of sftkit/checkpoint.py: the names of
+    the files and folders of a checkpoint and of final/ (`rng_{rank}.pt`: a template)."""
+    return {t.id: node.value.value for node in ast.parse(MODULES["checkpoint"].read_text()).body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
+def spelled_names(path: Path, names: dict[str, str]) -> list[str]:
+    """Where `path` spells one of `names` in code (not in a docstring). A name with a dot, dash,
+    underscore or placeholder is looked for in every string (its text before any placeholder); a
+    plain word ("final", "model") only where it is a path (an operand of `/`, or after a slash) or
+    the value of a module-level constant."""
+    tree = ast.parse(path.read_text())
+    prose = docstrings(tree)
+    pathlike = {id(side) for node in ast.walk(tree) if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+                for side in (node.left, node.right)}
+    pathlike |= {id(node.value) for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in prose:
+            continue
+        for const, name in names.items():
+            plain = re.fullmatch(r"\w+", name) and "_" not in name
+            hit = (id(node) in pathlike and node.value == name
+                   or re.search(rf"/{name}(/|$)", node.value)) if plain else name.split("{")[0] in node.value
+            if hit:
+                found.append(f"sftkit/{module_name(path)}.py:{node.lineno} spells {node.value!r} (checkpoint.{const})")
+    return found
+
+
+def test_checkpoint_file_names_are_spelled_only_in_checkpoint_py():
+    names = checkpoint_names()
+    assert {"FINAL_DIR", "STATE_DIR", "MODEL_DIR", "TRAINER_STATE", "DCP_DIR", "RNG_FILE"} <= set(names)
+    spelled = [hit for mod, path in MODULES.items() if mod != "checkpoint" for hit in spelled_names(path, names)]
+    assert not spelled, f"checkpoint file names outside sftkit/checkpoint.py: {spelled}"
+
+
 def test_the_data_package_never_sees_the_run_config():
     for mod, path in MODULES.items():
         if mod.startswith("data/"):

@@ -6,16 +6,17 @@ Counted (one multiply-add = 2 FLOPs), per the PaLM appendix B convention with sf
     shared expert with that expert's sigmoid gate: active parameters, as MoE papers report them.
     The lm_head counts only for supervised positions, because those are the only rows training
     needs (the fused loss never computes the others, so counting them would inflate MFU);
-  * softmax attention, on the full-attention layers only (`layer_types`): QK^T and AV,
+  * softmax attention, on every layer that is not linear attention: QK^T and AV,
     4 * heads * head_dim per (query, key) pair forward, causal: an example of length s has
     s(s+1)/2 pairs (the sum of s^2 is carried by the batch; s^2/2 used). Qwen3-Next and Qwen3.5
     gate each head's output, so their q_proj has 2 * heads * head_dim outputs;
-  * Gated DeltaNet layers (`linear_attention`): their projections (in_proj qkvz and ba, out_proj)
-    as weights, the depthwise causal conv1d as kernel * channels multiply-adds, and the recurrence
-    S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T, o_t = S_t q_t (Yang et al. 2024, Gated
-    Delta Networks, eq. 10) as 4 * key_head_dim * value_head_dim multiply-adds per value head per
-    token (decay, S k, the rank-1 update, S q), as Megatron's Qwen3.5 estimate counts it. The
-    chunked kernels do more arithmetic than that; MFU counts the model's work, not the kernel's;
+  * Gated DeltaNet layers (`table.linear_attention_layers`: the config's `layer_types`): their
+    projections (in_proj qkvz and ba, out_proj) as weights, the depthwise causal conv1d as
+    kernel * channels multiply-adds, and the recurrence S_t = a_t S_{t-1} (I - b_t k_t k_t^T)
+    + b_t v_t k_t^T, o_t = S_t q_t (Yang et al. 2024, Gated Delta Networks, eq. 10) as
+    4 * key_head_dim * value_head_dim multiply-adds per value head per token (decay, S k, the
+    rank-1 update, S q), as Megatron's Qwen3.5 estimate counts it. The chunked kernels do more
+    arithmetic than that; MFU counts the model's work, not the kernel's;
   * backward: 2x forward for the activations' gradients, plus 1x forward for the weights'
     gradients of trainable matmuls only (full fine-tuning: 3x forward; LoRA: about 2x).
 Recomputation by gradient checkpointing is not counted: MFU measures useful work. The embedding
@@ -25,6 +26,8 @@ Recomputation by gradient checkpointing is not counted: MFU measures useful work
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from sftkit.arch.table import arch_of, linear_attention_layers, text_config
 
 # Dense bf16 tensor-core peaks in TFLOPS (vendor data sheets, without sparsity). Matched against
 # torch.cuda.get_device_name() in order, so the PCIe H100 comes before the generic H100 entry.
@@ -56,13 +59,11 @@ class TokenCost:
 def token_cost(config) -> TokenCost:
     """The decoder's per-token forward cost, read from a model config (a vision-language
     config: its text model, the part sftkit trains)."""
-    from sftkit.arch.table import arch_of
-
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    c = text_config(config)
+    linear = set(linear_attention_layers(config))
     weights = recurrence = width = 0
-    for i, kind in enumerate(types[:c.num_hidden_layers]):
-        if kind == "linear_attention":
+    for i in range(c.num_hidden_layers):
+        if i in linear:
             w, r = delta_net(c)
             weights, recurrence = weights + w, recurrence + r
         else:
@@ -108,7 +109,7 @@ def moe(c) -> int:
 def flops_per_step_fn(config, lora: bool):
     """f(tokens, supervised tokens, sum of length^2) -> model FLOPs of the training step."""
     cost = token_cost(config)
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    c = text_config(config)
     head = c.vocab_size * c.hidden_size
     weight_pass = 2 if lora else 3  # LoRA's frozen weights need no weight gradient
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sftkit.arch.table import arch_of, text_config
 from sftkit.errors import ConfigError
 
 
@@ -61,9 +62,7 @@ class RouterBalance:
 def router_balance(config, coef: float) -> RouterBalance | None:
     """The term for this model config under --router_aux_loss_coef `coef` (-1: the config's own
     router_aux_loss_coef); None for a dense model or a coefficient of 0."""
-    from sftkit.arch.table import arch_of
-
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if not arch_of(config).moe:
         if coef > 0:
             raise ConfigError(f"--router_aux_loss_coef {coef}: {getattr(text, 'model_type', 'this model')} has no "

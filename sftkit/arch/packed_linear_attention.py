@@ -38,6 +38,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sftkit.arch.table import linear_attention_layers
+
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 FLA, LOOP, TORCH = "fla", "loop", "torch"
 EXTRA = 'pip install "sftkit[gdn]"'
@@ -50,7 +52,11 @@ class Kernels(NamedTuple):
 
 
 def is_gated_delta_net(module) -> bool:
-    """Qwen3NextGatedDeltaNet, Qwen3_5GatedDeltaNet, Qwen3_5MoeGatedDeltaNet, ..."""
+    """A module sftkit's forward can drive (it reads the layer's projections, conv1d, A_log and
+    dt_bias): Qwen3NextGatedDeltaNet, Qwen3_5GatedDeltaNet, Qwen3_5MoeGatedDeltaNet, ... Which
+    layers are linear attention is the config's (`table.linear_attention_layers`): a packed run on
+    a model whose config names some, but that has none of these modules, is refused
+    (models.keep_linear_attention_apart)."""
     return type(module).__name__.endswith("GatedDeltaNet")
 
 
@@ -163,16 +169,12 @@ def fla_kernels() -> Kernels | None:
     return Kernels(causal_conv1d, chunk_gated_delta_rule)
 
 
-def has_gated_delta_net(model) -> bool:
-    return any(is_gated_delta_net(m) for m in model.modules())
-
-
 def linear_attention_path_of(model, cuda: bool, packing: bool = False, padding_free: bool = False,
                              fla: bool | None = None) -> str | None:
     """The path a training micro-batch takes through `model`'s Gated DeltaNet layers (FLA, LOOP or
     TORCH, for the run's record); None for a model without them. Packed rows with padding (not
     `padding_free`) count as several rows. `fla`: whether its kernels load (None: try them)."""
-    if not has_gated_delta_net(model):
+    if not linear_attention_layers(model.config):
         return None
     fla = (cuda and fla_kernels() is not None) if fla is None else fla
     return linear_attention_path(cuda, fla, packing, 1 if padding_free else 2, cache=False)
@@ -181,7 +183,7 @@ def linear_attention_path_of(model, cuda: bool, packing: bool = False, padding_f
 def kernel_warning(model, cuda: bool, fla: bool | None = None) -> str | None:
     """One line where `model` has Gated DeltaNet layers and trains on CUDA without
     flash-linear-attention's kernels (slower, still exact); None otherwise. `fla` as above."""
-    if not cuda or not has_gated_delta_net(model):
+    if not cuda or not linear_attention_layers(model.config):
         return None
     if (fla_kernels() is not None) if fla is None else fla:
         return None

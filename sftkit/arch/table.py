@@ -3,6 +3,11 @@
 Everything that differs between generations and is not the chat template (templates are read,
 never recognised: see sftkit/data/render.py) is a field here, so that supporting a new generation
 is one entry, not edits in several modules. Code that needs a fact asks `arch_of(config)`.
+
+Beside the table, the three readers of a model's structure that every other module shares:
+`text_config` (the text model's config inside a vision-language one), `linear_attention_layers`
+(which decoder layers are linear attention: the config's `layer_types`, the one source of that
+fact) and `decoder_layers` (the repeated blocks, which FSDP2, checkpointing and compile act on).
 """
 
 from __future__ import annotations
@@ -39,14 +44,10 @@ class Arch:
     """Expert tensors that LoRA reaches by default (PEFT target_parameters, each wrapped by a
     ParamWrapper): the fused 3-D routed experts, and where PEFT cannot name it as a module, the
     shared expert. ParamWrapper refuses lora_dropout != 0 (see sftkit.models.lora_parameters)."""
-    linear_attention: bool = False
-    """Has Gated DeltaNet layers: a packed row must hand them its example boundaries."""
     moe: bool = False
     """Routed experts: the config's router_aux_loss_coef weighs a load-balancing loss (arch/moe.py)."""
     gated_attention: bool = False
     """q_proj also yields a sigmoid gate per head output (2 x heads x head_dim outputs): FLOPs."""
-    vision_language: bool = False
-    """Released checkpoints wrap the text model in a vision-language model (vision tower, MTP)."""
     fused_loss: bool = True
     """The last (normed) hidden state goes straight into a bias-free lm_head, with no logit scaling
     or soft-capping: the fused loss head (sftkit/loss.py) computes exactly what the model would."""
@@ -62,13 +63,10 @@ ARCHS: dict[str, Arch] = {
     "qwen3": Arch("Qwen3"),
     "qwen3_moe": Arch("Qwen3 MoE", lora_modules=ATTENTION, lora_expert_parameters=EXPERTS, moe=True),
     "qwen3_next": Arch("Qwen3-Next", lora_modules=ATTENTION + DELTANET_NEXT,
-                       lora_expert_parameters=EXPERTS + SHARED_EXPERT_WEIGHTS, moe=True, linear_attention=True,
-                       gated_attention=True),
-    "qwen3_5": Arch("Qwen3.5", lora_modules=ATTENTION + DELTANET_3_5 + MLP, linear_attention=True, vision_language=True,
-                    gated_attention=True),
+                       lora_expert_parameters=EXPERTS + SHARED_EXPERT_WEIGHTS, moe=True, gated_attention=True),
+    "qwen3_5": Arch("Qwen3.5", lora_modules=ATTENTION + DELTANET_3_5 + MLP, gated_attention=True),
     "qwen3_5_moe": Arch("Qwen3.5 MoE", lora_modules=ATTENTION + DELTANET_3_5 + SHARED_EXPERT,
-                        lora_expert_parameters=EXPERTS, moe=True, linear_attention=True, vision_language=True,
-                        gated_attention=True),
+                        lora_expert_parameters=EXPERTS, moe=True, gated_attention=True),
 }
 # the text model's own config inside a vision-language checkpoint
 ARCHS["qwen3_5_text"] = ARCHS["qwen3_5"]
@@ -85,3 +83,19 @@ def arch_of(config) -> Arch:
     model_type the table does not know."""
     text = text_config(config)
     return ARCHS.get(getattr(text, "model_type", None)) or ARCHS.get(getattr(config, "model_type", None)) or UNKNOWN
+
+
+def linear_attention_layers(config) -> list[int]:
+    """The indices of the decoder layers that are linear attention (Gated DeltaNet in Qwen3-Next
+    and Qwen3.5: a packed row must hand them its example boundaries), from the config's
+    `layer_types`; [] for a model without them."""
+    text = text_config(config)
+    types = getattr(text, "layer_types", None) or []
+    return [i for i, kind in enumerate(types[:getattr(text, "num_hidden_layers", None)]) if kind == "linear_attention"]
+
+
+def decoder_layers(model) -> list:
+    """The repeated transformer blocks, in order (transformers marks them GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

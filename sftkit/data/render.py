@@ -106,16 +106,14 @@ def template_spec(tokenizer, serialised: str | None = None) -> TemplateSpec:
     caller has it already (prepare hashes it too; 0.2 CPU-s each time for the 11 MB JSON)."""
     from sftkit.errors import ConfigError
 
-    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    specials = special_tokens(tokenizer)
     if not specials:
         raise ConfigError("the tokenizer has no special tokens; a chat template with special-token turn markers is needed")
     user = [{"role": "user", "content": "PROBE_Q"}]
     base = apply(tokenizer, user)
     with_prompt = apply(tokenizer, user, add_generation_prompt=True)
     opener = next((s for s in specials if with_prompt.startswith(s, len(base))), None)
-    full = apply(tokenizer, user + [{"role": "assistant", "content": "PROBE_A"}])
-    after = full[full.rfind("PROBE_A") + len("PROBE_A"):]
-    closer = next((s for s in specials if after.startswith(s)), None)
+    closer = reply_close(tokenizer, specials)
     user_at = base.rfind(f"{opener}user")
     if not with_prompt.startswith(base) or opener is None or closer is None or user_at < 0:
         raise ConfigError(_NOT_CHATML)
@@ -134,6 +132,19 @@ def template_spec(tokenizer, serialised: str | None = None) -> TemplateSpec:
         encoder=plain_text_encoder(tokenizer, serialised),
         eos_id=tokenizer.eos_token_id,
     )
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special-token strings, longest first."""
+    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+
+
+def reply_close(tokenizer, specials: list[str] | None = None) -> str | None:
+    """The special token the chat template ends a reply with (`<|im_end|>` in ChatML, so the one
+    generation must stop at), read off a rendered exchange; None where none follows the reply."""
+    full = apply(tokenizer, [{"role": "user", "content": "PROBE_Q"}, {"role": "assistant", "content": "PROBE_A"}])
+    after = full[full.rfind("PROBE_A") + len("PROBE_A"):]
+    return next((s for s in specials or special_tokens(tokenizer) if after.startswith(s)), None)
 
 
 def template_reads(spec: TemplateSpec) -> str:
