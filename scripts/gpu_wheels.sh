@@ -2,11 +2,11 @@
 # Download, here, the wheels a lent GPU machine lacks into .whl/ (ignored by git; pass it to the
 # device with carry: [".whl"]); bench/gpu_check.sh installs them there into a temporary folder.
 #
-# The device image (see ../shared/PLATFORM_NOTES.md): Python 3.12, torch 2.11 + CUDA 13,
-# accelerate, peft, typer, rich, pyarrow, pandas, tokenizers 0.23; no datasets, trl, liger-kernel,
-# pytest, deepspeed (not needed: the check runs one process); transformers 5.17, older than
-# constraints.txt's. Nothing can be downloaded there. Pure-Python wheels, and cp312 manylinux ones
-# for the packages with compiled parts (regex, xxhash), each pinned as constraints.txt pins it.
+# The device image: Python 3.12, torch 2.11 + CUDA 13, accelerate, peft, typer, rich, pyarrow,
+# pandas, tokenizers 0.23; no datasets, trl, liger-kernel, pytest, deepspeed (not needed: the check
+# runs one process); transformers 5.17, older than constraints.txt's. Nothing can be downloaded
+# there. Pure-Python wheels, and cp312 manylinux ones for the packages with compiled parts (regex,
+# xxhash), each pinned as constraints.txt pins it.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
@@ -21,7 +21,7 @@ WHEELS=(
     xxhash==4.1.0
     regex==2026.11.19      # transformers' tokenization utilities
     trl==1.16.0            # the peer in bench/train_bench.py
-    liger-kernel==0.8.5    # TRL + Liger (use_liger_kernel), the issue's reference
+    liger-kernel==0.8.5    # TRL + Liger (use_liger_kernel), a peer in bench/train_bench.py
     pytest==9.2.0          # pytest -m gpu
     pluggy==1.7.0
     iniconfig==2.3.1

@@ -29,8 +29,8 @@ LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"
 
 def check_rendezvous() -> None:
     """WORLD_SIZE > 1 left in the environment of a process no launcher started (no local rank)
-    waited 2 hours for ranks that never came; such a launch cannot work, so it stops here, before
-    any collective."""
+    would wait out the time-out for ranks that never come; such a launch cannot work, so it stops
+    here, before any collective."""
     world = os.environ.get("WORLD_SIZE")
     if world is None:
         return
@@ -70,7 +70,7 @@ def check_device(cfg: SFTConfig, console=None) -> None:
         raise ConfigError("--fp16 needs a CUDA GPU (its loss scaling is a GPU feature); on a CPU train in fp32 "
                           "(drop --fp16), or use --bf16")
     if cfg.bf16 and not torch.cuda.is_available() and console is not None:
-        console.print("note: bf16 on a CPU is emulated and was about 4x slower than fp32 on 2 cores; "
+        console.print("note: bf16 on a CPU is emulated and several times slower than fp32; "
                       "drop --bf16 for CPU runs", highlight=False)
     if cfg.load_in_4bit:
         check_4bit(torch.cuda.is_available())
@@ -80,8 +80,8 @@ def check_device(cfg: SFTConfig, console=None) -> None:
 
 
 def check_4bit(cuda: bool) -> None:
-    """--load_in_4bit needs bitsandbytes, and on a CPU its multi-backend build (bitsandbytes 0.50.2
-    trained a 4-bit tiny-qwen3 LoRA on this CPU; accelerate refuses a 4-bit model on a CPU without it)."""
+    """--load_in_4bit needs bitsandbytes, and on a CPU its multi-backend build (0.50.2 has it):
+    accelerate refuses a 4-bit model on a CPU without it."""
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -124,7 +124,7 @@ def check_sequence_world(size: int, world: int) -> None:
 
 def check_deepspeed_file(cfg: SFTConfig) -> None:
     """The batch check above, from the JSON file accelerate launch names, before anything heavy is
-    imported: as the Accelerator's own check it came after 30-40 s of imports and set-up."""
+    imported: the Accelerator's own check would come only after the imports and set-up."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" or not path:
         return
@@ -147,8 +147,8 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     check_rendezvous()
     check_fsdp(cfg)
     # Without a GPU, DeepSpeed needs gloo named here: otherwise every rank silently trains alone
-    # (../shared/PLATFORM_NOTES.md: data not split, loss doubled). The time-out is an option: rank
-    # 0 may tokenize a big set while the others wait.
+    # (the data not split, the loss doubled). The time-out is an option: rank 0 may tokenize a big
+    # set while the others wait.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     launched = launched_processes() > 1 or deepspeed
     backend = "gloo" if launched and not torch.cuda.is_available() else None
@@ -256,8 +256,8 @@ def missing_at_rendezvous(message: str) -> str:
 def check_all_arrived(accelerator, minutes: float) -> None:
     """The first collective is a monitored barrier: a rank that joined the process group but
     never reaches it (stuck, or dead before it) is named in one line by the ranks that wait, after
-    --ddp_timeout_minutes, where a plain collective gave a gloo traceback naming no rank (or, on
-    NCCL, waited out its time-out). monitored_barrier is gloo's: on NCCL it runs in a gloo side group."""
+    --ddp_timeout_minutes, where a plain collective gives a gloo traceback naming no rank (or, on
+    NCCL, waits out its time-out). monitored_barrier is gloo's: on NCCL it runs in a gloo side group."""
     import torch.distributed as dist
 
     if accelerator.num_processes < 2 or not dist.is_initialized():
@@ -278,8 +278,8 @@ def check_all_arrived(accelerator, minutes: float) -> None:
 @contextmanager
 def _native_stderr_held(drop: str):
     """File descriptor 2 held in a temporary file while `drop`'s C++ code runs: on a time-out gloo's
-    logger printed the news twice ("[Rank 0]: Rank 1 failed to pass monitoredBarrier in 6000 ms")
-    before the exception our one line is made from. Its other lines are passed on, in order."""
+    logger prints the news twice ("[Rank 0]: Rank 1 failed to pass monitoredBarrier ...") before
+    the exception our one line is made from. Its other lines are passed on, in order."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:

@@ -250,7 +250,7 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 # A worker ignores SIGTERM (above) and may be stuck (a hung read, a stopped process): torch's own
 # shutdown joins it for 5 s, sends the SIGTERM it ignores and joins 5 s more, and then the
-# interpreter's exit joined it forever ("stopped" was printed, the process never ended).
+# interpreter's exit would join it forever (the run says "stopped" and never ends).
 KILL_WAIT_S = 5.0
 
 
@@ -290,8 +290,8 @@ class StepBatches(torch.utils.data.Dataset):
 class PackedStep:
     """One step's micro-batches as ONE int64 tensor. A DataLoader worker hands every tensor to
     the training process through shared memory, one file descriptor each: 4 per micro-batch, so
-    --gradient_accumulation_steps 200 with two steps prefetched needed 1,600 and died of
-    `ulimit -n 1024`. Packed, a step needs one."""
+    --gradient_accumulation_steps 200 with two steps prefetched would need 1,600, past a usual
+    `ulimit -n` of 1024. Packed, a step needs one."""
 
     buffer: torch.Tensor
     layout: list[tuple]  # per micro-batch: ([(field, shape, dtype), ...], tokens, slots, attn_pairs, {field: int})

@@ -307,9 +307,7 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
 
 def kept_names(model) -> set[str]:
     """The state-dict names a checkpoint holds: parameters that train, and buffers. A frozen weight
-    (LoRA's base, its 4-bit quantization state) is never copied: resume reloads it from the base.
-    A tiny-qwen3 LoRA run's state/model.safetensors went from 39 MB (52 tensors, 24 of them the
-    frozen base) to the adapter's 28 tensors."""
+    (LoRA's base, its 4-bit quantization state) is never copied: resume reloads it from the base."""
     trains = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     return trains | {n for n, _ in model.named_buffers(remove_duplicate=False)}
 
@@ -339,8 +337,8 @@ def write_json(path: Path, obj) -> str:
 
 
 def prune(out_dir: Path, keep: int | None, run_id: str) -> None:
-    """Keep the newest `keep` checkpoints of this run (`run_id`); another run's are never removed
-    (a foreign checkpoint-9 beside this run's checkpoint-4 once made it delete each of its own)."""
+    """Keep the newest `keep` checkpoints of this run (`run_id`); another run's are neither
+    removed nor counted, so a newer one of theirs cannot push out this run's own."""
     if keep is None:
         return
     for old in [p for p in list_checkpoints(out_dir) if _run_id(p) == run_id][:-keep]:

@@ -1,6 +1,7 @@
 """The `sftkit` command: prepare-data, train, eval, merge-lora.
 
-Options come from SFTConfig's fields (name, type, docstring), so a default is written once.
+Options come from SFTConfig's fields (name, type, docstring's first paragraph), so a default is
+written in one place.
 Heavy imports happen inside the commands: `sftkit --help` stays instant.
 """
 
@@ -18,7 +19,7 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperCommand
 
-from sftkit.config import COMMAND_OPTIONS, SFTConfig, eval_fields, field_docs, group_of, prepare_fields
+from sftkit.config import COMMAND_OPTIONS, SFTConfig, eval_fields, field_help, group_of, prepare_fields
 from sftkit.errors import ConfigError, NothingToDo, SftkitError, clip
 from sftkit.options import cli_type, default_of
 
@@ -57,7 +58,7 @@ def config_options(fields: list[dataclasses.Field], docs: dict[str, str], panel:
     for f in fields:
         flag_type = cli_type(f)
         is_bool = flag_type is Optional[bool]
-        # escaped: rich read `pip install 'sftkit[wandb]'` as markup and showed `pip install 'sftkit'`
+        # escaped: rich would read the `[wandb]` of `pip install 'sftkit[wandb]'` as markup and drop it
         text = escape((help_overrides or {}).get(f.name, docs.get(f.name, ""))) + _default_text(f)
         # a boolean is read as text and converted by `with_options`: a click flag takes no value
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
@@ -113,12 +114,12 @@ class BoolFlagCommand(TyperCommand):
 
 
 def sft_options(fields: list[dataclasses.Field], help_overrides: dict[str, str] | None = None) -> list[inspect.Parameter]:
-    return config_options(fields, field_docs(), None, help_overrides)
+    return config_options(fields, field_help(), None, help_overrides)
 
 
 def command_options(command: str) -> list[inspect.Parameter]:
     cls = COMMAND_OPTIONS[command]
-    return config_options(dataclasses.fields(cls), field_docs(cls), command)
+    return config_options(dataclasses.fields(cls), field_help(cls), command)
 
 
 def with_options(extra: list[inspect.Parameter]) -> Callable:

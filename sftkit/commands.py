@@ -34,7 +34,7 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
 
 
 def train_command(cfg: SFTConfig) -> dict:
-    check_train(cfg)  # before torch and accelerate import: 8-20 s on 2 cores
+    check_train(cfg)  # before torch and accelerate import, which takes seconds
     from accelerate import PartialState
 
     from sftkit.train import run
@@ -121,7 +121,7 @@ def merge_command(adapter: Path, output_dir: Path, opts: MergeOptions) -> float:
 
     con = console()
     report = merge_adapter(adapter, output_dir, opts)
-    # "merged X into BASE" read as if it wrote into the base model's folder (a cache path for the preset)
+    # not "merged X into BASE", which reads as if it wrote into the base model's folder
     con.print(f"merged the adapter {report.adapter} with its base model {report.base} ({report.dtype})"
               f"{'; untied lm_head from embed_tokens' if report.untied else ''}")
     con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {report.max_logit_diff:.2e}")

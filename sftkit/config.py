@@ -1,8 +1,9 @@
 """SFTConfig: every option of every command, each default written once, with its docstring.
 
 SFTConfig is made of field groups, one dataclass each: model, data (`sftkit.data.options`, the data
-package's own), train, lora and log. The docstring under each field is its `--help` text and its
-line in docs/CONFIG.md. `eval` and `merge-lora` have their own options here too.
+package's own), train, lora and log. The docstring under each field documents it: its first
+paragraph (two short lines) is the `--help` text, the whole docstring its line in docs/CONFIG.md.
+`eval` and `merge-lora` have their own options here too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sftkit.options import (
     values_of,
 )
 from sftkit.options import field_docs as docs_of
+from sftkit.options import field_help as help_of
 
 SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
@@ -44,9 +46,9 @@ PACKING_ATTENTION = ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "fl
 VARLEN_ATTENTION = ("varlen", "flash_attention_2", "flash_attention_3")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_DROPOUT = 0.05  # lora_dropout's value where no expert parameter is targeted
-# loss_chunk_size -1: one chunk's fp32 logits at most this many bytes (cpu, cuda). On a CPU, 0.3 GiB
-# (512 rows of Qwen3) ran at the speed of twice that; on a GPU, 1.25 GiB (2048 rows of Qwen3) keeps
-# the lm_head gradient's pass per chunk, not the logits, from dominating. bench/loss_memory.py.
+# loss_chunk_size -1: one chunk's fp32 logits at most this many bytes (cpu, cuda). On a CPU a larger
+# chunk runs no faster; on a GPU 1.25 GiB (2048 rows of Qwen3) keeps the lm_head gradient's pass per
+# chunk, not the logits, from dominating (bench/loss_memory.py).
 LOSS_CHUNK_BYTES = {"cpu": int(0.3 * 2**30), "cuda": int(1.25 * 2**30)}
 
 
@@ -58,9 +60,11 @@ class ModelOptions:
     trust_remote_code: bool = field(default=False, metadata={**EVAL, **NOT_IDENTITY})
     """Run Python code shipped with the model. Off: Qwen3 needs none, and it executes foreign code."""
     attn_implementation: str = field(default="auto", metadata=EVAL)
-    """Attention kernel: auto (varlen with packing on a GPU, else sdpa), varlen (packed rows as one
-    padding-free row: torch's flash varlen kernel on a GPU, flash-attn's if installed, a per-example
-    sdpa loop on a CPU), sdpa, eager, or flash_attention_2 (GPU, needs the flash-attn package)."""
+    """Attention kernel: auto (varlen with packing on a GPU, else sdpa), varlen, sdpa, eager, or
+    flash_attention_2 (GPU, needs the flash-attn package).
+
+    varlen runs packed rows as one padding-free row: torch's flash varlen kernel on a GPU,
+    flash-attn's if installed, a per-example sdpa loop on a CPU."""
     chat_template: str | None = None
     """A Jinja chat template file that replaces the tokenizer's own. Default: the model's template."""
 
@@ -107,13 +111,17 @@ class TrainOptions:
     gradient_checkpointing: bool = field(default=False, metadata=NOT_IDENTITY)
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     checkpoint_every_n_layers: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(1)})
-    """With gradient_checkpointing: recompute only every n-th decoder layer (1: all). 2 keeps half
-    the layers' activations and skips half the recompute; the gradients are the same."""
+    """With gradient_checkpointing: recompute only every n-th decoder layer (1: all); the gradients
+    are the same.
+
+    2 keeps half the layers' activations and skips half the recompute."""
     loss_chunk_size: int = field(default=-1, metadata={**NOT_IDENTITY, **at_least(0, off=-1, off_means="by device")})
-    """Rows of logits the fused loss head computes at once. -1: the most (a power of two) whose fp32
-    logits fit LOSS_CHUNK_BYTES of the device: 512 rows on a CPU and 2048 on a GPU at Qwen3's 151,936
-    words, 256 and 1024 at Qwen3.5's 248,320. 0: the plain path, which keeps every supervised
-    position's logits for the backward (as do ZeRO-3, fp16 and a LoRA/modules_to_save lm_head)."""
+    """Rows of logits the fused loss head computes at once. -1: by the device; 0: off (the plain
+    head keeps every supervised position's logits for the backward).
+
+    -1 takes the most rows (a power of two) whose fp32 logits fit 0.3 GiB on a CPU or 1.25 GiB on a
+    GPU: 512 and 2048 rows at Qwen3's 151,936 words, 256 and 1024 at Qwen3.5's 248,320. ZeRO-3, fp16
+    and a LoRA/modules_to_save lm_head take the plain head too."""
     fused_adamw: bool = field(default=True, metadata=NOT_IDENTITY)
     """torch's fused AdamW (one kernel per step, CPU and GPU); False: the foreach implementation."""
     torch_compile: bool = field(default=False, metadata=NOT_IDENTITY)
@@ -124,41 +132,51 @@ class TrainOptions:
     training process). Batches are pinned for the copy to the GPU."""
     ddp_timeout_minutes: float = field(default=30.0, metadata={**NOT_IDENTITY, **above(0)})
     """How long each process waits for the others at the rendezvous and at any collective before it
-    stops, naming what it waited for (it was 2 hours). Rank 0 prepares raw data while the others
-    wait (about 15 s per 20,000 rows on 2 cores): for millions of rows run prepare-data first."""
+    stops, naming what it waited for.
+
+    Rank 0 prepares raw data while the others wait: for millions of rows run prepare-data first."""
     mfu_peak_tflops: float = field(default=0.0, metadata={**NOT_IDENTITY, **at_least(0)})
     """The device's dense bf16 peak for MFU in metrics.jsonl. 0 looks it up for known GPUs
     (H100/H200 989, A100 312); on a CPU or an unknown GPU MFU is then not reported."""
     router_aux_loss_coef: float = field(default=-1.0, metadata=at_least(0, off=-1, off_means="the model config's"))
-    """MoE models: weight of the routers' load-balancing loss, added to the token loss and logged as
-    aux_loss. -1 takes the model config's router_aux_loss_coef (0.001 in the released Qwen3 MoE,
-    Qwen3-Next and Qwen3.5 MoE configs; its output_router_logits is not read); 0 turns it off.
-    Computed per example and weighted by tokens, so a step's value does not depend on how it is
-    cut into micro-batches and ranks (sftkit/arch/moe.py). A dense model has none."""
+    """MoE models: weight of the routers' load-balancing loss (logged as aux_loss). -1: the model
+    config's router_aux_loss_coef; 0: off.
+
+    The released Qwen3 MoE, Qwen3-Next and Qwen3.5 MoE configs say 0.001 (their
+    output_router_logits is not read). The loss is added to the token loss, computed per example
+    and weighted by tokens, so a step's value does not depend on how it is cut into micro-batches
+    and ranks (sftkit/arch/moe.py). A dense model has none."""
     skip_nan_steps: bool = False
     """Skip an optimizer step whose gradient norm is NaN or inf (counted in metrics.jsonl) instead
     of stopping the run. Not with DeepSpeed, whose engine steps by itself."""
     packing: bool = False
-    """Pack examples into rows of max_length (best-fit decreasing); each example attends only to
-    itself (position_ids restart, no cross-example attention). per_device_train_batch_size then
-    counts rows."""
+    """Pack examples into rows of max_length; each example attends only to itself.
+    per_device_train_batch_size then counts rows.
+
+    Rows are filled best-fit decreasing; position_ids restart at each example, and no attention
+    crosses from one example to another."""
     sequence_parallel_size: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(1)})
-    """Split each packed row's tokens over this many processes (Ulysses sequence parallelism): at
-    each attention layer an all-to-all gives every process all the row's tokens for its share of
-    the heads, so the rest of the model keeps 1/N of the row's activations. For rows longer than one
-    device holds. Needs packing with varlen attention (auto picks it); N divides the processes
-    (data parallelism runs over processes / N) and the model's attention heads. Gated DeltaNet
-    hybrids (Qwen3-Next, Qwen3.5) and the MoE balance loss are refused. 1: off."""
+    """Split each packed row's tokens over this many processes (Ulysses sequence parallelism), for
+    rows longer than one device holds. Needs packing. 1: off.
+
+    At each attention layer an all-to-all gives every process all the row's tokens for its share of
+    the heads, so the rest of the model keeps 1/N of the row's activations. The packed rows need
+    varlen attention (auto picks it); N divides the processes (data parallelism runs over
+    processes / N) and the model's attention heads. Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5)
+    and the MoE balance loss are refused."""
     val_size: float = field(default=0.0, metadata=at_least(0))
     """Hold out part of the training data for eval (instead of eval_data_path): below 1 a share
-    (0.1: a tenth), from 1 a count of examples; picked by `seed`, the same on every rank and
-    resume. The held-out examples are never trained on. 0: off."""
+    (0.1: a tenth), from 1 a count of examples. 0: off.
+
+    The examples are picked by `seed`, the same on every rank and resume, and never trained on."""
     neftune_noise_alpha: float = field(default=0.0, metadata=at_least(0))
     """NEFTune: uniform noise of scale alpha / sqrt(sequence length x hidden size) on the input
-    embeddings in training steps only (not in eval, generation or the saved model); 5 is the
-    paper's common value. 0: off."""
+    embeddings while training; 5 is the paper's common value. 0: off.
+
+    Training steps only: no noise in eval, in generation or in the saved model."""
     group_by_length: bool = True
     """Without packing: put examples of similar length in the same micro-batch (less padding).
+
     Examples move only between steps of a window of 64 steps, so which examples a step trains on
     depends on seed, epoch and the global batch, never on how it is split into micro-batches."""
 
@@ -173,19 +191,26 @@ class LoraOptions:
     """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
     lora_dropout: float | None = field(default=None, metadata=between(0, 1, hi_open=True))
     """Dropout on the LoRA input. Default: 0.05, or 0 where LoRA reaches expert parameters (MoE
-    models), since PEFT applies no dropout to a parameter; a value above 0 leaves the experts frozen."""
+    models).
+
+    PEFT applies no dropout to a parameter, so a value above 0 leaves the experts frozen."""
     lora_target_modules: list[str] = field(default_factory=list)
-    """Module names that get LoRA weights. Empty: the architecture's own list (sftkit/arch/table.py):
-    q/k/v/o_proj and gate/up/down_proj (Qwen3, Qwen3.5); on Gated DeltaNet layers in_proj_qkv,
-    in_proj_z and out_proj (Qwen3.5, Qwen3.5-MoE) or in_proj_qkvz and out_proj (Qwen3-Next); on MoE
-    models the shared expert (Qwen3.5-MoE; none on Qwen3-Next and Qwen3 MoE, where PEFT maps
-    gate/up/down_proj onto the routed experts: see lora_target_parameters). The one-number-per-head
-    gates (in_proj_a/b, in_proj_ba, shared_expert_gate) are left out; name them here to train them."""
+    """Module names that get LoRA weights. Empty: the architecture's own list (Qwen3: q/k/v/o_proj
+    and gate/up/down_proj).
+
+    The architectures' lists are in sftkit/arch/table.py: q/k/v/o_proj and gate/up/down_proj
+    (Qwen3, Qwen3.5); on Gated DeltaNet layers in_proj_qkv, in_proj_z and out_proj (Qwen3.5,
+    Qwen3.5-MoE) or in_proj_qkvz and out_proj (Qwen3-Next); on MoE models the shared expert
+    (Qwen3.5-MoE; none on Qwen3-Next and Qwen3 MoE, where PEFT maps gate/up/down_proj onto the
+    routed experts: see lora_target_parameters). The one-number-per-head gates (in_proj_a/b,
+    in_proj_ba, shared_expert_gate) are left out; name them here to train them."""
     lora_target_parameters: list[str] = field(default_factory=list)
-    """Parameters that get LoRA weights (PEFT target_parameters, matched by name suffix), e.g. the
-    fused expert tensors mlp.experts.gate_up_proj. Empty: the architecture's own (MoE: the routed
-    experts, and Qwen3-Next's shared expert) unless lora_dropout is set above 0; `none`: none.
-    Each expert gets its own rank-r pair."""
+    """Parameters that get LoRA weights (PEFT target_parameters, matched by name suffix). Empty: the
+    architecture's own; `none`: none.
+
+    E.g. the fused expert tensors mlp.experts.gate_up_proj. The architecture's own: on MoE models the
+    routed experts, and Qwen3-Next's shared expert, unless lora_dropout is set above 0. Each expert
+    gets its own rank-r pair."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapter, e.g. embed_tokens and lm_head for new tokens."""
     use_dora: bool = False
@@ -195,9 +220,11 @@ class LoraOptions:
     """Rank-stabilised LoRA (PEFT): the update is scaled by lora_alpha / sqrt(lora_r) instead of
     lora_alpha / lora_r, which keeps high ranks from learning slower."""
     load_in_4bit: bool = False
-    """QLoRA: load the frozen base quantized to 4 bits (nf4, double quantization, bf16 compute)
-    through bitsandbytes (`pip install 'sftkit[qlora]'`); the adapter trains in fp32. Not with
-    DeepSpeed. merge-lora merges the adapter into the 16-bit base."""
+    """QLoRA: load the frozen base quantized to 4 bits through bitsandbytes
+    (`pip install 'sftkit[qlora]'`). Not with DeepSpeed.
+
+    nf4, double quantization, bf16 compute; the adapter trains in fp32. merge-lora merges the
+    adapter into the 16-bit base."""
 
 
 @dataclass
@@ -392,8 +419,13 @@ COMMAND_OPTIONS = {"eval": GenerationOptions, "merge-lora": MergeOptions}
 
 
 def field_docs(cls: type = SFTConfig) -> dict[str, str]:
-    """The docstring written under each field of `cls` (default SFTConfig), one line each."""
+    """The whole docstring written under each field of `cls` (default SFTConfig), one line each."""
     return docs_of(cls)
+
+
+def field_help(cls: type = SFTConfig) -> dict[str, str]:
+    """The `--help` text of each field of `cls` (default SFTConfig): its docstring's first paragraph."""
+    return help_of(cls)
 
 
 def group_of(f: dataclasses.Field) -> str:
@@ -417,7 +449,8 @@ def reference_markdown() -> str:
              "Generated from the docstrings in `sftkit/config.py` and `sftkit/data/options.py` by",
              "`python -m sftkit.config > docs/CONFIG.md`; a test fails when this file is stale.",
              "Every option of the first five groups works as a `--flag` and as a YAML key; the last two",
-             "are flags of `sftkit eval` and `sftkit merge-lora`.", ""]
+             "are flags of `sftkit eval` and `sftkit merge-lora`. An option's `--help` is the start of its",
+             "entry here (its docstring's first paragraph).", ""]
     sections = [(g, declared_in(cls), field_docs()) for g, cls in GROUPS.items()]
     sections += [(f"{cmd} (flags)", dataclasses.fields(cls), field_docs(cls)) for cmd, cls in COMMAND_OPTIONS.items()]
     for title, fields, docs in sections:

@@ -1,8 +1,8 @@
 """File digests for checkpoint checksums and prepared sets: xxh3-128, several files at once.
 
-xxh3-128 hashed 22 GB/s on one core of the 2-core CI machine, blake3 4.1 (6.5 on its threads) and
-sha256 1.8 (bench/RESULTS.md, "Checkpoint bench"): at that speed the disk, not the hash, sets
-the time of a save or a resume. It is not a cryptographic hash, and needs not be one here: it
+xxh3-128 hashes several times faster than blake3 and sha256 (bench/RESULTS.md, "Checkpoint
+bench"): at its speed the disk, not the hash, sets the time of a save or a resume. It is not a
+cryptographic hash, and needs not be one here: it
 finds damage (a copy cut short, a flipped block); what a checkpoint may hold at all is decided by
 its loaders (safetensors, torch.load with weights_only=True). xxhash comes with datasets.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-QUOTE_LIMIT = 200  # characters of a user's value an error quotes: a 722 MB value once made a 722 MB line
+QUOTE_LIMIT = 200  # characters of a user's value an error quotes: a value may be megabytes long
 
 
 def quote(value: Any) -> str:

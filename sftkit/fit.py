@@ -1,7 +1,7 @@
-"""Does an adapter or a checkpoint fit the base model it is loaded on? A base of another size gave
-torch's own error, one line per tensor (83 lines for a tiny-qwen3 LoRA adapter); here it is one
-line naming a layer and both shapes. Shapes are read from the safetensors headers (8 bytes of
-length, then JSON), so the check costs milliseconds and comes before torch, peft or any weight loads.
+"""Does an adapter or a checkpoint fit the base model it is loaded on? A base of another size gives
+torch's own error, one line per tensor; here it is one line naming a layer and both shapes.
+Shapes are read from the safetensors headers (8 bytes of length, then JSON), so the check costs
+milliseconds and comes before torch, peft or any weight loads.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ def check_not_an_input(out: Path, inputs: list, flag: str = "--output_dir") -> N
 
 
 def _on_disk(spec: str) -> list[str]:
-    """The paths an input names: itself, what a glob matches (`proj/*.json` once let an output
-    overwrite proj/config.yaml), nothing for a Hub id."""
+    """The paths an input names: itself, every file a glob matches (`proj/*.json`: an output must
+    not be any of them either), nothing for a Hub id."""
     if Path(spec).exists():
         return [spec]
     return glob.glob(spec, recursive=True) if glob.has_magic(spec) else []
@@ -63,9 +63,9 @@ NAME_MAX = 255  # bytes in one path component on Linux file systems (ext4, xfs, 
 
 
 def check_path(path, what: str = "--output_dir") -> None:
-    """A path that can be used and said: each name valid UTF-8 (a Latin-1 byte in a file name was
-    a UnicodeEncodeError traceback) and at most NAME_MAX bytes (a 300-character name was an OSError
-    traceback), and no symlink loop (a RuntimeError traceback)."""
+    """A path that can be used and said: each name valid UTF-8 and at most NAME_MAX bytes, and no
+    symlink loop. Each would otherwise be a traceback (UnicodeEncodeError, OSError, RuntimeError)
+    wherever the path is first used."""
     text = str(path)
     shown = os.fsencode(text).decode("utf-8", "backslashreplace")
     if shown != text:
@@ -248,8 +248,8 @@ def atomic_directory(final: Path, replace: bool = True) -> Iterator[Path]:
         raise
 
 
-# A run file holds about 80 options; YAML aliases can make 445 bytes expand to 10^7 values at 7
-# levels of 10 (and 10^9 at 9), which printing or copying then multiplies: refused above this.
+# A run file holds about 80 options; YAML aliases can make a few hundred bytes expand to 10^9
+# values (9 levels of 10), which printing or copying then multiplies: refused above this.
 YAML_MAX_VALUES = 100_000
 
 
@@ -278,8 +278,8 @@ def read_yaml(path: Path) -> Any:
 
 
 def _check_unique_keys(path: Path, node, seen: set[int]) -> None:
-    """No mapping gives a key twice: yaml.safe_load keeps the last silently (learning_rate: 1e-4
-    on line 3 and learning_rate: 1e-3 on line 40 trained at 1e-3)."""
+    """No mapping gives a key twice: yaml.safe_load keeps the last silently, so the value on an
+    early line would be read and ignored."""
     import yaml
 
     if node is None or id(node) in seen:

@@ -4,11 +4,11 @@ held by the live run.
 The kernel drops the lock when its holder dies (kill -9 included), so a lock is stale exactly when
 its holder is gone, and a folder whose lock can be taken has no live writer: whatever temporary
 folders it holds were left by a dead one. A record lock, not a flock: a flock is shared with every
-forked child, and a DataLoader worker outlives a killed run by up to its 5 s liveness check, which
-kept the folder "in use" for the kill -9 resume test. A record lock belongs to the process alone;
-its one trap (closing any descriptor of the file drops it) is why only `acquire` opens the file in
-the holding process. The file names its holder (command, pid, host, start),
-so a refused command can say who has the folder.
+forked child, and a DataLoader worker outlives a killed run by up to its 5 s liveness check,
+keeping the folder "in use" meanwhile. A record lock belongs to the process alone; its one trap
+(closing any descriptor of the file drops it) is why only `acquire` opens the file in the holding
+process. The file names its holder (command, pid, host, start), so a refused command can say who
+has the folder.
 """
 
 from __future__ import annotations

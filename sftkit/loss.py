@@ -42,8 +42,8 @@ def fused_head(model, mixed_precision: str, zero3: bool, chunk: int, cuda: bool 
 
     On a GPU under bf16 the lm_head gradient is summed in bf16, as the plain path's one bf16
     matmul returns it: an fp32 sum takes a [vocab, hidden] fp32 temporary per chunk (1.2 GB for
-    Qwen3-1.7B) and two more passes over it, where the fused loss measured 7% slower than the
-    plain one on an H100 (issue 12). On a CPU it stays fp32 (no bf16 speed to gain there).
+    Qwen3-1.7B) and two more passes over it, which would make the fused loss slower than the plain
+    one. On a CPU it stays fp32 (no bf16 speed to gain there).
     """
     if chunk <= 0 or zero3 or mixed_precision == "fp16":
         return None
@@ -68,7 +68,7 @@ def loss_sums(model, batch, head: FusedHead | None = None,
     x balance loss from the same forward: sftkit/arch/moe.py).
 
     `use_cache=False`: with a cache, transformers ignores packed position_ids silently and the
-    examples of a packed row attend to each other (../shared/PLATFORM_NOTES.md).
+    examples of a packed row attend to each other.
     """
     router = {"output_router_logits": True} if balance else {}
     if head is None:

@@ -2,7 +2,8 @@
 data package's DataOptions, eval's and merge-lora's options).
 
 One table says, for each field type, how a YAML or Python value is checked and coerced and which
-type the command line parses it as; the docstring under each field is its help text.
+type the command line parses it as. The docstring under each field documents it: its first
+paragraph is the `--help` text, the whole docstring its entry in docs/CONFIG.md.
 """
 
 from __future__ import annotations
@@ -168,17 +169,30 @@ def check_choice(obj, name: str, allowed: tuple[str, ...]) -> None:
 
 
 @cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of `cls` and of its dataclass bases, one line each."""
-    docs: dict[str, str] = {}
+def _paragraphs(cls: type) -> dict[str, list[str]]:
+    """The docstring written under each field of `cls` and of its dataclass bases, as paragraphs
+    (split at blank lines), each on one line."""
+    docs: dict[str, list[str]] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
         body = ast.parse(inspect.getsource(klass)).body[0].body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+                text = inspect.cleandoc(str(nxt.value.value))
+                docs[node.target.id] = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
     return docs
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's whole docstring on one line: its entry in docs/CONFIG.md."""
+    return {name: " ".join(paras) for name, paras in _paragraphs(cls).items()}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's first paragraph: its `--help` text, two short lines at most (the rest of the
+    docstring is detail for docs/CONFIG.md)."""
+    return {name: paras[0] if paras else "" for name, paras in _paragraphs(cls).items()}
 
 
 def declared_in(cls: type) -> list[dataclasses.Field]:

@@ -1,8 +1,8 @@
 """The checks of a command's inputs that need no model and no heavy import, run first.
 
-torch, transformers and accelerate take 8-20 s to import on 2 busy cores: a missing data file
-once took 19-22 s to report and a missing --data_path 21 s (train) / 33 s (eval), against 0.5 s
-for a flag typo. These run before any of them is imported (bench/time_to_error.py measures it).
+torch, transformers and accelerate take seconds to import; these checks run before any of them
+is, so a missing file or flag is reported about as fast as a flag typo (bench/time_to_error.py
+measures it).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from sftkit.data.prepare import is_prepared, load_conversations, resolve_sources
 from sftkit.errors import DataError
 from sftkit.io import check_writable
 
-# Rows of each local file read and validated before anything heavy is imported: a bad row on
-# line 2 took 18-25 s to report from prepare-data and 27-30 s from train (busy 2 cores), behind
-# transformers and torch. The reader is prepare-data's own, so the error is the one the full read
-# gives. The reader takes a JSON file whole: 100 MB of JSON Lines cost 0.35 CPU-s here, 50 rows 1 ms.
+# Rows of each local file read and validated before anything heavy is imported, so a bad row is
+# not reported only after transformers and torch. The reader is prepare-data's own, so the error
+# is the one the full read gives; it reads a JSON Lines file only this far, other files whole.
 CHECKED_ROWS = 1000
 
 
@@ -36,8 +35,8 @@ def check_data(specs: list[str], cfg: SFTConfig) -> None:
     load_conversations(local, opts, limit=CHECKED_ROWS)
 
 
-# A Hub name without a network: huggingface_hub retried for 63 s (tokenizer, then model), and the
-# error line was cut at 200 characters mid-URL. A connect with this time-out says it at once.
+# A Hub name without a network: huggingface_hub retries for about a minute (tokenizer, then model)
+# and cuts its error line mid-URL. A connect with this time-out says it at once.
 HUB_CONNECT_TIMEOUT_S = 3
 
 

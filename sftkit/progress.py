@@ -36,7 +36,7 @@ def _clock(seconds: float) -> str:
 class TrainProgress:
     """What the run shows while it trains: a bar in a terminal; elsewhere (a log file, nohup, a
     scheduler's output) one plain, flushed line per logging step and per eval, since a bar writes
-    nothing there (a log once stayed at 0 bytes for 56 s while metrics.jsonl had 8 lines)."""
+    nothing there."""
 
     def __init__(self, total: int, start: int, console=None, prog=None):
         self.total, self.start, self.console, self.prog = total, start, console, prog
@@ -88,7 +88,7 @@ def train_progress(total: int, start: int, enabled: bool = True, console=None) -
     if not console.is_terminal:
         yield TrainProgress(total, start, console)
         return
-    # no loss before the first step is logged: the bar starts with steps alone ("loss nan" once showed)
+    # no loss before the first step is logged: the bar starts with steps alone, not "loss nan"
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console) as prog:

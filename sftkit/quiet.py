@@ -1,6 +1,6 @@
 """Third-party output that is expected, and therefore noise, switched off at its source.
 
-Each line below was printed by every plain `sftkit train` on a CPU (2026-11-27) and says nothing
+Each line below is printed by a plain `sftkit train` (most of them on a CPU) and says nothing
 the user must act on. Only these exact messages are dropped: any other warning of the same
 libraries still shows. `--verbose` keeps all of them. Called by the CLI for its own process,
 never at import time: a user's program that imports sftkit keeps its settings.
@@ -20,9 +20,8 @@ EXPECTED_LOG_LINES = {
     # accelerate.save_state on a model whose lm_head is tied to the embedding (Qwen3 0.6B-4B, our
     # tiny preset): the tie is restored on load, which the reload tests check
     "accelerate.utils.other": "Removed shared tensor",
-    # bitsandbytes 0.50 on a CPU without the optional `kernels` package, when peft imports it (seen
-    # 2026-12-02 once bitsandbytes was installed beside sftkit): its 4-bit CPU kernel, which no
-    # sftkit command uses, falls back to a plain one
+    # bitsandbytes 0.50 on a CPU without the optional `kernels` package, when peft imports it: its
+    # 4-bit CPU kernel, which no sftkit command uses, falls back to a plain one
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
     # Qwen3-Next / Qwen3.5 without flash-linear-attention or causal-conv1d (every CPU): one line per
     # kernel that transformers' exact PyTorch reference stands in for. It names causal-conv1d, which

@@ -74,9 +74,9 @@ def clip_grad_norm_(params: list, max_norm: float):
 
 def full_state_dict(model) -> dict:
     """The unsharded state dict on rank 0's CPU ({} on the other ranks); every rank must call it.
-    Tied weights come back as separate copies (tiny-qwen3's final/ held 25 tensors, lm_head.weight
-    beside model.embed_tokens.weight, where DDP's held 24): each name of a shared parameter gets
-    the same tensor again, so save_pretrained drops the tied one as it does for an unsharded model."""
+    Tied weights would come back as separate copies (lm_head.weight beside
+    model.embed_tokens.weight): each name of a shared parameter gets the same tensor again, so
+    save_pretrained drops the tied one as it does for an unsharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -171,8 +171,8 @@ def build_optimizer(cfg: SFTConfig, params: list) -> torch.optim.AdamW:
 
 def apply_optimizer_options(cfg: SFTConfig, optimizer, scheduler, factor: float) -> None:
     """A loaded optimizer and scheduler hold the checkpoint's learning rate, betas, eps and weight
-    decay; this run's options win (a resume at 5e-4 once trained on at the checkpoint's 1e-3 while
-    it said it changed). `factor`: the schedule's factor at the step it continues from."""
+    decay; this run's options win, as the resume report says they do. `factor`: the schedule's
+    factor at the step it continues from."""
     for group in optimizer.param_groups:
         group.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                      initial_lr=cfg.learning_rate, lr=cfg.learning_rate * factor)
@@ -272,8 +272,8 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
 
 
 def check_lengths(cfg: SFTConfig, train_dir: Path, longest: int) -> None:
-    """A prepared set's examples fit this run's max_length: one of 606 tokens once trained under
-    --max_length 128 while config.yaml said 128. Refused, naming both ways out."""
+    """A prepared set's examples fit this run's max_length, so config.yaml's max_length is the one
+    trained under. Refused, naming both ways out."""
     if longest > cfg.max_length:
         raise SftkitError(f"{train_dir} holds examples of up to {longest} tokens, longer than --max_length "
                           f"{cfg.max_length}: prepare the data again with --max_length {cfg.max_length} (its length "
@@ -282,8 +282,8 @@ def check_lengths(cfg: SFTConfig, train_dir: Path, longest: int) -> None:
 
 def check_step_size(cfg: SFTConfig, schedule: Schedule, console=None) -> None:
     """Every epoch ends an optimizer step, so a step asked to hold more than the data holds the
-    whole epoch, in micro-batches that are mostly empty (1,000 accumulation steps on 50 rows once
-    made one step of 77 epochs, silently). Said once, with the accumulation that fits."""
+    whole epoch, in micro-batches that are mostly empty. Said at the start, with the accumulation
+    that fits."""
     units = len(schedule.units)
     if schedule.step_size <= units or console is None:
         return
@@ -381,7 +381,7 @@ def data_loader(run: Run) -> torch.utils.data.DataLoader:
         pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None,
         worker_init_fn=ignore_stop_signals,
         # its own generator: starting an iterator draws a worker seed, and a draw from the global RNG
-        # would shift the dropout masks of a resumed run (caught by the kill -9 resume test)
+        # would shift the dropout masks of a resumed run
         generator=torch.Generator().manual_seed(run.cfg.seed))
 
 
@@ -462,7 +462,7 @@ def fit(run: Run, console=None, stop: StopRequest | None = None) -> bool:
 
 
 # --skip_nan_steps rides out a rare overflow; a run that skips more than this share of its steps
-# (after SKIP_GRACE of them) is diverging, and went on silently: 26 of 30 steps once, exit 0.
+# (after SKIP_GRACE of them) is diverging, and stops rather than go on skipping.
 MAX_SKIPPED_SHARE = 0.1
 SKIP_GRACE = 10
 

@@ -2,10 +2,10 @@
 delimited by cumulative lengths (`cu_seqlens`), and each example attends causally to itself only.
 
 Under packing transformers gives sdpa and eager a [rows, 1, len, len] block-diagonal mask, which
-keeps sdpa off its flash kernel: for Qwen3-1.7B, 2 rows x 4096 tokens, ~30 GB of the 59 GB peak
-on an H100 was activations (issue 12). Registered through transformers' AttentionInterface under
-`ATTENTION_NAME`, with flash-attention's mask function, a packed row gets no mask at all, and RoPE
-still reads the restarting position_ids. The kernel is picked at each call:
+keeps sdpa off its flash kernel, so attention activations take much of a long row's memory on a
+GPU. Registered through transformers' AttentionInterface under `ATTENTION_NAME`, with
+flash-attention's mask function, a packed row gets no mask at all, and RoPE still reads the
+restarting position_ids. The kernel is picked at each call:
 
   torch  `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, bf16/fp16): flash varlen,
          no extra package
@@ -36,7 +36,7 @@ def register() -> str:
 
     Its mask function is flash-attention's: no mask at all for packed or unpadded rows, the 2-D
     padding mask where a batch is padded (eval, generate). Without one, transformers hands a custom
-    attention no mask, and left-padded generation attended to the padding."""
+    attention no mask, and left-padded generation would attend to the padding."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 

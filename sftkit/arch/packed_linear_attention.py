@@ -189,5 +189,5 @@ def kernel_warning(model, cuda: bool, fla: bool | None = None) -> str | None:
         return None
     state = "does not load here" if importlib.util.find_spec("fla") else "is not installed"
     return (f"flash-linear-attention {state}: Gated DeltaNet layers run transformers' PyTorch reference (Qwen3.5-9B: "
-            "1.22 s vs 0.70 s a step, transformers issue #48718) and packed rows one example at a time; "
+            "1.22 s vs 0.70 s a step) and packed rows one example at a time; "
             f"{EXTRA} for its kernels")

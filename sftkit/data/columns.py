@@ -1,9 +1,8 @@
 """Tokenized examples as flat int32 columns: how prepare-data holds them from the tokenizer to the
 saved set, and the length policy applied to them as array operations.
 
-Held as Python lists of ints, 200,000 Alpaca rows (165 MB of JSON Lines) peaked at 4.4 GB
-(bench/prepare_memory.py): each token was a list slot (8 bytes) and an int object (28), in ids
-and in labels, and the children's results were unpickled into such lists. As columns a token
+In Python lists of ints a token costs a list slot (8 bytes) and an int object (28), in ids and
+in labels, and the children's results would be unpickled into such lists. As columns a token
 costs 8 bytes (its id and its label, int32), a chunk crosses the pipe as three buffers, and the
 saved Arrow arrays are built from them without a copy per example.
 """
@@ -18,8 +17,7 @@ import numpy as np
 from sftkit.data.render import IGNORE_INDEX, Refused
 
 # Rows gathered at a time by `Columns.slices`: its index array is 8 bytes a token, so a block of
-# rows bounds that temporary (4,096 rows of ~1,000 tokens: 33 MB) where one for the whole set of
-# 40M tokens took 320 MB.
+# rows bounds that temporary (4,096 rows of ~1,000 tokens: 33 MB; a whole set of 40M tokens: 320 MB).
 BLOCK_ROWS = 4096
 # Arrow's list offsets are int32: one array holds at most 2**31 - 1 tokens; a larger set is saved
 # as several arrays (chunks) of at most this many tokens each.

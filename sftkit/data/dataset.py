@@ -35,7 +35,7 @@ DROP_WORDS = {
 def data_note(manifest: dict, opts: DataOptions, label: str = "data") -> str | None:
     """`data: kept 6 of 8 rows; dropped 2 too long at max_length 24 (...)`: every drop, cut and
     warning of a prepared set in one line; None when every row was kept as written. The manifest
-    holds the same counts, but a user of `train` never opens it (2 of 8 rows once vanished so)."""
+    holds the same counts, but a user of `train` never opens it."""
     dropped = {k: n for k, n in (manifest.get("dropped") or {}).items() if n}
     cut, warned = manifest.get("truncated", 0), {k: n for k, n in (manifest.get("warnings") or {}).items() if n}
     if not (dropped or cut or warned):
@@ -58,8 +58,8 @@ def spelled_fingerprint(opts: DataOptions, specs: list[str], tokenizer, mixing: 
 
 
 def lengths(dataset) -> list[int]:
-    """Every example's length as one Arrow column read (indices mapping applied). Indexing
-    datasets' lazy `dataset["length"]` per example cost ~0.5 ms a row: 60k rows took 30 s of setup."""
+    """Every example's length as one Arrow column read (indices mapping applied): datasets' lazy
+    `dataset["length"]` goes example by example, which makes setup of a large set slow."""
     return dataset.with_format("arrow")["length"].to_numpy().tolist()
 
 
@@ -122,9 +122,9 @@ def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
 
 def damage(folder: Path) -> str | None:
     """What is wrong with a prepared set, `NAME: what` (None: intact), checked before each use: a
-    truncated .arrow file once failed every later run on that data with ArrowInvalid. Sizes and
-    digests against the manifest's record of its files (sftkit.digest.damage); a set written before that
-    record is checked as far as it can be: every Arrow file of it must read to its end."""
+    truncated .arrow file would fail every later run on that data with ArrowInvalid. Sizes and
+    digests against the manifest's record of its files (sftkit.digest.damage); a set written before
+    that record is checked as far as it can be: every Arrow file of it must read to its end."""
     manifest = prep.read_manifest(folder)
     if manifest is None:
         return f"{prep.MANIFEST}: missing or not JSON"

@@ -319,8 +319,8 @@ def _text(value: Any, field: str, allow_empty: bool = True) -> str:
 
 
 def _valid_text(value: str, field: str) -> str:
-    """Text that encodes: a lone surrogate (JSON's "\\ud83d", half an escaped emoji) made the
-    tokenizer raise a TypeError naming no file, line or field, which --skip_bad_rows could not skip."""
+    """Text that encodes: a lone surrogate (JSON's "\\ud83d", half an escaped emoji) would make the
+    tokenizer raise a TypeError naming no file, line or field, which --skip_bad_rows cannot skip."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:

@@ -26,17 +26,13 @@ SWITCHES = {"enable_thinking": bool, "preserve_thinking": bool, "reasoning_effor
 NOT_IN_EXAMPLES = {"in_examples": False}
 AUTO_PROCS = 0
 """`num_proc` 0: as many tokenizing processes as the rows justify and the cores allow."""
-# A child process costs about 6 CPU-seconds before its first row (python, `import transformers`
-# 5 s, the tokenizer and its spec unpickled), against 1.6-2.1 ms a row rendered (1-4 turns, a busy
-# 2-core machine; both scale with the machine). n rows in w processes take about
-# 6 s + n x 2 ms / w: at 16,384 rows, the fewest that auto gives 2 processes, 22 s against 33 s.
+# A child process costs about 6 CPU-seconds before its first row (imports, the tokenizer and its
+# spec unpickled), against about 2 ms a row rendered: n rows in w processes take about
+# 6 s + n x 2 ms / w, so a second process pays off from about 16,384 rows (bench/RESULTS.md).
 AUTO_ROWS_PER_PROC = 8192
-# The parent pickles every chunk out and every result back: 0.12 CPU-ms a row, 5% of a child's
-# work, so 8 children keep it under half busy; more were never measured (2 cores here).
-# The Rust encoder already runs ~2 threads a process: encode_batch alone took 17.3 CPU-s in 8.9 s
-# wall on 2 cores (20,000 alpaca rows). So auto gives one process per CORES_PER_PROC cores: on 2
-# cores a second process only added its start-up (2026-12-02, idle, bench/prepare_bench.py:
-# alpaca 15.0 -> 15.8 s, messages 15.7 -> 16.7 s, multi-turn 22.6 -> 21.1 s wall).
+# The parent pickles every chunk out and every result back, about 5% of a child's work, so 8
+# children keep it under half busy. The Rust encoder already keeps about 2 cores busy in each
+# process, so auto gives one process per AUTO_CORES_PER_PROC cores: more only add their start-up.
 AUTO_CORES_PER_PROC = 2
 AUTO_MAX_PROCS = 8
 
@@ -61,18 +57,25 @@ class DataOptions:
     """Evaluation data, in any form `data_path` accepts."""
     format_type: str = field(default="auto", metadata=EVAL)
     """Row format: auto (detected per file from the first row), alpaca, sharegpt, messages, custom,
-    text (TRL's language modeling: every token supervised, no template) or prompt_completion (TRL's:
-    strings without a template, message lists with it; the loss on the completion only)."""
+    text or prompt_completion.
+
+    text is TRL's language modeling: every token supervised, no template. prompt_completion is
+    TRL's too: strings without a template, message lists with it; the loss on the completion only."""
     field_map: str | None = field(default=None, metadata=EVAL)
-    """Names in your data, as NAME=VALUE pairs: columns (instruction, input, output, system, history,
-    messages, tools), a turn's keys (role, content) and role names (user, assistant, observation,
-    function, system_tag); LLaMA-Factory's names (prompt, query, response, role_tag, user_tag, ...)
-    work too. E.g. `instruction=question,output=answer` or
+    """Names in your data, as NAME=VALUE pairs: columns, a turn's keys and role names, e.g.
+    `instruction=question,output=answer`.
+
+    Columns: instruction, input, output, system, history, messages, tools; a turn's keys: role,
+    content; role names: user, assistant, observation, function, system_tag. LLaMA-Factory's names
+    (prompt, query, response, role_tag, user_tag, ...) work too. ShareGPT-style data, for example:
     `messages=conversations,role=from,content=value,user=human,assistant=gpt`."""
     dataset_info: str | None = field(default=None, metadata=NOT_IN_EXAMPLES)
     """A LLaMA-Factory dataset_info.json: a `data_path` entry that is one of its names is read as the
-    entry says (file_name or hf_hub_url, formatting, columns, tags). `REGISTRY.json:NAME` with no
-    `data_path` trains on that entry; `--data_path REGISTRY.json:NAME` works without this option."""
+    entry says.
+
+    The entry's file_name or hf_hub_url, formatting, columns and tags are read. `REGISTRY.json:NAME`
+    with no `data_path` trains on that entry; `--data_path REGISTRY.json:NAME` works without this
+    option."""
     dataset_split: str = field(default="train", metadata=EVAL)
     """Split to read when `data_path` is a Hugging Face dataset name."""
     dataset_config: str | None = field(default=None, metadata=EVAL)
@@ -86,14 +89,17 @@ class DataOptions:
     """Which assistant turns are supervised: all, or only the last one."""
     reasoning: str = field(default="template", metadata=EVAL)
     """Reasoning (`<think>`) policy: `template` renders exactly as the chat template does at
-    inference (Qwen3 drops the reasoning of turns before the last user message); `drop` removes
-    all reasoning."""
+    inference; `drop` removes all reasoning.
+
+    Qwen3's template drops the reasoning of turns before the last user message."""
     enable_thinking: bool | None = field(default=None, metadata=EVAL)
-    """Passed to the chat template when set; unset, the template's own default (Qwen3 and Qwen3.5-4B+
-    think, Qwen3.5-2B and smaller do not). False for no-think data: the empty `<think></think>` block
-    that the generation prompt then holds is prompt, not supervised reply. This and the next two
-    switches: a row's `chat_template_kwargs` (or its own top-level key) overrides the value for that
-    row; setting one that the template never reads is an error."""
+    """Passed to the chat template when set; unset, the template's own default. False for no-think
+    data.
+
+    Qwen3 and Qwen3.5-4B+ think by default, Qwen3.5-2B and smaller do not. With false, the empty
+    `<think></think>` block that the generation prompt then holds is prompt, not supervised reply.
+    This and the next two switches: a row's `chat_template_kwargs` (or its own top-level key)
+    overrides the value for that row; setting one that the template never reads is an error."""
     preserve_thinking: bool | None = field(default=None, metadata=EVAL)
     """Passed to the chat template when set: true keeps the reasoning of turns before the last user
     message (Qwen3.6; Qwen3.8 keeps it unless false). Unset: the template's own default."""
@@ -104,10 +110,11 @@ class DataOptions:
     """Skip malformed rows (counted, the first few listed) instead of stopping at the first one."""
     num_proc: int = field(default=AUTO_PROCS, metadata={**NOT_IN_EXAMPLES, **at_least(1, off=AUTO_PROCS,
                                                                                         off_means="auto")})
-    """Processes for tokenization. 0 (auto): one per 8,192 rows (a process costs seconds to start,
-    so a small set stays in one) and per 2 of the cores this process may use (the tokenizer
-    already runs 2 threads in each), at most 8. Any
-    number gives the same prepared set, byte for byte."""
+    """Processes for tokenization. 0 (auto): one per 8,192 rows and per 2 usable cores, at most 8.
+    Any number gives the same prepared set, byte for byte.
+
+    A process costs seconds to start, so a small set stays in one; the tokenizer already runs 2
+    threads in each."""
 
     def __post_init__(self) -> None:
         self.validate()

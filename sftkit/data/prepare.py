@@ -217,8 +217,8 @@ def _text_size(msg: dict) -> int:
 
 
 def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token: int) -> None:
-    """Rows too long to fit, found by their characters before any tokenizing: one 50 MB line once
-    took 60 s and 6.8 GB to tokenize, only to be dropped. Text of more than max_length x
+    """Rows too long to fit, found by their characters before any tokenizing, which would spend
+    seconds and gigabytes on a huge row only to drop it. Text of more than max_length x
     chars_per_token characters (262,144 for 2048 tokens of Qwen3) has more than max_length tokens.
     `drop`: such a conversation is dropped here (counted too_long). `right`/`left`: each longer
     text keeps its first/last 2x that many characters, which still hold every token the truncation
@@ -253,12 +253,11 @@ def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, opts: DataOpt
                 tokenizer_fp: str | None = None, spelled: bool = False) -> str:
     """Changes whenever the data bytes, the tokenizer, the template or a data option changes, and
     never with where a file lies or how its path is spelled: data.jsonl, /abs/data.jsonl and a
-    symlink to it are one set (the path's spelling once made the same bytes "another run", so
-    `latest` refused a resume typed with an absolute path). A local file counts by its bytes and
-    by its suffix, which picks the reader; a Hub dataset by its name, config, split and datasets'
-    own fingerprint. `spelled`: the rule of earlier sftkit, which hashed each file's path as
-    resolved from the spelling, kept to recognise the checkpoints of that time
-    (run_dir.spelled_run_identity)."""
+    symlink to it are one set, so a resume typed with another spelling is the same run. A local
+    file counts by its bytes and by its suffix, which picks the reader; a Hub dataset by its name,
+    config, split and datasets' own fingerprint. `spelled`: the rule of earlier sftkit, which
+    hashed each file's path as resolved from the spelling, kept to recognise the checkpoints of
+    that time (run_dir.spelled_run_identity)."""
     h = hashlib.sha256()
     weights, seed = (mixing.weights, mixing.seed) if mixing else ([], "")
     h.update(f"sftkit {__version__} format {FORMAT} rows {ROW_RULES} weights={weights} seed={seed}\n".encode())
@@ -281,8 +280,9 @@ def _read_as(path: str) -> str:
 def tokenizer_fingerprint(tokenizer, serialised: str | None = None) -> str:
     """Hash of what decides the ids: vocabulary, merges, normalizer, added tokens, template.
     The serialised backend lists truncation and padding first and the rest from "added_tokens" on;
-    saving a tokenizer changes padding, not the ids, so the hash starts there (10 ms, where parsing
-    and re-dumping the 11 MB JSON took 1 s). `serialised`: the backend's `to_str()`, if at hand."""
+    saving a tokenizer changes padding, not the ids, so the hash starts there, on the text as it
+    is (parsing and re-dumping the 11 MB JSON costs far more). `serialised`: the backend's
+    `to_str()`, if at hand."""
     text = tokenizer.backend_tokenizer.to_str() if serialised is None else serialised
     h = hashlib.sha256(text[max(text.find('"added_tokens"'), 0):].encode())
     h.update((tokenizer.chat_template or "").encode())
@@ -439,8 +439,8 @@ def weigh(kept: Kept, specs: list[str], mixing: Mixing | None) -> tuple[Columns,
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Python's cyclic collector off while rows are read and tokenized, then back as it was. The
-    lists and dicts built there hold no cycles, yet each full collection walks all of them again:
-    1 to 2 of 19 CPU-seconds for 20,000 rows, and the same peak memory (1.28 GB) without it."""
+    lists and dicts built there hold no cycles, yet each full collection walks all of them again,
+    freeing nothing."""
     import gc
 
     was_on = gc.isenabled()
@@ -477,7 +477,7 @@ def _save_dataset(path: Path, examples: Columns) -> None:
         "length": datasets.Value("int32"),  # for batching without reading every example
     })
     # Arrow arrays built directly from the columns: Dataset.from_dict checks and encodes every
-    # example in Python against the features (1.9 of 2.2 CPU-seconds for 20,000 examples)
+    # example in Python against the features, most of the save's time
     table = pa.table({"input_ids": arrow_lists(examples.ids, examples.offsets),
                       "labels": arrow_lists(examples.labels, examples.offsets),
                       "length": pa.array(examples.lengths.astype("int32"), pa.int32())})
@@ -499,7 +499,7 @@ def _plot_lengths(path: Path, lengths: list[int], max_length: int) -> None:
 
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    # one filled outline, not ax.hist's 50 bar patches: the same picture, 0.1 of 0.33 CPU-s less
+    # one filled outline, not ax.hist's 50 bar patches: the same picture, drawn faster
     counts, edges = np.histogram(lengths, bins=min(50, max(5, len(set(lengths)))))
     ax.stairs(counts, edges, fill=True, color="#4477aa")
     ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length {max_length}")

@@ -22,7 +22,7 @@ characters, never the control token. Without such text the ids equal
 `tokenizer.apply_chat_template(messages, tokenize=True, **switches)` exactly.
 
 The template is rendered by sftkit/data/template.py, which gives `apply_chat_template(...,
-tokenize=False)`'s text without its per-call wrapper (2.6 of 4.5 CPU-ms a row under cProfile).
+tokenize=False)`'s text without its per-call wrapper, most of the render's cost.
 
 A row the template refuses (Qwen3.5: "System message must be at the beginning.") comes back as
 `Refused` with the template's message, for prepare-data to report as a bad row.

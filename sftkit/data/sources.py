@@ -28,10 +28,9 @@ from sftkit.data import formats, registry
 from sftkit.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".json.gz", ".jsonl.gz")
-# Bytes of memory that reading one byte of JSON Lines takes at its peak: the file's bytes, its lines,
-# the decoded rows. bench/read_memory.py measured 3.3-3.4x for 20 and 100 MB of rows of ~1.8 KB, and
-# shorter rows take more, so a file refused by this surely cannot be read; it is refused from its
-# size, before it is read: a 2 GB file once took 48 s and 4.6 GB of memory to be refused.
+# Bytes of memory that reading one byte of JSON Lines takes at its peak (the file's bytes, its lines,
+# the decoded rows): a floor, since shorter rows take more (bench/read_memory.py), so a file refused by
+# this surely cannot be read. It is refused from its size, before any of it is read.
 READ_MEMORY = 3
 # A file with holes reads as zero bytes there, which no JSON, CSV or Parquet file holds; below 1 MiB
 # a file's blocks say little (ext4 and btrfs keep a file of a few KB inline, in 0 blocks).
@@ -117,7 +116,7 @@ def resolve(spec: str, config: str | None = None, split: str = "train", dataset_
 
 def skipped(spec: str) -> list[str]:
     """'name (why)' for each file a directory holds but resolve does not read, so that none is
-    skipped silently (a folder of a.jsonl, b.jsonl.gz and c.tsv prepared a.jsonl's rows alone)."""
+    skipped silently."""
     p = Path(spec)
     if not p.is_dir():
         return []
@@ -137,8 +136,8 @@ def _local(path: str) -> Source:
 
 def check_size(path: str, st: os.stat_result, available: int | None) -> None:
     """Refuse, from its size alone, a sparse file or one too big to read in `available` bytes of
-    memory (None: unknown, not checked). A 2 GB sparse file was once refused only after 48 s and
-    4.6 GB of memory, as not valid UTF-8."""
+    memory (None: unknown, not checked). Without it a sparse file is read whole before it is
+    refused, as not valid UTF-8."""
     on_disk = getattr(st, "st_blocks", None)
     if on_disk is not None and st.st_size >= SPARSE_FROM and on_disk * 512 < st.st_size // 2 and _has_hole(path, st):
         raise DataError(path, "", None, f"is a sparse file: {_size(st.st_size)} long but {_size(on_disk * 512)} "
@@ -199,8 +198,7 @@ def read(src: Source, head: int | None = None) -> Reading:
 
     `head` (the checks before the imports, which take the first rows): a JSON Lines file whose
     first line is an object is read only that many lines far, and not hashed (its digest stays
-    unknown); the precheck read and hashed whole files, 0.35 CPU-s and the file's size in memory
-    per 100 MB, before the real read did it again."""
+    unknown): the check costs those lines, and the real read, later, hashes the whole file."""
     if head is not None and not src.hub and file_type(src.path) == ".jsonl":
         data = _head_lines(src.path, head)
         if data is not None:

@@ -4,10 +4,10 @@ Mirrors transformers 5.24 (`utils/chat_template_utils.py`: `_cached_compile_jinj
 `render_jinja_template`, `_alias_reasoning_fields`, `_plain_template_data`; and
 `PreTrainedTokenizerBase.apply_chat_template(..., tokenize=False)`) for one conversation, no
 `continue_final_message`, no assistant mask, no documents, no control-token sanitising (sftkit
-escapes special-token text itself, render.prepare_messages). Why: under cProfile, 4.8 of the
-7.4 CPU-ms a row of prepare-data went to `apply_chat_template`; 1.4 ms of it was transformers'
-message normalising and conversion and 2.5 ms the Jinja sandbox's attribute checks, which this
-environment caches (see `ChatSandbox`). What reaches the template is exactly what transformers
+escapes special-token text itself, render.prepare_messages). Why: `apply_chat_template` is most
+of prepare-data's cost a row, much of it transformers' message normalising and conversion and the
+Jinja sandbox's attribute checks, which this environment caches (see `ChatSandbox`; profile in
+bench/RESULTS.md). What reaches the template is exactly what transformers
 passes it: `messages` (keys with None values dropped, copied to plain JSON types, reasoning
 aliased under `thinking` and `reasoning_content`), `tools`, `documents=None`,
 `add_generation_prompt`, then `{**tokenizer.special_tokens_map, **switches}`. A transformers
