@@ -2,13 +2,13 @@
 
 Writes a prepared set of ROWS examples in prepare's layout (input_ids, labels, length as int32
 columns saved by `datasets.save_to_disk`, as `prepare._save_dataset` does; built from numpy here,
-since 51M Python ints would take GBs), random ids, lengths drawn from 64 to 2*MEAN-64 tokens; records it (`digest.record`, as prepare does
-inside its temporary folder), then times `dataset.damage`, the check `train` and `eval` run
-before using a set: sizes, then every file's xxh3-128. The files are read from the page cache
-(just written), so this is the hash's cost, not a cold disk's. Also timed: the Arrow read that
-checks a set written before the record.
+since 51M Python ints would take GBs), random ids, lengths drawn from 64 to 2*MEAN-64 tokens;
+records it (`digest.record`, as prepare does inside its temporary folder), then times
+`dataset.damage`, the check `train` and `eval` run before using a set: sizes, then every file's
+xxh3-128. The files are read from the page cache (just written), so this is the hash's cost, not a
+cold disk's. Also timed: the Arrow read that checks a set written before the record.
 
-    .venv/bin/python bench/cache_verify_bench.py --rows 200000 --mean 256
+    .venv/bin/python -m bench.cache_verify_bench --rows 200000 --mean 256
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sftkit.data import dataset, prepare
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--mean", type=int, default=256, help="mean tokens per example")
     ap.add_argument("--repeat", type=int, default=3)

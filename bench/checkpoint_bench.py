@@ -1,39 +1,35 @@
 """Checkpoint bench: what a checkpoint costs on disk and in seconds, LoRA and full, for two sftkit
 trees (before and after a change), and the peak RSS of one training step.
 
-Each (tree, mode) runs in a fresh child process with PYTHONPATH set to that tree, through the
-tree's own functions: `sftkit.train.setup` (accelerator, data, model, optimizer), one
-`train_step` (so the optimizer holds its moments), then `checkpoint.save_checkpoint` (timed),
-`checkpoint.damage` (the checksum verification a resume runs first, timed) and
-`checkpoint.load_checkpoint` (timed). Loading the base model is not timed: every resume loads
-it, before and after. Files are read back from the page cache (nothing drops it), so the
-seconds are what the hashing and the (de)serialisation cost, not a cold disk.
+Each (tree, mode) runs in a fresh child process started in that tree, with PYTHONPATH naming it
+(bench/child.py `checkout_env`), through the tree's own functions: `sftkit.train.setup`
+(accelerator, data, model, optimizer), one `train_step` (so the optimizer holds its moments), then
+`checkpoint.save_checkpoint` (timed), `checkpoint.damage` (the checksum verification a resume runs
+first, timed) and `checkpoint.load_checkpoint` (timed). Loading the base model is not timed: every
+resume loads it, before and after. Files are read back from the page cache (nothing drops it), so
+the seconds are what the hashing and the (de)serialisation cost, not a cold disk.
 
 Modes: lora (fp32), lora_bf16 (--bf16: after the change the frozen base is bf16), full (fp32).
-The model: a random-init Qwen3 from Qwen's published config (bench/qwen3), 1 micro-batch of 64
-tokens. `--hashes` measures the candidate checksum hashes on 256 MB in memory. `--account` prints
-the checkpoint sizes of a LoRA run computed from a config (no run): the 8B figures.
+The model: a random-init Qwen3 from Qwen's published config (--model: a preset of bench/models.py),
+1 micro-batch of 64 tokens. `--hashes` measures the candidate checksum hashes on 256 MB in memory.
+`--account` prints the checkpoint sizes of a LoRA run computed from a config (no run): the 8B figures.
 
-    .venv/bin/python bench/checkpoint_bench.py --model qwen3-0.6b --before /tmp/sftkit-0c02b29 --after .
+    git worktree add /tmp/sftkit-before 0c02b29
+    .venv/bin/python -m bench.checkpoint_bench --model qwen3-0.6b --before /tmp/sftkit-before --after .
 """
 
 from __future__ import annotations
 
-import os
-
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")  # inherited by the children
-
 import argparse
 import json
+import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULT = "CHECKPOINT_BENCH_RESULT "
+from bench import models
+from bench.child import REPO, checkout_env, offline, python, report, run
+
 MODES = ("lora", "lora_bf16", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -74,14 +70,13 @@ def child(a) -> dict:
 
 
 def run_child(a, tag: str, tree: str, mode: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
-    cmd = [sys.executable, __file__, "--child", mode, "--tag", tag, "--model_dir", a.model_dir, "--data", a.data,
-           "--work", a.work]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, check=False)
-    found = [ln[len(RESULT):] for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
-    if proc.returncode or not found:
-        return {"tree": tag, "mode": mode, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    return json.loads(found[-1])
+    """`child` in a fresh process that imports `tree`'s sftkit."""
+    done = run(python("bench.checkpoint_bench", "--child", mode, "--tag", tag, "--model_dir", a.model_dir, "--data",
+                      a.data, "--work", a.work), cwd=tree, env=checkout_env(tree))
+    record = done.result()
+    if done.code or record is None:
+        return {"tree": tag, "mode": mode, "error": [done.last_line()]}
+    return record
 
 
 def hashes(size: int = 256 << 20) -> dict:
@@ -142,16 +137,16 @@ def main() -> None:
     p.add_argument("--child"), p.add_argument("--tag"), p.add_argument("--model_dir"), p.add_argument("--data")
     p.add_argument("--work", default=os.environ.get("SFTKIT_CACHE", "/tmp") + "/checkpoint_bench")
     a = p.parse_args()
+    offline()
     if a.child:
-        print(RESULT + json.dumps(child(a)), flush=True)
+        report(child(a))
         return
     if a.hashes or a.account:
         print(json.dumps({"hashes_gb_s": hashes()} if a.hashes else account(a.account), indent=2))
         return
-    sys.path.insert(0, str(REPO / "bench"))
-    from train_bench import build_model
-
-    a.model_dir, a.data = str(build_model(a.model)), str(REPO / "data" / "sample_alpaca.json")
+    a.work = str(Path(a.work).resolve())  # the children start in their tree
+    a.model_dir = str(models.build_preset(a.model, Path(a.work) / "models").resolve())
+    a.data = str(REPO / "data" / "sample_alpaca.json")
     load = os.getloadavg()[0]
     rows = [run_child(a, tag, tree, mode) for tag, tree in (("before", a.before), ("after", a.after)) if tree
             for mode in a.modes.split(",")]

@@ -1,15 +1,16 @@
 """The prepared GPU check, run by `bash bench/gpu_check.sh OUTDIR` (which installs the wheels the
-device lacks first). Everything fits one device call of 9 minutes (540 s), the installs included:
-the parts run in order of value, each with a time budget, and a part whose budget no longer fits
-before END_S is skipped and recorded as "skipped: budget". A running part may overrun its budget
-by half (it is worth more than the parts after it), never past END_S.
+device lacks first, then runs `python -m bench.gpu_check OUTDIR`). Everything fits one device call
+of 9 minutes (540 s), the installs included: the parts run in order of value, each with a time
+budget, and a part whose budget no longer fits before END_S is skipped and recorded as "skipped:
+budget". A running part may overrun its budget by half (it is worth more than the parts after it),
+never past END_S.
 
   budget  part (bf16; sftkit unless named; 2 untimed warm-up steps, then 6 timed)
    ~25 s  installs (gpu_check.sh), then the environment and a 10-s GPU warm-up (a fresh machine
           ran its first processes 1.8x slower: first step 4.5 s vs 1.5 s)
    120 s  1. Qwen3.5-2B-shaped, LoRA, packed 4096 x 2: Gated DeltaNet kernels (flash-linear-attention
           compiles its Triton kernels in this first run), the 248,320-word vocabulary's fused loss
-   110 s  2. Qwen3-30B-A3B-shaped, 12 of its 48 layers (bench/train_bench.py MOE_LAYERS), LoRA on
+   110 s  2. Qwen3-30B-A3B-shaped, 12 of its 48 layers (bench/models.py MOE_LAYERS), LoRA on
           attention and the 128 routed experts (sftkit's default LoRA: its dropout resolves to 0
           there, the only way PEFT reaches experts), 2048 x 2
     70 s  3. Qwen3.5-2B-shaped, full fine-tuning, packed 4096 x 1 (fp32 weights and AdamW: 30 GB)
@@ -33,10 +34,10 @@ small enough for CI (2 cores): numbers that say the check works, not how fast an
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -44,20 +45,20 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from train_bench import MOE_LAYERS, missing  # bench/ is not a package
+from bench import child
+from bench.child import REPO, offline, python
+from bench.models import MOE, MOE_LAYERS
+from bench.train_bench import missing
 
 CALL_S = 540  # the device call, installs included
 END_S = 510  # parts end by here, counted from gpu_check.sh's start: 30 s for the summary and removing the cache
 OVERRUN = 1.5  # a running part may take this times its budget, if END_S allows
 WARM_UP_S = 10
-MOE = f"qwen3-30b-a3b-{MOE_LAYERS}l"
 
 
 @dataclass(frozen=True)
 class Bench:
-    """One bench/train_bench.py call."""
+    """One bench.train_bench call."""
 
     name: str
     model: str
@@ -91,7 +92,7 @@ PARTS = [
     Bench("qwen3-1.7b full", "qwen3-1.7b", 4096, 2, 90, ("tiny", 512), systems="sftkit,trl_liger"),
 ]
 STEPS, WARMUP = (8, 2), (2, 1)  # (GPU, CPU): optimizer steps per run, and of those untimed
-CONVERSATIONS = (256, 16)  # (GPU, CPU): bench/prepare_bench.py conversations, ~480 tokens each
+CONVERSATIONS = (256, 16)  # (GPU, CPU): bench/synthetic.py's multi-turn conversations, ~480 tokens each
 
 
 def part_timeout(budget_s: float, left: float, cuda: bool) -> float | None:
@@ -137,24 +138,10 @@ def warm_up(seconds: float) -> float:
 
 def run(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, str]:
     """(exit code or None on timeout, last line) of a command, its output in `log`. On timeout its
-    whole process group goes, so that train_bench's training child frees the GPU too."""
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            code = None
-            for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):  # within END_S's 30 s of slack
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=wait)
-                    break
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-    lines = log.read_text(errors="replace").strip().splitlines()
-    return code, lines[-1] if lines else ""
+    whole process group goes, so that train_bench's training child frees the GPU too (within
+    END_S's 30 s of slack)."""
+    done = child.run(cmd, log=log, timeout=max(timeout, 1))
+    return done.code, done.last_line()
 
 
 def finite(x):
@@ -174,9 +161,9 @@ def bench(part: Bench, out: Path, cuda: bool, timeout: float) -> list[dict]:
     steps, warmup = STEPS if cuda else WARMUP
     stem = f"bench_{model}_{length}_{part.method}_{'+'.join(runnable)}".replace(".", "_")
     result = out / f"{stem}.json"
-    cmd = [sys.executable, str(REPO / "bench" / "train_bench.py"), "--model", model, "--max_length", str(length),
-           "--batch_size", str(rows), "--packing", "--systems", ",".join(runnable), "--max_steps", str(steps),
-           "--warmup", str(warmup), "--n", str(CONVERSATIONS[0 if cuda else 1]), "--out", str(result)]
+    cmd = python("bench.train_bench", "--model", model, "--max_length", str(length), "--batch_size", str(rows),
+                 "--packing", "--systems", ",".join(runnable), "--max_steps", str(steps), "--warmup", str(warmup),
+                 "--n", str(CONVERSATIONS[0 if cuda else 1]), "--out", str(result))
     cmd += ["--lora"] if part.lora else []
     code, last = run(cmd, out / f"{stem}.log", timeout)
     if code != 0 or not result.is_file():
@@ -209,8 +196,8 @@ def row(base: dict, r: dict) -> dict:
 
 def pytest_gpu(out: Path, timeout: float) -> str:
     """pytest's last line (its counts), or why there is none."""
-    code, last = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                      str(REPO / "tests" / "test_gpu.py")], out / "pytest_gpu.log", timeout)
+    code, last = run(python("pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(REPO / "tests" / "test_gpu.py")),
+                     out / "pytest_gpu.log", timeout)
     return f"timed out after {timeout:.0f} s" if code is None else last if code in (0, 1) else f"exit {code}: {last}"
 
 
@@ -281,8 +268,11 @@ def run_part(part: Bench | Pytest, out: Path, cuda: bool, left: float) -> tuple[
 
 
 def main() -> int:
-    out = Path(sys.argv[1]).resolve()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir", type=Path, help="where the summary and the logs go")
+    out = ap.parse_args().outdir.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    offline()
     # gpu_check.sh notes when it started and when its installs ended: the budget counts them
     start = float(os.environ.get("GPU_CHECK_START") or time.time())
     installed = os.environ.get("GPU_CHECK_INSTALLED")
@@ -319,5 +309,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(main())

@@ -4,7 +4,7 @@
 # On a lent GPU machine, in one call of at most 9 minutes (540 s) with everything below: installs
 # the wheels that scripts/gpu_wheels.sh put in .whl/ (the device image lacks datasets, trl,
 # liger-kernel, flash-linear-attention, pytest and has an older transformers) into a temporary
-# folder first on PYTHONPATH, then runs bench/gpu_check.py: GPU warm-up, then by budget and in order
+# folder first on PYTHONPATH, then runs `python -m bench.gpu_check`: GPU warm-up, then by budget and in order
 # of value Qwen3.5-2B-shaped LoRA and full fine-tuning, a reduced Qwen3-30B-A3B-shaped MoE with
 # LoRA on its experts, Qwen3-0.6B, pytest -m gpu and the TRL comparisons; what no longer fits is
 # skipped and says so. The summary: OUTDIR/summary.md, OUTDIR/summary.json.
@@ -41,4 +41,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 # that the second Qwen3.5 run (full fine-tuning, a new process) reuses what the first one measured
 export TRITON_CACHE_AUTOTUNING=1
 cd "$REPO"
-"$PY" bench/gpu_check.py "$OUT"
+"$PY" -m bench.gpu_check "$OUT"

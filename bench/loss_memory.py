@@ -9,68 +9,42 @@ step; memory per supervised token is the slope between them, from the end record
 (VmHWM: imports, model and the step). `--code DIR` runs another checkout's sftkit (a worktree of an
 older commit) with this .venv, for a before/after table.
 
-    .venv/bin/python bench/loss_memory.py --out /tmp/lossmem
-    git worktree add /tmp/before a7ae4dd && .venv/bin/python bench/loss_memory.py --code /tmp/before --out /tmp/lossmem_before
-    .venv/bin/python bench/loss_memory.py --chunks 128 256 512 1024 --out /tmp/lossmem   # qwen3_5 only
+    .venv/bin/python -m bench.loss_memory --out /tmp/lossmem
+    git worktree add /tmp/before a7ae4dd && .venv/bin/python -m bench.loss_memory --code /tmp/before --out /tmp/lossmem_before
+    .venv/bin/python -m bench.loss_memory --chunks 128 256 512 1024 --out /tmp/lossmem   # qwen3_5 only
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from bench import models, synthetic
+from bench.child import REPO, checkout_env, python, records, run
+
 KINDS = ("qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe")
 VOCAB = {"qwen3_5": 248_320, "qwen3_5_moe": 248_320}  # the others: Qwen3's 151,936 (tests/family.py)
-WORDS = ["time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child", "eye", "woman", "place", "work", "week", "case", "point", "government", "company", "number", "group", "problem", "fact", "water", "money", "story", "month", "lot", "right", "study", "book", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game", "line", "end", "member", "law", "car"]
 
 
-def build_model(kind: str, out: Path) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))  # the family's tiny models live with the tests
-    import family
-
-    if not (out / "config.json").is_file():
-        family.build(kind, out, overrides={"vocab_size": VOCAB[kind]} if kind in VOCAB else None)
-    return out
+def build_model(kind: str, root: Path) -> Path:
+    return models.family(kind, root, {"vocab_size": VOCAB[kind]} if kind in VOCAB else None)
 
 
-def build_data(out: Path, rows: int = 8, reply_words: int = 800) -> Path:
-    """Rows of a short question and a reply of ~1,000 tokens: a packed row of max_length 1,024 holds one."""
-    path = out / "long_replies.jsonl"
-    rng = random.Random(0)
-    with path.open("w") as f:
-        for _ in range(rows):
-            reply = " ".join(rng.choice(WORDS) for _ in range(reply_words))
-            f.write(json.dumps({"messages": [{"role": "user", "content": "Say many words."},
-                                             {"role": "assistant", "content": reply}]}) + "\n")
-    return path
-
-
-def run(model: Path, data: Path, rows: int, out: Path, code: Path | None, extra: list[str]) -> dict:
+def step(model: Path, data: Path, rows: int, out: Path, code: Path | None, extra: list[str]) -> dict:
     """One packed LoRA step of `rows` rows; its peak RSS, supervised tokens and seconds."""
+    cmd = python("sftkit", "train", "--model_name_or_path", str(model), "--data_path", str(data), "--use_lora",
+                 "--packing", "--max_length", "1024", "--per_device_train_batch_size", str(rows), "--max_steps", "1",
+                 "--save_steps", "0", "--logging_steps", "1", "--warmup_ratio", "0", "--dataloader_num_workers", "0",
+                 "--output_dir", str(out), *extra)
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "sftkit", "train", "--model_name_or_path", str(model), "--data_path", str(data),
-           "--use_lora", "--packing", "--max_length", "1024", "--per_device_train_batch_size", str(rows),
-           "--max_steps", "1", "--save_steps", "0", "--logging_steps", "1", "--warmup_ratio", "0",
-           "--dataloader_num_workers", "0", "--output_dir", str(out), *extra]
-    env = {**os.environ, "PYTHONPATH": str(code)} if code else dict(os.environ)  # -m: the cwd's sftkit first
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=code or REPO, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    step = next(r for r in records if "loss" in r)
-    return {"peak_rss_mb": records[-1]["peak_rss_mb"], "supervised": records[-1]["supervised_tokens"],
-            "fused_loss": records[0].get("fused_loss"), "chunk": records[0].get("loss_chunk_rows"),
-            "step_s": round(step["tokens"] / step["tokens_per_s"], 2), "seconds": round(time.perf_counter() - start, 1)}
+    done = run(cmd, cwd=code or REPO, env=checkout_env(code)).check(" ".join(cmd))  # -m: the cwd's sftkit first
+    start, *_, end = lines = records(out)
+    trained = next(r for r in lines if "loss" in r)
+    return {"peak_rss_mb": end["peak_rss_mb"], "supervised": end["supervised_tokens"],
+            "fused_loss": start.get("fused_loss"), "chunk": start.get("loss_chunk_rows"),
+            "step_s": round(trained["tokens"] / trained["tokens_per_s"], 2), "seconds": round(done.wall_s, 1)}
 
 
 def main() -> None:
@@ -83,13 +57,13 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SFTKIT_CACHE", str(a.out / "cache"))
-    data = build_data(a.out)
+    data = synthetic.write(a.out / "long_replies.jsonl", synthetic.rows(synthetic.long_reply, 8))
     if a.chunks:
-        model = build_model("qwen3_5", a.out / "models" / "qwen3_5")
+        model = build_model("qwen3_5", a.out / "models")
         print("| loss_chunk_size | chunk's fp32 logits, MB | peak RSS, MB | supervised tokens | step s |")
         print("|---:|---:|---:|---:|---:|")
         for chunk in a.chunks:
-            r = run(model, data, a.rows[1], a.out / f"chunk_{chunk}", a.code, ["--loss_chunk_size", str(chunk)])
+            r = step(model, data, a.rows[1], a.out / f"chunk_{chunk}", a.code, ["--loss_chunk_size", str(chunk)])
             print(f"| {chunk} | {chunk * VOCAB['qwen3_5'] * 4 / 2**20:,.0f} | {r['peak_rss_mb']:,.0f} | "
                   f"{r['supervised']:,} | {r['step_s']} |", flush=True)
         return
@@ -97,8 +71,8 @@ def main() -> None:
           "supervised tokens | MB per supervised token |")
     print("|---|---:|---|---:|---|---|---:|")
     for kind in a.kinds:
-        model = build_model(kind, a.out / "models" / kind)
-        small, large = (run(model, data, n, a.out / f"{kind}_{n}", a.code, []) for n in a.rows)
+        model = build_model(kind, a.out / "models")
+        small, large = (step(model, data, n, a.out / f"{kind}_{n}", a.code, []) for n in a.rows)
         slope = (large["peak_rss_mb"] - small["peak_rss_mb"]) / (large["supervised"] - small["supervised"])
         print(f"| {kind} | {VOCAB.get(kind, 151_936):,} | {large['fused_loss']} | {large['chunk'] or '-'} | "
               f"{small['peak_rss_mb']:,.0f} / {large['peak_rss_mb']:,.0f} | {small['supervised']:,} / "

@@ -1,7 +1,7 @@
 """Benchmark sftkit's prepare-data against TRL's SFTTrainer dataset preparation. Offline, CPU only.
 
-Both tools get the same synthetic JSONL files (OpenAI `messages` rows) and must produce input_ids
-plus an assistant-only loss mask. Three distributions, each timed in the same run:
+Both tools get the same synthetic JSONL files (OpenAI `messages` rows, bench/synthetic.py) and must
+produce input_ids plus an assistant-only loss mask. Three distributions, each timed in the same run:
   multi-turn  1-4 turns, a system message in ~30%, reasoning_content in ~35% of replies (max_length 4096)
   alpaca      Alpaca-style: 56% single turn, no reasoning, replies of 10-800 tokens (log-uniform; 4096)
   messages    issue 24's shape: 1-4 turns with P .55/.25/.12/.08, a system message in 10%, user ~60 and
@@ -19,24 +19,16 @@ the floor both tools pay; sftkit's CPU seconds above it, a row, are its per-row 
 Besides wall time, CPU seconds (this process + reaped worker processes) are reported: on a shared
 machine they are the steadier measure of work, while wall time shows what parallelism buys.
 
-    .venv/bin/python bench/prepare_bench.py                 # all three, sftkit num_proc 1 and auto (0)
-    .venv/bin/python bench/prepare_bench.py --data alpaca --n 2000   # one distribution, quick
+    .venv/bin/python -m bench.prepare_bench                 # all three, sftkit num_proc 1 and auto (0)
+    .venv/bin/python -m bench.prepare_bench --data alpaca --n 2000   # one distribution, quick
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import argparse
 import json
-import math
+import os
 import platform
-import random
-import resource
 import shutil
 import time
 from collections import Counter
@@ -44,105 +36,16 @@ from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 
-_WORD_TEXT = ("the a of to and in is it that for on with as was at by this be from or have an they which you one data "
-         "model train loss token batch layer weight gradient learning rate step value function return python code "
-         "error file system memory process thread network server client request response query answer question "
-         "explain example simple because however therefore result number list table string river mountain city "
-         "music history science language people world time year good small large new old first last long great "
-         "little right big high different important")
-WORDS = _WORD_TEXT.split(" ")
-CJK = ("你好", "世界", "模型", "训练", "数据", "学习", "问题", "答案", "こんにちは", "ありがとう", "東京", "日本語",
-       "안녕하세요", "감사합니다", "机器学习", "深度神经网络")
-EMOJI = ("🙂", "🚀", "🔥", "✅", "🤖", "📈", "🎉", "👍🏽", "❤️", "🇯🇵")
+from bench import models, synthetic
+from bench.child import clock, offline
 
-
-def text(rng: random.Random, lo: int, hi: int) -> str:
-    """lo..hi words: mostly English, ~8% CJK, ~4% emoji, with sentence punctuation and paragraphs."""
-    out, start = [], True
-    for _ in range(rng.randint(lo, hi)):
-        r = rng.random()
-        w = rng.choice(CJK) if r < 0.08 else rng.choice(EMOJI) if r < 0.12 else rng.choice(WORDS)
-        out.append(w.capitalize() if start else w)
-        start = rng.random() < 0.1
-        if start:
-            out[-1] += rng.choice((".", ".", "?", "!", ".\n\n"))
-    return " ".join(out).replace("\n ", "\n")
-
-
-def conversation(rng: random.Random) -> dict:
-    """1-4 user/assistant turns, a system message in ~30%, reasoning_content in ~35% of replies."""
-    msgs = [{"role": "system", "content": text(rng, 5, 40)}] if rng.random() < 0.3 else []
-    for _ in range(rng.randint(1, 4)):
-        msgs.append({"role": "user", "content": text(rng, 3, 60)})
-        reply = {"role": "assistant", "content": text(rng, 5, 200)}
-        if rng.random() < 0.35:
-            reply["reasoning_content"] = text(rng, 10, 120)
-        msgs.append(reply)
-    return {"messages": msgs}
-
-
-def alpaca_conversation(rng: random.Random) -> dict:
-    """Alpaca-style: 56% one turn, else 2-3; a system message in ~10%; no reasoning. A reply is
-    8-600 words, log-uniform: 8-818 tokens, median 92, mean 180 (measured on the first 3,000 rows)."""
-    msgs = [{"role": "system", "content": text(rng, 5, 30)}] if rng.random() < 0.1 else []
-    for _ in range(1 if rng.random() < 0.56 else rng.randint(2, 3)):
-        msgs.append({"role": "user", "content": text(rng, 3, 60)})
-        words = round(math.exp(rng.uniform(math.log(8), math.log(600))))
-        msgs.append({"role": "assistant", "content": text(rng, words, words)})
-    return {"messages": msgs}
-
-
-def words(rng: random.Random, mean: float, sigma: float = 0.6) -> int:
-    """A lognormal word count with this mean (at least 1)."""
-    return max(1, round(rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)))
-
-
-def messages_conversation(rng: random.Random) -> dict:
-    """Issue 24's hidden set, regenerated with our own seed: 1-4 turns with P .55/.25/.12/.08, a system
-    message in 10%, user ~60 and assistant ~180 tokens, lognormal (sigma 0.6). `text` gives ~1.36
-    tokens a word (the alpaca set's 8-600 words -> 8-818 tokens), so 44 and 132 words on average."""
-    msgs = [{"role": "system", "content": text(rng, 5, 30)}] if rng.random() < 0.1 else []
-    for _ in range(rng.choices((1, 2, 3, 4), weights=(0.55, 0.25, 0.12, 0.08))[0]):
-        n = words(rng, 44)
-        msgs.append({"role": "user", "content": text(rng, n, n)})
-        n = words(rng, 132)
-        msgs.append({"role": "assistant", "content": text(rng, n, n)})
-    return {"messages": msgs}
-
-
-DISTRIBUTIONS = {"multi-turn": conversation, "alpaca": alpaca_conversation, "messages": messages_conversation}
 MAX_LENGTH = {"multi-turn": 4096, "alpaca": 4096, "messages": 1024}
-
-
-def write_data(n: int, seed: int, path: Path, make=conversation) -> None:
-    rng = random.Random(seed)
-    with path.open("w", encoding="utf-8") as f:
-        for _ in range(n):
-            f.write(json.dumps(make(rng), ensure_ascii=False) + "\n")
-
-
-def sample(data: Path, out: Path, rows: int = 8) -> Path:
-    """The first rows of the data file, for warm-up runs."""
-    path = out / "warmup.jsonl"
-    with data.open(encoding="utf-8") as f:
-        path.write_text("".join(next(f) for _ in range(rows)), encoding="utf-8")
-    return path
+"""The distributions (bench/synthetic.py) and the max_length each is prepared at."""
 
 
 def fresh(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     return path
-
-
-def _now() -> tuple[float, float]:
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter(), time.process_time() + kids.ru_utime + kids.ru_stime
-
-
-def clock():
-    """Start a clock; calling the result gives (wall, cpu) seconds since. CPU counts reaped workers too."""
-    start = _now()
-    return lambda: tuple(b - a for a, b in zip(start, _now()))
 
 
 def bench_encode(data: Path, tok) -> dict:
@@ -176,17 +79,12 @@ def bench_sftkit(data: Path, out: Path, tok, num_proc: int, max_length: int = 40
 
 def bench_trl(data: Path, out: Path, tok, num_proc: int, max_length: int = 4096) -> tuple[dict, object]:
     import datasets
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     datasets.disable_caching()
     datasets.disable_progress_bars()
     start = time.perf_counter()
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=128, tie_word_embeddings=True))
+    model = models.init(models.preset_config("tiny"))  # SFTTrainer wants one; only its data preparation is timed
     model_secs = time.perf_counter() - start
     args = SFTConfig(output_dir=str(fresh(out / "trl_out")), assistant_only_loss=True, max_length=max_length,
                      packing=False, dataset_num_proc=num_proc, report_to=[], bf16=False)
@@ -204,7 +102,8 @@ def bench_trl(data: Path, out: Path, tok, num_proc: int, max_length: int = 4096)
     def load(path: Path):
         return datasets.Dataset.from_json(str(path), cache_dir=str(fresh(out / "hf_cache")))
 
-    TimedSFTTrainer(model=model, args=args, train_dataset=load(sample(data, out)), processing_class=tok)  # warm-up
+    warmup = load(synthetic.head(data, out / "warmup.jsonl"))
+    TimedSFTTrainer(model=model, args=args, train_dataset=warmup, processing_class=tok)  # warm-up
     elapsed = clock()
     ds = load(data)
     load_secs, load_cpu = elapsed()
@@ -256,9 +155,9 @@ def bench_all(names: list[str], a, tok) -> list[dict]:
     data = {}
     for name in names:
         data[name] = a.out / f"{name}_n{a.n}_seed{a.seed}.jsonl"
-        write_data(a.n, a.seed, data[name], DISTRIBUTIONS[name])
+        synthetic.write(data[name], synthetic.rows(synthetic.CONVERSATIONS[name], a.n, a.seed))
         print(f"data {name}: {data[name]} ({data[name].stat().st_size / 1e6:.1f} MB, {a.n} conversations)")
-    bench_sftkit(sample(data[names[0]], a.out), a.out, tok, 1)  # warm-up: imports (datasets, matplotlib)
+    bench_sftkit(synthetic.head(data[names[0]], a.out / "warmup.jsonl"), a.out, tok, 1)  # warm-up: imports (datasets, matplotlib)
     procs = list(dict.fromkeys([1, a.num_proc]))
     ours = {name: [bench_sftkit(data[name], a.out / name, tok, n, MAX_LENGTH[name]) for n in procs] for name in names}
     for name in names:
@@ -294,16 +193,16 @@ def main() -> None:
                     "(1 is always run as well)")
     ap.add_argument("--trl_num_proc", type=int, default=1, help="TRL dataset_num_proc")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", choices=[*DISTRIBUTIONS, "all"], default="all", help="which distribution(s)")
+    ap.add_argument("--data", choices=[*MAX_LENGTH, "all"], default="all", help="which distribution(s)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/prepare_bench"))
     a = ap.parse_args()
-
+    offline()
     from sftkit.models import load_tokenizer
 
     a.out.mkdir(parents=True, exist_ok=True)
     print(versions())
     tok = load_tokenizer("tiny-qwen3")
-    rows = bench_all(list(DISTRIBUTIONS) if a.data == "all" else [a.data], a, tok)
+    rows = bench_all(list(MAX_LENGTH) if a.data == "all" else [a.data], a, tok)
     print("\n| data | tool | examples/s | tokens/s | seconds | CPU seconds | examples/CPU-s | examples | tokens "
           "| supervised tokens | dropped | / TRL (examples/s, per CPU-s) |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -1,32 +1,26 @@
 """Where prepare-data's time goes, per row: cProfile of `prepare()` in one process (num_proc 1).
 
-The data: OpenAI `messages` rows, 1-4 turns, a system prompt in ~10%, no reasoning (the text
-generator of bench/prepare_bench.py). The profiler's clock is CPU time (time.process_time), the
+The data: OpenAI `messages` rows, 1-4 turns, a system prompt in ~10%, no reasoning (the `plain`
+conversations of bench/synthetic.py). The profiler's clock is CPU time (time.process_time), the
 steadier measure on a shared machine; a Rust call's figure sums the threads it ran on. One warm-up
 prepare runs first, so imports are not counted.
 
-    .venv/bin/python bench/prepare_profile.py --n 2000
+    .venv/bin/python -m bench.prepare_profile --n 2000
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import argparse
 import cProfile
-import json
+import os
 import pstats
-import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_bench import text  # the same words, CJK and emoji as the throughput bench
+from bench import synthetic
+from bench.child import offline
 
 # (label, file suffix, function name): cumulative CPU time of each, per row
 PER_ROW = [
@@ -50,14 +44,6 @@ ONCE = [
 ]
 
 
-def conversation(rng: random.Random) -> dict:
-    msgs = [{"role": "system", "content": text(rng, 5, 30)}] if rng.random() < 0.1 else []
-    for _ in range(rng.randint(1, 4)):
-        msgs.append({"role": "user", "content": text(rng, 3, 60)})
-        msgs.append({"role": "assistant", "content": text(rng, 5, 200)})
-    return {"messages": msgs}
-
-
 def cumulative(stats: pstats.Stats, suffix: str, name: str) -> tuple[float, int]:
     """(cumulative seconds, calls) of the function, summed over every entry that matches."""
     secs = calls = 0
@@ -73,6 +59,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=0, help="also print the N functions of most own time")
     a = ap.parse_args()
+    offline()
     from transformers import AutoTokenizer
 
     from sftkit.data.options import DataOptions
@@ -82,9 +69,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
     work = Path(tempfile.mkdtemp(prefix="sftkit_profile_"))
     try:
-        rng = random.Random(a.seed)
-        data = work / "messages.jsonl"
-        data.write_text("".join(json.dumps(conversation(rng), ensure_ascii=False) + "\n" for _ in range(a.n)))
+        data = synthetic.write(work / "messages.jsonl", synthetic.rows(synthetic.plain, a.n, a.seed))
         opts = DataOptions(max_length=4096, num_proc=1)
         prepare(opts, [str(data)], work / "warm", tok)
         prof = cProfile.Profile(time.process_time)

@@ -1,28 +1,23 @@
 """CPU time of rendering alone, a row: transformers' `apply_chat_template(..., tokenize=False)`
 against sftkit/data/template.py, on the same conversations, no profiler.
 
-The rows are prepare_profile.py's (OpenAI `messages`, 1-4 turns, a system prompt in ~10%), with
-sftkit's message preparation (escapes) done once outside the clock. The two are timed in turns,
-`--rounds` times each, and the fastest round of each is kept: on a shared machine the fastest is
-the one least disturbed. Every text is checked equal first.
+The rows are bench/prepare_profile.py's: the `plain` conversations of bench/synthetic.py (OpenAI
+`messages`, 1-4 turns, a system prompt in ~10%), with sftkit's message preparation (escapes) done
+once outside the clock. The two are timed in turns, `--rounds` times each, and the fastest round of
+each is kept: on a shared machine the fastest is the one least disturbed. Every text is checked
+equal first.
 
-    .venv/bin/python bench/render_bench.py --n 2000
+    .venv/bin/python -m bench.render_bench --n 2000
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import argparse
-import random
-import sys
+import os
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_profile import conversation
+from bench import synthetic
+from bench.child import offline
 
 
 def cpu_ms_a_row(render, rows) -> float:
@@ -38,6 +33,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    offline()
     from transformers import AutoTokenizer
 
     from sftkit.data.render import RenderOptions, prepare_messages, template_spec
@@ -45,8 +41,9 @@ def main() -> None:
     from sftkit.models import bundled_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
-    spec, rng = template_spec(tok), random.Random(a.seed)
-    rows = [prepare_messages(conversation(rng)["messages"], RenderOptions(), spec.escapes) for _ in range(a.n)]
+    spec = template_spec(tok)
+    rows = [prepare_messages(conv["messages"], RenderOptions(), spec.escapes)
+            for conv in synthetic.rows(synthetic.plain, a.n, a.seed)]
     tools = {
         "transformers apply_chat_template": lambda msgs: tok.apply_chat_template(msgs, tokenize=False),
         "sftkit template.apply": lambda msgs: apply(tok, msgs),

@@ -11,43 +11,49 @@ Timed: `sftkit train --data_path SET --use_lora --max_steps 1 --save_steps 0 --o
 (the venv's console script; the default tiny-qwen3 model, CPU), with PYTHONPATH naming which
 checkout's code runs. `to_step` is seconds from Popen to the first line with a "step" in
 metrics.jsonl (polled every 0.05 s); `to_exit` is seconds to process end (adds the final save).
+The sets are built by the last --code's sftkit, each once (in --work).
 
-    PYTHONPATH=/work/wt23b python bench/setup_bench.py --code /work/main --code /work/wt23b \
-        --rows 50 60000 1000000 --skip /work/main:1000000
+    .venv/bin/python -m bench.setup_bench --code PATH/TO/BEFORE --code PATH/TO/AFTER \
+        --rows 50 60000 1000000 --skip PATH/TO/BEFORE:1000000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SFTKIT = "/work/main/.venv/bin/sftkit"
+from bench.child import BIN, REPO, checkout_env, python, run
 
 
 def base_set(work: Path, code: str) -> Path:
+    """prepare-data's output for data/sample_alpaca.json, by `code`'s sftkit."""
     out = work / "set_50"
     if not (out / "manifest.json").is_file():
-        env = {**os.environ, "PYTHONPATH": code}
-        subprocess.run([SFTKIT, "prepare-data", "--data_path", str(REPO / "data/sample_alpaca.json"),
-                        "--output_dir", str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+        run([str(BIN / "sftkit"), "prepare-data", "--data_path", str(REPO / "data/sample_alpaca.json"),
+             "--output_dir", str(out)], env=checkout_env(code)).check("prepare-data")
     return out
 
 
-def big_set(work: Path, base: Path, rows: int) -> Path:
+def big_set(work: Path, code: str, rows: int) -> Path:
+    """The set of `rows` rows, built by `code`'s sftkit in a child (`--build`)."""
+    out = work / f"set_{rows}"
+    if not (out / "manifest.json").is_file():
+        run(python("bench.setup_bench", "--code", code, "--work", str(work), "--build", str(rows)), cwd=code,
+            env=checkout_env(code)).check(f"building the {rows:,}-row set")
+    return out
+
+
+def build(work: Path, rows: int) -> None:
+    """In the child: set_50's examples repeated to `rows` rows, saved as prepare-data saves them."""
     from sftkit.data.columns import pack
     from sftkit.data.prepare import DATASET_DIR, MANIFEST, _save_dataset, load_prepared
     from sftkit.digest import record
 
-    out = work / f"set_{rows}"
-    if (out / MANIFEST).is_file():
-        return out
+    base, out = work / "set_50", work / f"set_{rows}"
     ds = load_prepared(base)
     base_cols = pack(list(zip(ds["input_ids"], ds["labels"])))
     rep = [i % len(base_cols) for i in range(rows)]
@@ -64,46 +70,43 @@ def big_set(work: Path, base: Path, rows: int) -> Path:
         m["files"] = record(tmp, DATASET_DIR)
     (tmp / MANIFEST).write_text(json.dumps(m, indent=2))
     tmp.rename(out)
-    return out
 
 
 def time_train(data: Path, code: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="setup_bench_"))
-    env = {**os.environ, "PYTHONPATH": code, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [SFTKIT, "train", "--data_path", str(data), "--use_lora", "--max_steps", "1", "--save_steps", "0",
-           "--output_dir", str(out / "run")]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    to_step = None
-    metrics = out / "run" / "metrics.jsonl"
-    while proc.poll() is None:
-        if to_step is None and metrics.is_file() and '"step"' in metrics.read_text():
-            to_step = time.perf_counter() - start
-        time.sleep(0.05)
-    to_exit = time.perf_counter() - start
-    err = proc.stderr.read()
-    if to_step is None and metrics.is_file() and '"step"' in metrics.read_text():
-        to_step = to_exit  # written in the last 50 ms
+    metrics, to_step = out / "run" / "metrics.jsonl", []
+
+    def first_step(elapsed: float) -> None:
+        if not to_step and metrics.is_file() and '"step"' in metrics.read_text():
+            to_step.append(elapsed)
+
+    cmd = [str(BIN / "sftkit"), "train", "--data_path", str(data), "--use_lora", "--max_steps", "1", "--save_steps",
+           "0", "--output_dir", str(out / "run")]
+    done = run(cmd, env=checkout_env(code), watch=first_step)
+    first_step(done.wall_s)  # written in the last 50 ms
     shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} (PYTHONPATH={code}) failed:\n{err[-3000:]}")
-    return {"to_step": round(to_step, 2) if to_step else None, "to_exit": round(to_exit, 2)}
+    done.check(f"{' '.join(cmd)} (PYTHONPATH={code})")
+    return {"to_step": round(to_step[0], 2) if to_step else None, "to_exit": round(done.wall_s, 2)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--code", action="append", required=True, help="a checkout for PYTHONPATH (repeatable)")
     ap.add_argument("--rows", type=int, nargs="+", default=[50, 60_000, 1_000_000])
     ap.add_argument("--skip", action="append", default=[], help="CODE:ROWS pairs not to run")
-    ap.add_argument("--work", default="/tmp/sftkit_setup_bench")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sftkit_setup_bench"))
+    ap.add_argument("--build", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    work = Path(a.work)
+    work = a.work.resolve()
+    if a.build:
+        build(work, a.build)
+        return
     work.mkdir(parents=True, exist_ok=True)
     base = base_set(work, a.code[-1])
     results = []
     for rows in a.rows:
         t = time.perf_counter()
-        data = base if rows == 50 else big_set(work, base, rows)
+        data = base if rows == 50 else big_set(work, a.code[-1], rows)
         print(f"set {rows:,} rows ready ({time.perf_counter() - t:.1f} s)", flush=True)
         for code in a.code:
             if f"{code}:{rows}" in a.skip:

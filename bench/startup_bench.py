@@ -2,27 +2,24 @@
 (a missing file, a bad row), to `--help`, and to the end of a tiny prepare-data and a tiny
 1-step train, for each checkout's code (PYTHONPATH), each case a fresh process as a user meets it.
 
-    /work/main/.venv/bin/python bench/startup_bench.py --code /tmp/before --code /work/wt_c [--repeat 5]
+    .venv/bin/python -m bench.startup_bench --code PATH/TO/BEFORE --code PATH/TO/AFTER [--repeat 5]
 
 Wall seconds are the median of --repeat runs (after one untimed warm-up run that builds the
 tiny-qwen3 model and the prepared-set cache); CPU seconds are user+sys of the child process (all
-its threads and workers, resource.getrusage(RUSAGE_CHILDREN)), median too: on a shared, busy
-machine they move far less than wall time. HF_HUB_OFFLINE=1; say what else ran.
+its threads and workers, from os.wait4), median too: on a shared, busy machine they move far less
+than wall time. HF_HUB_OFFLINE=1; say what else ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SFTKIT = "/work/main/.venv/bin/sftkit"
+from bench.child import BIN, REPO, Done, checkout_env, run
+
 DATA = str(REPO / "data" / "sample_alpaca.json")  # 50 rows, as most CLI tests use
 GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 
@@ -41,21 +38,14 @@ def cases(tmp: Path) -> dict[str, list[str]]:
     }
 
 
-def run_once(argv: list[str], env: dict, out: Path) -> tuple[float, float, int, str]:
-    """(wall s, CPU s, exit code, last stderr line) of one run."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run([SFTKIT, *(a.replace("{out}", str(out)) for a in argv)], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    line = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [""])[-1]
-    return wall, cpu, proc.returncode, line.strip()[:90]
+def run_once(argv: list[str], env: dict, tmp: Path) -> Done:
+    """One run of `sftkit argv`, its {out} a new folder in tmp."""
+    out = tmp / f"out_{len(os.listdir(tmp))}"
+    return run([str(BIN / "sftkit"), *(a.replace("{out}", str(out)) for a in argv)], env=env)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--code", action="append", required=True, help="a checkout whose sftkit/ runs (PYTHONPATH)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="", help="run only the cases whose name holds this text")
@@ -70,16 +60,13 @@ def main() -> None:
                 continue
             for code in args.code:
                 cache = tmp / f"cache_{abs(hash(code))}"
-                env = {**os.environ, "PYTHONPATH": code, "HF_HUB_OFFLINE": "1", "SFTKIT_CACHE": str(cache)}
-                runs = []
-                for i in range(args.repeat + 1):  # run 0 warms the cache (tiny-qwen3, prepared sets)
-                    result = run_once(argv, env, tmp / f"out_{len(os.listdir(tmp))}")
-                    if i:
-                        runs.append(result)
-                walls, cpus = [r[0] for r in runs], [r[1] for r in runs]
+                env = checkout_env(code, SFTKIT_CACHE=str(cache))
+                # run 0 warms the cache (tiny-qwen3, prepared sets)
+                runs = [run_once(argv, env, tmp) for _ in range(args.repeat + 1)][1:]
+                walls, cpus = [r.wall_s for r in runs], [r.cpu_s for r in runs]
+                line = runs[-1].last_line()[:90].replace(tmp_name, "TMP")
                 print(f"| {name} | {code} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} | "
-                      f"{statistics.median(cpus):.2f} | {runs[-1][2]} | `{runs[-1][3].replace(tmp_name, 'TMP')}` |",
-                      flush=True)
+                      f"{statistics.median(cpus):.2f} | {runs[-1].code} | `{line}` |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

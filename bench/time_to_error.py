@@ -1,7 +1,7 @@
 """Time from `sftkit ...` to its one-line error, for mistakes that need no model (issue 25: a
 missing data file took 19-22 s, a missing --data_path 21-33 s; target under 3 s).
 
-    .venv/bin/python bench/time_to_error.py [--repeat 3]
+    .venv/bin/python -m bench.time_to_error [--repeat 3]
 
 Each case runs as a fresh process (the way a user meets it), HF_HUB_OFFLINE=1; prints the median
 and the worst wall time, the exit code and the error line. Timings depend on the machine's load:
@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = str(ROOT / "data" / "demo_alpaca.json")
+from bench.child import BIN, REPO, offline_env, run
+
+DATA = str(REPO / "data" / "demo_alpaca.json")
 
 
 def cases(tmp: Path) -> dict[str, list[str]]:
@@ -41,24 +39,19 @@ def cases(tmp: Path) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    sftkit = str(Path(sys.executable).parent / "sftkit")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     print("| case | median s | worst s | exit | error line |\n|---|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, argv in cases(Path(tmp)).items():
-            times, proc = [], None
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                proc = subprocess.run([sftkit, *argv], check=False, cwd=ROOT, env=env, capture_output=True, text=True)
-                times.append(time.perf_counter() - t0)
-            lines = proc.stderr.strip().splitlines() or [""]
+            runs = [run([str(BIN / "sftkit"), *argv], env=offline_env()) for _ in range(args.repeat)]
+            times, last = [r.wall_s for r in runs], runs[-1]
+            lines = last.stderr.strip().splitlines() or [""]
             line = next((x for x in lines if "No such option" in x), next((x for x in lines if "error:" in x), lines[-1]))
             line = line.strip("│ ")[:110].replace(tmp, "TMP")
-            print(f"| {name} | {statistics.median(times):.2f} | {max(times):.2f} | {proc.returncode} | `{line}` |")
+            print(f"| {name} | {statistics.median(times):.2f} | {max(times):.2f} | {last.code} | `{line}` |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

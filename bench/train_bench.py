@@ -24,78 +24,38 @@ Each system runs in a fresh child process (`--child SYSTEM`), so its peak memory
 process on CPU, torch.cuda.max_memory_allocated on GPU) is its own. Only the training loop is
 timed: imports, model loading and data preparation are not. The first `--warmup` steps (default 1)
 are reported apart, and the throughput columns exclude them; `--max_steps` caps every system's
-run. MFU counts sftkit's model FLOPs (sftkit.arch.flops) against the GPU's peak: sftkit's own from its
-metrics.jsonl, the others' as sftkit's FLOPs per token times their tokens/s (the same data). Supervised tokens are the positions whose next token
-is trained on; padding efficiency is real tokens / (rows x width) slots of the micro-batches.
+run. MFU counts sftkit's model FLOPs (sftkit.arch.flops) against the GPU's peak: sftkit's own from
+its metrics.jsonl, the others' as sftkit's FLOPs per token times their tokens/s (the same data).
+Supervised tokens are the positions whose next token is trained on; padding efficiency is real
+tokens / (rows x width) slots of the micro-batches. The model: --model, a preset of bench/models.py
+or a directory; the data: bench/synthetic.py's multi-turn conversations.
 The 1-minute load average is printed: on a shared CPU, wall times vary by tens of percent.
 
-    .venv/bin/python bench/train_bench.py --model tiny --out /tmp/train_bench.json
+    .venv/bin/python -m bench.train_bench --model tiny --out /tmp/train_bench.json
 """
 
 from __future__ import annotations
 
-import os
-
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")  # inherited by the children
-
 import argparse
-import hashlib
 import json
 import math
+import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
+from functools import partial
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-QWEN3_DIR = REPO / "bench" / "qwen3"  # Qwen's published configs (no weights), copied from ../shared/qwen3
+from bench import models, synthetic
+from bench.child import REPO, offline, python, report, run
+
 SYSTEMS = ("sftkit", "trl_default", "trl_best", "trl_liger", "bare")
-RESULT = "TRAIN_BENCH_RESULT "  # prefix of the one line a child prints for the parent
 START_FIELDS = ("fused_loss", "loss_chunk_rows", "attention", "linear_attention", "mixed_precision", "trainable_params",
                 "total_params")
-TINY128 = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "head_dim": 32, "initializer_range": 0.02}  # the size PLATFORM_NOTES measured
-REAL = {"qwen3-0.6b": "Qwen3-0.6B", "qwen3-1.7b": "Qwen3-1.7B", "qwen3-8b": "Qwen3-8B"}
-# Newer generations, built from a config alone (bench/qwen3_5/README.md, bench/qwen3_moe/README.md):
-# preset -> (the config's directory, values that replace the saved ones). The Qwen3 tokenizer's ids
-# (< 151,936) fit Qwen3.5's 248,320-word vocabulary, whose every row is still in the embedding and lm_head.
-QWEN3_5_2B = REPO / "bench" / "qwen3_5" / "Qwen3.5-2B"
-QWEN3_30B_A3B = REPO / "bench" / "qwen3_moe" / "Qwen3-30B-A3B"
-# 12 of Qwen3-30B-A3B's 48 layers: each holds 623M parameters (128 experts of 3 x 2048 x 768), 1.25 GB
-# in bf16, and a LoRA step on the experts keeps about as much again (PEFT's ParamWrapper merges each
-# expert stack with its adapter every forward, and the backward holds the merge), plus ~0.2 GB of
-# fp32 adapters with their AdamW moments and the activations of 4096 tokens. 12 layers are ~16 GB of
-# weights and an estimated ~45 GB peak: room to spare on one 80 GB GPU, and quick to save and load
-# within the check's time; all 48 (61 GB of bf16 weights) would not fit. Per-layer speed and MFU do
-# not depend on the layer count.
-MOE_LAYERS = 12
-HYBRID4 = ["linear_attention"] * 3 + ["full_attention"]
-SHAPED = {
-    "qwen3.5-2b": (QWEN3_5_2B, {}),
-    f"qwen3-30b-a3b-{MOE_LAYERS}l": (QWEN3_30B_A3B, {"num_hidden_layers": MOE_LAYERS, "max_window_layers": MOE_LAYERS}),
-    # stand-ins of the same architectures for a CPU (the GPU check's dry run): Qwen3.5's whole vocabulary
-    "tiny-qwen3.5": (QWEN3_5_2B, {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                                  "layer_types": HYBRID4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                  "head_dim": 16, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-                                  "linear_num_key_heads": 2, "linear_num_value_heads": 4}),
-    "tiny-moe": (QWEN3_30B_A3B, {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                 "max_window_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                 "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
-}
-
-
-def shaped_config(name: str):
-    """A SHAPED preset's config: the saved config.json with the preset's values in place of its own."""
-    from transformers import AutoConfig
-
-    path, changes = SHAPED[name]
-    values = {**json.loads((path / "config.json").read_text()), **changes}
-    return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def work_dir() -> Path:
@@ -104,53 +64,8 @@ def work_dir() -> Path:
 
 
 # ---- set-up shared by all systems, done once by the parent ----------------------------------------
-def build_model(name: str) -> Path:
-    """A random-init model directory (safetensors + sftkit's bundled Qwen3 tokenizer), built once."""
-    if Path(name).is_dir():
-        return Path(name)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen3Config
-
-    from sftkit.io import atomic_directory
-    from sftkit.models import TINY_CONFIG, TINY_INIT_SEED, bundled_tokenizer_dir
-
-    if name in REAL:
-        if not (QWEN3_DIR / REAL[name] / "config.json").is_file():
-            raise SystemExit(f"--model {name}: {QWEN3_DIR / REAL[name]}/config.json not found (see bench/qwen3/README.md)")
-        config = Qwen3Config.from_pretrained(QWEN3_DIR / REAL[name])
-    elif name in SHAPED:
-        config = shaped_config(name)
-    elif name in ("tiny", "tiny128"):
-        config = Qwen3Config(**{**TINY_CONFIG, **(TINY128 if name == "tiny128" else {})})
-    else:
-        raise SystemExit(f"--model: '{name}' is neither a preset (tiny, tiny128, {', '.join([*REAL, *SHAPED])}) "
-                         "nor a directory")
-    key = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:12]  # a changed preset never reuses a build
-    path = work_dir() / "models" / f"{name}-{key}"
-    if any(path.glob("model*.safetensors*")):
-        return path
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 8B takes minutes on a CPU
-    published = name in REAL or (name in SHAPED and not name.startswith("tiny"))
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(TINY_INIT_SEED)
-        # the SHAPED ones are made in bf16 directly: 12 layers of Qwen3-30B-A3B are 30 GB in fp32
-        model = AutoModelForCausalLM.from_config(config, **({"dtype": torch.bfloat16} if published and name in SHAPED else {}))
-    if published:
-        model = model.to(torch.bfloat16)  # as published; a full fine-tune loads it in fp32 all the same
-    with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp)
-        GenerationConfig.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp)
-    del model
-    torch.cuda.empty_cache()  # the children need the GPU memory, not this process
-    return path
-
-
 def prepare_data(a, model_dir: Path) -> tuple[Path, dict]:
-    """Synthetic conversations (bench/prepare_bench.py), tokenized once by sftkit's prepare-data."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from prepare_bench import write_data
-
+    """Synthetic conversations (bench/synthetic.py's multi-turn), tokenized once by sftkit's prepare-data."""
     from sftkit.data.options import DataOptions
     from sftkit.data.prepare import prepare
     from sftkit.models import load_tokenizer
@@ -158,7 +73,7 @@ def prepare_data(a, model_dir: Path) -> tuple[Path, dict]:
     raw = work_dir() / "data" / f"conversations_n{a.n}_seed{a.seed}.jsonl"
     if not raw.is_file():
         raw.parent.mkdir(parents=True, exist_ok=True)
-        write_data(a.n, a.seed, raw)
+        synthetic.write(raw, synthetic.rows(synthetic.multi_turn, a.n, a.seed))
     out = work_dir() / "prepared" / f"n{a.n}_seed{a.seed}_len{a.max_length}"  # prepare() rebuilds it if stale
     return out, prepare(DataOptions(max_length=a.max_length), [str(raw)], out, load_tokenizer(str(model_dir)))
 
@@ -307,6 +222,10 @@ def child_trl(a, best: bool, liger: bool = False) -> dict:
     return {**rec, "first_loss": sum(rec.pop("first")), "peak_mb": peak_memory_mb(), "note": note}
 
 
+CHILDREN = {"sftkit": child_sftkit, "bare": child_bare, "trl_default": partial(child_trl, best=False),
+            "trl_best": partial(child_trl, best=True), "trl_liger": partial(child_trl, best=True, liger=True)}
+
+
 def summarize(rec: dict, warmup: int = 1) -> dict:
     """Throughput over all steps, and without the first `warmup` steps (fewer where the run is short)."""
     ends, sup, tok = rec["ends"], rec["sup"], rec["tok"]
@@ -326,7 +245,6 @@ def summarize(rec: dict, warmup: int = 1) -> dict:
         out["model_tflop_timed"] = sum(t * d for t, d in zip(rec["tflops"][w:], steps_s[w:]))
         out["tflops"] = out["model_tflop_timed"] / rest
     return out
-
 
 
 # ---- the parent ------------------------------------------------------------------------------------
@@ -366,18 +284,14 @@ def run_child(system: str, a, model_dir: Path, data_dir: Path) -> dict:
         return {"system": system, "error": why}
     log = work_dir() / "logs" / f"{system}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", system, "--model_dir", str(model_dir),
-           "--data_dir", str(data_dir)]
-    start = time.time()
-    with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, check=False).returncode
-    lines = log.read_text(errors="replace").splitlines()
-    found = [ln[len(RESULT):] for ln in lines if ln.startswith(RESULT)]
-    if code or not found:
-        print(f"{system}: FAILED (exit {code}); the end of {log}:\n    " + "\n    ".join(lines[-15:]))
-        return {"system": system, "error": lines[-1] if lines else f"exit {code}", "log": str(log)}
-    print(f"{system}: {time.time() - start:.0f} s in all (log {log})")
-    return {"system": system, **json.loads(found[-1]), "log": str(log)}
+    done = run(python("bench.train_bench", *sys.argv[1:], "--child", system, "--model_dir", str(model_dir),
+                      "--data_dir", str(data_dir)), log=log)
+    lines, record = done.stdout.splitlines(), done.result()
+    if done.code or record is None:
+        print(f"{system}: FAILED (exit {done.code}); the end of {log}:\n    " + "\n    ".join(lines[-15:]))
+        return {"system": system, "error": lines[-1] if lines else f"exit {done.code}", "log": str(log)}
+    print(f"{system}: {done.wall_s:.0f} s in all (log {log})")
+    return {"system": system, **record, "log": str(log)}
 
 
 def environment() -> dict:
@@ -392,7 +306,8 @@ def environment() -> dict:
     versions = {p: metadata.version(p) if find_spec(p.replace("-", "_")) else "not installed"
                 for p in ("torch", "transformers", "trl", "accelerate", "peft", "liger-kernel")}
     dirty = " + uncommitted changes" if git("status", "--porcelain", "sftkit") else ""
-    return {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    command = [os.path.relpath(sys.executable), "-m", "bench.train_bench", *sys.argv[1:]]
+    return {"command": shlex.join(command), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "versions": {"python": platform.python_version(), **versions, "sftkit": git("rev-parse", "--short", "HEAD")
                          + dirty}, "machine": f"{gpu or cpu}; {os.cpu_count()} CPU cores",
             "load_average_at_start": round(os.getloadavg()[0], 2)}  # above the core count: CPU timings are shared
@@ -417,7 +332,7 @@ def print_table(rows: list[dict], mem: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny", help=f"a preset ({', '.join(['tiny', 'tiny128', *REAL, *SHAPED])}) or a "
+    ap.add_argument("--model", default="tiny", help=f"a preset ({', '.join(models.PRESETS)}; bench/models.py) or a "
                     "directory")
     ap.add_argument("--n", type=int, help="synthetic conversations; those over max_length are dropped. Default: 512 "
                     "on a GPU, 32 on a CPU (where TRL trains the tiny model at about 50 supervised tokens/s)")
@@ -439,28 +354,30 @@ def main() -> None:
     ap.add_argument("--model_dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data_dir", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    offline()
     if set(a.systems.split(",")) - set(SYSTEMS):
         ap.error(f"--systems: choose from {', '.join(SYSTEMS)}")
     import torch
 
-    a.cuda = cuda = torch.cuda.is_available()
-    a.n = a.n or (512 if cuda else 32)
-    a.bf16 = cuda if a.bf16 is None else a.bf16
-    a.attn = "flash_attention_2" if cuda and find_spec("flash_attn") else "sdpa"
+    a.cuda = torch.cuda.is_available()
+    a.n = a.n or (512 if a.cuda else 32)
+    a.bf16 = a.cuda if a.bf16 is None else a.bf16
+    a.attn = "flash_attention_2" if a.cuda and find_spec("flash_attn") else "sdpa"
     if a.child:
         import shutil
 
         a.scratch = work_dir() / "runs" / a.child
         shutil.rmtree(a.scratch, ignore_errors=True)
-        run = {"sftkit": child_sftkit, "bare": child_bare, "trl_default": lambda a: child_trl(a, best=False),
-               "trl_best": lambda a: child_trl(a, best=True),
-               "trl_liger": lambda a: child_trl(a, best=True, liger=True)}[a.child]
-        print(RESULT + json.dumps(summarize(run(a), a.warmup)), flush=True)
-        return
+        report(summarize(CHILDREN[a.child](a), a.warmup))
+    else:
+        compare(a)
 
+
+def compare(a) -> None:
+    """The parent: the model and data once, then each system in its child; the tables."""
     env = environment()
     print("\n".join(f"{k}: {v}" for k, v in env.items()))
-    model_dir = build_model(a.model)
+    model_dir = models.build_preset(a.model, work_dir() / "models")
     data_dir, man = prepare_data(a, model_dir)
     print(f"model: {model_dir}\ndata: {data_dir}: {man['examples_kept']} examples ({sum(man['dropped'].values())} "
           f"of {man['rows_in']} dropped, longer than {a.max_length}), {man['tokens']:,} tokens, "
@@ -470,7 +387,7 @@ def main() -> None:
     results = [run_child(s, a, model_dir, data_dir) for s in a.systems.split(",")]
     rows = [r for r in results if "error" not in r]
     add_mfu(rows)
-    print_table(rows, "GPU allocated" if cuda else "RSS")
+    print_table(rows, "GPU allocated" if a.cuda else "RSS")
     for r in rows:
         print(f"{r['system']}: {r['note']}")
         if a.max_steps < 0 and r["supervised_tokens"] != man["supervised_tokens"]:  # the whole epoch: the same tokens

@@ -15,9 +15,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))  # bench/ is not a package
-import gpu_check
-import train_bench
+from bench import gpu_check, models
 
 
 def test_gpu_check_dry_run_writes_the_summary(tmp_path):
@@ -60,7 +58,7 @@ def attention_lora_params(preset: str) -> int:
     """What sftkit's default LoRA would train on q, k, v and o alone."""
     from sftkit.config import SFTConfig
 
-    c = train_bench.shaped_config(preset)
+    c = models.preset_config(preset)
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     per_layer = (c.hidden_size + q) + 2 * (c.hidden_size + kv) + (q + c.hidden_size)
     return SFTConfig().lora_r * per_layer * c.num_hidden_layers
@@ -68,13 +66,13 @@ def attention_lora_params(preset: str) -> int:
 
 @pytest.mark.parametrize(("preset", "params"), [
     ("qwen3.5-2b", 1_881_825_088),  # the text model of Qwen3.5-2B (its vision tower is not built)
-    (gpu_check.MOE, 622_331_904 + train_bench.MOE_LAYERS * 623_120_640),  # embeddings + 12 of 48 layers
+    (gpu_check.MOE, 622_331_904 + models.MOE_LAYERS * 623_120_640),  # embeddings + 12 of 48 layers
 ])
 def test_presets_have_the_published_shapes(preset, params):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = train_bench.shaped_config(preset)
+    config = models.preset_config(preset)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == params
