@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -53,8 +54,10 @@ def checkout_env(code: str | Path | None, **extra: str) -> dict:
 
 
 def python(module: str, *args: str) -> list[str]:
-    """The command that runs `python -m module args` in this environment."""
-    return [sys.executable, "-m", module, *args]
+    """The command that runs `python -m module args` in this environment; where BENCH_PYTHON is set,
+    that command stands for `python -m` (the tests' warm server: tests/warm_rank.py --module)."""
+    prefix = os.environ.get("BENCH_PYTHON")
+    return [*shlex.split(prefix), module, *args] if prefix else [sys.executable, "-m", module, *args]
 
 
 @dataclass

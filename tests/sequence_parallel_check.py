@@ -1,4 +1,4 @@
-"""Run by tests/test_sequence_parallel.py under `torchrun --nproc_per_node 2` (gloo, CPU): one packed
+"""Run by tests/process/test_sequence_parallel.py under `torchrun --nproc_per_node 2` (gloo, CPU): one packed
 padding-free row of several examples, its loss and every gradient with sequence parallelism 2
 against sequence parallelism 1 (each rank computes the unsplit reference itself), in float64 on
 the plain loss path. Writes what it measured to the JSON file named by argv[1] (rank 0).
@@ -15,12 +15,12 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import conftest  # tests/ is on the rank's path (conftest.rank_env)
 import torch
 import torch.distributed as dist
 
 from sftkit.batching import collate, shard_sequence
 from sftkit.config import SFTConfig
-from sftkit.loss import token_loss_sum
 from sftkit.models import build_for_training
 from sftkit.sequence_parallel import make_group
 
@@ -36,10 +36,9 @@ def examples(lengths: list[int], seed: int = 0) -> list[dict]:
 
 
 def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = token_loss_sum(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    """conftest's, the loss as a tensor for all_reduce."""
+    loss, grads = conftest.loss_and_grads(model, batch)
+    return torch.tensor(loss, dtype=torch.float64), grads
 
 
 def main(out_path: str) -> None:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, loss_and_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -66,16 +66,6 @@ def small_model(attention: str):
     return model
 
 
-def loss_and_grads(model, batch, head=None, bf16=True):
-    from sftkit.loss import token_loss_sum
-
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        loss = token_loss_sum(model, batch.to("cuda"), head)
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def test_varlen_model_matches_sdpa_block_mask_bf16():
     """The packed micro-batch as one padding-free row through varlen attention, against the same
     rows under sdpa's 4-D block-diagonal mask (the fallback): loss and every gradient, bf16."""
@@ -83,8 +73,8 @@ def test_varlen_model_matches_sdpa_block_mask_bf16():
 
     docs = packed_docs([1, 700, 1200, 129, 2048, 50])
     rows = [docs[:3], docs[3:]]
-    want_loss, want = loss_and_grads(small_model("sdpa"), collate(rows, 151643, True))
-    got_loss, got = loss_and_grads(small_model("varlen"), collate(rows, 151643, True, padding_free=True))
+    want_loss, want = loss_and_grads(small_model("sdpa"), collate(rows, 151643, True), bf16=True)
+    got_loss, got = loss_and_grads(small_model("varlen"), collate(rows, 151643, True, padding_free=True), bf16=True)
     assert got_loss == pytest.approx(want_loss, rel=1e-2)
     for name in want:
         assert rel_err(got[name], want[name]) < 5e-2, name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import family
 import pytest
 import torch
+from conftest import loss_and_grads
 
 from sftkit.batching import collate
 from sftkit.config import SFTConfig
@@ -20,14 +21,14 @@ HYBRIDS = ("qwen3_5", "qwen3_next")
 
 
 @pytest.fixture(scope="module")
-def hybrid(tmp_path_factory):
+def hybrid(family_model):
     """kind -> (model directory, its tokenizer, three rendered examples: 81, 1 and 26 tokens).
     81 crosses the delta rule's 64-token chunk; 1 is shorter than the convolution's kernel (4)."""
     from sftkit.data.render import RenderOptions, render_batch, template_spec
 
     out = {}
     for kind in HYBRIDS:
-        path = family.build(kind, tmp_path_factory.mktemp(kind))
+        path = family_model(kind)
         tok = load_tokenizer(str(path))
         convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
                  for q, a in (("Tell me about the sea. " * 6, "It is wide, deep and salt. " * 3), ("2+2?", "4"))]
@@ -36,17 +37,6 @@ def hybrid(tmp_path_factory):
         one = {"input_ids": rendered[1]["input_ids"][:1], "labels": [-100]}
         out[kind] = path, tok, [rendered[0], one, rendered[1]]
     return out
-
-
-def loss_and_grads(model, batches) -> tuple[float, dict[str, torch.Tensor]]:
-    """The summed token loss of these micro-batches and the gradient of that sum."""
-    model.zero_grad(set_to_none=True)
-    total = 0.0
-    for batch in batches:
-        loss = token_loss_sum(model, batch)
-        loss.backward()
-        total += loss.item()
-    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def float64_model(path, **options):

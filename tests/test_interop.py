@@ -1,4 +1,4 @@
-"""Data written by other tools prepares as-is (issue 13): LLaMA-Factory ShareGPT with tools, its
+"""Data written by other tools prepares as-is: LLaMA-Factory ShareGPT with tools, its
 content-part messages, its dataset_info.json registry, axolotl's one-object JSON files, and what
 the Qwen3 template renders although a strict role order would refuse it.
 
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import write_jsonl
 from test_render import reference
 
 from sftkit.data.options import DataOptions
@@ -99,11 +99,6 @@ RENDERED_AS_IS = [
                    t("sunny"), a("Sunny.")], "tools": WRAPPED},
      [u("Weather?"), a("", tool_calls=[call("get_weather", city="Nice")]), t("sunny"), a("Sunny.")], WRAPPED),
 ]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
 
 
 def prepared(tmp_path: Path, tok, specs: list[str], name: str = "out", **options) -> tuple[list, dict]:
@@ -256,7 +251,7 @@ def test_field_map_reads_custom_turn_names_and_changes_the_fingerprint(tmp_path,
         prepared(tmp_path, tok, [str(path)], "c", field_map="speaker=x")
 
 
-# The misleading messages of issue 13, each pinned to its real cause and fix.
+# Messages that once pointed at the wrong cause, each pinned to its real cause and fix.
 
 def test_all_rows_bad_with_skip_bad_rows_names_the_bad_rows_not_truncation(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x", "output": None}] * 3)
@@ -284,26 +279,6 @@ def test_a_format_type_that_does_not_fit_names_the_missing_key(tmp_path, tok):
     assert str(err.value) == (f"{path}:line 1: field 'conversations': is missing (the row's keys are messages, "
                               "which fit the messages format, not sharegpt: set --format_type messages, or auto to "
                               "detect it)")
-
-
-def test_the_console_script_prepares_a_new_format_and_refuses_a_bad_file(tmp_path):
-    """The installed `sftkit`, in a subprocess: LLaMA-Factory tool-call data with no flags (exit 0,
-    the empty reply shown in the summary), and a bad file (exit 2, one line, no traceback)."""
-    rows = [row for row, _, _ in LF_SHAREGPT] + [{"conversations": [{"from": "human", "value": "Say nothing."},
-                                                                    {"from": "gpt", "value": ""}]}]
-    path = tmp_path / "glaive.json"
-    path.write_text(json.dumps(rows, indent=2))
-    proc = run_cli("prepare-data", "--data_path", str(path), "--output_dir", str(tmp_path / "ok"), timeout=120)
-    manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
-    assert manifest["examples_kept"] == 4 and manifest["warnings"] == {"empty_reply": 1}
-    assert "kept, warning: empty_reply" in proc.stdout
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [u("Hi"), {"role": "assistant", "content": None}]}])
-    proc = run_cli("prepare-data", "--data_path", str(bad), "--output_dir", str(tmp_path / "no"), check=False, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
-    line = (f"error: {bad}:line 1: field 'messages[1].content': is null; the chat template needs text here "
-            '(write "" for an empty turn)')
-    assert proc.stderr.strip().splitlines() == [line]
-    assert not (tmp_path / "no").exists()
 
 
 def test_generation_samples_skip_a_conversation_with_no_prompt_before_its_reply():

@@ -15,7 +15,8 @@ import family
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hybrid import assert_same_gradients, loss_and_grads
+from conftest import loss_and_grads
+from test_hybrid import assert_same_gradients
 
 from sftkit.arch.packed_linear_attention import (
     FLA,
@@ -129,9 +130,9 @@ def layers(model) -> list:
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> dict:
+def paths(family_model) -> dict:
     """kind -> a tiny model's directory."""
-    return {kind: family.build(kind, tmp_path_factory.mktemp(kind)) for kind in HYBRIDS}
+    return {kind: family_model(kind) for kind in HYBRIDS}
 
 
 @pytest.fixture(scope="module")

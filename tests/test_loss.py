@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import family
 import pytest
 import torch
+from conftest import loss_and_grads
 
-import family
 from sftkit.arch.table import ARCHS, arch_of
 from sftkit.config import LOSS_CHUNK_BYTES, SFTConfig
-from sftkit.loss import fused_head, token_loss_sum
+from sftkit.loss import fused_head
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +23,13 @@ def batches(tok):
             "packed": collate([examples], tok.pad_token_id, packed=True, padding_free=True)}
 
 
-def loss_and_grads(model, batch, head):
-    model.zero_grad()
-    loss = token_loss_sum(model, batch, head)
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 # the dense architectures of the table that are not in tests/family.py, built from their configs
 DENSE = ("qwen2", "llama", "mistral")
 SIZES = {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 
 
-def load(kind: str, path):
+def load(kind: str, family_model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sftkit.models import keep_linear_attention_apart, load_model
@@ -43,18 +37,18 @@ def load(kind: str, path):
     if kind in DENSE:
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **SIZES)).train()
-    model = load_model(str(family.build(kind, path))).train()
+    model = load_model(str(family_model(kind))).train()
     keep_linear_attention_apart(model, packing=True)
     return model
 
 
 @pytest.mark.parametrize("kind", family.KINDS + DENSE)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_fused_loss_equals_plain_on_every_family_architecture(tmp_path, batches, kind, layout):
+def test_fused_loss_equals_plain_on_every_family_architecture(family_model, batches, kind, layout):
     """Every architecture of the table takes the fused head (for the model_type its causal-LM class
     reports: qwen3_5_text for a Qwen3.5 checkpoint), and the fused loss and every gradient equal the
     plain path's, packed rows included (Gated DeltaNet layers on their CPU path)."""
-    model = load(kind, tmp_path / kind)
+    model = load(kind, family_model)
     batch = batches[layout]
     head = fused_head(model, "no", zero3=False, chunk=8)  # several chunks, the last one short
     assert head is not None, model.config.model_type

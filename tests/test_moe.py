@@ -5,36 +5,11 @@ models from tests/family.py, the real tokenizer, fp32."""
 
 from __future__ import annotations
 
-import json
-
 import family
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_cli
 
 from sftkit.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """model_type -> a saved tiny model, built on first use."""
-    root, built = tmp_path_factory.mktemp("moe_models"), {}
-
-    def get(kind: str):
-        if kind not in built:
-            built[kind] = family.build(kind, root / kind)
-        return built[kind]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory):
-    """4 Alpaca rows of uneven length, as a raw file (setup prepares it into the test cache)."""
-    path = tmp_path_factory.mktemp("four") / "four.json"
-    rows = json.loads((ROOT / "data" / "sample_alpaca.json").read_text())
-    path.write_text(json.dumps(sorted(rows, key=lambda r: len(r["output"]))[::5][:4]))
-    return path
 
 
 # ---- the balance loss -----------------------------------------------------------------------------
@@ -81,12 +56,12 @@ def _one_step(model, data, out, **options):
     return run, stats, {n: p.detach().clone() for n, p in run.model.named_parameters()}
 
 
-def test_aux_loss_is_split_invariant_and_in_the_gradient(models, four, tmp_path):
+def test_aux_loss_is_split_invariant_and_in_the_gradient(family_model, four, tmp_path):
     """One step of 4 examples as 1 x 4 and 4 x 1 micro-batches: the same aux_loss (rel 1e-6) and the
-    same weights (rtol 1e-5, adam_epsilon 1 as in test_training). Weighted 1 (not the config's
+    same weights (rtol 1e-5, adam_epsilon 1 as in test_train_step). Weighted 1 (not the config's
     0.001, whose share of the update is below this test's resolution), the routers move by far
     more than the split's round-off than with --router_aux_loss_coef 0, which has no aux_loss."""
-    model = models("qwen3_moe")
+    model = family_model("qwen3_moe")
     run, whole, want = _one_step(model, four, tmp_path / "whole", per_device_train_batch_size=4,
                                  router_aux_loss_coef=1.0)
     assert run.balance.coef == 1.0 and whole.routed == sum(run.train_set["length"])
@@ -107,13 +82,13 @@ def test_aux_loss_is_split_invariant_and_in_the_gradient(models, four, tmp_path)
     assert aux_effect > 100 * max(split_noise, 1e-7), (aux_effect, split_noise)
 
 
-def test_router_aux_loss_coef_options(models):
+def test_router_aux_loss_coef_options(family_model):
     from transformers import AutoConfig
 
     from sftkit.arch.moe import router_balance
     from sftkit.config import SFTConfig
 
-    moe = AutoConfig.from_pretrained(models("qwen3_moe"))
+    moe = AutoConfig.from_pretrained(family_model("qwen3_moe"))
     assert router_balance(moe, -1).coef == 0.001 and router_balance(moe, 0.02).coef == 0.02
     assert router_balance(moe, 0) is None
     dense = AutoConfig.for_model("qwen3", **family.text_config("qwen3"))
@@ -124,7 +99,7 @@ def test_router_aux_loss_coef_options(models):
         SFTConfig(router_aux_loss_coef=-0.5).validate()
 
 
-def test_moe_loss_paths_and_checkpointing_agree(models, tok):
+def test_moe_loss_paths_and_checkpointing_agree(family_model, tok):
     """The fused loss head (now on Qwen3 MoE) and gradient checkpointing give the plain path's token
     loss, balance loss and router gradients: the router logits recorded in a checkpointed layer
     stay in the graph, and its recompute in the backward records nothing twice."""
@@ -135,7 +110,7 @@ def test_moe_loss_paths_and_checkpointing_agree(models, tok):
 
     ids = [tok(t)["input_ids"] for t in ("The experts route tokens.", "Two plus two is four, said the model.")]
     batch = collate([[{"input_ids": i, "labels": i}] for i in ids], tok.pad_token_id, packed=False)
-    model = load_model(str(models("qwen3_moe"))).train()
+    model = load_model(str(family_model("qwen3_moe"))).train()
     balance = router_balance(model.config, -1)
 
     def step(head):
@@ -157,7 +132,7 @@ def test_moe_loss_paths_and_checkpointing_agree(models, tok):
 
 
 @pytest.mark.parametrize("kind", ["qwen3_next", "qwen3_5_moe"])
-def test_hybrid_moe_routers_are_all_seen_and_split_free(models, tok, kind):
+def test_hybrid_moe_routers_are_all_seen_and_split_free(family_model, tok, kind):
     """The hybrid MoE models (their Gated DeltaNet layers in transformers' torch fallback) return
     one router per layer, and two examples as one padded micro-batch or as two give the same sum."""
     from sftkit.arch.moe import router_balance
@@ -166,7 +141,7 @@ def test_hybrid_moe_routers_are_all_seen_and_split_free(models, tok, kind):
     from sftkit.models import load_model
 
     examples = [{"input_ids": i, "labels": i} for i in (tok(t)["input_ids"] for t in ("Route me.", "And me, twice."))]
-    model = load_model(str(models(kind))).eval()
+    model = load_model(str(family_model(kind))).eval()
     balance = router_balance(model.config, -1)
     assert balance.coef == 0.001 and (balance.num_experts, balance.top_k) == (4, 2)
     with torch.no_grad():
@@ -192,88 +167,46 @@ def _lora(path, **options):
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_next", "qwen3_5_moe"])
-def test_default_lora_reaches_routed_and_shared_experts(models, kind):
+def test_default_lora_reaches_routed_and_shared_experts(family_model, kind):
     """Default LoRA: every MoE layer's fused gate_up_proj and down_proj, and the shared expert, get
     LoRA weights, with dropout 0 (PEFT applies none to a parameter), said in one line. A dropout set
     above 0: LoRA builds (Qwen3-Next's exited 2: PEFT turned its MLP names into expert
     ParamWrappers, which refuse dropout), leaves the experts frozen and says how to train them."""
-    model, wrapped, note, dropout = _lora(models(kind))
+    model, wrapped, note, dropout = _lora(family_model(kind))
     layers = model.config.get_text_config().num_hidden_layers
     experts = {n for n in wrapped if ".mlp.experts" in n}
     assert len(experts) == 2 * layers, sorted(experts)  # nested: down_proj wraps gate_up_proj
     shared = {n for n in wrapped if "shared_expert." in n}
     assert len(shared) == (0 if kind == "qwen3_moe" else 3 * layers), sorted(shared)
     assert dropout == 0.0 and "adapts the experts" in note and "--lora_target_parameters none" in note
-    _, wrapped, note, dropout = _lora(models(kind), lora_dropout=0.05)
+    _, wrapped, note, dropout = _lora(family_model(kind), lora_dropout=0.05)
     assert not any("experts" in n for n in wrapped) and "leave --lora_dropout unset" in note and dropout == 0.05
-    _, wrapped, note, dropout = _lora(models(kind), lora_target_parameters=["none"])
+    _, wrapped, note, dropout = _lora(family_model(kind), lora_target_parameters=["none"])
     assert not any("experts" in n for n in wrapped) and note is None and dropout == 0.05
     if kind == "qwen3_moe":  # PEFT has no DoRA for a parameter: DoRA on the attention, experts frozen, said
-        _, wrapped, note, dropout = _lora(models(kind), use_dora=True)
+        _, wrapped, note, dropout = _lora(family_model(kind), use_dora=True)
         assert not any("experts" in n for n in wrapped) and "DoRA leaves the experts" in note and dropout == 0.05
 
 
-def test_default_lora_dropout_on_a_dense_model(tmp_path):
+def test_default_lora_dropout_on_a_dense_model(family_model):
     """No expert parameter to reach: the dropout default is 0.05, and nothing is said."""
-    _, wrapped, note, dropout = _lora(family.build("qwen3_5", tmp_path / "dense"))
+    _, wrapped, note, dropout = _lora(family_model("qwen3_5"))
     assert dropout == 0.05 and note is None and {n.rsplit(".", 1)[-1] for n in wrapped} >= {"q_proj", "gate_proj"}
 
 
-def test_lora_on_experts_with_dropout_is_one_line_naming_the_fix(models):
+def test_lora_on_experts_with_dropout_is_one_line_naming_the_fix(family_model):
     from sftkit.config import SFTConfig
 
     with pytest.raises(ConfigError, match="add --lora_dropout 0"):
         SFTConfig(use_lora=True, lora_target_parameters=["mlp.experts.down_proj"], lora_dropout=0.05).validate()
     with pytest.raises(ConfigError, match="pass --lora_dropout 0"):
-        _lora(models("qwen3_moe"), lora_target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"],
+        _lora(family_model("qwen3_moe"), lora_target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"],
               lora_dropout=0.05)
     with pytest.raises(ConfigError, match="drop --use_dora or --lora_target_parameters"):
-        _lora(models("qwen3_moe"), lora_target_parameters=["mlp.experts.down_proj"], use_dora=True)
+        _lora(family_model("qwen3_moe"), lora_target_parameters=["mlp.experts.down_proj"], use_dora=True)
 
 
 # ---- the whole chain ----------------------------------------------------------------------------------
-def test_qwen3_moe_prepare_train_eval_merge(models, four, tmp_path):
-    """prepare-data -> train (LoRA on the experts; and full, in this process) -> eval -> merge-lora,
-    every command exit 0; aux_loss in metrics.jsonl; the adapter loads with peft, the merged and the fully trained
-    models with plain transformers, and the merged experts are the trained ones."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    base, data, prep = models("qwen3_moe"), str(four), tmp_path / "prep"
-    run_cli("prepare-data", "--model_name_or_path", str(base), "--data_path", data, "--output_dir", str(prep))
-    common = ["--model_name_or_path", str(base), "--data_path", str(prep), "--max_steps", "2", "--logging_steps", "1",
-              "--save_steps", "0", "--learning_rate", "1e-2", "--warmup_ratio", "0"]
-    trained = run_cli("train", *common, "--output_dir", str(tmp_path / "lora"), "--use_lora")  # the default LoRA
-    assert "LoRA adapts the experts too" in trained.stdout
-    assert read_metrics(tmp_path / "lora")[0]["router_aux_loss_coef"] == 0.001  # the config's, by default
-    steps = [r for r in read_metrics(tmp_path / "lora") if "loss" in r]
-    assert len(steps) == 2 and all(1.0 < r["aux_loss"] < 4.0 for r in steps)
-    adapter = tmp_path / "lora" / "final"
-    assert "mlp.experts.gate_up_proj" in json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
-    saved = load_file(str(adapter / "adapter_model.safetensors"))
-    assert sum(".mlp.experts." in name for name in saved) == 4 * 2  # A and B of gate_up_proj and down_proj, 2 layers
-    ev = run_cli("eval", "--model", str(adapter), "--data_path", str(prep))
-    assert "eval.json" in ev.stdout and "aux_loss" not in json.loads((adapter.parent / "eval" / "eval.json").read_text())
-    run_cli("merge-lora", "--adapter", str(adapter), "--output_dir", str(tmp_path / "merged"))
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    plain = AutoModelForCausalLM.from_pretrained(base)
-    name = "model.layers.0.mlp.experts.gate_up_proj"
-    assert not torch.equal(merged.state_dict()[name], plain.state_dict()[name])
-    PeftModel.from_pretrained(plain, adapter)
-    # the full fine-tune in this process (the CLI path is the LoRA run's): 15 s less of start-up
-    from sftkit.config import SFTConfig
-    from sftkit.train import run
-
-    run(SFTConfig(model_name_or_path=str(base), data_path=[str(prep)], output_dir=str(tmp_path / "full"), max_steps=2,
-                  save_steps=0, learning_rate=1e-2, warmup_ratio=0, logging_steps=1))
-    assert all(1.0 < r["aux_loss"] < 4.0 for r in read_metrics(tmp_path / "full") if "loss" in r)
-    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final")
-    trained = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
-    assert not torch.equal(trained["model.layers.0.mlp.gate.weight"], plain.state_dict()["model.layers.0.mlp.gate.weight"])
-    assert type(full).__name__ == "Qwen3MoeForCausalLM"
-
-
 # ---- FLOPs ----------------------------------------------------------------------------------------------
 def _census(kind: str) -> int:
     """Matmul parameters one token passes through, from the shapes of the real modules (built on

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_cli
+from conftest import ROOT, loss_and_grads
 
 from sftkit.batching import collate
 from sftkit.config import SFTConfig
@@ -31,14 +31,6 @@ def tiny_model(lora: bool = False, **overrides):
 
     lora_options = {"use_lora": True, "lora_dropout": 0.0} if lora else {}  # no dropout: deterministic grads
     return build_for_training(SFTConfig(**lora_options, **overrides))
-
-
-def loss_and_grads(model, batch, head, autocast: bool = False):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = token_loss_sum(model, batch, head)
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_grads_close(got: dict, want: dict, rel: float):
@@ -93,10 +85,10 @@ def test_fused_loss_equals_plain_bf16_autocast(examples, tok, cuda):
     bf16 (cuda=True: only the dtype differs, so a CPU runs it); the plain one rounds it to bf16."""
     batch = collate([[e] for e in examples], tok.pad_token_id, False)
     model = tiny_model()
-    plain_loss, plain_grads = loss_and_grads(model, batch, None, autocast=True)
+    plain_loss, plain_grads = loss_and_grads(model, batch, None, bf16=True)
     head = fused_head(model, "bf16", False, 64, cuda=cuda)
     assert head.grad_dtype == (torch.bfloat16 if cuda else torch.float32)
-    loss, grads = loss_and_grads(model, batch, head, autocast=True)
+    loss, grads = loss_and_grads(model, batch, head, bf16=True)
     assert loss == pytest.approx(plain_loss, rel=1e-4)
     assert_grads_close(grads, plain_grads, rel=3e-2)
 
@@ -201,36 +193,6 @@ def test_fused_adamw_equals_foreach():
         runs.append(params)
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-def test_training_options_leave_losses_unchanged(tmp_path):
-    """Through the real CLI: the plain path, the foreach optimizer and in-process collation give
-    the losses of the defaults (fused loss, fused AdamW, one DataLoader worker); torch.compile
-    (inductor, compiled per layer) gives them to compiler round-off; MFU follows the given peak."""
-    common = ["--data_path", str(ROOT / "data" / "sample_alpaca.json"), "--max_steps", "4", "--save_steps", "0",
-              "--max_length", "512", "--learning_rate", "1e-3", "--warmup_ratio", "0", "--logging_steps", "1",
-              "--per_device_train_batch_size", "4", "--packing"]
-    variants = {
-        "default": ["--mfu_peak_tflops", "0.5"],
-        "plain": ["--loss_chunk_size", "0", "--no-fused_adamw", "--dataloader_num_workers", "0"],
-        "compiled": ["--torch_compile"],
-        "varlen": ["--attn_implementation", "varlen"],  # one padding-free row a micro-batch, offsets via the worker
-    }
-    losses = {}
-    for name, extra in variants.items():
-        run_cli("train", *common, "--output_dir", str(tmp_path / name), *extra)
-        records = read_metrics(tmp_path / name)
-        losses[name] = [r["loss"] for r in records if "loss" in r]
-        assert records[0]["fused_loss"] is (name != "plain")
-        assert records[0]["attention"] == ("varlen" if name == "varlen" else "sdpa")  # auto on a CPU: sdpa
-        if name == "default":
-            steps = [r for r in records if "loss" in r]
-            assert all(r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5, rel=1e-2) for r in steps)
-            assert records[-1]["mfu"] > 0 and records[-1]["peak_rss_mb"] > 0
-    assert len(losses["default"]) == 4 and losses["default"][-1] < losses["default"][0]
-    assert losses["plain"] == pytest.approx(losses["default"], rel=1e-5)
-    assert losses["compiled"] == pytest.approx(losses["default"], rel=1e-3)
-    assert losses["varlen"] == pytest.approx(losses["default"], rel=1e-5)
 
 
 def test_flops_formula_matches_flop_counter(examples, tok):

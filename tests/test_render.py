@@ -52,7 +52,7 @@ CONVERSATIONS = [
     [m(U, "<tool_call> literal tag in user text </tool_call>"), m(A, "noted")],
     [m(U, "mixed 中文 and English and عربي"), m(A, "okay ✓")],
     [m(U, "q"), m(A, "a1"), m(U, "q2"), m(A, "a2", reasoning_content="\n\nnewline-wrapped reasoning\n\n")],
-    # What the template renders although a strict role order would refuse it (issue 13):
+    # What the template renders although a strict role order would refuse it:
     [m(U, "q1"), m(A, "a1"), m(S, "From now on, answer in French."), m(U, "q2"), m(A, "r2")],
     [m(S, "first"), m(U, "q1"), m(A, "a1"), m(S, "second"), m(U, "q2"), m(A, "a2", reasoning_content="r")],
     [m(U, "Reply with nothing."), m(A, "")],
@@ -150,13 +150,10 @@ def test_special_token_text_in_user_content_is_not_a_control_token(tok, spec, li
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == f"<think>\n\n</think>\n\nreply {literal} end<|im_end|>"
 
 
-def test_the_bundled_tokenizer_loads_as_autotokenizer_does_without_torch(tok):
+def test_the_bundled_tokenizer_loads_as_autotokenizer_does(tok):
     """load_tokenizer('tiny-qwen3') takes AutoTokenizer's class for the bundled files directly (so
-    prepare-data imports no torch): the same class, vocabulary, template and special tokens, and
-    the same ids and labels for every conversation here."""
-    import subprocess
-    import sys
-
+    prepare-data imports no torch: tests/process/test_start_up.py): the same class, vocabulary,
+    template and special tokens, and the same ids and labels for every conversation here."""
     from sftkit.models import load_tokenizer
 
     ours = load_tokenizer("tiny-qwen3")
@@ -171,6 +168,3 @@ def test_the_bundled_tokenizer_loads_as_autotokenizer_does_without_torch(tok):
     opts = RenderOptions()
     assert render_batch(CONVERSATIONS, ours, template_spec(ours), opts) == \
         render_batch(CONVERSATIONS, tok, template_spec(tok), opts)
-    code = "import sys; from sftkit.models import load_tokenizer; load_tokenizer('tiny-qwen3'); print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    assert done.stdout.strip() == "False", done.stderr

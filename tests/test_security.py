@@ -1,65 +1,76 @@
-"""Security: no remote code unless asked, no pickle weights unless converted, safe YAML, no secret
-in logs or outputs, and user text never becomes control tokens (see test_render)."""
+"""Untrusted input never runs, in every command: hostile chat templates and models that ship code are
+refused in one line before anything loads (the CLI in this process). The console script's refusals
+of pickles, remote code and unsafe YAML: tests/process/test_security_cli.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from pathlib import Path
 
-from conftest import ROOT, run_cli
+from conftest import chat_rows
+from typer.testing import CliRunner
 
-TRAIN = ["train", "--data_path", "data/sample_alpaca.json", "--max_steps", "1", "--save_steps", "1", "--use_lora",
-         "--max_length", "512"]
+from sftkit.cli import build_app
 
-
-def test_pickle_only_weights_are_refused(tmp_path):
-    import torch
-    from transformers import Qwen3Config
-
-    from transformers import AutoTokenizer
-
-    from sftkit.models import TINY_CONFIG, bundled_tokenizer_dir
-
-    Qwen3Config(**TINY_CONFIG).save_pretrained(tmp_path / "m")
-    AutoTokenizer.from_pretrained(bundled_tokenizer_dir()).save_pretrained(tmp_path / "m")
-    torch.save({"x": torch.zeros(1)}, tmp_path / "m" / "pytorch_model.bin")
-    proc = run_cli(*TRAIN, "--model_name_or_path", str(tmp_path / "m"), "--output_dir", str(tmp_path / "o"), check=False)
-    assert proc.returncode == 2 and "holds only pickle weights" in proc.stderr and "Traceback" not in proc.stderr
+HOSTILE = {
+    "sandbox.j2": ("{{ cycler.__init__.__globals__.os.popen('touch MARKER').read() }}", "outside Jinja's sandbox"),
+    "include.j2": ("{% include 'other.j2' %}", "{% include %} or {% import %}"),
+    "import.j2": ("{% import 'other.j2' as other %}{{ other.x }}", "{% include %} or {% import %}"),
+    "syntax.j2": ("{% for %}{% endfor %}", "syntax error at line 1"),
+}
 
 
-def test_remote_code_is_not_run_unless_asked(tmp_path):
-    from sftkit.config import SFTConfig
+def test_hostile_templates_are_one_line_in_every_command(tmp_path):
+    marker = tmp_path / "pwned"
+    data = chat_rows(tmp_path)
+    app, runner = build_app(), CliRunner()
+    for name, (text, said) in HOSTILE.items():
+        template = tmp_path / name
+        template.write_text(text.replace("MARKER", str(marker)))
+        for command in (["prepare-data", "--output_dir", str(tmp_path / "p")],
+                        ["train", "--output_dir", str(tmp_path / "t"), "--max_steps", "1"]):
+            result = runner.invoke(app, [*command, "--data_path", str(data), "--chat_template", str(template)],
+                                   catch_exceptions=False)
+            lines = [x for x in result.output.splitlines() if x.strip()]
+            assert result.exit_code == 2 and len(lines) == 1, result.output
+            assert lines[0].startswith(f"error: {template}: the chat template ") and said in lines[0], lines[0]
+    # eval takes the template of the model it is given: a model folder whose own template is hostile
     from sftkit.models import resolve_model_path
 
-    assert SFTConfig().trust_remote_code is False
-    model = tmp_path / "m"
-    import shutil
-
+    model = tmp_path / "model"
     shutil.copytree(resolve_model_path("tiny-qwen3"), model)
-    marker = tmp_path / "code_ran"
-    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}
-    (model / "config.json").write_text(json.dumps(config))
-    proc = run_cli(*TRAIN, "--model_name_or_path", str(model), "--output_dir", str(tmp_path / "o"), check=False)
+    (model / "chat_template.jinja").write_text(HOSTILE["sandbox.j2"][0].replace("MARKER", str(marker)))
+    result = runner.invoke(app, ["eval", "--model", str(model), "--data_path", str(data)], catch_exceptions=False)
+    assert result.exit_code == 2 and result.output.strip().startswith(
+        f"error: {model}/chat_template.jinja: the chat template reaches outside Jinja's sandbox"), result.output
+    assert not marker.exists() and not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_model_that_ships_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    model = tmp_path / "custom"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "sftkit-test-custom",
+        "auto_map": {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"}}))
+    (model / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(sys.modules["sftkit"].__file__).parent / "assets" / "qwen3_tokenizer" / name, model / name)
+    data = chat_rows(tmp_path)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model)}))
+    app, runner = build_app(), CliRunner()
+    for args in (["train", "--model_name_or_path", str(model), "--data_path", str(data), "--output_dir",
+                  str(tmp_path / "t")],
+                 ["prepare-data", "--model_name_or_path", str(model), "--data_path", str(data), "--output_dir",
+                  str(tmp_path / "p")],
+                 ["eval", "--model", str(model), "--data_path", str(data)],
+                 ["merge-lora", "--adapter", str(adapter), "--output_dir", str(tmp_path / "m")]):
+        result = runner.invoke(app, args, catch_exceptions=False)
+        lines = [x for x in result.output.splitlines() if x.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, (args[0], result.output)
+        assert f"{model}/config.json: model_type 'sftkit-test-custom'" in lines[0] and "--trust_remote_code" in lines[0]
     assert not marker.exists()
-    assert "Traceback" not in proc.stderr
-
-
-def test_yaml_is_loaded_safely(tmp_path):
-    marker = tmp_path / "yaml_ran"
-    (tmp_path / "c.yaml").write_text(f"learning_rate: !!python/object/apply:os.system ['touch {marker}']\n")
-    proc = run_cli("train", "--config", str(tmp_path / "c.yaml"), check=False)
-    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and not marker.exists()
-
-
-def test_no_secret_reaches_logs_config_or_checkpoints(tmp_path):
-    secrets = {"HF_TOKEN": "hf_SECRETtoken123456789", "WANDB_API_KEY": "wandbSECRETkey0123456789abcdef"}
-    out = tmp_path / "o"
-    proc = run_cli(*TRAIN, "--output_dir", str(out), env=secrets)
-    for value in secrets.values():
-        assert value not in proc.stdout + proc.stderr
-        for f in out.rglob("*"):
-            if f.is_file():
-                assert value.encode() not in f.read_bytes(), f
-    assert (out / "checkpoint-1" / "trainer_state.json").is_file()
-    assert ROOT.is_dir()

@@ -79,44 +79,34 @@ def outcome(render, *args, **kwargs):
         return type(err).__name__, str(err)
 
 
-@pytest.fixture(scope="module")
-def etok():
-    """A tokenizer of this module's own, whose template each test sets."""
-    from transformers import AutoTokenizer
-
-    from sftkit.models import bundled_tokenizer_dir
-
-    return AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
-
-
 def test_every_shipped_template_is_found():
     assert len([k for k in SOURCES if k.startswith("tests/")]) >= 9
 
 
 @pytest.mark.parametrize("name", ["bundled", *SOURCES])
-def test_the_text_equals_apply_chat_template(etok, name):
+def test_the_text_equals_apply_chat_template(own_tok, name):
     if name != "bundled":
-        etok.chat_template = SOURCES[name]
+        own_tok.chat_template = SOURCES[name]
     rendered = 0
     for msgs, tools in CONVERSATIONS:
         for switches in SWITCH_SETS:
             for prompt in (False, True):
-                theirs = outcome(etok.apply_chat_template, msgs, tools=tools, tokenize=False,
+                theirs = outcome(own_tok.apply_chat_template, msgs, tools=tools, tokenize=False,
                                  add_generation_prompt=prompt, **switches)
-                ours = outcome(apply, etok, msgs, tools, prompt, switches)
+                ours = outcome(apply, own_tok, msgs, tools, prompt, switches)
                 assert ours == theirs, (name, msgs, tools, switches, prompt)
                 rendered += isinstance(theirs, str)
     assert rendered >= len(CONVERSATIONS) * len(SWITCH_SETS)  # most render: not a comparison of errors
 
 
-def test_the_reply_markers_parse_and_render_their_body(etok):
+def test_the_reply_markers_parse_and_render_their_body(own_tok):
     """TRL's training templates wrap replies in {% generation %}: parsed, rendered as the body."""
-    etok.chat_template = ("{% for message in messages %}<|im_start|>{{ message.role }}\n"
-                          "{% if message.role == 'assistant' %}{% generation %}{{ message.content }}<|im_end|>"
-                          "{% endgeneration %}{% else %}{{ message.content }}<|im_end|>{% endif %}\n{% endfor %}")
+    own_tok.chat_template = ("{% for message in messages %}<|im_start|>{{ message.role }}\n"
+                             "{% if message.role == 'assistant' %}{% generation %}{{ message.content }}<|im_end|>"
+                             "{% endgeneration %}{% else %}{{ message.content }}<|im_end|>{% endif %}\n{% endfor %}")
     msgs = CONVERSATIONS[2][0]
-    assert apply(etok, msgs) == etok.apply_chat_template(msgs, tokenize=False)
-    assert apply(etok, msgs).endswith("<|im_start|>assistant\n4<|im_end|>")  # the body, no marker text
+    assert apply(own_tok, msgs) == own_tok.apply_chat_template(msgs, tokenize=False)
+    assert apply(own_tok, msgs).endswith("<|im_start|>assistant\n4<|im_end|>")  # the body, no marker text
 
 
 # Each reads an attribute the sandbox decides on; the unsafe ones must stay refused or undefined

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from conftest import run_cli
 
 from sftkit.data.render import IGNORE_INDEX, Refused, RenderOptions, render_batch, template_spec
 
@@ -88,16 +87,6 @@ SWITCHES = {
 CASES = [(name, sw) for name in NAMES for sw in [{}, *SWITCHES.get(name, [])]]
 
 
-@pytest.fixture(scope="module")
-def qtok():
-    """A tokenizer of this module's own, whose template each test sets (the shared `tok` stays as is)."""
-    from transformers import AutoTokenizer
-
-    from sftkit.models import bundled_tokenizer_dir
-
-    return AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
-
-
 _SPECS: dict = {}
 
 
@@ -159,22 +148,22 @@ def test_the_templates_are_the_shipped_bytes():
 
 
 @pytest.mark.parametrize("name,switches", CASES, ids=[f"{n}-{json.dumps(s)}" for n, s in CASES])
-def test_ids_and_labels_match_the_template_on_every_row(qtok, name, switches):
-    spec = with_template(qtok, name)
-    rendered = render_batch([c for c, _ in CORPUS], qtok, spec, RenderOptions(**switches), [t for _, t in CORPUS])
+def test_ids_and_labels_match_the_template_on_every_row(own_tok, name, switches):
+    spec = with_template(own_tok, name)
+    rendered = render_batch([c for c, _ in CORPUS], own_tok, spec, RenderOptions(**switches), [t for _, t in CORPUS])
     refused = 0
     for (msgs, tools), got in zip(CORPUS, rendered):
         try:
-            text, ref_ids, ref_labels = reference(qtok, msgs, tools, switches)
+            text, ref_ids, ref_labels = reference(own_tok, msgs, tools, switches)
         except jinja2.TemplateError as err:
             refused += 1
             assert isinstance(got, Refused) and got.problem == f"the chat template refuses this row: {err}", got
             continue
         ids, labels = got
-        assert ids == qtok.apply_chat_template(msgs, tools=tools, tokenize=True, **switches)["input_ids"], text
+        assert ids == own_tok.apply_chat_template(msgs, tools=tools, tokenize=True, **switches)["input_ids"], text
         assert ids == ref_ids, text
-        assert labels == ref_labels, f"{text!r}\nsupervised {supervised(qtok, labels)!r}\n" \
-                                     f"reference  {supervised(qtok, ref_labels)!r}"
+        assert labels == ref_labels, f"{text!r}\nsupervised {supervised(own_tok, labels)!r}\n" \
+                                     f"reference  {supervised(own_tok, ref_labels)!r}"
         assert labels.count(END_ID) == sum(x["role"] == A for x in msgs)  # every reply learns to stop
     assert refused == (2 if name in QWEN3_5_ON else 0)
 
@@ -187,86 +176,86 @@ def test_ids_and_labels_match_the_template_on_every_row(qtok, name, switches):
     ("qwen3", {}, "<think>\n6*7 is 42\n</think>\n\n42<|im_end|>"),
     ("qwen2_5", {}, "42<|im_end|>"),  # no reasoning in the template at all
 ])
-def test_the_opening_of_the_generation_prompt_is_prompt(qtok, name, switches, last_reply):
-    spec = with_template(qtok, name)
-    _, labels = render_batch([CORPUS[3][0]], qtok, spec, RenderOptions(**switches))[0]
-    assert supervised(qtok, labels) == last_reply
+def test_the_opening_of_the_generation_prompt_is_prompt(own_tok, name, switches, last_reply):
+    spec = with_template(own_tok, name)
+    _, labels = render_batch([CORPUS[3][0]], own_tok, spec, RenderOptions(**switches))[0]
+    assert supervised(own_tok, labels) == last_reply
 
 
-def test_an_earlier_reply_whose_reasoning_the_template_drops_is_supervised_from_its_header(qtok):
-    spec = with_template(qtok, "qwen3_thinking_2507")
-    ids, labels = render_batch([CORPUS[4][0]], qtok, spec, RenderOptions())[0]
-    assert "early reasoning" not in qtok.decode(ids)
-    assert supervised(qtok, labels) == "a1<|im_end|>r2\n</think>\n\na2<|im_end|>"
+def test_an_earlier_reply_whose_reasoning_the_template_drops_is_supervised_from_its_header(own_tok):
+    spec = with_template(own_tok, "qwen3_thinking_2507")
+    ids, labels = render_batch([CORPUS[4][0]], own_tok, spec, RenderOptions())[0]
+    assert "early reasoning" not in own_tok.decode(ids)
+    assert supervised(own_tok, labels) == "a1<|im_end|>r2\n</think>\n\na2<|im_end|>"
 
 
-def test_thinking_off_leaves_the_empty_think_block_in_the_prompt(qtok):
+def test_thinking_off_leaves_the_empty_think_block_in_the_prompt(own_tok):
     for name in ("qwen3_5_nothink", "qwen3_5_think"):  # off by default / switched off
-        spec = with_template(qtok, name)
+        spec = with_template(own_tok, name)
         switches = {} if name == "qwen3_5_nothink" else {"enable_thinking": False}
-        ids, labels = render_batch([CORPUS[0][0]], qtok, spec, RenderOptions(**switches))[0]
-        assert supervised(qtok, labels) == "hello<|im_end|>"
-        prompt = qtok.apply_chat_template(CORPUS[0][0][:1], tokenize=True, add_generation_prompt=True,
+        ids, labels = render_batch([CORPUS[0][0]], own_tok, spec, RenderOptions(**switches))[0]
+        assert supervised(own_tok, labels) == "hello<|im_end|>"
+        prompt = own_tok.apply_chat_template(CORPUS[0][0][:1], tokenize=True, add_generation_prompt=True,
                                           **switches)["input_ids"]
-        assert ids[:len(prompt)] == prompt and qtok.decode(prompt).endswith("<think>\n\n</think>\n\n")
+        assert ids[:len(prompt)] == prompt and own_tok.decode(prompt).endswith("<think>\n\n</think>\n\n")
         assert all(t == IGNORE_INDEX for t in labels[:len(prompt)])
 
 
-def test_xml_tool_calls_are_supervised_and_tools_come_before_the_system_text(qtok):
-    spec = with_template(qtok, "qwen3_5_think")
+def test_xml_tool_calls_are_supervised_and_tools_come_before_the_system_text(own_tok):
+    spec = with_template(own_tok, "qwen3_5_think")
     msgs, tools = CORPUS[13]
-    ids, labels = render_batch([msgs], qtok, spec, RenderOptions(), [tools])[0]
-    text = qtok.decode(ids)
+    ids, labels = render_batch([msgs], own_tok, spec, RenderOptions(), [tools])[0]
+    text = own_tok.decode(ids)
     assert text.index("# Tools") < text.index("Use the tools.") < text.index("Weather in Paris?")
-    said = supervised(qtok, labels)
+    said = supervised(own_tok, labels)
     assert "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n" in said
     assert "# Tools" not in said and "Use the tools." not in said and '{"temp": 21}' not in said
 
 
-def test_preserve_thinking_keeps_and_supervises_earlier_reasoning(qtok):
+def test_preserve_thinking_keeps_and_supervises_earlier_reasoning(own_tok):
     msgs = CORPUS[4][0]
     for name, switches, kept in (("qwen3_6", {}, False), ("qwen3_6", {"preserve_thinking": True}, True),
                                  ("qwen3_8", {}, True), ("qwen3_8", {"preserve_thinking": False}, False)):
-        spec = with_template(qtok, name)
-        _, labels = render_batch([msgs], qtok, spec, RenderOptions(**switches))[0]
-        assert ("early reasoning" in supervised(qtok, labels)) is kept, (name, switches)
+        spec = with_template(own_tok, name)
+        _, labels = render_batch([msgs], own_tok, spec, RenderOptions(**switches))[0]
+        assert ("early reasoning" in supervised(own_tok, labels)) is kept, (name, switches)
 
 
-def test_row_switches_override_the_run_and_follow_into_the_opening(qtok):
-    spec = with_template(qtok, "qwen3_8")
+def test_row_switches_override_the_run_and_follow_into_the_opening(own_tok):
+    spec = with_template(own_tok, "qwen3_8")
     run = RenderOptions(reasoning_effort="medium")
     rows = [({"reasoning_effort": "low"}, CORPUS[1][0]), ({"enable_thinking": False}, CORPUS[0][0]),
             (None, CORPUS[3][0]), ({"preserve_thinking": False}, CORPUS[4][0])]
-    got = render_batch([c for _, c in rows], qtok, spec, run, None, [s for s, _ in rows])
+    got = render_batch([c for _, c in rows], own_tok, spec, run, None, [s for s, _ in rows])
     for (row, msgs), (ids, labels) in zip(rows, got):
         switches = {**run.switches(), **(row or {})}
-        _, ref_ids, ref_labels = reference(qtok, msgs, None, switches)
+        _, ref_ids, ref_labels = reference(own_tok, msgs, None, switches)
         assert (ids, labels) == (ref_ids, ref_labels), switches
-    assert "Reasoning effort is set to low" in qtok.decode(got[0][0])
-    assert supervised(qtok, got[1][1]) == "hello<|im_end|>"  # thinking off: the empty block is prompt
-    assert supervised(qtok, got[2][1]) == "6*7 is 42\n</think>\n\n42<|im_end|>"
+    assert "Reasoning effort is set to low" in own_tok.decode(got[0][0])
+    assert supervised(own_tok, got[1][1]) == "hello<|im_end|>"  # thinking off: the empty block is prompt
+    assert supervised(own_tok, got[2][1]) == "6*7 is 42\n</think>\n\n42<|im_end|>"
 
 
-def test_a_row_switch_the_template_never_reads_is_refused(qtok):
-    spec = with_template(qtok, "qwen3")
-    got = render_batch([CORPUS[0][0]], qtok, spec, RenderOptions(), None, [{"reasoning_effort": "low"}])[0]
+def test_a_row_switch_the_template_never_reads_is_refused(own_tok):
+    spec = with_template(own_tok, "qwen3")
+    got = render_batch([CORPUS[0][0]], own_tok, spec, RenderOptions(), None, [{"reasoning_effort": "low"}])[0]
     assert isinstance(got, Refused) and got.field == "reasoning_effort"
     assert "never reads reasoning_effort" in got.problem and "(it reads enable_thinking)" in got.problem
 
 
-def test_run_switches_are_checked_against_the_template(qtok):
+def test_run_switches_are_checked_against_the_template(own_tok):
     from sftkit.data.prepare import check_switches
     from sftkit.errors import ConfigError
 
-    spec = with_template(qtok, "qwen3_instruct_2507")
+    spec = with_template(own_tok, "qwen3_instruct_2507")
     with pytest.raises(ConfigError, match="never reads enable_thinking, so setting it would change nothing "
                                           r"\(it reads none of enable_thinking, preserve_thinking, reasoning_effort\)"):
-        check_switches(qtok, spec, RenderOptions(enable_thinking=False))
-    spec = with_template(qtok, "qwen3_8")
+        check_switches(own_tok, spec, RenderOptions(enable_thinking=False))
+    spec = with_template(own_tok, "qwen3_8")
     with pytest.raises(ConfigError, match="refuses reasoning_effort='high': Unexpected reasoning effort high. "
                                           "Supported types are xhigh"):
-        check_switches(qtok, spec, RenderOptions(reasoning_effort="high"))
-    check_switches(qtok, spec, RenderOptions(reasoning_effort="low", enable_thinking=True))
+        check_switches(own_tok, spec, RenderOptions(reasoning_effort="high"))
+    check_switches(own_tok, spec, RenderOptions(reasoning_effort="low", enable_thinking=True))
 
 
 def test_row_switches_are_read_and_checked():
@@ -298,62 +287,3 @@ def test_switches_enter_the_fingerprint(tmp_path, tok):
         opts = DataOptions(data_path=[str(tmp_path / "d.jsonl")], **sw)
         fps.add(fingerprint(resolve_sources(opts.data_path, opts), tok, opts, None))
     assert len(fps) == 5
-
-
-# Through the real CLI, on a real file: per-row switches, and rows the template refuses.
-ROWS = [
-    {"messages": CORPUS[1][0], "chat_template_kwargs": {"reasoning_effort": "low"}},
-    {"messages": CORPUS[3][0], "enable_thinking": False},
-    {"messages": CORPUS[2][0][:3] + [m(S, "late system"), m(U, "q"), m(A, "a")]},  # line 3: refused
-    {"messages": CORPUS[3][0]},
-    {"messages": CORPUS[0][0], "reasoning_effort": "high"},  # line 5: refused
-]
-
-
-@pytest.fixture(scope="module")
-def rows_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rows") / "switches.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS))
-    return path
-
-
-def prepare_args(path: Path, out: Path, *more: str) -> list[str]:
-    return ["prepare-data", "--data_path", str(path), "--output_dir", str(out),
-            "--chat_template", str(TEMPLATES / "qwen3_8.jinja"), "--reasoning_effort", "medium", *more]
-
-
-def test_prepare_data_renders_each_row_with_its_switches_and_counts_refused_rows(qtok, rows_file, tmp_path):
-    from sftkit.data.prepare import load_prepared
-
-    out = tmp_path / "out"
-    run_cli(*prepare_args(rows_file, out, "--skip_bad_rows"))
-    man = json.loads((out / "manifest.json").read_text())
-    assert (man["rows_in"], man["examples_kept"], man["dropped"]["bad_row"]) == (5, 3, 2)
-    assert man["options"]["reasoning_effort"] == "medium" and man["sources"][0]["bad_rows"] == 2
-    assert man["bad_rows_first"] == [
-        f"{rows_file}:line 3: the chat template refuses this row: System message must be at the beginning.",
-        (f"{rows_file}:line 5: the chat template refuses this row: Unexpected reasoning effort high. "
-         "Supported types are xhigh (default), medium, and low.")]
-    with_template(qtok, "qwen3_8")
-    saved = load_prepared(out)
-    for row, example in zip([ROWS[0], ROWS[1], ROWS[3]], saved):
-        switches = {"reasoning_effort": "medium", **row.get("chat_template_kwargs", {}),
-                    **{k: row[k] for k in ("enable_thinking",) if k in row}}
-        _, ref_ids, ref_labels = reference(qtok, row["messages"], None, switches)
-        assert (example["input_ids"], example["labels"]) == (ref_ids, ref_labels), switches
-
-
-def test_a_row_the_template_refuses_is_one_error_line_naming_it(rows_file, tmp_path):
-    proc = run_cli(*prepare_args(rows_file, tmp_path / "out"), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip() == (f"error: {rows_file}:line 3: the chat template refuses this row: "
-                                   "System message must be at the beginning.")
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_run_switch_the_template_never_reads_is_one_error_line(rows_file, tmp_path):
-    proc = run_cli("prepare-data", "--data_path", str(rows_file), "--output_dir", str(tmp_path / "out"),
-                   "--reasoning_effort", "low", check=False)  # tiny-qwen3 has Qwen3's template
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip() == ("error: the chat template never reads reasoning_effort, so setting it would "
-                                   "change nothing (it reads enable_thinking); unset reasoning_effort")

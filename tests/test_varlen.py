@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from conftest import loss_and_grads
 
 from sftkit.batching import PackedStep, collate, pack
 from sftkit.config import SFTConfig
@@ -27,13 +28,6 @@ def docs(tok):
     rendered = [{"input_ids": i, "labels": lab} for i, lab in render_batch(convs, tok, template_spec(tok), RenderOptions())]
     one = {"input_ids": [rendered[0]["input_ids"][0]], "labels": [IGNORE_INDEX]}
     return [rendered[0], one, rendered[1], rendered[2], rendered[3]]
-
-
-def loss_and_grads(model, batch, head=None):
-    model.zero_grad(set_to_none=True)
-    loss = token_loss_sum(model, batch, head)
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_varlen_equals_padded_loss_and_every_gradient(docs, tok):

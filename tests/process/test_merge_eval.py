@@ -1,14 +1,19 @@
-"""After training: merge-lora users can serve, eval on every kind of model directory, generation."""
+"""After training: merge-lora users can serve, eval on every kind of model directory, generation, and
+an adapter on a base of another size named in one line."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_error, run_cli
 
 REPLIES = {"Say hi.": "Hi there!", "Capital of France?": "Paris.", "2+2?": "4", "Colour of the sky?": "Blue."}
+
+
 IM_END = 151645
 
 
@@ -127,3 +132,28 @@ def test_merge_writes_shards_and_eval_shards_over_two_processes(memorised, tmp_p
 def test_merge_refuses_a_directory_without_an_adapter(tmp_path):
     proc = run_cli("merge-lora", "--adapter", str(tmp_path), "--output_dir", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and "holds no adapter_config.json" in proc.stderr
+
+
+def _swap_base(other_size, tmp_path) -> Path:
+    """The adapter, its base now the 96-wide model at the same path (a base re-downloaded as another size)."""
+    _, wide, adapter = other_size
+    base = tmp_path / "base"
+    shutil.copytree(wide, base)
+    moved = shutil.copytree(adapter, tmp_path / "adapter")
+    config = (moved / "adapter_config.json").read_text()
+    (moved / "adapter_config.json").write_text(config.replace(str(other_size[0]), str(base)))
+    return moved
+
+
+def test_merge_and_eval_name_both_shapes_of_a_base_of_another_size(other_size, tmp_path):
+    adapter = _swap_base(other_size, tmp_path)
+    base = tmp_path / "base"
+    expected = (f"error: {adapter} was trained on a base of another size: its model.layers.0.self_attn.q_proj."
+                f"lora_A.weight is [4, 64], and the base {base} needs [4, 96] (model.layers.0.self_attn.q_proj.weight "
+                "[64, 96]); pass the base it was trained on")
+    for args in (("merge-lora", "--adapter", str(adapter), "--output_dir", str(tmp_path / "merged")),
+                 ("eval", "--model", str(adapter), "--data_path", "data/sample_alpaca.json",
+                  "--output_dir", str(tmp_path / "eval"))):
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2 and one_error(proc) == expected, args
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "eval").exists()

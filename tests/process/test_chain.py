@@ -1,16 +1,22 @@
-"""The real chain through the real CLI in subprocesses: prepare -> accelerate launch train ->
-eval -> merge-lora, and full fine-tuning. Tiny Qwen3, real tokenizer, CPU."""
+"""The chain a user runs, through the real CLI: prepare-data -> accelerate launch train -> eval ->
+merge-lora, full fine-tuning, and the demo that shows the chain learned. Tiny Qwen3, real
+tokenizer, CPU."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli
+from conftest import ROOT, losses, read_metrics, run_cli, steps
 
 SINGLE = ["--config_file", "accelerate_configs/single_gpu.yaml", "--num_processes", "1"]
+
+
 TRAIN = ["--max_steps", "24", "--per_device_train_batch_size", "4", "--logging_steps", "1",
          "--learning_rate", "0.01", "--warmup_ratio", "0", "--save_steps", "12", "--lora_dropout", "0"]
 
@@ -33,13 +39,12 @@ def lora_run(prepared):
 
 
 def test_lora_training_learns_and_logs_everything(lora_run):
-    records = read_metrics(lora_run)
-    head, steps = records[0], [r for r in records if "loss" in r]
+    head, records = read_metrics(lora_run)[0], steps(lora_run)
     assert head["world_size"] == 1 and head["distributed_type"] == "NO" and head["mixed_precision"] == "no"
-    assert len(steps) == 24
+    assert len(records) == 24
     for key in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s"):
-        assert all(key in r for r in steps), key
-    first, last = [r["loss"] for r in steps[:5]], [r["loss"] for r in steps[-5:]]
+        assert all(key in r for r in records), key
+    first, last = [r["loss"] for r in records[:5]], [r["loss"] for r in records[-5:]]
     assert sum(last) / 5 < sum(first) / 5 - 0.05, (first, last)
     cfg = (lora_run / "config.yaml").read_text()
     assert "use_lora: true" in cfg
@@ -84,26 +89,30 @@ def test_full_fine_tuning_end_to_end(prepared, tmp_path):
     run_cli("train", "--data_path", str(prepared), "--output_dir", str(out), "--max_steps", "6",
             "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
             "--save_steps", "0", "--gradient_checkpointing")
-    steps = [r for r in read_metrics(out) if "loss" in r]
-    assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"]
+    loss = losses(out)
+    assert len(loss) == 6 and loss[6] < loss[1]
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.model_type == "qwen3"
     assert sum(p.numel() for p in model.parameters()) > 9_000_000
     assert not list(out.glob("checkpoint-*"))
 
 
-def test_train_reads_raw_data_and_reuses_its_cache(tmp_path):
-    import os
+def test_the_demo_shows_that_the_chain_learned(tmp_path):
+    """README's first command after setup: the merged model answers the trained prompts with the
+    trained replies (the base model does not), and nothing third-party is printed."""
+    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path / "demo")},
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "", proc.stderr
+    assert "the base model vs the merged (fine-tuned) model" in proc.stdout
+    # the demo's last line is computed from its numbers, and the README quotes what it prints
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo_compare import describe, run_numbers
 
-    cache = Path(os.environ["SFTKIT_CACHE"]) / "prepared"
-    data = tmp_path / "raw.json"
-    # bytes of its own (a trailing line): the cache is keyed by content, and other tests of this
-    # session prepare sample_alpaca.json with these options
-    data.write_text((Path("data") / "sample_alpaca.json").resolve().read_text() + "\n")
-    args = ["train", "--data_path", str(data), "--max_steps", "1", "--save_steps", "0", "--use_lora",
-            "--max_length", "512"]
-    before = set(cache.iterdir()) if cache.exists() else set()
-    run_cli(*args, "--output_dir", str(tmp_path / "a"))
-    after_first = set(cache.iterdir())
-    run_cli(*args, "--output_dir", str(tmp_path / "b"))
-    assert len(after_first - before) == 1 and set(cache.iterdir()) == after_first
+    said = describe(*run_numbers(tmp_path / "demo" / "run"))
+    assert said in " ".join(proc.stdout.split())
+    quoted = re.search(r"\n((?:> .*\n)+)", (ROOT / "README.md").read_text()).group(1)
+    assert " ".join(quoted.replace("> ", " ").split()) == said
+    rows = json.loads((tmp_path / "demo" / "compare.json").read_text())
+    assert len(rows) == 4 and all(r["merged"] == r["trained_reply"] for r in rows)
+    assert not any(r["base"] == r["trained_reply"] for r in rows)

@@ -4,13 +4,11 @@ final/ is a plain Hugging Face folder. What FSDP2 cannot do yet is refused in on
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_cli
+from conftest import ROOT, TWO, read_metrics, run_cli, steps, stopped_at
 from safetensors.torch import load_file
-from test_distributed import TRAIN, TWO
+from test_distributed import TRAIN
 
 
 def with_values(args: list[str], **values: str) -> list[str]:
@@ -28,7 +26,7 @@ def with_values(args: list[str], **values: str) -> list[str]:
     return out
 
 
-# TRAIN's lr 1 with adam_epsilon 1 (an update proportional to the gradient, see test_distributed),
+# TRAIN's lr 1 with adam_epsilon 1 (EXACT: an update proportional to the gradient),
 # 3 steps of 128 tokens at most; a clip at 0.5 that the gradient norms (above 1 here) engage, so
 # the clipping of sharded gradients is compared with DDP's at every step.
 CLIP = ["--max_grad_norm", "0.5"]
@@ -59,8 +57,9 @@ def ddp_lora(tmp_path_factory):
     return out
 
 
-def steps(out, key: str) -> list[float]:
-    return [r[key] for r in read_metrics(out) if "loss" in r]
+def column(out, key: str) -> list[float]:
+    """One value of each optimizer step's record."""
+    return [r[key] for r in steps(out)]
 
 
 def check_steps(out, ref) -> None:
@@ -69,9 +68,9 @@ def check_steps(out, ref) -> None:
     tied embedding's shape (151,936 x 64) the fp32 norm was 3.7e-4 off the float64 one, 1.7e-4
     summed by halves; the runs' norms differed by 7.2e-6 at most. A norm of one rank's shards alone would be
     far off (1/sqrt(2) of the whole, were the gradient spread evenly over 2 ranks)."""
-    assert len(steps(out, "loss")) == 3 and min(steps(ref, "grad_norm")) > 0.5
-    assert steps(out, "loss") == pytest.approx(steps(ref, "loss"), rel=1e-5)
-    assert steps(out, "grad_norm") == pytest.approx(steps(ref, "grad_norm"), rel=1e-4)
+    assert len(column(out, "loss")) == 3 and min(column(ref, "grad_norm")) > 0.5
+    assert column(out, "loss") == pytest.approx(column(ref, "loss"), rel=1e-5)
+    assert column(out, "grad_norm") == pytest.approx(column(ref, "grad_norm"), rel=1e-4)
 
 
 def check_start(records: list[dict]) -> None:
@@ -125,21 +124,13 @@ def test_fsdp_version_1_is_refused(tmp_path):
     config.write_text((ROOT / "accelerate_configs" / "fsdp2.yaml").read_text().replace("fsdp_version: 2",
                                                                                         "fsdp_version: 1"))
     proc = run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(tmp_path / "out"), *LORA,
-                   launch=["--config_file", str(config), *TWO], env={"ACCELERATE_USE_CPU": "true"}, check=False)
+                   launch=["--config_file", str(config), *TWO], env={"ACCELERATE_USE_CPU": "true"}, check=False,
+                   fresh=True)  # warm, rank 0 refuses so soon that the launcher stops rank 1 before it says so
     # accelerate's launcher reports the failed children with its own traceback; sftkit's is absent
     assert proc.returncode != 0 and f'File "{ROOT / "sftkit"}' not in proc.stderr
     lines = error_lines(proc)
     assert len(lines) == 2 and len(set(lines)) == 1  # one line, from each rank
     assert "FSDP version 1" in lines[0] and "fsdp_version: 2" in lines[0]
-
-
-def _resume_copy(src, dest, keep: str):
-    """`src`'s run folder as a crash after `keep` left it: that checkpoint, none later, no final/."""
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("final"))
-    for ckpt in dest.glob("checkpoint-*"):
-        if ckpt.name != keep:
-            shutil.rmtree(ckpt)
-    return dest
 
 
 def test_a_checkpoint_resumes_exactly_on_two_ranks_and_loads_on_one(tmp_path):
@@ -152,20 +143,20 @@ def test_a_checkpoint_resumes_exactly_on_two_ranks_and_loads_on_one(tmp_path):
     launch(whole, "fsdp2", args)
     ckpt = whole / "checkpoint-2"
     assert sorted(p.name for p in (ckpt / "state" / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    want = steps(whole, "loss")
+    want = column(whole, "loss")
     assert len(want) == 4
-    two = _resume_copy(whole, tmp_path / "two", "checkpoint-2")
+    two = stopped_at(whole, tmp_path / "two", 2)
     launch(two, "fsdp2", [*args, "--resume_from_checkpoint", "latest"])
     assert read_metrics(two)[-1]["event"] == "end"
-    assert steps(two, "loss")[-2:] == want[2:]  # the same ranks, the same shards: the same numbers
+    assert column(two, "loss")[-2:] == want[2:]  # the same ranks, the same shards: the same numbers
     final, expected = (load_file(str(o / "final" / "model.safetensors")) for o in (two, whole))
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
-    one = _resume_copy(whole, tmp_path / "one", "checkpoint-2")
+    one = stopped_at(whole, tmp_path / "one", 2)
     run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(one),
             "--per_device_train_batch_size", "8", *with_values(args, save_steps="1"),
             "--resume_from_checkpoint", str(one / "checkpoint-2"))
     assert read_metrics(one)[-1]["event"] == "end"
-    assert steps(one, "loss")[-2:] == pytest.approx(want[2:], rel=1e-5)
+    assert column(one, "loss")[-2:] == pytest.approx(want[2:], rel=1e-5)
     # and back: the unsharded run's checkpoint-3 (accelerate's files, whole optimizer tensors) under FSDP2
     proc = run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(one),
                    "--per_device_train_batch_size", "4", *args, "--resume_from_checkpoint", str(one / "checkpoint-3"),

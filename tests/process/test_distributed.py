@@ -10,22 +10,30 @@ import subprocess
 
 import pytest
 import torch
-from conftest import BIN, ROOT, read_metrics, run_cli
-from safetensors.torch import load_file
+from conftest import (
+    BIN,
+    EXACT,
+    RANK_MODULE,
+    ROOT,
+    SAMPLE,
+    TWO,
+    final_weights,
+    free_port,
+    losses,
+    rank_env,
+    read_metrics,
+    run_cli,
+)
 
-# lr 1 with adam_epsilon 1: the update is proportional to the gradient, so float round-off is not
-# amplified (plain Adam turns 1e-9 gradient noise into 1e-6 weight noise), and rtol 1e-5 on the
-# weights is meaningful: any mis-weighting of ranks or micro-batches shows.
-TRAIN = ["--use_lora", "--max_steps", "4", "--logging_steps", "1", "--learning_rate", "1", "--adam_epsilon", "1",
-         "--warmup_ratio", "0", "--save_steps", "0", "--lora_dropout", "0", "--max_length", "512"]
-TWO = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+TRAIN = ["--use_lora", "--max_steps", "4", "--logging_steps", "1", *EXACT, "--save_steps", "0", "--lora_dropout", "0",
+         "--max_length", "512"]  # EXACT: rtol 1e-5 on the weights is meaningful
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One process with micro-batch 8: the reference for two processes with micro-batch 4."""
     out = tmp_path_factory.mktemp("dist") / "single"
-    run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(out),
+    run_cli("train", "--data_path", SAMPLE, "--output_dir", str(out),
             "--per_device_train_batch_size", "8", *TRAIN)
     return out
 
@@ -35,17 +43,9 @@ def single_plain(tmp_path_factory):
     """The reference for ZeRO-3, which always takes the plain loss path (its lm_head weight is a
     partition outside the module's forward): the fused path differs by float round-off (1e-5)."""
     out = tmp_path_factory.mktemp("dist") / "single_plain"
-    run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(out),
+    run_cli("train", "--data_path", SAMPLE, "--output_dir", str(out),
             "--per_device_train_batch_size", "8", "--loss_chunk_size", "0", *TRAIN)
     return out
-
-
-def losses(out):
-    return [r["loss"] for r in read_metrics(out) if "loss" in r]
-
-
-def adapter(out):
-    return load_file(str(out / "final" / "adapter_model.safetensors"))
 
 
 def zero3_config(tmp_path, ds_name: str) -> str:
@@ -72,8 +72,10 @@ def test_two_processes_match_one(config, kind, rtol, request, tmp_path):
     env = {"ACCELERATE_USE_CPU": "true"} if config == "multi_gpu" else {}
     # DDP as 2 ranks x 2 x 2 accumulation: the split of the global batch 8 must not change a step
     split = ["2", "--gradient_accumulation_steps", "2"] if config == "multi_gpu" else ["4"]
-    run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(out),
-            "--per_device_train_batch_size", *split, *TRAIN, launch=["--config_file", config_file, *TWO], env=env)
+    # DDP's ranks are the fresh processes accelerate launch starts, as a user's are (the others are
+    # forked from the warm server: the same code after the same imports)
+    run_cli("train", "--data_path", SAMPLE, "--output_dir", str(out), "--per_device_train_batch_size", *split,
+            *TRAIN, launch=["--config_file", config_file, *TWO], env=env, fresh=config == "multi_gpu")
     records = read_metrics(out)
     assert records[0]["world_size"] == 2 and records[0]["distributed_type"] == kind
     assert records[0]["fused_loss"] is not config.startswith("zero3")
@@ -82,7 +84,7 @@ def test_two_processes_match_one(config, kind, rtol, request, tmp_path):
     if not config.startswith("zero3"):  # under ZeRO-3 each rank holds a slice, not a copy
         assert len(end["param_fingerprints"]) == 2 and end["ranks_in_sync"] is True
     assert losses(out) == pytest.approx(losses(single), rel=rtol)
-    got, ref = adapter(out), adapter(single)
+    got, ref = final_weights(out), final_weights(single)
     assert got.keys() == ref.keys() and all(t.numel() > 0 for t in got.values())
     for name, tensor in ref.items():
         torch.testing.assert_close(got[name], tensor, rtol=rtol, atol=1e-7)
@@ -94,34 +96,30 @@ def test_two_processes_match_one(config, kind, rtol, request, tmp_path):
 def test_one_process_with_accumulation_matches(single, tmp_path):
     """1 x 8 accumulation trains what 8 x 1 trains (and 2 ranks x 2 x 2 above), with length
     grouping on (the default): 50 examples, 7 steps an epoch, so grouping could move examples
-    between steps (issue 13 measured 8x1 and 1x8 8% apart over 3 steps before it was bounded by steps)."""
+    between steps (8x1 and 1x8 were 8% apart over 3 steps before grouping was bounded by steps)."""
     out = tmp_path / "accumulated"
-    run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(out),
+    run_cli("train", "--data_path", SAMPLE, "--output_dir", str(out),
             "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "8", *TRAIN)
     assert losses(out) == pytest.approx(losses(single), rel=1e-5)
     # atol 1e-5 of each tensor's largest entry: 1 x 8 pads nothing and 8 x 1 pads to the longest,
     # so the kernels sum in other orders; the round-off measured 3.6e-7 of 0.135 (2.7e-6)
-    ref = adapter(single)
-    for name, tensor in adapter(out).items():
+    ref = final_weights(single)
+    for name, tensor in final_weights(out).items():
         torch.testing.assert_close(tensor, ref[name], rtol=1e-5, atol=1e-5 * ref[name].abs().max().item())
 
 
 def test_two_machines_on_loopback(single, tmp_path):
     """Multi-node through accelerate's own launcher: two launches, machine rank 0 and 1, one
     process each, rendezvous on 127.0.0.1. They train together and match the single process."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     out = tmp_path / "nodes"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    env = rank_env({**os.environ, "ACCELERATE_USE_CPU": "true"})
     procs = []
     for machine_rank in ("0", "1"):
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/multi_gpu.yaml",
                "--num_processes", "2", "--num_machines", "2", "--machine_rank", machine_rank,
                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "sftkit", "train", "--data_path", "data/sample_alpaca.json",
+               "--dynamo_backend", "no", "-m", RANK_MODULE, "train", "--data_path", SAMPLE,
                "--output_dir", str(out), "--per_device_train_batch_size", "4", *TRAIN]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for p in procs:
@@ -131,5 +129,5 @@ def test_two_machines_on_loopback(single, tmp_path):
     assert records[0]["world_size"] == 2 and records[0]["distributed_type"] == "MULTI_CPU"
     assert records[-1]["ranks_in_sync"] is True
     assert losses(out) == pytest.approx(losses(single), rel=1e-5)
-    for name, tensor in adapter(single).items():
-        torch.testing.assert_close(adapter(out)[name], tensor, rtol=1e-5, atol=1e-7)
+    for name, tensor in final_weights(single).items():
+        torch.testing.assert_close(final_weights(out)[name], tensor, rtol=1e-5, atol=1e-7)

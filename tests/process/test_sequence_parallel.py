@@ -6,50 +6,12 @@ row of several examples (2 ranks under torchrun), and a whole run under `acceler
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 
 import pytest
 import torch
-from conftest import BIN, ROOT, read_metrics, run_cli
+from conftest import BIN, EXACT, RANK_MODULE, ROOT, SAMPLE, TWO, rank_env, read_metrics, run_cli, stopped_at
 from safetensors.torch import load_file
-from test_distributed import TWO
-
-from sftkit.batching import collate, shard_sequence
-from sftkit.errors import ConfigError
-
-
-def _examples(lengths):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for n in lengths:
-        ids = torch.randint(0, 1000, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100 if i < n // 2 else t for i, t in enumerate(ids)]})
-    return out
-
-
-@pytest.mark.parametrize("size", [2, 3, 4])
-def test_the_shards_of_a_row_are_the_row(size):
-    """Laid end to end, the shards are the row padded to a multiple of `size` (the padding a
-    sequence of its own); each keeps the whole row's offsets and its own logits' targets."""
-    batch = collate([_examples([9, 1, 14, 7])], 0, True, padding_free=True)  # 31 tokens
-    shards = [shard_sequence(batch, size, i) for i in range(size)]
-    width = batch.inputs["input_ids"].shape[1]
-    padded = -(-width // size) * size
-    assert {s.inputs["input_ids"].shape[1] for s in shards} == {padded // size}
-    ids = torch.cat([s.inputs["input_ids"] for s in shards], dim=1)
-    assert torch.equal(ids[:, :width], batch.inputs["input_ids"])
-    positions = torch.cat([s.inputs["position_ids"] for s in shards], dim=1)
-    assert torch.equal(positions[:, :width], batch.inputs["position_ids"])
-    assert positions[0, width:].tolist() == list(range(padded - width))  # a sequence of its own
-    assert torch.equal(torch.cat([s.targets for s in shards]), batch.targets)
-    assert torch.equal(torch.cat([s.keep for s in shards], dim=1)[:, :width], batch.keep)
-    for s in shards:
-        assert s.inputs["cu_seq_lens_q"].tolist() == batch.inputs["cu_seq_lens_q"].tolist() + [padded] * (padded > width)
-    assert sum(s.tokens for s in shards) == batch.tokens and sum(s.slots for s in shards) == padded
-    assert sum(s.attn_pairs for s in shards) == batch.attn_pairs
-    assert sum(s.counted_tokens for s in shards) == batch.counted_tokens
 
 
 def test_sequence_parallel_2_gives_the_loss_and_every_gradient_of_1(tmp_path):
@@ -57,9 +19,9 @@ def test_sequence_parallel_2_gives_the_loss_and_every_gradient_of_1(tmp_path):
     the plain loss path: loss and every parameter's gradient (summed over the ranks) against the
     unsplit row. The same shards with the row's boundaries dropped must give another loss."""
     out = tmp_path / "check.json"
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "sequence_parallel_check.py"), str(out)],
-                          cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", RANK_MODULE,
+                           "--script", str(ROOT / "tests" / "sequence_parallel_check.py"), str(out)],
+                          cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-5000:]
     got = json.loads(out.read_text())
     assert got["row_tokens"] == 103 and got["shard_tokens"] == 52
@@ -70,9 +32,7 @@ def test_sequence_parallel_2_gives_the_loss_and_every_gradient_of_1(tmp_path):
     assert abs(got["blind_loss"] - got["want_loss"]) > 1e-3 * got["want_loss"], got
 
 
-# lr 1 with adam_epsilon 1 (as tests/test_distributed.py): updates proportional to the gradient
-TRAIN = ["--data_path", "data/sample_alpaca.json", "--use_lora", "--max_steps", "3", "--logging_steps", "1",
-         "--learning_rate", "1", "--adam_epsilon", "1", "--warmup_ratio", "0", "--save_steps", "0",
+TRAIN = ["--data_path", SAMPLE, "--use_lora", "--max_steps", "3", "--logging_steps", "1", *EXACT, "--save_steps", "0",
          "--lora_dropout", "0", "--max_length", "256", "--packing", "--per_device_train_batch_size", "2"]
 
 
@@ -147,9 +107,7 @@ def test_a_sequence_parallel_run_resumes_exactly(tmp_path):
     launch = {"launch": ["--config_file", "accelerate_configs/multi_gpu.yaml", *TWO],
               "env": {"ACCELERATE_USE_CPU": "true"}}
     run_cli("train", *args, "--output_dir", str(whole), **launch)
-    shutil.copytree(whole, resumed, ignore=shutil.ignore_patterns("final", "checkpoint-4"))
-    kept = [x for x in (resumed / "metrics.jsonl").read_text().splitlines() if json.loads(x).get("step", 0) <= 2]
-    (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n")  # as a crash after step 2 left it
+    stopped_at(whole, resumed, 2)  # as a crash after step 2 left it
     proc = run_cli("train", *args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", **launch)
     assert f"resuming from {resumed / 'checkpoint-2'}: step 2 of 4" in proc.stdout
     losses = [[(r["step"], r["loss"]) for r in read_metrics(o) if "loss" in r] for o in (whole, resumed)]
@@ -168,15 +126,3 @@ def test_what_sequence_parallelism_cannot_split_is_one_line(tmp_path):
                    check=False)
     assert proc.returncode == 2 and "add --packing" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
-
-
-def test_a_gated_deltanet_hybrid_or_indivisible_heads_are_refused():
-    from transformers import AutoConfig, Qwen3Config
-
-    from sftkit.sequence_parallel import check_model
-
-    with pytest.raises(ConfigError, match="Gated DeltaNet layers, whose recurrence runs along the whole sequence"):
-        check_model(AutoConfig.for_model("qwen3_next"), 2)
-    with pytest.raises(ConfigError, match="must divide the model's 4 attention heads"):
-        check_model(Qwen3Config(num_attention_heads=4, num_key_value_heads=2), 3)
-    check_model(Qwen3Config(num_attention_heads=4, num_key_value_heads=2), 4)  # kv heads repeated to split
