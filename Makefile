@@ -5,7 +5,7 @@
 # 2 workers on 2 cores, each process one intra-op thread (a launcher sets the same for its ranks): with
 # torch's default of one thread a core, the workers' processes oversubscribe the cores (25 CPU-min
 # for the suite instead of 18)
-PYTEST = OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m "not family" -n 2 --dist loadfile --no-loadscope-reorder
+PYTEST = OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m "not family" -n 2 --dist worksteal
 
 setup:
 	bash scripts/setup.sh

@@ -43,33 +43,11 @@ TWO = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
 
 
 # ---- order ----------------------------------------------------------------------------------------
-FILE_SECONDS = "sftkit/file_seconds"  # pytest's cache: the seconds each test file took when last run
-_seconds: dict[str, float] = {}
-
-
-def _file(nodeid: str) -> str:
-    return nodeid.split("::")[0]
-
-
 def pytest_collection_modifyitems(config, items):
-    """Longest first, so that the last file a worker is handed is a short one (`make test` hands whole
-    files to 2 workers in this order): the process tier before the fast one, and within a tier the
-    files by the seconds they took in the last run here (from pytest's cache; a fresh clone has none
-    and keeps the collection order)."""
-    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
-    seconds = cache.get(FILE_SECONDS, {}) if cache is not None else {}
-    items.sort(key=lambda item: (PROCESS not in item.path.parents, -seconds.get(_file(item.nodeid), 0)))
-
-
-def pytest_runtest_logreport(report):
-    _seconds[_file(report.nodeid)] = _seconds.get(_file(report.nodeid), 0) + report.duration
-
-
-def pytest_sessionfinish(session):
-    cache = getattr(session.config, "cache", None)
-    if cache is None or hasattr(session.config, "workerinput") or not _seconds:  # a worker: the controller records
-        return
-    cache.set(FILE_SECONDS, {**cache.get(FILE_SECONDS, {}), **{k: round(v, 1) for k, v in _seconds.items()}})
+    """The process tier first: its tests are the long ones, and `make test`'s 2 workers (xdist's
+    worksteal: each starts on half of this order and takes from the other's when it runs out) end
+    on short ones, whatever ran here before."""
+    items.sort(key=lambda item: PROCESS not in item.path.parents)
 
 
 # ---- fixtures -------------------------------------------------------------------------------------

@@ -124,12 +124,13 @@ def test_fsdp_version_1_is_refused(tmp_path):
     config.write_text((ROOT / "accelerate_configs" / "fsdp2.yaml").read_text().replace("fsdp_version: 2",
                                                                                         "fsdp_version: 1"))
     proc = run_cli("train", "--data_path", "data/sample_alpaca.json", "--output_dir", str(tmp_path / "out"), *LORA,
-                   launch=["--config_file", str(config), *TWO], env={"ACCELERATE_USE_CPU": "true"}, check=False,
-                   fresh=True)  # warm, rank 0 refuses so soon that the launcher stops rank 1 before it says so
+                   launch=["--config_file", str(config), *TWO], env={"ACCELERATE_USE_CPU": "true"}, check=False)
     # accelerate's launcher reports the failed children with its own traceback; sftkit's is absent
     assert proc.returncode != 0 and f'File "{ROOT / "sftkit"}' not in proc.stderr
     lines = error_lines(proc)
-    assert len(lines) == 2 and len(set(lines)) == 1  # one line, from each rank
+    # one line from each rank that said it before the launcher stopped the ranks (the first to
+    # refuse ends the launch: the other may be stopped before it says so)
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, proc.stderr[-3000:]
     assert "FSDP version 1" in lines[0] and "fsdp_version: 2" in lines[0]
 
 
