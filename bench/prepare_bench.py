@@ -1,11 +1,13 @@
 """Benchmark sftkit's prepare-data against TRL's SFTTrainer dataset preparation. Offline, CPU only.
 
 Both tools get the same synthetic JSONL files (OpenAI `messages` rows, bench/synthetic.py) and must
-produce input_ids plus an assistant-only loss mask. Three distributions, each timed in the same run:
+produce input_ids plus an assistant-only loss mask. Four distributions, each timed in the same run:
   multi-turn  1-4 turns, a system message in ~30%, reasoning_content in ~35% of replies (max_length 4096)
   alpaca      Alpaca-style: 56% single turn, no reasoning, replies of 10-800 tokens (log-uniform; 4096)
   messages    issue 24's shape: 1-4 turns with P .55/.25/.12/.08, a system message in 10%, user ~60 and
               assistant ~180 tokens, lognormal (max_length 1024, as the issue measured)
+  long        long conversations: 1-4 turns, a system message in 10%, replies ~200 tokens (at most ~800),
+              reasoning_content in 30% of replies: ~720 tokens a row (max_length 4096)
 Timed:
   sftkit  `prepare(DataOptions(...), [file], fresh_dir, tok)`, end to end: read, validate, render, tokenize,
           mask, length filter, save_to_disk, lengths plot.
@@ -39,7 +41,7 @@ from pathlib import Path
 from bench import models, synthetic
 from bench.child import clock, offline
 
-MAX_LENGTH = {"multi-turn": 4096, "alpaca": 4096, "messages": 1024}
+MAX_LENGTH = {"multi-turn": 4096, "alpaca": 4096, "messages": 1024, "long": 4096}
 """The distributions (bench/synthetic.py) and the max_length each is prepared at."""
 
 

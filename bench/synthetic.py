@@ -11,6 +11,8 @@ punctuation and paragraphs:
   messages    issue 24's shape: 1-4 turns with P .55/.25/.12/.08, a system message in 10%, user ~60
               and assistant ~180 tokens, lognormal
   plain       1-4 turns, a system message in ~10%, no reasoning
+  long        1-4 turns, a system message in 10%, user ~70 and replies ~200 tokens (lognormal, at most
+              ~800), reasoning_content in 30% of replies: ~740 tokens a row
 Rows of plain ASCII words, for memory measurements: `alpaca_row` (Alpaca fields), `few_words_alpaca`
 and `few_words_messages` (ten words), `long_reply` (a long assistant turn), `long_prompt` (a long
 user turn).
@@ -108,7 +110,24 @@ def plain(rng: random.Random) -> dict:
     return {"messages": msgs}
 
 
-CONVERSATIONS = {"multi-turn": multi_turn, "alpaca": alpaca, "messages": messages, "plain": plain}
+def long(rng: random.Random) -> dict:
+    """Long multi-turn conversations: 1-4 turns, a system message in 10%, user ~50 words and replies
+    ~150 words (lognormal; at most 590 words, ~800 tokens), reasoning_content (~60 words) in 30% of
+    replies: ~740 tokens a row with Qwen3's tokenizer."""
+    msgs = [{"role": "system", "content": text(rng, 10, 60)}] if rng.random() < 0.1 else []
+    for _ in range(rng.randint(1, 4)):
+        n = lognormal_count(rng, 50)
+        msgs.append({"role": "user", "content": text(rng, n, n)})
+        n = min(590, lognormal_count(rng, 150))
+        reply = {"role": "assistant", "content": text(rng, n, n)}
+        if rng.random() < 0.3:
+            n = lognormal_count(rng, 60)
+            reply["reasoning_content"] = text(rng, n, n)
+        msgs.append(reply)
+    return {"messages": msgs}
+
+
+CONVERSATIONS = {"multi-turn": multi_turn, "alpaca": alpaca, "messages": messages, "plain": plain, "long": long}
 
 
 # ---- rows of plain words -----------------------------------------------------------------------

@@ -43,6 +43,43 @@ def check_rendezvous() -> None:
                           "MASTER_PORT to run one process, or start it with torchrun or accelerate launch")
 
 
+# What only a launcher sets in the processes it starts: torchrun's (and so accelerate launch's)
+# elastic agent, DeepSpeed's launcher, mpirun, srun. Without any of them, ranks were started by hand
+# (or a shell kept an earlier job's variables), and the rendezvous waits FIRST_WAIT_S at most.
+LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_PROCID")
+FIRST_WAIT_S = 20
+
+
+def started_by_launcher() -> bool:
+    return any(var in os.environ for var in LAUNCHER_VARS)
+
+
+def rendezvous_by_hand(timeout: timedelta, cuda: bool) -> None:
+    """The process group of ranks no launcher started (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT set by hand, or left in a shell from an earlier job): every rank must reach rank 0's
+    store within FIRST_WAIT_S (or the run's time-out, if shorter), else this stops in one line naming
+    the variables, where torch would wait the whole time-out for ranks nobody starts. The group is
+    the one `init_process_group` makes from those variables (accelerate then takes it as it is)."""
+    import torch.distributed as dist
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK") or 0)
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT") or 29500)
+    first = min(timedelta(seconds=FIRST_WAIT_S), timeout)
+    try:
+        store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=first, wait_for_workers=True)
+    except RuntimeError as err:  # torch's DistStoreError and DistNetworkError are RuntimeErrors
+        who = "no other rank reached it" if rank == 0 else "nothing answered there"
+        raise ConfigError(f"WORLD_SIZE={world} and RANK={rank} are set but no launcher started this process, and "
+                          f"{who} ({host}:{port}) within {first.total_seconds():g} s ({clip(str(err))}). To run one "
+                          "process unset WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; for several, "
+                          "start them with torchrun or accelerate launch") from None
+    store.set_timeout(timeout)
+    # the key prefix of init_process_group's own rendezvous, so that a rank that makes its group from
+    # the variables itself (env://) meets this one
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("default_pg", store), rank=rank,
+                            world_size=world, timeout=timeout)
+
+
 def check_launch(accelerator) -> None:
     """Every process compares the launcher's count with the Accelerator's: a mismatch means the
     ranks would train alone, each on all the data, and nothing would say so."""
@@ -154,6 +191,8 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     backend = "gloo" if launched and not torch.cuda.is_available() else None
     timeout = timedelta(minutes=cfg.ddp_timeout_minutes)
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if launched else []
+    if launched_processes() > 1 and not started_by_launcher():
+        rendezvous_by_hand(timeout, torch.cuda.is_available())
     try:
         # FSDP2 is sftkit's own (sharding.py): accelerate's FSDP mode, GPU-only in 1.15, would
         # shard again in prepare(); it builds a plain multi-process run instead (MULTI_CPU, MULTI_GPU)

@@ -36,6 +36,10 @@ class Columns:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    @classmethod
+    def empty(cls) -> Columns:
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64))
+
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -79,9 +83,17 @@ def pack(rendered: list) -> Columns:
     refused = {i: r for i, r in enumerate(rendered) if isinstance(r, Refused)}
     made = [([], []) if isinstance(r, Refused) else r for r in rendered]
     offsets = _offsets([len(ids) for ids, _ in made])
-    ids = np.fromiter((t for row, _ in made for t in row), dtype=np.int32, count=int(offsets[-1]))
-    labels = np.fromiter((t for _, row in made for t in row), dtype=np.int32, count=int(offsets[-1]))
+    flat = itertools.chain.from_iterable  # each row's ints taken in C, not one generator step a token
+    ids = np.fromiter(flat(r[0] for r in made), dtype=np.int32, count=int(offsets[-1]))
+    labels = np.fromiter(flat(r[1] for r in made), dtype=np.int32, count=int(offsets[-1]))
     return Columns(ids, labels, offsets, refused)
+
+
+def from_rendered(rendered, encoded: list) -> Columns:
+    """A chunk's columns straight from render.Rendered and its encodings: what pack(rendered.assemble(
+    encoded)) gives, without a pair of lists a row (each list of ints becomes int32 in one C loop)."""
+    ids, labels, lengths, refused = rendered.flat(encoded)
+    return Columns(np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32), _offsets(lengths), refused)
 
 
 def concat(parts: list[Columns]) -> Columns:
@@ -129,12 +141,18 @@ def arrow_lists(values: np.ndarray, offsets: np.ndarray, limit: int = ARROW_TOKE
     example longer than that gets a chunk of its own)."""
     import pyarrow as pa
 
-    cuts, at = [0], 0
-    while offsets[-1] - offsets[at] > limit:  # the chunk from `at` ends before the first example that overflows it
-        at = max(at + 1, int(np.searchsorted(offsets, offsets[at] + limit, side="right")) - 1)
-        cuts.append(at)
-    cuts.append(len(offsets) - 1)
     chunks = [pa.ListArray.from_arrays(pa.array((offsets[a:b + 1] - offsets[a]).astype(np.int32)),
                                        pa.array(values[offsets[a]:offsets[b]], pa.int32()))
-              for a, b in itertools.pairwise(cuts)]
+              for a, b in itertools.pairwise(cuts(offsets, limit))]
     return pa.chunked_array(chunks, pa.list_(pa.int32()))
+
+
+def cuts(offsets: np.ndarray, limit: int = ARROW_TOKENS) -> list[int]:
+    """Where arrow_lists cuts examples into chunks of at most `limit` tokens: the first example of
+    each chunk, then the number of examples."""
+    at, found = 0, [0]
+    while offsets[-1] - offsets[at] > limit:  # the chunk from `at` ends before the first example that overflows it
+        at = max(at + 1, int(np.searchsorted(offsets, offsets[at] + limit, side="right")) - 1)
+        found.append(at)
+    found.append(len(offsets) - 1)
+    return found

@@ -10,16 +10,18 @@ import itertools
 import json
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sftkit._version import __version__
 from sftkit.data import formats, registry, sources
-from sftkit.data.columns import Columns, arrow_lists, concat, fit_lengths, pack
+from sftkit.data.columns import Columns, fit_lengths, from_rendered
 from sftkit.data.options import (
     AUTO_CORES_PER_PROC,
     AUTO_MAX_PROCS,
@@ -32,11 +34,13 @@ from sftkit.data.render import (
     Refused,
     RenderOptions,
     TemplateSpec,
-    render_batch,
+    encode,
+    render_pieces,
     reply_opening,
     template_reads,
     template_spec,
 )
+from sftkit.data.store import SPOOL, Spool, percentiles, plot_lengths
 from sftkit.digest import record as record_files
 from sftkit.errors import ConfigError, DataError
 
@@ -63,10 +67,19 @@ class Loaded:
     rows_in: int = 0
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
+    refused_examples: list[str] = field(default_factory=list)
     per_source: list[dict] = field(default_factory=list)
     too_long: int = 0  # dropped by their length in characters, before tokenizing (see bound_text)
     warnings: Counter = field(default_factory=Counter)  # kept rows worth a look, by kind (formats.warnings)
     read: list[tuple[int, sources.Source]] = field(default_factory=list)  # each source with the digest of the bytes read
+
+    def add(self, row: Row) -> None:
+        self.convs.append(row.conv)
+        self.tools.append(row.tools)
+        self.switches.append(row.switches)
+        self.origin.append(row.origin)
+        self.source.append(row.source)
+        self.where.append(row.where)
 
     def keep(self, indices: list[int]) -> None:
         """Only the conversations at `indices`, with everything recorded beside each."""
@@ -74,12 +87,30 @@ class Loaded:
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in indices])
 
-    def skip_bad(self, i: int, error: DataError) -> None:
-        """Count conversation i's row as bad (found after reading: the template refused it)."""
+    def count_bad(self, source: int, error: DataError, refused: bool = False) -> None:
+        """Count a bad row of per_source entry `source`: not a valid row, or (`refused`) one the
+        chat template refused."""
         self.bad_rows += 1
-        self.per_source[self.source[i]]["bad_rows"] += 1
-        if len(self.bad_examples) < BAD_ROWS_LISTED:
-            self.bad_examples.append(str(error))
+        self.per_source[source]["bad_rows"] += 1
+        listed = self.refused_examples if refused else self.bad_examples
+        if len(listed) < BAD_ROWS_LISTED:
+            listed.append(str(error))
+
+    def bad_rows_first(self) -> list[str]:
+        """The first bad rows: those that are not rows, then those the template refused."""
+        return (self.bad_examples + self.refused_examples)[:BAD_ROWS_LISTED]
+
+
+@dataclass
+class Row:
+    """One valid row as a conversation, with where it came from."""
+
+    conv: list[dict]
+    tools: Any
+    switches: dict | None
+    origin: int  # the data_path entry
+    source: int  # the per_source entry (file)
+    where: str   # its line or row there
 
 
 def render_options(opts: DataOptions) -> RenderOptions:
@@ -114,48 +145,57 @@ def resolve_sources(specs: list[str], opts: DataOptions) -> list[tuple[int, sour
             for s in sources.resolve(spec, opts.dataset_config, opts.dataset_split, opts.dataset_info)]
 
 
-def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, progress=None,
-                       limit: int | None = None) -> Loaded:
-    """Read and validate every row (the first `limit` of each source). A bad row stops here unless
+def read_rows(srcs: list[tuple[int, sources.Source]], opts: DataOptions, tally: Loaded,
+              limit: int | None = None) -> Iterator[Row]:
+    """Every valid row, read and validated as it is taken (the first `limit` of each source); what
+    was read, and each bad row, is counted in `tally`. A bad row stops here unless
     opts.skip_bad_rows."""
     base_map = formats.parse_field_map(opts.field_map)
-    out = Loaded()
     for origin, src in srcs:
         field_map = {**base_map, **dict(src.field_map)}  # a dataset_info.json entry's own columns and tags
         fmt = src.format_type or (None if opts.format_type == "auto" else opts.format_type)
         fmt = fmt or formats.mapped_format(field_map)
-        n_in = n_bad = 0
         reading = sources.read(src, head=limit)
-        out.read.append((origin, reading.source))
+        index = len(tally.per_source)
+        counts = {"path": src.path, "format": fmt, "rows": 0, "bad_rows": 0}
+        tally.per_source.append(counts)
         for where, row in itertools.islice(reading.rows, limit):
-            n_in += 1
+            counts["rows"] += 1
+            tally.rows_in += 1
             try:
-                fmt = fmt or formats.detect_format(row)
+                fmt = counts["format"] = fmt or formats.detect_format(row)
                 msgs, tools = formats.to_conversation(row, fmt, field_map)
                 switches = formats.row_switches(row)
             except formats.RowError as err:
                 error = DataError(src.path, where, err.field, err.problem)
                 if not opts.skip_bad_rows:
                     raise error from None
-                n_bad += 1
-                if len(out.bad_examples) < BAD_ROWS_LISTED:
-                    out.bad_examples.append(str(error))
+                tally.count_bad(index, error)
                 continue
-            out.convs.append(msgs)
-            out.tools.append(tools)
-            out.switches.append(switches)
-            out.warnings.update(formats.warnings(msgs))
-            out.origin.append(origin)
-            out.source.append(len(out.per_source))
-            out.where.append(where)
-        if n_in == 0:
+            tally.warnings.update(formats.warnings(msgs))
+            yield Row(msgs, tools, switches, origin, index, where)
+        if counts["rows"] == 0:
             raise DataError(src.path, "", None, "holds no rows")
-        out.rows_in += n_in
-        out.bad_rows += n_bad
-        out.per_source.append({"path": src.path, "format": fmt, "rows": n_in, "bad_rows": n_bad})
-        if progress:
-            progress(n_in)
-    return out
+        tally.read.append((origin, reading.source))
+
+
+def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, limit: int | None = None) -> Loaded:
+    """Every valid row in memory (read_rows), for the callers that need them all at once."""
+    loaded = Loaded()
+    for row in read_rows(srcs, opts, loaded, limit):
+        loaded.add(row)
+    return loaded
+
+
+def chunks(rows: Iterator[Row], size: int = CHUNK) -> Iterator[Loaded]:
+    """The rows in chunks of `size`, each a Loaded of its own rows (the accounting is the reader's)."""
+    while True:
+        chunk = Loaded()
+        for row in itertools.islice(rows, size):
+            chunk.add(row)
+        if not chunk.convs:
+            return
+        yield chunk
 
 
 def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
@@ -184,25 +224,23 @@ def processes_for(num_proc: int, rows: int) -> int:
     return max(1, min(num_proc, -(-rows // CHUNK)))
 
 
-def tokenize_all(loaded: Loaded, tokenizer, opts: RenderOptions, procs: int = 1, progress=None,
-                 spec: TemplateSpec | None = None) -> Columns:
-    """Every conversation's input_ids and labels as columns, in order; the rows the template
-    refused in `refused`. procs > 1: rendered in that many child processes
-    (sftkit.data.workers), chunk by chunk, put back in row order."""
-    spec = spec or template_spec(tokenizer)
-    chunks = [(loaded.convs[i:i + CHUNK], loaded.tools[i:i + CHUNK], loaded.switches[i:i + CHUNK])
-              for i in range(0, len(loaded.convs), CHUNK)]
-    if procs > 1 and len(chunks) > 1:
-        from sftkit.data.workers import render_in_children
+def overlapped(chunked: Iterator[Loaded], tokenizer, opts: RenderOptions, spec: TemplateSpec
+               ) -> Iterator[tuple[Loaded, Columns]]:
+    """render_batch of each chunk in this process, the halves of two chunks at once: the template
+    renders (and the reader reads) chunk k + 1 in Python while the tokenizer encodes chunk k on its
+    own threads (encode_batch releases the GIL), then chunk k's ids and labels are put together."""
+    from concurrent.futures import ThreadPoolExecutor
 
-        parts = render_in_children(chunks, procs, (tokenizer, opts, spec), progress)
-    else:
-        parts = []
-        for convs, tools, switches in chunks:
-            parts.append(pack(render_batch(convs, tokenizer, spec, opts, tools, switches)))
-            if progress:
-                progress(len(parts[-1]))
-    return concat(parts)
+    with ThreadPoolExecutor(1, thread_name_prefix="sftkit-encode") as pool:
+        waiting = None
+        for chunk in chunked:
+            rendered = render_pieces(chunk.convs, tokenizer, spec, opts, chunk.tools, chunk.switches)
+            encoding = pool.submit(encode, spec, rendered.texts)
+            if waiting is not None:
+                yield waiting[0], from_rendered(waiting[1], waiting[2].result())
+            waiting = (chunk, rendered, encoding)
+        if waiting is not None:
+            yield waiting[0], from_rendered(waiting[1], waiting[2].result())
 
 
 def max_token_chars(tokenizer) -> int:
@@ -216,13 +254,14 @@ def _text_size(msg: dict) -> int:
     return len(msg.get("content") or "") + len(msg.get("reasoning_content") or "") + (len(str(calls)) if calls else 0)
 
 
-def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token: int) -> None:
+def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token: int) -> int:
     """Rows too long to fit, found by their characters before any tokenizing, which would spend
     seconds and gigabytes on a huge row only to drop it. Text of more than max_length x
     chars_per_token characters (262,144 for 2048 tokens of Qwen3) has more than max_length tokens.
     `drop`: such a conversation is dropped here (counted too_long). `right`/`left`: each longer
     text keeps its first/last 2x that many characters, which still hold every token the truncation
-    keeps (the margin keeps the cut away from them); the ids are then cut exactly as before."""
+    keeps (the margin keeps the cut away from them); the ids are then cut exactly as before.
+    Returns how many were dropped."""
     limit = max_length * chars_per_token
     if truncation != "drop":
         cut = (lambda t: t[:2 * limit]) if truncation == "right" else (lambda t: t[-2 * limit:])
@@ -231,22 +270,23 @@ def bound_text(loaded: Loaded, max_length: int, truncation: str, chars_per_token
                 for key in ("content", "reasoning_content"):
                     if len(m.get(key) or "") > 2 * limit:
                         m[key] = cut(m[key])
-        return
+        return 0
     keep = [i for i, conv in enumerate(loaded.convs) if sum(map(_text_size, conv)) <= limit]
-    if len(keep) < len(loaded.convs):
-        loaded.too_long += len(loaded.convs) - len(keep)
+    dropped = len(loaded.convs) - len(keep)
+    if dropped:
         loaded.keep(keep)
+    return dropped
 
 
-def refused_rows(refused: dict[int, Refused], loaded: Loaded, skip_bad_rows: bool) -> None:
+def refused_rows(refused: dict[int, Refused], chunk: Loaded, skip_bad_rows: bool, tally: Loaded) -> None:
     """Rows the chat template refused (Refused from render_batch) are bad rows: the first is the
     error, naming its file and line, unless skip_bad_rows; then each is counted and listed."""
     for i in sorted(refused):
         r = refused[i]
-        error = DataError(loaded.per_source[loaded.source[i]]["path"], loaded.where[i], r.field, r.problem)
+        error = DataError(tally.per_source[chunk.source[i]]["path"], chunk.where[i], r.field, r.problem)
         if not skip_bad_rows:
             raise error
-        loaded.skip_bad(i, error)
+        tally.count_bad(chunk.source[i], error, refused=True)
 
 
 def fingerprint(srcs: list[tuple[int, sources.Source]], tokenizer, opts: DataOptions, mixing: Mixing | None,
@@ -314,13 +354,6 @@ def mix(origins: list[int], weights: list[float], seed: int) -> list[int]:
     return picked
 
 
-def percentiles(values: list[int]) -> dict[str, int]:
-    if not values:
-        return {}
-    s = sorted(values)
-    return {f"p{q}": s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)} | {"max": s[-1], "min": s[0]}
-
-
 def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, console=None,
             mixing: Mixing | None = None, cache: bool = False, fp: str | None = None) -> dict:
     """Build `out_dir` (dataset + manifest.json + lengths.png) unless it already holds this
@@ -333,8 +366,10 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     srcs = resolve_sources(specs, opts)
     if fp is None:  # each file's digest kept, so that its read can be checked against it (sources.read)
         srcs = [(i, s.hashed()) for i, s in srcs]
+    not_read = []  # every file of a directory that is not read, named once here and in the manifest
     for spec in specs:
         left = sources.skipped(spec)
+        not_read += [str(Path(spec) / name) for name in left]
         if left and console is not None:
             console.print(f"note: {spec}: skipped {len(left)} file(s): {', '.join(left)}; "
                           f"read are {', '.join(sources.SUFFIXES)}", markup=False, highlight=False)
@@ -350,69 +385,94 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     start = time.time()
     template, render_opts = template_spec(tokenizer, serialised), render_options(opts)
     check_switches(tokenizer, template, render_opts)
-    with gc_paused(), progress_bar("reading", console) as bar:
-        loaded = load_conversations(srcs, opts, progress=bar)
-    if fingerprint(loaded.read, tokenizer, opts, mixing, tokenizer_fp) != fp:  # the rows are not of the key's bytes
-        raise sources.changed(", ".join(s.path for _, s in srcs))
-    bound_text(loaded, opts.max_length, opts.truncation, max_token_chars(tokenizer))
-    procs = processes_for(opts.num_proc, len(loaded.convs))
-    label = f"tokenizing ({procs} processes)" if procs > 1 else "tokenizing"
-    with gc_paused(), progress_bar(label, console, total=len(loaded.convs)) as bar:
-        rendered = tokenize_all(loaded, tokenizer, render_opts, procs, progress=bar, spec=template)
-    refused_rows(rendered.refused, loaded, opts.skip_bad_rows)
-    kept = keep_fitting(rendered, loaded, opts)
-    del rendered
-    if not len(kept.columns):
-        raise DataError(", ".join(s.path for _, s in srcs), "", None, nothing_left(kept.dropped, loaded, opts))
-    saved, mixed = weigh(kept, specs, mixing)
-    lengths = saved.lengths.tolist()
-    manifest = {
-        "sftkit_version": __version__, "fingerprint": fp, "format": FORMAT, "sources": loaded.per_source,
-        "rows_in": loaded.rows_in, "examples_kept": len(kept.columns),
-        "dropped": {k: kept.dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
-        "truncated": kept.truncated, "warnings": {k: loaded.warnings.get(k, 0) for k in ("empty_reply",)},
-        "bad_rows_first": loaded.bad_examples, "mixing": mixed, "examples_saved": len(saved),
-        "tokens": sum(lengths), "supervised_tokens": saved.supervised(),
-        "length": percentiles(lengths), "tokenizer": getattr(tokenizer, "name_or_path", ""),
-        "tokenizer_sha256": tokenizer_fp,
-        "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
-        "options": opts.example_options(), "seconds": round(time.time() - start, 2),
-    }
-    assert manifest["rows_in"] == manifest["examples_kept"] + sum(manifest["dropped"].values())
+    chars_per_token = max_token_chars(tokenizer)
+    tally, dropped, truncated = Loaded(), Counter(), 0
     with atomic_directory(out_dir, replace=not cache) as tmp:
-        _save_dataset(tmp / DATASET_DIR, saved)
-        _plot_lengths(tmp / "lengths.png", lengths, opts.max_length)
+        spool = Spool(tmp / SPOOL)
+        try:
+            rows = read_rows(srcs, opts, tally)
+            procs, ahead = processes_ahead(opts.num_proc, rows)
+            label = f"preparing ({procs} processes)" if procs > 1 else "preparing"
+            with gc_paused(), progress_bar(label, console) as bar:
+                for chunk, rendered in render_chunks(chunks(itertools.chain(ahead, rows)), tokenizer, render_opts,
+                                                     template, procs, chars_per_token, opts, tally):
+                    refused_rows(rendered.refused, chunk, opts.skip_bad_rows, tally)
+                    fitted = fit_lengths(rendered, opts.max_length, opts.truncation)
+                    dropped.update(too_long=fitted.too_long, no_supervised_tokens=fitted.no_supervised)
+                    truncated += fitted.truncated
+                    spool.add(fitted.columns, [o for o, k in zip(chunk.origin, fitted.kept.tolist()) if k])
+                    bar(len(chunk.convs))
+        finally:
+            spool.close()
+        if fingerprint(tally.read, tokenizer, opts, mixing, tokenizer_fp) != fp:  # the rows are not of the key's bytes
+            raise sources.changed(", ".join(s.path for _, s in srcs))
+        dropped.update(bad_row=tally.bad_rows, too_long=tally.too_long)
+        if not len(spool):
+            raise DataError(", ".join(s.path for _, s in srcs), "", None, nothing_left(dropped, tally, opts))
+        order, mixed = weigh(spool.origins, specs, mixing)
+        saved = spool.save(tmp / DATASET_DIR, fp, order)
+        manifest = {
+            "sftkit_version": __version__, "fingerprint": fp, "format": FORMAT, "sources": tally.per_source,
+            "files_not_read": not_read, "rows_in": tally.rows_in, "examples_kept": len(spool),
+            "dropped": {k: dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
+            "truncated": truncated, "warnings": {k: tally.warnings.get(k, 0) for k in ("empty_reply",)},
+            "bad_rows_first": tally.bad_rows_first(), "mixing": mixed, "examples_saved": len(saved.lengths),
+            "tokens": saved.tokens, "supervised_tokens": saved.supervised,
+            "length": percentiles(saved.lengths), "tokenizer": getattr(tokenizer, "name_or_path", ""),
+            "tokenizer_sha256": tokenizer_fp,
+            "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+            "options": opts.example_options(), "seconds": round(time.time() - start, 2),
+        }
+        assert manifest["rows_in"] == manifest["examples_kept"] + sum(manifest["dropped"].values())
+        plot_lengths(tmp / "lengths.png", saved.lengths, opts.max_length)
         manifest["files"] = record_files(tmp, DATASET_DIR)  # checked before each use: dataset.damage
         atomic_write_json(tmp / MANIFEST, manifest)
     manifest["cached"] = False
     return manifest
 
 
-@dataclass
-class Kept:
-    """The examples that fit, where each came from, and the count of the others by reason."""
+def processes_ahead(num_proc: int, rows: Iterator[Row]) -> tuple[int, list[Row]]:
+    """How many processes tokenize (processes_for), and the rows read ahead to tell: for
+    AUTO_PROCS, as many as it takes to know whether there are enough for the most processes
+    auto could give (none on a machine that gives one)."""
+    if num_proc != AUTO_PROCS:
+        return processes_for(num_proc, 10**12), []
+    most = processes_for(AUTO_PROCS, 10**12)
+    ahead = list(itertools.islice(rows, AUTO_ROWS_PER_PROC * most if most > 1 else 0))
+    return (processes_for(AUTO_PROCS, len(ahead)) if len(ahead) < AUTO_ROWS_PER_PROC * most else most), ahead
 
-    columns: Columns
-    origin: list[int]  # the data_path entry of each kept example
-    dropped: Counter = field(default_factory=Counter)
-    truncated: int = 0  # kept, cut to max_length by --truncation left/right
 
+def render_chunks(chunked: Iterator[Loaded], tokenizer, opts: RenderOptions, spec: TemplateSpec, procs: int,
+                  chars_per_token: int, data: DataOptions, tally: Loaded) -> Iterator[tuple[Loaded, Columns]]:
+    """Each chunk with its rows rendered and tokenized as columns (the rows the template refused in
+    `refused`), in order; rows too long to fit are cut or dropped first (bound_text). procs > 1:
+    rendered in that many child processes (sftkit.data.workers), a few chunks ahead."""
+    def bounded() -> Iterator[Loaded]:
+        for chunk in chunked:
+            tally.too_long += bound_text(chunk, data.max_length, data.truncation, chars_per_token)
+            yield chunk
 
-def keep_fitting(rendered: Columns, loaded: Loaded, opts: DataOptions) -> Kept:
-    """Apply the length policy to every rendered example; bad rows are counted as dropped too
-    (the refused ones by refused_rows, as bad rows)."""
-    fitted = fit_lengths(rendered, opts.max_length, opts.truncation)
-    dropped = Counter(bad_row=loaded.bad_rows, too_long=loaded.too_long + fitted.too_long,
-                      no_supervised_tokens=fitted.no_supervised)
-    origin = [o for o, keep in zip(loaded.origin, fitted.kept.tolist()) if keep]
-    return Kept(fitted.columns, origin, dropped, fitted.truncated)
+    if procs <= 1:
+        yield from overlapped(bounded(), tokenizer, opts, spec)
+        return
+    from sftkit.data.workers import render_in_children
+
+    sent: deque[Loaded] = deque()  # chunks handed out whose results have not come back, in order
+
+    def tasks() -> Iterator[tuple]:
+        for chunk in bounded():
+            sent.append(chunk)
+            yield chunk.convs, chunk.tools, chunk.switches
+
+    for rendered in render_in_children(tasks(), procs, (tokenizer, opts, spec)):
+        yield sent.popleft(), rendered
 
 
 def nothing_left(dropped: Counter, loaded: Loaded, opts: DataOptions) -> str:
     """Why no example is left, reason by reason, each with its own fix."""
     why = []
     if dropped["bad_row"]:
-        why.append(f"{dropped['bad_row']} bad row(s) skipped, the first: {loaded.bad_examples[0]}; fix the rows")
+        why.append(f"{dropped['bad_row']} bad row(s) skipped, the first: {loaded.bad_rows_first()[0]}; fix the rows")
     if dropped["too_long"]:
         why.append(f"{dropped['too_long']} longer than --max_length {opts.max_length}; raise --max_length or "
                    "use --truncation left/right")
@@ -423,17 +483,19 @@ def nothing_left(dropped: Counter, loaded: Loaded, opts: DataOptions) -> str:
     return "no example is left: " + "; ".join(why)
 
 
-def weigh(kept: Kept, specs: list[str], mixing: Mixing | None) -> tuple[Columns, list[dict] | None]:
-    """(the examples, what each weight did) after mixing; unchanged without weights."""
+def weigh(origins: np.ndarray, specs: list[str], mixing: Mixing | None) -> tuple[np.ndarray | None, list[dict] | None]:
+    """(the order of the saved examples, what each weight did) after mixing; (None, None) without
+    weights: every kept example once, in order."""
     if not mixing:
-        return kept.columns, None
-    order = mix(kept.origin, mixing.weights, mixing.seed)
-    report = [{"data_path": spec, "weight": w, "examples": kept.origin.count(i),
-               "after_weighting": sum(kept.origin[j] == i for j in order)}
+        return None, None
+    order = np.asarray(mix(origins.tolist(), mixing.weights, mixing.seed), dtype=np.int64)
+    picked = np.bincount(origins[order], minlength=len(specs)) if len(order) else np.zeros(len(specs), np.int64)
+    kept = np.bincount(origins, minlength=len(specs))
+    report = [{"data_path": spec, "weight": w, "examples": int(kept[i]), "after_weighting": int(picked[i])}
               for i, (spec, w) in enumerate(zip(specs, mixing.weights))]
-    if not order:
+    if not len(order):
         raise ConfigError("data_weights leave no example; give at least one source a positive weight")
-    return kept.columns.take(order), report
+    return order, report
 
 
 @contextmanager
@@ -467,44 +529,9 @@ def quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _save_dataset(path: Path, examples: Columns) -> None:
-    import datasets
-    import pyarrow as pa
-
-    features = datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "length": datasets.Value("int32"),  # for batching without reading every example
-    })
-    # Arrow arrays built directly from the columns: Dataset.from_dict checks and encodes every
-    # example in Python against the features, most of the save's time
-    table = pa.table({"input_ids": arrow_lists(examples.ids, examples.offsets),
-                      "labels": arrow_lists(examples.labels, examples.offsets),
-                      "length": pa.array(examples.lengths.astype("int32"), pa.int32())})
-    with quiet_datasets():
-        datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(str(path))
-
-
 def load_prepared(path: str | Path):
     """The saved examples of a prepare-data output (a `datasets.Dataset` with input_ids, labels)."""
     import datasets
 
     with quiet_datasets():
         return datasets.load_from_disk(str(Path(path) / DATASET_DIR))
-
-
-def _plot_lengths(path: Path, lengths: list[int], max_length: int) -> None:
-    import numpy as np
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
-
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    # one filled outline, not ax.hist's 50 bar patches: the same picture, drawn faster
-    counts, edges = np.histogram(lengths, bins=min(50, max(5, len(set(lengths)))))
-    ax.stairs(counts, edges, fill=True, color="#4477aa")
-    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length {max_length}")
-    ax.set_xlabel("tokens per example")
-    ax.set_ylabel("examples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)

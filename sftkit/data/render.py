@@ -298,6 +298,47 @@ def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts:
     Returns (input_ids, labels) per conversation, labels IGNORE_INDEX outside replies; or Refused
     for a row the template cannot render. `switches`: per row, the row's own switches or None.
     """
+    rendered = render_pieces(convs, tokenizer, spec, opts, tools, switches)
+    return rendered.assemble(encode(spec, rendered.texts))
+
+
+@dataclass
+class Rendered:
+    """A batch of conversations rendered and cut into pieces, before their text is tokenized."""
+
+    convs: list[Conversation]
+    pieces: list[list[_Piece] | Refused]
+    texts: list[str]  # each distinct text piece once, what `encode` tokenizes
+    spec: TemplateSpec
+    train_on: str
+
+    def assemble(self, encoded: list) -> list[tuple[list[int], list[int]] | Refused]:
+        """(input_ids, labels) per conversation, or its Refused, from the encodings of `texts`."""
+        by_text = dict(zip(self.texts, encoded))
+        return [p if isinstance(p, Refused) else _ids_and_labels(c, p, self.spec, by_text, self.train_on)
+                for c, p in zip(self.convs, self.pieces)]
+
+    def flat(self, encoded: list) -> tuple[list[int], list[int], list[int], dict[int, Refused]]:
+        """assemble's ids and labels end to end in two lists (no list a row), each row's length (0
+        for a refused one), and the refused rows by index: what int32 columns are built from."""
+        by_text = dict(zip(self.texts, encoded))
+        ids: list[int] = []
+        labels: list[int] = []
+        lengths, refused = [], {}
+        for i, (c, p) in enumerate(zip(self.convs, self.pieces)):
+            before = len(ids)
+            if isinstance(p, Refused):
+                refused[i] = p
+            else:
+                _ids_and_labels(c, p, self.spec, by_text, self.train_on, ids, labels)
+            lengths.append(len(ids) - before)
+        return ids, labels, lengths, refused
+
+
+def render_pieces(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts: RenderOptions,
+                  tools: list | None = None, switches: list | None = None) -> Rendered:
+    """The Python half of render_batch: each conversation rendered by the template and cut at its
+    special tokens (a PLAIN row as its own pieces), and the distinct texts to tokenize."""
     n = len(convs)
     all_pieces = [plain_pieces(c) if c[0]["role"] == PLAIN else row_pieces(c, tokenizer, spec, opts, t, s)
                   for c, t, s in zip(convs, tools or [None] * n, switches or [None] * n)]
@@ -305,19 +346,23 @@ def render_batch(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts:
     # shared by every row is common; a tiny piece costs the encoder as much as a sentence.
     texts = list(dict.fromkeys(p.text for pieces in all_pieces if not isinstance(pieces, Refused)
                                for p in pieces if not p.is_special))
-    encoded = dict(zip(texts, spec.encoder.encode_batch(texts, add_special_tokens=False))) if texts else {}
-    return [pieces if isinstance(pieces, Refused) else _ids_and_labels(conv, pieces, spec, encoded, opts.train_on)
-            for conv, pieces in zip(convs, all_pieces)]
+    return Rendered(convs, all_pieces, texts, spec, opts.train_on)
+
+
+def encode(spec: TemplateSpec, texts: list[str]) -> list:
+    """The Rust half: one encode_batch call, which releases the GIL while it runs on its threads."""
+    return spec.encoder.encode_batch(texts, add_special_tokens=False) if texts else []
 
 
 def _ids_and_labels(conv: Conversation, pieces: list[_Piece], spec: TemplateSpec, encoded: dict,
-                    train_on: str) -> tuple[list, list]:
+                    train_on: str, ids: list | None = None, labels: list | None = None) -> tuple[list, list]:
+    """The row's input_ids and labels, appended to `ids` and `labels` where given (a batch's, end to end)."""
     n_blocks = 1 + max((p.block for p in pieces), default=-1)
     # replies marked train: False (a conversational prompt-completion's prompt) come first
     prompt_replies = sum(m["role"] == "assistant" and m.get("train") is False for m in conv)
     keep = {n_blocks - 1} if train_on == "last" else set(range(prompt_replies, n_blocks))
-    ids: list[int] = []
-    labels: list[int] = []
+    ids = [] if ids is None else ids
+    labels = [] if labels is None else labels
     for p in pieces:
         trained = p.supervised_from is not None and p.block in keep
         if p.is_special:

@@ -75,12 +75,19 @@ class Source:
         return dataclasses.replace(self, digest=h.hexdigest())
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reading:
-    """A source's rows, parsed from the bytes whose hash `source.digest` is."""
+    """A source's rows, parsed from the bytes whose hash `source.digest` is (for a file read as
+    its rows are taken, known once they all are)."""
 
     source: Source
     rows: Iterator[tuple[str, Any]]
+
+
+# A JSON Lines file is read this many bytes at a time, as its rows are taken
+BLOCK = 1 << 22
+STREAMED = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+"""File types read as their rows are taken when they hold JSON Lines (the rest are read whole)."""
 
 
 def resolve(spec: str, config: str | None = None, split: str = "train", dataset_info: str | None = None
@@ -130,7 +137,8 @@ def _local(path: str) -> Source:
         st = os.stat(path)
     except OSError as err:
         raise _cannot_read(path, err) from None
-    check_size(path, st, available_memory())
+    # a JSON Lines file takes a block of memory, whatever its size: read() checks the others
+    check_size(path, st, None if file_type(path) in STREAMED else available_memory())
     return Source(path)
 
 
@@ -192,7 +200,8 @@ def read(src: Source, head: int | None = None) -> Reading:
     and 'row N' otherwise (1-based; a CSV's row 1 is the first after the header).
 
     A source whose digest is already known (the cache key was computed from it) is refused when
-    the bytes read now hash otherwise: the file changed between the two reads.
+    the bytes read now hash otherwise: the file changed between the two reads. A JSON Lines file
+    is read as its rows are taken (_json_lines): its refusal comes after its last row.
     A JSON Lines line that cannot be read (not UTF-8, not JSON) comes as a formats.Unreadable row, so
     that --skip_bad_rows can skip and count it; a fault of the whole file raises DataError.
 
@@ -207,6 +216,11 @@ def read(src: Source, head: int | None = None) -> Reading:
         ds = _load_hub(src)
         got = dataclasses.replace(src, digest=ds._fingerprint)
         return Reading(got, ((f"row {i + 1}", formats.TableRow(row, src.path)) for i, row in enumerate(ds)))
+    if file_type(src.path) in STREAMED:
+        streamed = _json_lines(src)
+        if streamed is not None:
+            return streamed
+        check_size(src.path, _stat(src.path), available_memory())  # read whole, as what it is
     try:
         data = Path(src.path).read_bytes()
     except OSError as err:
@@ -223,6 +237,98 @@ def read(src: Source, head: int | None = None) -> Reading:
         return Reading(got, _read_parquet(src.path, data))
     return Reading(got, ((f"row {i + 1}", formats.TableRow(row, src.path))
                          for i, row in enumerate(_read_csv(src.path, data))))
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as err:
+        raise _cannot_read(path, err) from None
+
+
+class _Hashed:
+    """A file read through, its bytes hashed as they pass."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        return data
+
+    def digest(self) -> str:
+        """The hash of every byte of the file (what is left is read now)."""
+        while self.read(BLOCK):
+            pass
+        return self.sha.hexdigest()
+
+
+def _json_lines(src: Source) -> Reading | None:
+    """A JSON Lines file (gzip-compressed or not) whose rows are parsed as they are taken, a block
+    of BLOCK bytes at a time, its bytes hashed as they pass: memory holds a block, whatever the
+    file's size. None where its first line is not a JSON object (an array, a pretty-printed object,
+    an empty or broken file), for read() to read it whole, which tells those apart."""
+    import gzip
+
+    try:
+        f = open(src.path, "rb")  # noqa: SIM115 (closed by the rows' generator, or below)
+    except OSError as err:
+        raise _cannot_read(src.path, err) from None
+    hashed = _Hashed(f)
+    stream = gzip.GzipFile(fileobj=hashed, mode="rb") if file_type(src.path).endswith(".gz") else hashed
+    try:
+        head = b""
+        while b"\n" not in head and (block := _block(src.path, stream)):
+            head += block
+        first = head.removeprefix(_BOM).split(b"\n", 1)[0].strip()
+        lines = first.startswith(b"{") and isinstance(_loads(first.decode("utf-8")), dict)
+    except (DataError, UnicodeDecodeError):
+        lines = False
+    if not lines:
+        f.close()
+        return None
+    reading = Reading(src, iter(()))
+
+    def rows() -> Iterator[tuple[str, Any]]:
+        try:
+            n, rest = 0, head.removeprefix(_BOM)
+            while True:
+                *whole, rest = rest.split(b"\n")
+                for line in whole:
+                    n += 1
+                    if line.strip():
+                        yield f"line {n}", _json_line(src.path, line, first=n == 1)
+                block = _block(src.path, stream)
+                if not block:
+                    break
+                rest += block
+            if rest.strip():
+                yield f"line {n + 1}", _json_line(src.path, rest, first=n == 0)
+            digest = hashed.digest()
+            if src.digest is not None and digest != src.digest:
+                raise changed(src.path)
+            reading.source = dataclasses.replace(src, digest=digest)
+        except OSError as err:
+            raise _cannot_read(src.path, err) from None
+        finally:
+            f.close()
+
+    reading.rows = rows()
+    return reading
+
+
+def _block(path: str, stream) -> bytes:
+    """The next block of a file's (uncompressed) bytes; one line for a corrupt gzip file."""
+    import zlib
+
+    try:
+        return stream.read(BLOCK)
+    except (EOFError, zlib.error, OSError) as err:  # gzip.BadGzipFile is an OSError
+        if not path.lower().endswith(".gz"):
+            raise _cannot_read(path, err) from None
+        raise DataError(path, "", None, f"is not a valid gzip file ({_first_line(err)}); compress it again "
+                        "with gzip, or pass it uncompressed") from None
 
 
 def _head_lines(path: str, lines: int) -> bytes | None:
@@ -334,21 +440,30 @@ def _read_json(path: str, raw: bytes) -> Iterator[tuple[str, Any]]:
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            row = _loads(line.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            row = formats.Unreadable(_utf8_problem(line, err)[1])
+        row = _json_value(line)
         if not checked and isinstance(row, formats.Unreadable) and first == b"{":
             whole = _one_object(path, raw, raw.rstrip().count(b"\n") + 1)  # the first line alone is not JSON
             if whole is not None:
                 yield "row 1 (line 1)", whole
                 return
-        if not checked:
-            _refuse_registry(path, row)
+        yield f"line {n}", _json_line(path, line, first=not checked, value=row)
         checked = True
-        if isinstance(row, list):
-            row = formats.Unreadable(_LIST_LINE)
-        yield f"line {n}", row
+
+
+def _json_value(line: bytes) -> Any:
+    """A line's JSON value, or an Unreadable row saying why there is none."""
+    try:
+        return _loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return formats.Unreadable(_utf8_problem(line, err)[1])
+
+
+def _json_line(path: str, line: bytes, first: bool, value: Any = None) -> Any:
+    """A JSON Lines line as a row: a list is no row, and a first line may not be a dataset registry."""
+    row = _json_value(line) if value is None else value
+    if first:
+        _refuse_registry(path, row)
+    return formats.Unreadable(_LIST_LINE) if isinstance(row, list) else row
 
 
 _LIST_LINE = ("the line holds a JSON list, not an object; JSON Lines holds one row object per line, e.g. "

@@ -14,16 +14,17 @@ child whose parent is gone reads end-of-file on its stdin (or a broken pipe on i
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
-import queue
 import signal
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 
+from sftkit.data.columns import Columns
 from sftkit.errors import SftkitError
 
 _LENGTH = struct.Struct("<Q")  # each frame: its length in 8 bytes, then the pickle
@@ -67,9 +68,9 @@ def _receive(stream):
 
 def serve() -> None:
     """A child's whole life: (tokenizer, options, spec), then (convs, tools, switches) chunks in,
-    one render_batch result out for each (as columns: sftkit.data.columns.pack), until its stdin closes."""
-    from sftkit.data.columns import pack
-    from sftkit.data.render import render_batch
+    one render_batch result out for each (as columns: sftkit.data.columns.from_rendered), until its stdin closes."""
+    from sftkit.data.columns import from_rendered
+    from sftkit.data.render import encode, render_pieces
 
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the replies
@@ -81,7 +82,8 @@ def serve() -> None:
         tokenizer, opts, spec = setup
         while (chunk := _receive(tasks)) is not None:
             convs, tools, switches = chunk
-            _send(replies, pack(render_batch(convs, tokenizer, spec, opts, tools, switches)))
+            rendered = render_pieces(convs, tokenizer, spec, opts, tools, switches)
+            _send(replies, from_rendered(rendered, encode(spec, rendered.texts)))
     except BrokenPipeError:  # the parent is gone: nobody is left to tell
         pass
 
@@ -100,15 +102,20 @@ def _start(n: int) -> list[subprocess.Popen]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def render_in_children(chunks: list[tuple], n: int, setup: tuple, progress: Callable[[int], None] | None = None
-                       ) -> list[list]:
-    """render_batch of every chunk in `n` child processes; the results in the order of `chunks`.
-    `setup`: (tokenizer, RenderOptions, TemplateSpec), sent to each child once. `progress(rows)`
-    is called in this thread as each chunk comes back, in whatever order they finish."""
-    results: list = [None] * len(chunks)
-    todo = iter(range(len(chunks)))
-    lock = threading.Lock()
-    done: queue.Queue = queue.Queue()  # (rows finished, None) or (None, error), from the feeding threads
+def render_in_children(tasks: Iterable[tuple], n: int, setup: tuple, ahead: int = 2) -> Iterator[Columns]:
+    """render_batch of each task (convs, tools, switches) in `n` child processes, as columns, in
+    the order of `tasks`. Tasks are taken as children are free, at most `ahead` a child beyond the
+    result the caller waits for, so memory holds a few chunks whatever the number of rows.
+    `setup`: (tokenizer, RenderOptions, TemplateSpec), sent to each child once. An error raised
+    while a task is taken (a bad row in the reading behind `tasks`) is raised here."""
+    results: dict[int, Columns] = {}
+    errors: list[BaseException] = []
+    stop = threading.Event()  # the caller is gone: the feeding threads end
+    ended = [0]  # children whose feeding thread is done
+    ready = threading.Condition()
+    taking = threading.Lock()  # `tasks` is one iterator: one thread takes from it at a time
+    todo = enumerate(tasks)
+    slots = threading.Semaphore(ahead * n)
     # pickled once for all: the tokenizer and its spec are 15 MB, about 1 CPU-second each time
     first = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -116,38 +123,53 @@ def render_in_children(chunks: list[tuple], n: int, setup: tuple, progress: Call
         try:
             _send(child.stdin, None, first)
             while True:
-                with lock:
-                    i = next(todo, None)
-                if i is None:
+                slots.acquire()
+                if stop.is_set() or errors:
                     break
-                _send(child.stdin, chunks[i])
+                with taking:
+                    item = next(todo, None)
+                if item is None:
+                    break
+                i, task = item
+                _send(child.stdin, task)
                 part = _receive(child.stdout)
                 if part is None:
                     raise WorkerDied(child.wait())
-                results[i] = part
-                done.put((len(part), None))
+                with ready:
+                    results[i] = part
+                    ready.notify_all()
             child.stdin.close()
         except BrokenPipeError:  # it died before it read all it was sent
-            done.put((None, WorkerDied(child.wait())))
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
-            done.put((None, err))
+            errors.append(WorkerDied(child.wait()))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            errors.append(err)
+        finally:
+            with ready:
+                ended[0] += 1
+                ready.notify_all()
 
     children = _start(n)
     try:
-        threads = [threading.Thread(target=feed, args=(c,), daemon=True) for c in children]
-        for t in threads:
-            t.start()
-        for _ in range(len(chunks)):
-            rows, err = done.get()
-            if err is not None:
-                raise err
-            if progress:
-                progress(rows)
+        for c in children:
+            threading.Thread(target=feed, args=(c,), daemon=True).start()
+        for i in itertools.count():
+            with ready:
+                while i not in results and not errors and ended[0] < n:
+                    ready.wait()
+                if errors:
+                    raise errors[0]
+                if i not in results:  # every child is done and nothing is left
+                    break
+                part = results.pop(i)
+            slots.release()
+            yield part
         for c in children:
             c.wait()
     finally:
+        stop.set()
+        for _ in range(n):  # a feeding thread waiting for a slot wakes, and sees the stop
+            slots.release()
         for c in children:
             if c.poll() is None:
                 c.kill()
             c.wait()
-    return results

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 from conftest import (
@@ -129,14 +130,33 @@ def test_a_launch_environment_without_a_launcher_is_refused_before_any_collectiv
 
 
 def test_a_rank_that_never_comes_times_out_in_the_set_minutes(tmp_path):
-    """Rank 0 of two, started as a launcher would (LOCAL_RANK set), with no rank 1: the rendezvous
-    gives up after --ddp_timeout_minutes (here 0.1, 6 s; it was 2 hours) with one line."""
-    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    """Rank 0 of two started by a launcher (its variables set: TORCHELASTIC_RUN_ID, as torchrun's
+    agent sets it) with no rank 1: the rendezvous gives up after --ddp_timeout_minutes (here 0.1,
+    6 s; it was 2 hours) with one line."""
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(),
+           "TORCHELASTIC_RUN_ID": "test"}
     proc = run_cli("train", *SHORT, "--max_steps", "1", "--ddp_timeout_minutes", "0.1", "--output_dir",
                    str(tmp_path / "o"), env=env, check=False, timeout=300)
     assert proc.returncode == 2 and one_error(proc).startswith(
         "error: rank 0 waited 0.1 min at the rendezvous for the other ranks of WORLD_SIZE=2: rank 1 never arrived ("
     ), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_launchers_variables_left_in_a_shell_stop_within_the_first_wait(rank, tmp_path):
+    """WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT left from an earlier job, no launcher:
+    rank 0 waits for ranks nobody starts, rank 1 for a store nobody serves; each stops once the
+    first wait is over (here the run's 0.1-min time-out, shorter than accel.FIRST_WAIT_S), in one
+    line naming the variables to unset, where it waited the whole time-out (30 min by default)."""
+    env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    began = time.monotonic()
+    proc = run_cli("train", *SHORT, "--max_steps", "1", "--ddp_timeout_minutes", "0.1", "--output_dir",
+                   str(tmp_path / "o"), env=env, check=False, timeout=300)
+    line = one_error(proc)
+    assert proc.returncode == 2 and line.startswith(f"error: WORLD_SIZE=2 and RANK={rank} are set but no launcher "
+                                                    "started this process"), proc.stderr[-3000:]
+    assert "unset WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT" in line and "within 6 s" in line
+    assert time.monotonic() - began < 60
 
 
 # rank 1 as a plain torch process: it joins the process group, then never reaches a collective

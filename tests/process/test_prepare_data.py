@@ -121,8 +121,16 @@ def test_a_directory_names_every_file_it_skips(tmp_path):
     assert notes[0].startswith(f"note: {data}: skipped 1 file(s): c.tsv (type '.tsv' is not read)"), notes[0]
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["rows_in"] == 2 and [s["rows"] for s in manifest["sources"]] == [1, 1]
+    assert manifest["files_not_read"] == [f"{data / 'c.tsv'} (type '.tsv' is not read)"]
     proc = run_cli("prepare-data", "--data_path", str(data / "a.jsonl"), "--output_dir", str(tmp_path / "q"))
     assert "note: " not in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "q" / "manifest.json").read_text())["files_not_read"] == []
+    # train reading the directory itself says it too, once
+    proc = run_cli("train", "--data_path", str(data), "--output_dir", str(tmp_path / "run"), "--use_lora",
+                   "--max_steps", "1", "--save_steps", "0")
+    notes = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("note: ")]
+    said = [n for n in notes if "c.tsv" in n]
+    assert len(said) == 1 and said[0].startswith(f"note: {data}: skipped 1 file(s): c.tsv"), proc.stdout + proc.stderr
 
 
 def test_a_corrupt_gzip_is_one_line(tmp_path):
