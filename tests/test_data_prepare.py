@@ -135,3 +135,40 @@ def test_sft_dataset_api(tok):
     assert sup and tok.decode(sup).endswith("<|im_end|>")
     # unshifted: a supervised label equals the input id at the same position
     assert all(lab == i for lab, i in zip(ex["labels"], ex["input_ids"]) if lab != IGNORE_INDEX)
+
+
+def test_multi_turn_expand_trains_each_reply_as_served(tmp_path, tok):
+    """A conversation with reasoning in each reply: as_is, the template drops the reasoning of the
+    replies before the last question, prepare-data counts them and names --multi_turn expand; expand
+    gives one example a reply, each supervising its own reasoning and answer, counted per row."""
+    from rich.console import Console
+
+    from sftkit.data.prepare import load_prepared
+
+    def a(text, why):
+        return {"role": "assistant", "content": text, "reasoning_content": why}
+
+    three = [{"role": "user", "content": "q1"}, a("a1", "why one"), {"role": "user", "content": "q2"},
+             a("a2", "why two"), {"role": "user", "content": "q3"}, a("a3", "why three")]
+    one = [{"role": "user", "content": "hi"}, a("hello", "greet back")]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": three}, {"messages": one}])
+
+    def run(folder, **kw):
+        con = Console(file=io.StringIO(), width=400)
+        man = prepare(DataOptions(**kw), [str(path)], tmp_path / folder, tok, con)
+        texts = [tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX]) for ex in load_prepared(tmp_path / folder)]
+        return man, texts, con.file.getvalue()
+
+    man, texts, said = run("as_is")
+    assert man["replies_unlike_served"] == 2 and "examples_per_row" not in man and "multi_turn" not in man["options"]
+    assert "2 supervised replies are rendered without the reasoning" in said and "--multi_turn expand" in said
+    assert "why one" not in texts[0] and "why three" in texts[0]
+    assert run("as_is_single", train_on="last")[0]["replies_unlike_served"] == 0  # the last reply is as served
+
+    man, texts, said = run("expand", multi_turn="expand")
+    assert man["replies_unlike_served"] == 0 and "rendered without" not in said
+    assert (man["rows_in"], man["examples_kept"], man["examples_per_row"]) == (2, 4, {"1": 1, "3": 1})
+    assert man["options"]["multi_turn"] == "expand"
+    for why, answer in (("why one", "a1"), ("why two", "a2"), ("why three", "a3"), ("greet back", "hello")):
+        assert sum(why in t and answer in t for t in texts) == 1 and sum(why in t for t in texts) == 1, (why, texts)
+    assert run("drop", reasoning="drop")[0]["replies_unlike_served"] == 0  # no reasoning anywhere: nothing unlike

@@ -17,7 +17,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from sftkit.data.render import IGNORE_INDEX, Refused, RenderOptions, render_batch, template_spec
+from sftkit.data.prepare import Loaded, Row, expanded
+from sftkit.data.render import IGNORE_INDEX, Refused, RenderOptions, render_batch, render_pieces, template_spec
 
 TEMPLATES = Path(__file__).parent / "templates"
 NAMES = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
@@ -110,12 +111,18 @@ def free_opening(tok, prefix, switches) -> str:
     return prompt[len(bare + HEADER):]
 
 
-def reference(tok, msgs, tools, switches):
+def reference(tok, msgs, tools, switches, last: bool = False):
     """Independent of render.py: tokenize the template's whole text with offsets. Each assistant
     message is the block at its `<|im_start|>assistant\\n`; its supervised span starts after that
     header, and after the generation prompt's opening when the block starts with it, and runs
-    through its `<|im_end|>`. A token is supervised when it starts inside a span."""
+    through its `<|im_end|>`. A token is supervised when it starts inside a span (`last`: the last
+    reply's span alone, the text as served: the generation prompt of the turns before it, then the
+    last reply as the whole conversation renders it)."""
     text = tok.apply_chat_template(msgs, tools=tools, tokenize=False, **switches)
+    if last and any(x["role"] == U for x in msgs[:-1]):
+        prompt = tok.apply_chat_template(msgs[:-1], tools=tools, tokenize=False, add_generation_prompt=True,
+                                         **switches)
+        text = prompt[:prompt.rindex(HEADER)] + text[text.rindex(HEADER):]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     starts = [x.start() for x in re.finditer(re.escape(HEADER), text)]
     replies = [i for i, x in enumerate(msgs) if x["role"] == A]
@@ -127,6 +134,7 @@ def reference(tok, msgs, tools, switches):
         if opening and text.startswith(opening, begin):
             begin += len(opening)
         spans.append((begin, text.index(END, begin) + len(END)))
+    spans = spans[-1:] if last else spans
     labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX
               for t, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])]
     return text, enc["input_ids"], labels
@@ -287,3 +295,80 @@ def test_switches_enter_the_fingerprint(tmp_path, tok):
         opts = DataOptions(data_path=[str(tmp_path / "d.jsonl")], **sw)
         fps.add(fingerprint(resolve_sources(opts.data_path, opts), tok, opts, None))
     assert len(fps) == 5
+
+
+@pytest.mark.parametrize("name,switches", CASES, ids=[f"{n}-{json.dumps(s)}" for n, s in CASES])
+def test_expanded_replies_are_rendered_as_served(own_tok, name, switches):
+    """multi_turn expand: reply i's example is the conversation up to it, its ids those of
+    apply_chat_template, its labels the reference's for the last reply alone; the text before the
+    supervised span is the generation prompt of the conversation before the reply (the served
+    context), and the supervised text is what follows it, through <|im_end|>."""
+    spec = with_template(own_tok, name)
+    opts = RenderOptions(train_on="last", as_served=True, **switches)
+    tally = Loaded()
+    rows = [r for i, (msgs, tools) in enumerate(CORPUS) for r in expanded(Row(msgs, tools, None, 0, 0, str(i)), tally)]
+    assert sum(k * n for k, n in tally.examples_per_row.items()) == len(rows) == sum(
+        x["role"] == A for msgs, _ in CORPUS for x in msgs)
+    rendered = render_batch([r.conv for r in rows], own_tok, spec, opts, [r.tools for r in rows])
+    served = differs = 0
+    for row, got in zip(rows, rendered):
+        conv, tools = row.conv, row.tools
+        try:
+            text, ref_ids, ref_labels = reference(own_tok, conv, tools, switches, last=True)
+        except jinja2.TemplateError as err:
+            assert isinstance(got, Refused) and got.problem == f"the chat template refuses this row: {err}", got
+            continue
+        ids, labels = got
+        assert ids == ref_ids and labels == ref_labels, f"{text!r}\nsupervised {supervised(own_tok, labels)!r}"
+        assert labels.count(END_ID) == 1 and conv[-1]["role"] == A
+        whole = own_tok.apply_chat_template(conv, tools=tools, tokenize=False, **switches)
+        differs += text != whole
+        if text == whole:
+            assert ids == own_tok.apply_chat_template(conv, tools=tools, tokenize=True, **switches)["input_ids"]
+        if not any(x["role"] == U for x in conv[:-1]):
+            continue  # no served context: a template may refuse a generation prompt without a question
+        prompt = own_tok.apply_chat_template(conv[:-1], tools=tools, tokenize=False, add_generation_prompt=True,
+                                             **switches)
+        context = prompt[:prompt.rindex(HEADER) + len(HEADER)]
+        assert text.startswith(context), f"{text!r} does not continue its served context {context!r}"
+        # the generation prompt's opening (Qwen3's empty think block when thinking is off) is prompt,
+        # unless the reply in the data starts otherwise (its reasoning)
+        reply = text[len(prompt) if text.startswith(prompt) else len(context):text.rindex(END) + len(END)]
+        if not reply.startswith("\n"):  # a reply that starts with "\n" shares its first token with the header
+            assert supervised(own_tok, labels) == reply
+            served += 1
+    assert served >= 7  # the rest open with a "\n" (an empty think block after the prompt's "<think>\n")
+    # Qwen3 renders a reply followed by another reply without the empty think block it gets as the
+    # last turn: served, the second reply follows the first with it (the one such row in CORPUS)
+    assert differs == (name in ("qwen3", "qwen3_thinking_2507"))
+
+
+# (conversation, the supervised replies a template that drops earlier reasoning renders without theirs)
+UNSERVED = [
+    ([m(U, "q1"), m(A, "a1", reasoning_content="early reasoning"), m(U, "q2"), m(A, "a2", reasoning_content="r2")], 1),
+    ([m(U, "q1"), m(A, "a1", reasoning_content="early, none later"), m(U, "q2"), m(A, "a2")], 1),
+    ([m(U, "q1"), m(A, "<think>\ninline early\n</think>\n\na1"), m(U, "q2"), m(A, "a2"), m(U, "q3"),
+      m(A, "a3", reasoning_content="late")], 1),
+    ([m(U, "think first"), m(A, "42", reasoning_content="6*7 is 42")], 0),
+    ([m(U, "Plan my week in Oslo"), m(A, "", reasoning_content="I need the forecast.", tool_calls=[NESTED]),
+      m(T, '{"rain": [true, false]}'), m(A, "Rain on Monday.", reasoning_content="Summarise.")], 0),
+    ([m(U, "q1"), m(A, "a1"), m(U, "q2"), m(A, "a2")], 0),
+]
+
+
+@pytest.mark.parametrize("name,switches,drops", [
+    ("qwen3", {}, True), ("qwen3_5_think", {}, True), ("qwen3_6", {}, True),
+    ("qwen3_6", {"preserve_thinking": True}, False), ("qwen3_8", {}, False), ("qwen2_5", {}, False),
+])
+def test_replies_trained_unlike_served_are_counted(own_tok, name, switches, drops):
+    """A reply whose reasoning the template drops because a later user turn follows is counted (it
+    is served after that reasoning); none where the template keeps past reasoning (Qwen3.6 with
+    preserve_thinking, Qwen3.8) or never renders it (Qwen2.5), none on the last reply, none with
+    train_on last (the earlier replies are not supervised) or multi_turn expand."""
+    spec = with_template(own_tok, name)
+    convs, tools = [c for c, _ in UNSERVED], [None] * len(UNSERVED)
+    got = render_pieces(convs, own_tok, spec, RenderOptions(**switches), tools).unserved
+    assert got == (sum(n for _, n in UNSERVED) if drops else 0)
+    assert render_pieces(convs, own_tok, spec, RenderOptions(train_on="last", **switches), tools).unserved == 0
+    rows = [r for i, c in enumerate(convs) for r in expanded(Row(c, None, None, 0, 0, str(i)), Loaded())]
+    assert render_pieces([r.conv for r in rows], own_tok, spec, RenderOptions(train_on="last", **switches)).unserved == 0

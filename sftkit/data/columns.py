@@ -32,6 +32,7 @@ class Columns:
     labels: np.ndarray   # int32, IGNORE_INDEX where the loss does not look
     offsets: np.ndarray  # int64, one more than there are examples, offsets[0] == 0
     refused: dict[int, Refused] = field(default_factory=dict)  # rows the template refused (empty here), by index
+    unserved: int = 0  # supervised replies rendered otherwise than as served (render.unserved_replies)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -93,7 +94,8 @@ def from_rendered(rendered, encoded: list) -> Columns:
     """A chunk's columns straight from render.Rendered and its encodings: what pack(rendered.assemble(
     encoded)) gives, without a pair of lists a row (each list of ints becomes int32 in one C loop)."""
     ids, labels, lengths, refused = rendered.flat(encoded)
-    return Columns(np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32), _offsets(lengths), refused)
+    return Columns(np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32), _offsets(lengths), refused,
+                   rendered.unserved)
 
 
 def concat(parts: list[Columns]) -> Columns:

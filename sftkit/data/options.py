@@ -18,12 +18,16 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages", "custom", "text", "prompt_c
 TRUNCATIONS = ("drop", "left", "right")
 TRAIN_ON = ("all", "last")
 REASONING = ("template", "drop")
+MULTI_TURN = ("as_is", "expand")
 SWITCHES = {"enable_thinking": bool, "preserve_thinking": bool, "reasoning_effort": str}
 """The chat-template variables sftkit passes through (per run: the fields below; per row:
 `chat_template_kwargs` or a top-level key), with the type each takes."""
 # Options that choose which data is read or how fast, not what a prepared example holds: they are
 # left out of the prepared set's fingerprint and its manifest's "options".
 NOT_IN_EXAMPLES = {"in_examples": False}
+# Options added after sets were prepared without them: in the fingerprint only when set otherwise
+# than their default, so that the sets prepared before keep their keys.
+IN_EXAMPLES_WHEN_SET = {"in_examples": "when_set"}
 AUTO_PROCS = 0
 """`num_proc` 0: as many tokenizing processes as the rows justify and the cores allow."""
 # A child process costs about 6 CPU-seconds before its first row (imports, the tokenizer and its
@@ -92,6 +96,15 @@ class DataOptions:
     inference; `drop` removes all reasoning.
 
     Qwen3's template drops the reasoning of turns before the last user message."""
+    multi_turn: str = field(default="as_is", metadata={**EVAL, **IN_EXAMPLES_WHEN_SET})
+    """A conversation with several replies: as_is, one example; expand, one example a reply, each
+    as it is served.
+
+    expand: reply i's example is the conversation up to it, rendered as the chat template renders
+    it when reply i is the one generated (its reasoning kept, the earlier turns as the template
+    treats them then), reply i alone supervised. as_is trains the earlier replies where the
+    template puts them: Qwen3 and Qwen3.5 drop their reasoning, so the model would learn to answer
+    without thinking (prepare-data counts such replies)."""
     enable_thinking: bool | None = field(default=None, metadata=EVAL)
     """Passed to the chat template when set; unset, the template's own default. False for no-think
     data.
@@ -123,7 +136,7 @@ class DataOptions:
         """Types of every field (SFTConfig's too, when it is one), then the data options' values."""
         check_types(self)
         for name, allowed in (("format_type", FORMATS), ("truncation", TRUNCATIONS), ("train_on", TRAIN_ON),
-                              ("reasoning", REASONING)):
+                              ("reasoning", REASONING), ("multi_turn", MULTI_TURN)):
             check_choice(self, name, allowed)
         if self.data_weights and len(self.data_weights) != len(self.data_path):
             raise ConfigError(f"data_weights has {len(self.data_weights)} values for {len(self.data_path)} data_path "
@@ -136,4 +149,5 @@ class DataOptions:
     def example_options(self) -> dict[str, Any]:
         """The options that decide what a prepared example holds (fingerprinted, in the manifest)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(DataOptions)
-                if f.name != "data_path" and f.metadata.get("in_examples", True)}
+                if f.name != "data_path" and f.metadata.get("in_examples", True) is True
+                or f.metadata.get("in_examples") == "when_set" and getattr(self, f.name) != f.default}

@@ -5,6 +5,7 @@ Every row read is accounted for in manifest.json: kept, or dropped with a reason
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -71,6 +72,8 @@ class Loaded:
     per_source: list[dict] = field(default_factory=list)
     too_long: int = 0  # dropped by their length in characters, before tokenizing (see bound_text)
     warnings: Counter = field(default_factory=Counter)  # kept rows worth a look, by kind (formats.warnings)
+    examples_per_row: Counter = field(default_factory=Counter)  # multi_turn expand: rows by the examples they gave
+    unserved: int = 0  # supervised replies rendered otherwise than as served (render.Rendered.unserved)
     read: list[tuple[int, sources.Source]] = field(default_factory=list)  # each source with the digest of the bytes read
 
     def add(self, row: Row) -> None:
@@ -114,7 +117,10 @@ class Row:
 
 
 def render_options(opts: DataOptions) -> RenderOptions:
-    return RenderOptions(train_on=opts.train_on, reasoning=opts.reasoning, **opts.template_switches())
+    """How rows are rendered: an expanded row (multi_turn expand) supervises its last reply alone."""
+    expand = opts.multi_turn == "expand"
+    return RenderOptions(train_on="last" if expand else opts.train_on, reasoning=opts.reasoning, as_served=expand,
+                         **opts.template_switches())
 
 
 def check_switches(tokenizer, spec: TemplateSpec, opts: RenderOptions) -> None:
@@ -173,10 +179,24 @@ def read_rows(srcs: list[tuple[int, sources.Source]], opts: DataOptions, tally: 
                 tally.count_bad(index, error)
                 continue
             tally.warnings.update(formats.warnings(msgs))
-            yield Row(msgs, tools, switches, origin, index, where)
+            if opts.multi_turn == "expand" and msgs[0]["role"] != formats.PLAIN:
+                yield from expanded(Row(msgs, tools, switches, origin, index, where), tally)
+            else:
+                yield Row(msgs, tools, switches, origin, index, where)
         if counts["rows"] == 0:
             raise DataError(src.path, "", None, "holds no rows")
         tally.read.append((origin, reading.source))
+
+
+def expanded(row: Row, tally: Loaded) -> Iterator[Row]:
+    """multi_turn expand: one row a supervised reply, the conversation up to and including it
+    (replies marked train: False, a prompt-completion's prompt, are context, not examples)."""
+    made = 0
+    for j, m in enumerate(row.conv):
+        if m["role"] == "assistant" and m.get("train") is not False:
+            made += 1
+            yield dataclasses.replace(row, conv=row.conv[:j + 1])
+    tally.examples_per_row[made] += 1
 
 
 def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, limit: int | None = None) -> Loaded:
@@ -366,13 +386,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     srcs = resolve_sources(specs, opts)
     if fp is None:  # each file's digest kept, so that its read can be checked against it (sources.read)
         srcs = [(i, s.hashed()) for i, s in srcs]
-    not_read = []  # every file of a directory that is not read, named once here and in the manifest
-    for spec in specs:
-        left = sources.skipped(spec)
-        not_read += [str(Path(spec) / name) for name in left]
-        if left and console is not None:
-            console.print(f"note: {spec}: skipped {len(left)} file(s): {', '.join(left)}; "
-                          f"read are {', '.join(sources.SUFFIXES)}", markup=False, highlight=False)
+    not_read = files_not_read(specs, console)
     serialised = tokenizer.backend_tokenizer.to_str()  # once, for the hash and the spec's encoder
     tokenizer_fp = tokenizer_fingerprint(tokenizer, serialised)
     fp = fp or fingerprint(srcs, tokenizer, opts, mixing, tokenizer_fp)
@@ -397,6 +411,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
                 for chunk, rendered in render_chunks(chunks(itertools.chain(ahead, rows)), tokenizer, render_opts,
                                                      template, procs, chars_per_token, opts, tally):
                     refused_rows(rendered.refused, chunk, opts.skip_bad_rows, tally)
+                    tally.unserved += rendered.unserved
                     fitted = fit_lengths(rendered, opts.max_length, opts.truncation)
                     dropped.update(too_long=fitted.too_long, no_supervised_tokens=fitted.no_supervised)
                     truncated += fitted.truncated
@@ -416,6 +431,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
             "files_not_read": not_read, "rows_in": tally.rows_in, "examples_kept": len(spool),
             "dropped": {k: dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
             "truncated": truncated, "warnings": {k: tally.warnings.get(k, 0) for k in ("empty_reply",)},
+            "replies_unlike_served": tally.unserved,
             "bad_rows_first": tally.bad_rows_first(), "mixing": mixed, "examples_saved": len(saved.lengths),
             "tokens": saved.tokens, "supervised_tokens": saved.supervised,
             "length": percentiles(saved.lengths), "tokenizer": getattr(tokenizer, "name_or_path", ""),
@@ -423,12 +439,36 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
             "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
             "options": opts.example_options(), "seconds": round(time.time() - start, 2),
         }
-        assert manifest["rows_in"] == manifest["examples_kept"] + sum(manifest["dropped"].values())
+        if opts.multi_turn == "expand":
+            manifest["examples_per_row"] = {str(k): v for k, v in sorted(tally.examples_per_row.items())}
+        extra = sum((k - 1) * v for k, v in tally.examples_per_row.items())  # examples beyond one a row
+        assert manifest["rows_in"] + extra == manifest["examples_kept"] + sum(manifest["dropped"].values())
         plot_lengths(tmp / "lengths.png", saved.lengths, opts.max_length)
         manifest["files"] = record_files(tmp, DATASET_DIR)  # checked before each use: dataset.damage
         atomic_write_json(tmp / MANIFEST, manifest)
+    if tally.unserved and console is not None:
+        console.print(unserved_note(tally.unserved), markup=False, highlight=False)
     manifest["cached"] = False
     return manifest
+
+
+def files_not_read(specs: list[str], console) -> list[str]:
+    """Every file of a directory input that is not read, named once on the console (and returned
+    for the manifest)."""
+    not_read = []
+    for spec in specs:
+        left = sources.skipped(spec)
+        not_read += [str(Path(spec) / name) for name in left]
+        if left and console is not None:
+            console.print(f"note: {spec}: skipped {len(left)} file(s): {', '.join(left)}; "
+                          f"read are {', '.join(sources.SUFFIXES)}", markup=False, highlight=False)
+    return not_read
+
+
+def unserved_note(n: int) -> str:
+    return (f"note: {n} supervised repl{'y is' if n == 1 else 'ies are'} rendered without the reasoning they "
+            "have in the data (the chat template drops it from turns before the last user message), a context "
+            "serving never gives them; --multi_turn expand trains each reply as it is served")
 
 
 def processes_ahead(num_proc: int, rows: Iterator[Row]) -> tuple[int, list[Row]]:

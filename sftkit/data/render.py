@@ -51,6 +51,10 @@ class RenderOptions:
     enable_thinking: bool | None = None  # the switches: None = not passed (the template's default)
     preserve_thinking: bool | None = None
     reasoning_effort: str | None = None
+    # the last reply after the generation prompt of the turns before it, as it is served (multi_turn
+    # expand): a template may render an earlier turn otherwise when it is the last one (Qwen3 gives
+    # a last reply an empty think block)
+    as_served: bool = False
 
     def switches(self) -> dict[str, Any]:
         """The template switches that are set, as apply_chat_template keyword arguments."""
@@ -201,9 +205,16 @@ def prepare_messages(msgs: Conversation, opts: RenderOptions, table: dict[str, s
 def render_text(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderOptions, tools=None,
                 switches: dict[str, Any] | None = None) -> str:
     """The template's text for a whole conversation, special-token strings in content escaped.
-    `switches`: the template variables to pass; by default the run's (opts.switches())."""
-    return apply(tokenizer, prepare_messages(msgs, opts, spec.escapes), tools,
-                 switches=opts.switches() if switches is None else switches)
+    `switches`: the template variables to pass; by default the run's (opts.switches()). as_served:
+    the conversation before the last reply as its generation prompt renders it, then that reply."""
+    msgs = prepare_messages(msgs, opts, spec.escapes)
+    switches = opts.switches() if switches is None else switches
+    text = apply(tokenizer, msgs, tools, switches=switches)
+    if not (opts.as_served and len(msgs) > 1 and msgs[-1]["role"] == "assistant"):
+        return text
+    prompt = apply(tokenizer, msgs[:-1], tools, add_generation_prompt=True, switches=switches)
+    header = spec.block_open + spec.reply_header  # special strings in content are escaped: the last one is the reply's
+    return prompt[:prompt.rindex(header)] + text[text.rindex(header):]
 
 
 @dataclass
@@ -311,6 +322,7 @@ class Rendered:
     texts: list[str]  # each distinct text piece once, what `encode` tokenizes
     spec: TemplateSpec
     train_on: str
+    unserved: int = 0  # supervised replies rendered otherwise than as served (unserved_replies)
 
     def assemble(self, encoded: list) -> list[tuple[list[int], list[int]] | Refused]:
         """(input_ids, labels) per conversation, or its Refused, from the encodings of `texts`."""
@@ -346,7 +358,48 @@ def render_pieces(convs: list[Conversation], tokenizer, spec: TemplateSpec, opts
     # shared by every row is common; a tiny piece costs the encoder as much as a sentence.
     texts = list(dict.fromkeys(p.text for pieces in all_pieces if not isinstance(pieces, Refused)
                                for p in pieces if not p.is_special))
-    return Rendered(convs, all_pieces, texts, spec, opts.train_on)
+    unserved = 0 if opts.reasoning == "drop" else sum(
+        unserved_replies(c, p, tokenizer, spec, opts, t, sw)
+        for c, p, t, sw in zip(convs, all_pieces, tools or [None] * n, switches or [None] * n)
+        if not isinstance(p, Refused) and c[0]["role"] != PLAIN)
+    return Rendered(convs, all_pieces, texts, spec, opts.train_on, unserved)
+
+
+def reasoning_of(msg: dict) -> str:
+    """A reply's reasoning in the data: its reasoning_content, or what its content holds in <think>."""
+    if msg.get("reasoning_content"):
+        return msg["reasoning_content"].strip()
+    content = msg.get("content") or ""
+    if "</think>" in content:
+        return content.split("</think>")[0].split("<think>")[-1].strip()
+    return ""
+
+
+def unserved_replies(conv: Conversation, pieces: list[_Piece], tokenizer, spec: TemplateSpec, opts: RenderOptions,
+                     tools, row_switches) -> int:
+    """Supervised replies rendered otherwise than as they are served: the reasoning a reply has in
+    the data is missing from its turn here, but there when the conversation ends with it (as when it
+    is the reply generated). A template that drops the reasoning of turns before the last user
+    message does that; one that keeps it (Qwen3.8), or never renders it (Qwen2.5), does not."""
+    at = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+    text: dict[int, str] = {}
+    for p in pieces:
+        if p.block >= 0 and not p.is_special:
+            text[p.block] = text.get(p.block, "") + p.text
+    if len(text) != len(at):  # turns and replies not one to one: nothing to say
+        return 0
+    prompt_replies = sum(conv[i].get("train") is False for i in at)
+    supervised = [len(at) - 1] if opts.train_on == "last" else range(prompt_replies, len(at))
+    count = 0
+    for b in supervised:
+        reasoning = reasoning_of(conv[at[b]])
+        if not reasoning or reasoning in text[b] or at[b] == len(conv) - 1:  # the last turn is as served
+            continue
+        served = row_pieces(conv[:at[b] + 1], tokenizer, spec, opts, tools, row_switches)
+        if not isinstance(served, Refused) and reasoning in "".join(
+                p.text for p in served if p.block == b and not p.is_special):
+            count += 1
+    return count
 
 
 def encode(spec: TemplateSpec, texts: list[str]) -> list:
