@@ -1,6 +1,7 @@
 """merge-lora: fold a LoRA adapter into its base and save a standalone model users can serve.
 
-Before it reports success it reloads the saved model and compares its logits with base + adapter.
+Before it reports success it compares the merged model's logits with base + adapter's (both in
+float32), and the saved model's, reloaded, with the merged model's in the dtype it is saved in.
 """
 
 from __future__ import annotations
@@ -22,16 +23,22 @@ class MergeReport:
     base: str
     dtype: str            # the merged model's dtype, e.g. "bfloat16"
     untied: bool          # lm_head was saved apart from embed_tokens
-    max_logit_diff: float  # reloaded merged model vs base + adapter, over PROBES
+    max_logit_diff: float  # the merged model vs base + adapter, both in float32, over PROBES
 
 
 def _tolerance(dtype, scale: float) -> float:
     """The largest logit difference that is round-off, for logits up to `scale` in size. In float32
     it grows with the logits and the depth, most in MoE models, whose merged expert stacks are
-    summed in another order than PEFT's parametrized forward: 5e-5 of the scale, plus 1e-4."""
+    summed in another order than PEFT's parametrized forward: 5e-5 of the scale, plus 1e-4. In a
+    half-precision dtype (the saved model against itself before saving): two steps of the dtype's
+    spacing at the logits' size (0.25 for bfloat16 logits of 16-32)."""
+    import math
+
     import torch
 
-    return 1e-4 + 5e-5 * scale if dtype == torch.float32 else 5e-2
+    if dtype == torch.float32:
+        return 1e-4 + 5e-5 * scale
+    return 2 * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(scale, 1.0)))
 
 
 def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
@@ -65,11 +72,23 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
         raise ConfigError(f"{base_name} is quantized; merge into the full-precision base (load it without "
                           "quantization), since merged low-bit weights lose the adapter's update")
     dtype = base.dtype
-    model = load_adapter(base, adapter, base_name).eval()
+    # Merged in float32 and cast once: a half-precision merge's logits differ from base + adapter's
+    # by the dtype's round-off over every layer (bfloat16 logits near 20 are 0.125 apart), more than
+    # a wrong merge may move them; in float32 a wrong merge stands out (twice the memory, briefly).
+    model = load_adapter(base, adapter, base_name).float().eval()
     batch = _probe_batch(tokenizer)
     with torch.no_grad():
-        expected = model(**batch).logits.float()
-    merged = model.merge_and_unload()
+        expected = model(**batch).logits
+        merged = model.merge_and_unload()
+        diff = (merged(**batch).logits - expected).abs().max().item()
+    tolerance = _tolerance(torch.float32, expected.abs().max().item())
+    if diff > tolerance:
+        raise ConfigError(f"the merged model's logits differ from base + adapter by {diff:.3g} in float32 "
+                          f"(tolerance {tolerance:.3g}); nothing was written to {output_dir}")
+    for p in merged.parameters():  # the weights alone, as loading gives them: rotary buffers stay float32
+        p.data = p.data.to(dtype)
+    with torch.no_grad():
+        cast = merged(**batch).logits.float()  # what the saved model must give again
     untied = _untie_if_needed(merged)
     try:
         with atomic_directory(Path(output_dir)) as tmp:  # a failure removes tmp: no half-written folder stays
@@ -81,11 +100,10 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
             gen.save_pretrained(tmp)
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
             with torch.no_grad():
-                got = reloaded(**batch).logits.float()
-            diff = (got - expected).abs().max().item()
-            tolerance = _tolerance(dtype, expected.abs().max().item())
-            if diff > tolerance:
-                raise ConfigError(f"the merged model's logits differ from base + adapter by {diff:.3g} "
+                saved = (reloaded(**batch).logits.float() - cast).abs().max().item()
+            tolerance = _tolerance(dtype, cast.abs().max().item())
+            if saved > tolerance:
+                raise ConfigError(f"the saved model's logits differ from the merged model's by {saved:.3g} "
                                   f"(tolerance {tolerance:.3g}); nothing was written to {output_dir}")
     except Exception as err:  # a full disk is an OSError, safetensors' SafetensorError or a RuntimeError
         if not disk_full(err):
