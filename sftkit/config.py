@@ -155,6 +155,12 @@ class TrainOptions:
 
     Rows are filled best-fit decreasing; position_ids restart at each example, and no attention
     crosses from one example to another."""
+    packing_check: bool = field(default=True, metadata=NOT_IDENTITY)
+    """With packing: before step 1, a few examples go through the model packed and one at a time;
+    a difference beyond round-off (examples that see each other) stops the run.
+
+    Every layer's output is compared, so the error names the kind of layer that leaked. It costs
+    a few forward passes; the result is in metrics.jsonl's start line (packing_check)."""
     sequence_parallel_size: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(1)})
     """Split each packed row's tokens over this many processes (Ulysses sequence parallelism), for
     rows longer than one device holds. Needs packing. 1: off.

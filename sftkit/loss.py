@@ -85,6 +85,17 @@ def loss_sums(model, batch, head: FusedHead | None = None,
     return ce, balance_loss_sum(out.router_logits, batch.segments, batch.lengths, balance)
 
 
+def loss_and_hidden_states(model, batch, head: FusedHead | None = None) -> tuple[torch.Tensor, tuple]:
+    """(sum of token cross-entropies, every layer's hidden states) of one forward: what
+    sftkit/packing_check.py compares."""
+    if head is None:
+        out = model(**batch.inputs, logits_to_keep=batch.keep, output_hidden_states=True, use_cache=False)
+        return F.cross_entropy(out.logits.float(), batch.targets, reduction="sum"), out.hidden_states
+    out = model(**batch.inputs, logits_to_keep=torch.zeros_like(batch.keep), output_hidden_states=True,
+                use_cache=False)
+    return fused_cross_entropy(out.hidden_states[-1][batch.keep], batch.targets, head), out.hidden_states
+
+
 def fused_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: FusedHead) -> torch.Tensor:
     weight = head.lm_head.weight
     # inside forward() autograd is off, so whether gradients are wanted is decided here

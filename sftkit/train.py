@@ -73,6 +73,7 @@ from sftkit.models import (
     resolve_model_path,
 )
 from sftkit.neftune import add_neftune
+from sftkit.packing_check import check_packing, leak_error, probe_examples
 from sftkit.run_dir import Resume, base_identity, claim, find_resume, portable, run_identity, spelled_run_identity
 from sftkit.sequence_parallel import SequenceGroup, sequence_group
 from sftkit.sharding import clip_grad_norm_, is_sharded, shard
@@ -106,6 +107,7 @@ class Run:
     log: MetricsLog | None = None    # set by start_outputs
     meter: Throughput | None = None  # set by fit: windows start with the loop
     last_loss: float | None = None   # the last logged train loss, for the end line
+    packing_check: dict | None = None  # probe_packing's record, for the start line
 
     @property
     def out(self) -> Path:
@@ -250,8 +252,31 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
     if sequence is not None and run.balance is not None:
         raise ConfigError(f"--sequence_parallel_size {sequence.size}: the MoE balance loss is computed per example, "
                           "and an example's tokens are split over processes here; add --router_aux_loss_coef 0")
+    run.packing_check = probe_packing(run)  # a leak stops here, before anything is written
     start_outputs(run, trainable, total, resumed=state.step if resume else None, console=console)
     return run
+
+
+def probe_packing(run: Run) -> dict | None:
+    """--packing_check: a few examples packed and each alone must agree to round-off (packing_check.py).
+    The start line's record; None without packing."""
+    cfg = run.cfg
+    if not cfg.packing:
+        return None
+    if not cfg.packing_check:
+        return {"skipped": "--packing_check false"}
+    if run.sequence is not None:
+        return {"skipped": "sequence parallelism: each row is split over processes"}
+    chosen = probe_examples(lengths(run.train_set), cfg.max_length)
+    if len(chosen) < 2:
+        return {"skipped": "no two of the first examples fit one row"}
+    model = run.accelerator.unwrap_model(run.model)
+    half = run.accelerator.mixed_precision != "no" or next(model.parameters()).dtype != torch.float32
+    check = check_packing(run.model, model.config, [run.train_set[i] for i in chosen], run.tokenizer.pad_token_id,
+                          cfg.padding_free(run.cuda), run.accelerator.device, run.head, half)
+    if check.leaked:
+        raise leak_error(check)
+    return check.record()
 
 
 def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
@@ -338,6 +363,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "loss_chunk_rows": run.head.chunk if run.head else None,
         "attention": cfg.attention(run.cuda),
         "linear_attention": linear_attention_path_of(model, run.cuda, cfg.packing, cfg.padding_free(run.cuda)),
+        "packing_check": run.packing_check,
         **({"router_aux_loss_coef": run.balance.coef} if run.balance else {}),  # what -1 (the config's) resolved to
     }, first=True)
 

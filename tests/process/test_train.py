@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LORA, ROOT, SAMPLE, chat_rows, final_weights, losses, read_metrics, run_cli, steps
+from conftest import LORA, ROOT, SAMPLE, chat_rows, final_weights, losses, one_error, read_metrics, run_cli, steps
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -78,9 +78,33 @@ def test_packed_training_runs_and_logs_padding_efficiency(eight, tmp_path):
     records = read_metrics(out)
     assert records[0]["rows_per_epoch"] < 8  # 8 examples of <= 103 tokens share rows of 512
     assert all(0 < r["padding_efficiency"] <= 1 for r in steps(out))
+    check = records[0]["packing_check"]
+    assert check["leaked"] is None and check["examples"] == 4 and check["largest_change"] < 1e-4, check
     proc = run_cli("train", "--data_path", str(eight), "--output_dir", str(tmp_path / "x"), "--packing",
                    "--attn_implementation", "sdpa_paged", check=False)
     assert proc.returncode == 2 and "packing needs an attention implementation" in proc.stderr
+
+
+# Imported at start-up by the interpreter of a run (sitecustomize on PYTHONPATH): transformers' mask
+# builder no longer finds the packed examples in restarting position_ids, as a version that dropped
+# that detection would, so sdpa attention sees the whole packed row.
+DROP_BOUNDARIES = """
+import transformers.masking_utils as masking
+masking.find_packed_sequence_indices = lambda position_ids: None
+"""
+
+
+def test_a_packed_run_whose_examples_would_see_each_other_stops_before_step_one(eight, tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(DROP_BOUNDARIES)
+    env = {"PYTHONPATH": str(tmp_path / "site")}
+    args = ["train", "--data_path", str(eight), "--max_steps", "1", "--save_steps", "0", "--packing", "--max_length", "512"]
+    proc = run_cli(*args, "--output_dir", str(tmp_path / "leaky"), env=env, fresh=True, check=False)
+    one_error(proc, "packed examples see each other", "layer 0 (attention)", "without --packing")
+    assert not (tmp_path / "leaky" / "metrics.jsonl").exists()
+    # the same run told not to check trains on the leaking rows: the probe is what stopped it
+    run_cli(*args, "--output_dir", str(tmp_path / "unchecked"), "--packing_check", "false", env=env, fresh=True)
+    assert read_metrics(tmp_path / "unchecked")[0]["packing_check"] == {"skipped": "--packing_check false"}
 
 
 # what a checkpoint keeps beside its tensors, the same at any model size: the tokenizer (11 MB of
