@@ -124,7 +124,7 @@ def merge_command(adapter: Path, output_dir: Path, opts: MergeOptions) -> float:
     # not "merged X into BASE", which reads as if it wrote into the base model's folder
     con.print(f"merged the adapter {report.adapter} with its base model {report.base} ({report.dtype})"
               f"{'; untied lm_head from embed_tokens' if report.untied else ''}")
-    con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {report.max_logit_diff:.2e} "
-              f"(in float32, before saving as {report.dtype})")
+    cast = "" if report.dtype == "float32" else f" (in float32, before the cast to {report.dtype})"
+    con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {report.max_logit_diff:.2e}{cast}")
     con.print(f"saved to {output_dir}")
     return report.max_logit_diff

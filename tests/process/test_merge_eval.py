@@ -45,6 +45,52 @@ def test_merged_model_says_the_memorised_replies_and_stops(memorised):
         assert text.replace("<think>", "").replace("</think>", "").strip() == reply
 
 
+def test_a_bf16_merge_served_by_transformers_serve_answers_what_it_learned(memorised, tmp_path):
+    """The hand-off users make: merge-lora --dtype bfloat16, `transformers serve` on the merged folder
+    (a free loopback port, offline), the `openai` client asks each question; the trained replies
+    come back. The server is stopped by its own process id."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import BIN, free_port
+    from openai import OpenAI
+
+    merged = tmp_path / "merged_bf16"
+    run_cli("merge-lora", "--adapter", str(memorised / "run" / "final"), "--output_dir", str(merged),
+            "--dtype", "bfloat16")
+    port, log = free_port(), (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([str(BIN / "transformers"), "serve", str(merged), "--host", "127.0.0.1", "--port", port],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60)
+        for question, reply in REPLIES.items():
+            answer = client.chat.completions.create(model=str(merged), max_tokens=30,
+                                                    messages=[{"role": "user", "content": question}])
+            text = answer.choices[0].message.content
+            assert text.replace("<think>", "").replace("</think>", "").strip() == reply, (question, text)
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
 def test_eval_generation_metrics_and_samples(memorised):
     run_cli("eval", "--model", str(memorised / "merged"), "--data_path", str(memorised / "mem.json"),
             "--num_samples", "4", "--max_new_tokens", "20")
