@@ -117,14 +117,35 @@ def family_model(tmp_path_factory):
     return get
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` fills once for the whole run: the first xdist worker to ask builds it,
+    under a file lock, and the others wait for it and share it (worksteal spreads a module's tests
+    over both workers, so a fixture would otherwise be built on each). Its users never change it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / "built_once" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder.parent / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder.parent / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted run that stopped and resumed runs are compared with: LORA on the sample rows,
     6 steps, a checkpoint after each (checkpoint-1 ... checkpoint-6), final/ and metrics.jsonl.
     Tests copy it (stopped_at) and never change it."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    run_cli("train", *LORA, "--data_path", SAMPLE, "--max_steps", "6", "--save_steps", "1", "--output_dir", str(out))
-    return out
+    def build(folder: Path) -> None:
+        run_cli("train", *LORA, "--data_path", SAMPLE, "--max_steps", "6", "--save_steps", "1",
+                "--output_dir", str(folder / "run"))
+
+    return built_once(tmp_path_factory, "reference", build) / "run"
 
 
 @pytest.fixture(scope="session")

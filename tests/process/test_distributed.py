@@ -17,6 +17,7 @@ from conftest import (
     ROOT,
     SAMPLE,
     TWO,
+    built_once,
     final_weights,
     free_port,
     losses,
@@ -32,20 +33,22 @@ TRAIN = ["--use_lora", "--max_steps", "4", "--logging_steps", "1", *EXACT, "--sa
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One process with micro-batch 8: the reference for two processes with micro-batch 4."""
-    out = tmp_path_factory.mktemp("dist") / "single"
-    run_cli("train", "--data_path", SAMPLE, "--output_dir", str(out),
-            "--per_device_train_batch_size", "8", *TRAIN)
-    return out
+    def build(folder):
+        run_cli("train", "--data_path", SAMPLE, "--output_dir", str(folder / "run"), "--per_device_train_batch_size",
+                "8", *TRAIN)
+
+    return built_once(tmp_path_factory, "single", build) / "run"
 
 
 @pytest.fixture(scope="module")
 def single_plain(tmp_path_factory):
     """The reference for ZeRO-3, which always takes the plain loss path (its lm_head weight is a
     partition outside the module's forward): the fused path differs by float round-off (1e-5)."""
-    out = tmp_path_factory.mktemp("dist") / "single_plain"
-    run_cli("train", "--data_path", SAMPLE, "--output_dir", str(out),
-            "--per_device_train_batch_size", "8", "--loss_chunk_size", "0", *TRAIN)
-    return out
+    def build(folder):
+        run_cli("train", "--data_path", SAMPLE, "--output_dir", str(folder / "run"), "--per_device_train_batch_size",
+                "8", "--loss_chunk_size", "0", *TRAIN)
+
+    return built_once(tmp_path_factory, "single_plain", build) / "run"
 
 
 def zero3_config(tmp_path, ds_name: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error, run_cli
+from conftest import built_once, one_error, run_cli
 
 REPLIES = {"Say hi.": "Hi there!", "Capital of France?": "Paris.", "2+2?": "4", "Colour of the sky?": "Blue."}
 
@@ -19,8 +19,12 @@ IM_END = 151645
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    """LoRA trained until it has memorised 4 short replies, with its checkpoint and merged model."""
-    d = tmp_path_factory.mktemp("mem")
+    """LoRA trained until it has memorised 4 short replies, with its checkpoint and merged model
+    (built once for both workers; tests write only folders of their own names into it)."""
+    return built_once(tmp_path_factory, "memorised", memorise)
+
+
+def memorise(d: Path) -> None:
     (d / "mem.json").write_text(json.dumps([{"instruction": q, "output": a} for q, a in REPLIES.items()]))
     run_cli("train", "--data_path", str(d / "mem.json"), "--output_dir", str(d / "run"), "--use_lora",
             "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0", "--learning_rate", "0.01",
@@ -28,7 +32,6 @@ def memorised(tmp_path_factory):
             "--lr_scheduler_type", "constant", "--logging_steps", "10", "--save_steps", "30")
     proc = run_cli("merge-lora", "--adapter", str(d / "run" / "final"), "--output_dir", str(d / "merged"))
     assert "max |logit difference| vs base + adapter" in proc.stdout
-    return d
 
 
 def test_merged_model_says_the_memorised_replies_and_stops(memorised):
