@@ -141,11 +141,9 @@ def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted run that stopped and resumed runs are compared with: LORA on the sample rows,
     6 steps, a checkpoint after each (checkpoint-1 ... checkpoint-6), final/ and metrics.jsonl.
     Tests copy it (stopped_at) and never change it."""
-    def build(folder: Path) -> None:
-        run_cli("train", *LORA, "--data_path", SAMPLE, "--max_steps", "6", "--save_steps", "1",
-                "--output_dir", str(folder / "run"))
-
-    return built_once(tmp_path_factory, "reference", build) / "run"
+    out = tmp_path_factory.mktemp("reference") / "run"  # per worker: tests compare its base with their cache's
+    run_cli("train", *LORA, "--data_path", SAMPLE, "--max_steps", "6", "--save_steps", "1", "--output_dir", str(out))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from conftest import BIN, LORA, ROOT, SAMPLE, losses, run_cli, start_cli, write_
 
 
 def test_kill_9_at_random_moments(reference_run, tmp_path):
-    """SIGKILL anywhere in a step or in the middle of writing a checkpoint, 10 times: after a random
+    """SIGKILL anywhere in a step or in the middle of writing a checkpoint, 7 times: after a random
     step from 2 to 5, within the time a step and its checkpoint take (that run's last one). `latest`
     is then a whole checkpoint, and resuming from it gives the uninterrupted run's next loss."""
     from sftkit.checkpoint import list_checkpoints
@@ -28,7 +28,7 @@ def test_kill_9_at_random_moments(reference_run, tmp_path):
     reference = losses(reference_run)
     rng = random.Random(1234)
     killed = 0  # trials whose run the kill cut short
-    for trial in range(10):
+    for trial in range(7):
         out = tmp_path / f"trial{trial}"
         args = ["--output_dir", str(out), "--save_steps", "1", "--save_total_limit", "2", *LORA, "--data_path", SAMPLE]
         proc = start_cli("train", *args, "--max_steps", "6")
@@ -45,7 +45,7 @@ def test_kill_9_at_random_moments(reference_run, tmp_path):
         target = min(step + 1, 6)
         run_cli("train", *args, "--max_steps", str(target), "--resume_from_checkpoint", "latest")
         assert losses(out)[target] == pytest.approx(reference[target], rel=1e-6), (trial, step)
-    assert killed >= 8, f"{10 - killed} of 10 runs ended before the kill: nothing was cut short"
+    assert killed >= 5, f"{7 - killed} of 7 runs ended before the kill: nothing was cut short"
 
 
 def _logged_steps(out) -> list[dict]:
