@@ -16,6 +16,7 @@ Two paths compute the same sum:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,21 +66,8 @@ def token_loss_sum(model, batch, head: FusedHead | None = None) -> torch.Tensor:
 def loss_sums(model, batch, head: FusedHead | None = None,
               balance: RouterBalance | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum of token cross-entropies, and with `balance` the routers' sum over examples of tokens
-    x balance loss from the same forward: sftkit/arch/moe.py).
-
-    `use_cache=False`: with a cache, transformers ignores packed position_ids silently and the
-    examples of a packed row attend to each other.
-    """
-    router = {"output_router_logits": True} if balance else {}
-    if head is None:
-        out = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False, **router)
-        ce = F.cross_entropy(out.logits.float(), batch.targets, reduction="sum")
-    else:
-        # An all-False mask: the model's own lm_head projects no row. hidden_states[-1] is the final,
-        # normed hidden state, the lm_head's input (checked against the plain path in tests).
-        out = model(**batch.inputs, logits_to_keep=torch.zeros_like(batch.keep), output_hidden_states=True,
-                    use_cache=False, **router)
-        ce = fused_cross_entropy(out.hidden_states[-1][batch.keep], batch.targets, head)
+    x balance loss from the same forward: sftkit/arch/moe.py)."""
+    ce, out = forward_loss(model, batch, head, **({"output_router_logits": True} if balance else {}))
     if balance is None:
         return ce, None
     return ce, balance_loss_sum(out.router_logits, batch.segments, batch.lengths, balance)
@@ -88,12 +76,25 @@ def loss_sums(model, batch, head: FusedHead | None = None,
 def loss_and_hidden_states(model, batch, head: FusedHead | None = None) -> tuple[torch.Tensor, tuple]:
     """(sum of token cross-entropies, every layer's hidden states) of one forward: what
     sftkit/packing_check.py compares."""
+    ce, out = forward_loss(model, batch, head, output_hidden_states=True)
+    return ce, out.hidden_states
+
+
+def forward_loss(model, batch, head: FusedHead | None = None, **extra) -> tuple[torch.Tensor, Any]:
+    """(sum of token cross-entropies over the supervised tokens, the model's output) of one forward;
+    `extra`: more forward arguments (router logits, hidden states).
+
+    `use_cache=False`: with a cache, transformers ignores packed position_ids silently and the
+    examples of a packed row attend to each other.
+    """
     if head is None:
-        out = model(**batch.inputs, logits_to_keep=batch.keep, output_hidden_states=True, use_cache=False)
-        return F.cross_entropy(out.logits.float(), batch.targets, reduction="sum"), out.hidden_states
-    out = model(**batch.inputs, logits_to_keep=torch.zeros_like(batch.keep), output_hidden_states=True,
-                use_cache=False)
-    return fused_cross_entropy(out.hidden_states[-1][batch.keep], batch.targets, head), out.hidden_states
+        out = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False, **extra)
+        return F.cross_entropy(out.logits.float(), batch.targets, reduction="sum"), out
+    # An all-False mask: the model's own lm_head projects no row. hidden_states[-1] is the final,
+    # normed hidden state, the lm_head's input (checked against the plain path in tests).
+    out = model(**batch.inputs, logits_to_keep=torch.zeros_like(batch.keep), use_cache=False,
+                **{**extra, "output_hidden_states": True})
+    return fused_cross_entropy(out.hidden_states[-1][batch.keep], batch.targets, head), out
 
 
 def fused_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: FusedHead) -> torch.Tensor:

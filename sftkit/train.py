@@ -73,7 +73,7 @@ from sftkit.models import (
     resolve_model_path,
 )
 from sftkit.neftune import add_neftune
-from sftkit.packing_check import check_packing, leak_error, probe_examples
+from sftkit.packing_check import SCAN, check_packing, leak_error, probe_examples
 from sftkit.run_dir import Resume, base_identity, claim, find_resume, portable, run_identity, spelled_run_identity
 from sftkit.sequence_parallel import SequenceGroup, sequence_group
 from sftkit.sharding import clip_grad_norm_, is_sharded, shard
@@ -267,7 +267,8 @@ def probe_packing(run: Run) -> dict | None:
         return {"skipped": "--packing_check false"}
     if run.sequence is not None:
         return {"skipped": "sequence parallelism: each row is split over processes"}
-    chosen = probe_examples(lengths(run.train_set), cfg.max_length)
+    first = run.train_set.select(range(min(SCAN, len(run.train_set))))  # not the whole column: it picks among these
+    chosen = probe_examples(lengths(first), cfg.max_length)
     if len(chosen) < 2:
         return {"skipped": "no two of the first examples fit one row"}
     model = run.accelerator.unwrap_model(run.model)

@@ -382,18 +382,23 @@ def unserved_replies(conv: Conversation, pieces: list[_Piece], tokenizer, spec: 
     is the reply generated). A template that drops the reasoning of turns before the last user
     message does that; one that keeps it (Qwen3.8), or never renders it (Qwen2.5), does not."""
     at = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+    if not at:
+        return 0
+    prompt_replies = sum(conv[i].get("train") is False for i in at)
+    supervised = [len(at) - 1] if opts.train_on == "last" else range(prompt_replies, len(at))
+    # a reply with reasoning before the last turn (the last turn is as served): none on most rows
+    candidates = {b: why for b in supervised if at[b] != len(conv) - 1 and (why := reasoning_of(conv[at[b]]))}
+    if not candidates:
+        return 0
     text: dict[int, str] = {}
     for p in pieces:
         if p.block >= 0 and not p.is_special:
             text[p.block] = text.get(p.block, "") + p.text
     if len(text) != len(at):  # turns and replies not one to one: nothing to say
         return 0
-    prompt_replies = sum(conv[i].get("train") is False for i in at)
-    supervised = [len(at) - 1] if opts.train_on == "last" else range(prompt_replies, len(at))
     count = 0
-    for b in supervised:
-        reasoning = reasoning_of(conv[at[b]])
-        if not reasoning or reasoning in text[b] or at[b] == len(conv) - 1:  # the last turn is as served
+    for b, reasoning in candidates.items():
+        if reasoning in text[b]:
             continue
         served = row_pieces(conv[:at[b] + 1], tokenizer, spec, opts, tools, row_switches)
         if not isinstance(served, Refused) and reasoning in "".join(

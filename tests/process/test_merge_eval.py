@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import built_once, one_error, run_cli
+from conftest import BIN, built_once, free_port, one_error, run_cli
 
 REPLIES = {"Say hi.": "Hi there!", "Capital of France?": "Paris.", "2+2?": "4", "Colour of the sky?": "Blue."}
 
@@ -58,7 +58,6 @@ def test_a_bf16_merge_served_by_transformers_serve_answers_what_it_learned(memor
     import time
     import urllib.request
 
-    from conftest import BIN, free_port
     from openai import OpenAI
 
     merged = tmp_path / "merged_bf16"
