@@ -392,12 +392,20 @@ def step_loader(run: Run, stop: StopRequest | None = None):
                 packed = next(batches)
             except StopIteration:
                 return
+            except (EOFError, ConnectionError) as err:  # a worker killed while it handed a batch over
+                raise worker_died(err) from None
             finally:
                 if stop is not None:
                     stop.waiting = False
             yield packed.unpack()
     finally:  # the loop ended (done, stopped, failed): no worker may outlive it
         end_workers(batches)
+
+
+def worker_died(err: BaseException) -> SftkitError:
+    said = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    return SftkitError(f"the data worker process died ({said}); run again with --dataloader_num_workers 0 to see "
+                       "the cause in the training process")
 
 
 def data_loader(run: Run) -> torch.utils.data.DataLoader:
@@ -647,8 +655,7 @@ def run(cfg: SFTConfig, console=None) -> dict:
         # torch raises this from its SIGCHLD handler, wherever the loop is, within seconds of the death
         if "DataLoader worker" not in str(err):
             raise
-        raise SftkitError(f"the data worker process died ({str(err).splitlines()[0][:200]}); run again with "
-                          "--dataloader_num_workers 0 to see the cause in the training process") from None
+        raise worker_died(err) from None
     finally:
         if cfg.trackers:
             r.accelerator.end_training()
