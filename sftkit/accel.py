@@ -193,6 +193,8 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if launched else []
     if launched_processes() > 1 and not started_by_launcher():
         rendezvous_by_hand(timeout, torch.cuda.is_available())
+    if deepspeed and not torch.cuda.is_available():
+        skip_shared_memory_op()
     try:
         # FSDP2 is sftkit's own (sharding.py): accelerate's FSDP mode, GPU-only in 1.15, would
         # shard again in prepare(); it builds a plain multi-process run instead (MULTI_CPU, MULTI_GPU)
@@ -230,6 +232,16 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
             if ds.get(key, "auto") == "auto":
                 ds[key] = value
     return accelerator
+
+
+def skip_shared_memory_op() -> None:
+    """DeepSpeed on a CPU compiles a C++ shared-memory all-reduce as its comm backend starts (half a
+    minute in each new environment, a compiler needed, a bare print a rank), used by its inference
+    all-reduce alone, never by training. Marked incompatible in DeepSpeed's table of ops (a dict it
+    keeps for such edits), the backend starts without it and all-reduces through gloo."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def fsdp_version() -> int | None:
