@@ -16,7 +16,7 @@ never past END_S.
     70 s  3. Qwen3.5-2B-shaped, full fine-tuning, packed 4096 x 1 (fp32 weights and AdamW: 30 GB)
     45 s  4. Qwen3-0.6B, full, packed 2048 x 4: the dense row earlier checks measured
     80 s  5. pytest -m gpu tests/test_gpu.py (varlen vs the sdpa block mask, fused loss vs plain,
-          a full and a LoRA step of Qwen3-0.6B)
+          inductor vs eager, a full and a LoRA step of Qwen3-0.6B)
     80 s  6. Qwen3-0.6B as in 4, TRL best (packing bfd) and TRL + Liger: the peers
     90 s  7. Qwen3-1.7B, full, packed 4096 x 2, sftkit and TRL + Liger
   = 25 + 10 + 595 s of budgets for END_S = 510 s: when every part takes its budget, 6 and 7 are

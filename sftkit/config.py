@@ -36,6 +36,7 @@ from sftkit.options import field_help as help_of
 
 SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "tensorboard", "wandb")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch's own backends that train
 ALL_TRACKERS = ("tensorboard", "wandb")  # what report_to `all` names (TRL's word), those installed
 # Implementations that transformers feeds the packed layout (position_ids restarting at 0, no mask):
 # eager/sdpa build a block-diagonal mask from it, flash-attention turns it into varlen offsets.
@@ -127,6 +128,12 @@ class TrainOptions:
     torch_compile: bool = field(default=False, metadata=NOT_IDENTITY)
     """Compile each decoder layer with torch.compile (inductor). The first steps are slower while
     it compiles; helps most on GPU with packing."""
+    torch_compile_backend: str = field(default="inductor", metadata=NOT_IDENTITY)
+    """torch.compile's backend with --torch_compile: inductor, aot_eager or eager.
+
+    inductor generates fused kernels (the speed). aot_eager traces the forward and backward as
+    inductor does but runs them eagerly: no compiler needed and seconds to start, for telling a
+    tracing problem from a kernel problem. eager traces the forward alone."""
     dataloader_num_workers: int = field(default=1, metadata={**NOT_IDENTITY, **at_least(0)})
     """Processes that collate the next steps' micro-batches while this one trains (0: in the
     training process). Batches are pinned for the copy to the GPU."""
@@ -265,6 +272,11 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         """Reject values and combinations that cannot work; each message names the fix."""
         DataOptions.validate(self)  # every field's type, then the data group's values
         check_choice(self, "lr_scheduler_type", SCHEDULERS)
+        check_choice(self, "torch_compile_backend", COMPILE_BACKENDS)
+        backend = next(f for f in dataclasses.fields(self) if f.name == "torch_compile_backend")
+        if self.torch_compile_backend != default_of(backend) and not self.torch_compile:
+            raise ConfigError(f"torch_compile_backend {self.torch_compile_backend} set without torch_compile; add "
+                              "--torch_compile or drop --torch_compile_backend")
         for name in self.report_to.split(","):
             if name.strip() not in (*TRACKERS, "all"):
                 raise ConfigError(f"report_to: {quote(name)} is not one of {', '.join(TRACKERS)}, all "

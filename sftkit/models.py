@@ -233,11 +233,15 @@ def build_for_training(cfg, cuda: bool = False, sequence=None):
             raise ConfigError(lora_error(str(err).splitlines()[0])) from None
         trainable_in_fp32(model)
     if cfg.torch_compile:
-        # Layer by layer (regional): one graph serves every layer, so compiling takes seconds, not
-        # minutes, and state_dict keys, PEFT and DDP see the same modules as without compile.
-        for layer in decoder_layers(model):
-            layer.compile(dynamic=True)
+        compile_layers(model, cfg.torch_compile_backend)
     return model
+
+
+def compile_layers(model, backend: str) -> None:
+    """Layer by layer (regional): one graph serves every layer, so compiling takes seconds, not
+    minutes, and state_dict keys, PEFT and DDP see the same modules as without compile."""
+    for layer in decoder_layers(model):
+        layer.compile(backend=backend, dynamic=True)
 
 
 def keep_linear_attention_apart(model, packing: bool) -> None:

@@ -45,6 +45,8 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     ({"lora_r": 64}, "lora_r set without use_lora; add --use_lora"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save set without use_lora"),
     ({"packing": True, "attn_implementation": "sdpa_paged"}, "packing needs an attention implementation"),
+    ({"torch_compile": True, "torch_compile_backend": "tensorrt"}, "'tensorrt' is not one of inductor, aot_eager"),
+    ({"torch_compile_backend": "aot_eager"}, "torch_compile_backend aot_eager set without torch_compile; add"),
 ])
 def test_invalid_values_fail_with_the_fix(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,7 +1,8 @@
 """On a GPU only (skipped without CUDA; `bash bench/gpu_check.sh OUTDIR` runs them with -m gpu):
 the flash varlen kernel against the reference and against sdpa under the packed block mask, the
-fused loss against the plain path on CUDA, and one full and one LoRA step of a random-init
-Qwen3-0.6B through sftkit's own setup and train_step; the memory of a bf16 LoRA and a QLoRA base."""
+fused loss against the plain path on CUDA, inductor-compiled layers against eager, and one full
+and one LoRA step of a random-init Qwen3-0.6B through sftkit's own setup and train_step; the
+memory of a bf16 LoRA and a QLoRA base."""
 
 from __future__ import annotations
 
@@ -96,6 +97,24 @@ def test_fused_loss_on_cuda_matches_plain(bf16):
     assert loss == pytest.approx(plain_loss, rel=1e-3 if bf16 else 1e-5)
     for name in plain:
         assert rel_err(grads[name], plain[name]) < (3e-2 if bf16 else 1e-4), name
+
+
+def test_inductor_compiled_layers_match_eager_on_cuda():
+    """--torch_compile as a GPU run builds it (inductor, each decoder layer, dynamic shapes) against
+    eager: loss and every gradient, on two packed micro-batches of different lengths. (The CPU
+    tests compile with aot_eager: inductor's CPU kernels are no GPU run's.)"""
+    from sftkit.batching import collate
+    from sftkit.models import compile_layers
+
+    batches = [collate([packed_docs(lengths, seed=i)], 151643, True, padding_free=True)
+               for i, lengths in enumerate(([900, 1100, 300], [64, 700]))]
+    want_loss, want = loss_and_grads(small_model("varlen"), batches, bf16=True)
+    model = small_model("varlen")
+    compile_layers(model, "inductor")
+    got_loss, got = loss_and_grads(model, batches, bf16=True)
+    assert got_loss == pytest.approx(want_loss, rel=1e-2)
+    for name in want:
+        assert rel_err(got[name], want[name]) < 5e-2, name
 
 
 @pytest.fixture(scope="module")
