@@ -215,18 +215,19 @@ def run_cli(*args: str, launch: list[str] | None = None, env: dict | None = None
             timeout: int = 600, cwd: Path = ROOT, fresh: bool = False) -> subprocess.CompletedProcess:
     """Run `sftkit ARGS` as a process of its own in `cwd`: forked from a warm server that has done
     the imports (tests/warm_cli.py), or with `fresh` the console script itself, for what a fresh
-    interpreter does while importing. `launch`: the real `accelerate launch LAUNCH` starts the ranks,
-    each forked from the warm server (RANK_MODULE), or with `fresh` each `python -m sftkit ARGS`."""
+    interpreter does while importing. `launch`: the real `accelerate launch LAUNCH` starts the ranks:
+    the launcher and each rank (RANK_MODULE) forked from the warm server, or with `fresh` the console
+    script and each rank `python -m sftkit ARGS`."""
     _process_tier_only()
     if launch is not None:
         cmd = [str(BIN / "accelerate"), "launch", *launch, "-m", "sftkit" if fresh else RANK_MODULE, *args]
     else:
         cmd = [str(BIN / "sftkit"), *args]
     full_env = {**os.environ, **(env or {})}
-    if launch is not None and not fresh:
-        full_env = rank_env(full_env)
-    if fresh or launch is not None:
+    if fresh:
         proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
+    elif launch is not None:  # the console script `accelerate` is this module's main()
+        proc = warm_server().run(cmd, rank_env(full_env), cwd, timeout, module="accelerate.commands.accelerate_cli")
     else:
         proc = warm_server().run(cmd, full_env, cwd, timeout)
     if check and proc.returncode != 0:
@@ -306,10 +307,13 @@ class WarmServer:
             raise RuntimeError(f"tests/warm_cli.py stopped: {Path(self.log.name).read_text()[-3000:]}")
         return json.loads(line)
 
-    def run(self, cmd: list, env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, cmd: list, env: dict, cwd: Path, timeout: float, module: str | None = None
+            ) -> subprocess.CompletedProcess:
+        """`cmd` (the sftkit console script's arguments, or with `module` `python -m MODULE`'s) to its end."""
         with tempfile.TemporaryDirectory(prefix="warm_cli_") as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            answer = self.ask({**_request(cmd, env, cwd), "stdout": str(out), "stderr": str(err), "timeout": timeout})
+            request = {**_request(cmd, env, cwd), "stdout": str(out), "stderr": str(err), "timeout": timeout}
+            answer = self.ask(request if module is None else {**request, "module": module})
             if answer.get("timeout"):
                 raise subprocess.TimeoutExpired(cmd, timeout)
             return subprocess.CompletedProcess(cmd, answer["returncode"], out.read_text(errors="replace"),

@@ -7,8 +7,9 @@ of each process on 2 cores), then forks one child per request. Each child is a p
 What a child cannot show is what a fresh interpreter does while importing (import-time warnings,
 start-up time): the tests of those run the console script itself (conftest.run_cli(fresh=True)).
 
-A child may also run Python code ("code": `python -c`) or a script ("script"), for the tests of
-several processes whose code is not a command (processes racing on the cache, a launcher's script).
+A child may also run Python code ("code": `python -c`), a script ("script") or a module ("module":
+`python -m`), for the tests of several processes whose code is not a command (processes racing on
+the cache, a launcher's script) and for `accelerate launch` itself.
 
 Protocol, one JSON object a line: the client writes {"args", "env", "cwd", "umask", "stdout",
 "stderr", "timeout"} on the server's stdin; the server answers {"returncode"} (or {"timeout": true})
@@ -39,8 +40,10 @@ import time
 import traceback
 
 # What a command imports, read off sys.modules after a LoRA run of the tiny model (accelerate
-# imports deepspeed when it is installed; transformers' and the model's modules load lazily)
-WARM = ("torch", "transformers", "accelerate", "datasets", "peft", "peft.tuners.lora", "deepspeed",
+# imports deepspeed when it is installed; transformers' and the model's modules load lazily), and
+# what `accelerate launch` imports (its CLI: the launcher is forked from here too)
+WARM = ("torch", "transformers", "accelerate", "accelerate.commands.accelerate_cli", "datasets", "peft",
+        "peft.tuners.lora", "deepspeed",
         "matplotlib.figure", "matplotlib.backends.backend_agg", "PIL.Image", "rich.console", "rich.progress", "rich.table", "safetensors.torch",
         "transformers.models.qwen3.modeling_qwen3", "transformers.models.qwen3_moe.modeling_qwen3_moe",
         "transformers.models.qwen3_next.modeling_qwen3_next", "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -141,6 +144,9 @@ def serve(answer_fd: int, listener: socket.socket) -> None:
             raise SystemExit(0)
         return pid
 
+    # the run or wait request being answered: (pid, deadline). The loop goes on meanwhile: the process
+    # may be a launcher whose ranks connect here.
+    pending: tuple[int, float] | None = None
     while True:
         ready, _, _ = select.select([sys.stdin, listener, *ranks.values()], [], [], 0.02)
         for pid, conn in list(ranks.items()):
@@ -164,7 +170,12 @@ def serve(answer_fd: int, listener: socket.socket) -> None:
                 conn.sendall((json.dumps(answer) + "\n").encode())
                 conn.close()
                 del ranks[pid]
-        if sys.stdin not in ready:
+        if pending is not None:
+            answer = ended_by(*pending)
+            if answer is not None:
+                answers.write(json.dumps(answer) + "\n")
+                pending = None
+        if sys.stdin not in ready or pending is not None:  # the client asks once it has its answer
             continue
         line = sys.stdin.readline()
         if not line:
@@ -174,11 +185,17 @@ def serve(answer_fd: int, listener: socket.socket) -> None:
             answer = ended.get(request["poll"]) or poll(request["poll"])
             if answer["returncode"] is not None:
                 ended[request["poll"]] = answer
+        elif "wait" in request and request["wait"] in ended:
+            answer = ended[request["wait"]]
         elif "wait" in request:
-            answer = ended.get(request["wait"]) or wait(request["wait"], request["timeout"])
+            pending = (request["wait"], time.monotonic() + request["timeout"])
+            continue
         else:
             pid = fork(request)
-            answer = {"pid": pid} if request.get("start") else wait(pid, request["timeout"])
+            if not request.get("start"):
+                pending = (pid, time.monotonic() + request["timeout"])
+                continue
+            answer = {"pid": pid}
         answers.write(json.dumps(answer) + "\n")
 
 
@@ -198,17 +215,17 @@ def poll(pid: int) -> dict:
     return {"returncode": os.waitstatus_to_exitcode(status) if done else None}
 
 
-def wait(pid: int, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return {"returncode": os.waitstatus_to_exitcode(status)}
-        if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return {"timeout": True}
-        time.sleep(0.02)
+def ended_by(pid: int, deadline: float) -> dict | None:
+    """The answer to a run or wait: its exit code once it has ended, a time-out (its process group
+    killed) past `deadline`, None while it runs."""
+    answer = poll(pid)
+    if answer["returncode"] is not None:
+        return answer
+    if time.monotonic() > deadline:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return {"timeout": True}
+    return None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from conftest import (
     LORA,
     SAMPLE,
+    built_once,
     final_weights,
     losses,
     make_older,
@@ -43,12 +44,14 @@ RESUME = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps",
 def straight(eight, tmp_path_factory):
     """STEPS steps without a stop, on 8 examples (2 steps an epoch: step 5 is in epoch 2) and on 50
     (12.5 steps an epoch: step 5 is in epoch 0)."""
-    runs = {}
-    for name, data in (("later_epoch", str(eight)), ("epoch_0", SAMPLE)):
-        out = tmp_path_factory.mktemp("straight") / name
-        run_cli("train", "--data_path", data, "--output_dir", str(out), "--max_steps", str(STEPS), *RESUME)
-        runs[name] = (data, out)
-    return runs
+    sets = {"later_epoch": str(eight), "epoch_0": SAMPLE}
+
+    def build(folder):
+        for name, data in sets.items():
+            run_cli("train", "--data_path", data, "--output_dir", str(folder / name), "--max_steps", str(STEPS), *RESUME)
+
+    folder = built_once(tmp_path_factory, "straight", build)
+    return {name: (data, folder / name) for name, data in sets.items()}
 
 
 def _stop_by_signal(data, out, sig=signal.SIGTERM) -> int:
