@@ -319,11 +319,16 @@ class WarmServer:
             return subprocess.CompletedProcess(cmd, answer["returncode"], out.read_text(errors="replace"),
                                                err.read_text(errors="replace"))
 
-    def start(self, cmd: list, env: dict, cwd: Path, output: Path | None, code: str | None = None) -> WarmProcess:
+    def start(self, cmd: list, env: dict, cwd: Path, output: Path | None, code: str | None = None,
+              module: str | None = None) -> WarmProcess:
         files = tempfile.TemporaryDirectory(prefix="warm_cli_")  # lives as long as the process object
         out, err = (output, output) if output else (Path(files.name, "stdout"), Path(files.name, "stderr"))
         request = {**_request(cmd, env, cwd), "start": True, "stdout": str(out), "stderr": str(err)}
-        answer = self.ask(request if code is None else {**request, "code": code})
+        if code is not None:
+            request["code"] = code
+        if module is not None:
+            request["module"] = module
+        answer = self.ask(request)
         return WarmProcess(self, cmd, answer["pid"], out, err, files)
 
     def close(self) -> None:

@@ -38,6 +38,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 
 # What a command imports, read off sys.modules after a LoRA run of the tiny model (accelerate
 # imports deepspeed when it is installed; transformers' and the model's modules load lazily), and
@@ -110,6 +111,9 @@ def run(request: dict) -> None:
         sys.argv = [request["module"], *request["args"]]
         # as `python -m` starts: the folder first, then $PYTHONPATH
         sys.path[:0] = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        # a module the warm-up imported (a launcher's) runs afresh as __main__, as `python -m` runs it;
+        # runpy's warning that a copy is already imported is about the warm-up, not the module
+        warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     else:
         sys.argv = ["sftkit", *request["args"]]

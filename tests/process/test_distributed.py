@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from conftest import (
     rank_env,
     read_metrics,
     run_cli,
+    warm_server,
 )
 
 TRAIN = ["--use_lora", "--max_steps", "4", "--logging_steps", "1", *EXACT, "--save_steps", "0", "--lora_dropout", "0",
@@ -120,16 +120,16 @@ def test_two_machines_on_loopback(single, tmp_path):
     out = tmp_path / "nodes"
     env = rank_env({**os.environ, "ACCELERATE_USE_CPU": "true"})
     procs = []
-    for machine_rank in ("0", "1"):
+    for machine_rank in ("0", "1"):  # each launcher and its rank forked from the warm server
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/multi_gpu.yaml",
                "--num_processes", "2", "--num_machines", "2", "--machine_rank", machine_rank,
                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
                "--dynamo_backend", "no", "-m", RANK_MODULE, "train", "--data_path", SAMPLE,
                "--output_dir", str(out), "--per_device_train_batch_size", "4", *TRAIN]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(warm_server().start(cmd, env, ROOT, None, module="accelerate.commands.accelerate_cli"))
     for p in procs:
         _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err.decode()[-3000:]
+        assert p.returncode == 0, err[-3000:]
     records = read_metrics(out)
     assert records[0]["world_size"] == 2 and records[0]["distributed_type"] == "MULTI_CPU"
     assert records[-1]["ranks_in_sync"] is True

@@ -131,14 +131,14 @@ def test_a_launch_environment_without_a_launcher_is_refused_before_any_collectiv
 
 def test_a_rank_that_never_comes_times_out_in_the_set_minutes(tmp_path):
     """Rank 0 of two started by a launcher (its variables set: TORCHELASTIC_RUN_ID, as torchrun's
-    agent sets it) with no rank 1: the rendezvous gives up after --ddp_timeout_minutes (here 0.1,
-    6 s; it was 2 hours) with one line."""
+    agent sets it) with no rank 1: the rendezvous gives up after --ddp_timeout_minutes (here 0.05,
+    3 s; it was 2 hours) with one line."""
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(),
            "TORCHELASTIC_RUN_ID": "test"}
-    proc = run_cli("train", *SHORT, "--max_steps", "1", "--ddp_timeout_minutes", "0.1", "--output_dir",
+    proc = run_cli("train", *SHORT, "--max_steps", "1", "--ddp_timeout_minutes", "0.05", "--output_dir",
                    str(tmp_path / "o"), env=env, check=False, timeout=300)
     assert proc.returncode == 2 and one_error(proc).startswith(
-        "error: rank 0 waited 0.1 min at the rendezvous for the other ranks of WORLD_SIZE=2: rank 1 never arrived ("
+        "error: rank 0 waited 0.05 min at the rendezvous for the other ranks of WORLD_SIZE=2: rank 1 never arrived ("
     ), proc.stderr[-3000:]
 
 
@@ -146,16 +146,16 @@ def test_a_rank_that_never_comes_times_out_in_the_set_minutes(tmp_path):
 def test_a_launchers_variables_left_in_a_shell_stop_within_the_first_wait(rank, tmp_path):
     """WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT left from an earlier job, no launcher:
     rank 0 waits for ranks nobody starts, rank 1 for a store nobody serves; each stops once the
-    first wait is over (here the run's 0.1-min time-out, shorter than accel.FIRST_WAIT_S), in one
+    first wait is over (here the run's 0.05-min time-out, shorter than accel.FIRST_WAIT_S), in one
     line naming the variables to unset, where it waited the whole time-out (30 min by default)."""
     env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
     began = time.monotonic()
-    proc = run_cli("train", *SHORT, "--max_steps", "1", "--ddp_timeout_minutes", "0.1", "--output_dir",
+    proc = run_cli("train", *SHORT, "--max_steps", "1", "--ddp_timeout_minutes", "0.05", "--output_dir",
                    str(tmp_path / "o"), env=env, check=False, timeout=300)
     line = one_error(proc)
     assert proc.returncode == 2 and line.startswith(f"error: WORLD_SIZE=2 and RANK={rank} are set but no launcher "
                                                     "started this process"), proc.stderr[-3000:]
-    assert "unset WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT" in line and "within 6 s" in line
+    assert "unset WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT" in line and "within 3 s" in line
     assert time.monotonic() - began < 60
 
 
@@ -167,18 +167,18 @@ PEER = ("import datetime, time, torch.distributed as dist; "
 
 def test_a_rank_that_joins_but_never_reaches_the_first_collective_is_named(tmp_path):
     """Rank 0 (sftkit) and a rank 1 that joins the group and then hangs: rank 0's first collective,
-    a monitored barrier, gives up after --ddp_timeout_minutes (0.1 here, 6 s; it waited the whole
+    a monitored barrier, gives up after --ddp_timeout_minutes (0.05 here, 3 s; it waited the whole
     time-out and printed gloo's traceback naming no rank) with one line naming rank 1. The whole
     rank 0 took 33 s in all here, most of it start-up."""
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
     peer = start_python(PEER, env={**env, "RANK": "1"})
     try:
-        proc = run_cli("train", *SHORT, "--max_steps", "1", "--ddp_timeout_minutes", "0.1", "--output_dir",
+        proc = run_cli("train", *SHORT, "--max_steps", "1", "--ddp_timeout_minutes", "0.05", "--output_dir",
                        str(tmp_path / "o"), env={**env, "RANK": "0", "LOCAL_RANK": "0"}, check=False, timeout=300)
     finally:
         peer.kill()
         said, _ = peer.communicate()
     assert "joined" in said  # it passed the rendezvous: what timed out is the collective
     assert proc.returncode == 2 and one_error(proc).startswith(
-        "error: rank 0 waited 0.1 min at the first collective for rank(s) 1 of 2, which never arrived"), proc.stderr
+        "error: rank 0 waited 0.05 min at the first collective for rank(s) 1 of 2, which never arrived"), proc.stderr
     assert "ProcessGroupGloo" not in proc.stderr  # gloo's own two lines of the same news are held back

@@ -6,11 +6,22 @@ row of several examples (2 ranks under torchrun), and a whole run under `acceler
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
-from conftest import BIN, EXACT, RANK_MODULE, ROOT, SAMPLE, TWO, rank_env, read_metrics, run_cli, stopped_at
+from conftest import (
+    BIN,
+    EXACT,
+    RANK_MODULE,
+    ROOT,
+    SAMPLE,
+    TWO,
+    rank_env,
+    read_metrics,
+    run_cli,
+    stopped_at,
+    warm_server,
+)
 from safetensors.torch import load_file
 
 
@@ -19,9 +30,10 @@ def test_sequence_parallel_2_gives_the_loss_and_every_gradient_of_1(tmp_path):
     the plain loss path: loss and every parameter's gradient (summed over the ranks) against the
     unsplit row. The same shards with the row's boundaries dropped must give another loss."""
     out = tmp_path / "check.json"
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", RANK_MODULE,
-                           "--script", str(ROOT / "tests" / "sequence_parallel_check.py"), str(out)],
-                          cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=600, check=False)
+    # torchrun (its console script is this module's main()) and its ranks forked from the warm server
+    proc = warm_server().run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", RANK_MODULE,
+                              "--script", str(ROOT / "tests" / "sequence_parallel_check.py"), str(out)],
+                             rank_env(), ROOT, 600, module="torch.distributed.run")
     assert proc.returncode == 0, proc.stderr[-5000:]
     got = json.loads(out.read_text())
     assert got["row_tokens"] == 103 and got["shard_tokens"] == 52
