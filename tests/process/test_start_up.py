@@ -103,11 +103,12 @@ def test_a_train_run_prints_no_third_party_warnings(tmp_path):
     for noise in ("Setting accelerator to CPU", "Removed shared tensor", "Loading weights", "Writing model shards",
                   "Failed to load CPU gemm_4bit_forward"):  # the last: bitsandbytes, when installed, imported by PEFT
         assert noise not in quiet.stdout
-    # forked from the warm server (the imports' lines are the quiet run's to show): the weight-loading
-    # bar and transformers' FutureWarning show that --verbose lets noise through (a LoRA checkpoint no
-    # longer holds the tied embedding, so accelerate's "Removed shared tensor" is gone from this run)
+    # forked from the warm server (the imports' lines are the quiet run's to show): transformers'
+    # FutureWarning (is_gradient_checkpointing) shows that --verbose lets noise through. (A LoRA
+    # checkpoint no longer holds the tied embedding, so accelerate's "Removed shared tensor" is gone
+    # from this run; the weight-loading bar is not asserted: a clean clone's run did not show it.)
     loud = run_cli("train", *args, "--output_dir", str(tmp_path / "v"), "--verbose")
-    assert "Loading weights" in loud.stderr and "FutureWarning" in loud.stderr, loud.stderr
+    assert "FutureWarning" in loud.stderr, loud.stderr
 
 
 def test_the_bundled_tokenizer_loads_without_torch():
