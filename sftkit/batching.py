@@ -99,7 +99,7 @@ class Schedule:
         self.steps_per_epoch = math.ceil(len(self.units) / self.step_size)
         self.micro_per_epoch = self.steps_per_epoch * accumulation
 
-    @lru_cache(maxsize=2)
+    @lru_cache(maxsize=2)  # noqa: B019 -- two epochs' orders, kept as long as the schedule itself
     def epoch(self, epoch: int) -> list[list[int]]:
         """The epoch's optimizer steps, as lists of unit indices."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

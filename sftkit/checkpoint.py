@@ -257,7 +257,7 @@ def check_saved_shapes(path: Path, model) -> None:
     checked = 0
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
+            for key in st.keys():  # noqa: SIM118 -- safe_open has keys(), no iteration
                 shape = tuple(st.get_slice(key).get_shape())
                 if 0 in shape:
                     raise RuntimeError(f"{f.name}: tensor {key} is empty {shape}; the ZeRO-3 gather failed")
@@ -295,7 +295,7 @@ def save_checkpoint(accelerator, model, tokenizer, cfg, out_dir: Path, state: Tr
                 shutil.rmtree(final)
             tmp.rename(final)
             prune(out_dir, cfg.save_total_limit, state.run_id)
-    except Exception as err:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError: a full disk is any of them
+    except Exception as err:  # noqa: BLE001 -- OSError, SafetensorError, torch.save's RuntimeError: a full disk is any
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(out_dir)
         raise SftkitError(f"saving {final.name} failed ({_cause(err)}); "

@@ -184,7 +184,7 @@ def build_app() -> typer.Typer:
     def prepare_data(config: Path | None = CONFIG_OPTION,
                      inspect_n: int = typer.Option(0, "--inspect", help="Print N rendered examples with the "
                                                    "supervised tokens highlighted."),
-                     overrides: dict = None):
+                     overrides: dict | None = None):
         """Render data with the chat template, tokenize, mask non-assistant tokens, and save."""
         from sftkit.commands import prepare_command
 
@@ -192,7 +192,7 @@ def build_app() -> typer.Typer:
 
     @app.command("train", cls=BoolFlagCommand)
     @with_options(sft_options(dataclasses.fields(SFTConfig)))
-    def train(run_file: Path | None = RUN_FILE_ARGUMENT, config: Path | None = CONFIG_OPTION, overrides: dict = None):
+    def train(run_file: Path | None = RUN_FILE_ARGUMENT, config: Path | None = CONFIG_OPTION, overrides: dict | None = None):
         """Fine-tune (LoRA or full). Run under `accelerate launch -m sftkit train` for several processes."""
         from sftkit.commands import train_command
         from sftkit.signals import EXIT_STOPPED
@@ -210,7 +210,7 @@ def build_app() -> typer.Typer:
                  output_dir: Path | None = typer.Option(None, "--output_dir", help="Where eval.json and "
                                                            "samples.jsonl go. Default: eval/ beside the model "
                                                            "(./eval for a model id)."),
-                 overrides: dict = None):
+                 overrides: dict | None = None):
         """Token-mean loss and perplexity of a model on a data set, and optionally generations with
         exact match, token F1 and ROUGE-L against the references."""
         from sftkit.commands import eval_command
@@ -223,7 +223,7 @@ def build_app() -> typer.Typer:
     @with_options(command_options("merge-lora"))
     def merge_lora(adapter: Path = typer.Option(..., "--adapter", help="The adapter directory (final/ or a checkpoint)."),
                    output_dir: Path = typer.Option(..., "--output_dir", help="Where the standalone model goes."),
-                   overrides: dict = None):
+                   overrides: dict | None = None):
         """Merge a LoRA adapter into its base model and save a standalone model."""
         from sftkit.commands import merge_command
         from sftkit.config import MergeOptions

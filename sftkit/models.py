@@ -12,7 +12,7 @@ from sftkit.errors import ConfigError, clip, quote
 TINY = "tiny-qwen3"
 # Small enough to train on 2 CPU cores in seconds, with the REAL 151,936-row vocabulary so the real
 # tokenizer works; the embedding is then 9.7M of its ~10M parameters.
-TINY_CONFIG = dict(
+TINY_CONFIG = dict(  # noqa: C408 -- keyword form, to comment each value
     vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True,
     rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,

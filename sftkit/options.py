@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -177,7 +178,7 @@ def _paragraphs(cls: type) -> dict[str, list[str]]:
         if not dataclasses.is_dataclass(klass):
             continue
         body = ast.parse(inspect.getsource(klass)).body[0].body
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in itertools.pairwise(body):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 text = inspect.cleandoc(str(nxt.value.value))
                 docs[node.target.id] = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]

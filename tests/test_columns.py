@@ -3,6 +3,7 @@ length policy, repeats and order of a take, and Arrow chunks past the int32 offs
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -51,7 +52,7 @@ def _reference(rows: list, max_length: int, truncation: str):
 
 def _as_rows(cols) -> list:
     o = cols.offsets
-    return [(cols.ids[a:b].tolist(), cols.labels[a:b].tolist()) for a, b in zip(o[:-1], o[1:])]
+    return [(cols.ids[a:b].tolist(), cols.labels[a:b].tolist()) for a, b in itertools.pairwise(o)]
 
 
 @pytest.mark.parametrize("truncation", ["drop", "left", "right"])

@@ -118,14 +118,14 @@ def test_every_im_end_of_a_reply_is_supervised_and_the_newline_after_is_not(tok,
 
 
 def test_prompt_tokens_are_never_supervised(tok, spec):
-    ids, labels = render_batch([CONVERSATIONS[3]], tok, spec, RenderOptions())[0]
+    _, labels = render_batch([CONVERSATIONS[3]], tok, spec, RenderOptions())[0]
     supervised = tok.decode([t for t in labels if t != IGNORE_INDEX])
     assert "q1" not in supervised and "sys" not in supervised and "user" not in supervised
     assert supervised == "a1<|im_end|>a2<|im_end|><think>\n\n</think>\n\na3<|im_end|>"
 
 
 def test_train_on_last(tok, spec):
-    ids, labels = render_batch([CONVERSATIONS[3]], tok, spec, RenderOptions(train_on="last"))[0]
+    _, labels = render_batch([CONVERSATIONS[3]], tok, spec, RenderOptions(train_on="last"))[0]
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "<think>\n\n</think>\n\na3<|im_end|>"
 
 

@@ -570,13 +570,13 @@ def _read_parquet(path: str, data: bytes) -> Iterator[tuple[str, Any]]:
     n = 0
     try:
         batches = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data))).iter_batches(batch_size=1024)
-    except Exception as err:  # pyarrow raises many types for a broken file
+    except Exception as err:  # noqa: BLE001 -- pyarrow raises many types for a broken file
         raise DataError(path, "", None, f"cannot read as parquet: {_first_line(err)}") from None
     while True:
         try:
             batch = next(batches, None)
             rows = [] if batch is None else batch.to_pylist()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 -- as above
             where = f"row {n + 1}" if n else ""
             raise DataError(path, where, None, f"cannot read as parquet: {_first_line(err)}") from None
         if batch is None:
@@ -593,7 +593,7 @@ def _read_csv(path: str, raw: bytes) -> list[dict[str, Any]]:
     try:
         # Every cell is text: '5' must stay the string '5', and an empty cell an empty string.
         frame = pandas.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except Exception as err:  # pandas raises several types for a malformed file
+    except Exception as err:  # noqa: BLE001 -- pandas raises several types for a malformed file
         raise DataError(path, "", None, f"cannot read as csv: {_first_line(err)}") from None
     return frame.to_dict("records")  # a row with fewer cells than the header gets empty ones
 
@@ -612,6 +612,6 @@ def _load_hub(src: Source):
 
     try:
         return datasets.load_dataset(src.path, src.config, split=src.split)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- any failure: said in the one line below
         raise DataError(src.path, "", None, "not a local path, and loading it as a Hugging Face dataset failed "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
