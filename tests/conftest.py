@@ -266,13 +266,15 @@ def start_python(code: str, *args: str, env: dict | None = None, cwd: Path = ROO
     return server.start([sys.executable, *args], {**os.environ, **(env or {})}, cwd, None, code=code)
 
 
-def _request(cmd: list, env: dict, cwd: Path) -> dict:
+def _request(cmd: list, env: dict, cwd: Path, code: str | None = None, module: str | None = None) -> dict:
     """What a process started here would inherit: its arguments (bytes, a non-UTF-8 name, as its
-    sys.argv would hold them: decoded with surrogateescape), environment, folder and umask."""
+    sys.argv would hold them: decoded with surrogateescape), environment, folder and umask; and what
+    it runs in place of `sftkit`: `code` (python -c) or `module` (python -m)."""
     umask = os.umask(0)
     os.umask(umask)
-    return {"args": [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in cmd[1:]], "env": env, "cwd": str(cwd),
-            "umask": umask}
+    request = {"args": [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in cmd[1:]], "env": env,
+               "cwd": str(cwd), "umask": umask}
+    return {**request, **({"code": code} if code is not None else {}), **({"module": module} if module else {})}
 
 
 class WarmServer:
@@ -312,8 +314,8 @@ class WarmServer:
         """`cmd` (the sftkit console script's arguments, or with `module` `python -m MODULE`'s) to its end."""
         with tempfile.TemporaryDirectory(prefix="warm_cli_") as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {**_request(cmd, env, cwd), "stdout": str(out), "stderr": str(err), "timeout": timeout}
-            answer = self.ask(request if module is None else {**request, "module": module})
+            answer = self.ask({**_request(cmd, env, cwd, module=module), "stdout": str(out), "stderr": str(err),
+                               "timeout": timeout})
             if answer.get("timeout"):
                 raise subprocess.TimeoutExpired(cmd, timeout)
             return subprocess.CompletedProcess(cmd, answer["returncode"], out.read_text(errors="replace"),
@@ -323,12 +325,8 @@ class WarmServer:
               module: str | None = None) -> WarmProcess:
         files = tempfile.TemporaryDirectory(prefix="warm_cli_")  # lives as long as the process object
         out, err = (output, output) if output else (Path(files.name, "stdout"), Path(files.name, "stderr"))
-        request = {**_request(cmd, env, cwd), "start": True, "stdout": str(out), "stderr": str(err)}
-        if code is not None:
-            request["code"] = code
-        if module is not None:
-            request["module"] = module
-        answer = self.ask(request)
+        answer = self.ask({**_request(cmd, env, cwd, code, module), "start": True, "stdout": str(out),
+                           "stderr": str(err)})
         return WarmProcess(self, cmd, answer["pid"], out, err, files)
 
     def close(self) -> None:

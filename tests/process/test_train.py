@@ -45,7 +45,7 @@ def test_training_options_leave_losses_unchanged(tmp_path):
     packing check give the losses of the defaults (fused loss, fused AdamW, one DataLoader worker); torch.compile
     (compiled per layer) gives them to round-off; MFU follows the given peak. The compile runs on
     aot_eager, which traces forward and backward as inductor does: inductor's CPU kernels, which no
-    GPU run uses, cost 45 s of C++ compiling on a fresh machine (bench/gpu_check.sh compiles on a GPU)."""
+    GPU run uses, cost 45 s of C++ compiling on a fresh machine (inductor on a GPU: tests/test_gpu.py)."""
     common = ["--data_path", str(ROOT / SAMPLE), "--max_steps", "4", "--save_steps", "0",
               "--max_length", "512", "--learning_rate", "1e-3", "--warmup_ratio", "0", "--logging_steps", "1",
               "--per_device_train_batch_size", "4", "--packing"]
