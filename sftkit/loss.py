@@ -140,6 +140,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                         grad_w.addmm_(g.T, h)
                     else:  # a bf16 matmul accumulates in fp32 inside; the sum over chunks stays fp32
                         grad_w += (g.T @ h).float()
+                del g  # (in fp32 the softmax buffer itself) freed before the next chunk's logits exist
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
