@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from sftkit.config import SFTConfig
 from sftkit.errors import ConfigError, SftkitError, clip
+from sftkit.options import AUTO
 
 
 def launched_processes() -> int:
@@ -163,8 +164,8 @@ def check_deepspeed_file(cfg: SFTConfig) -> None:
     """The batch check above, from the JSON file accelerate launch names, before anything heavy is
     imported: the Accelerator's own check would come only after the imports and set-up."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" or not path:
-        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" or not path or cfg.per_device_train_batch_size == AUTO:
+        return  # auto: checked by make_accelerator once the micro-batch is chosen
     import json
 
     try:
@@ -270,6 +271,30 @@ def check_fsdp(cfg: SFTConfig) -> None:
     if cfg.load_in_4bit:
         raise ConfigError("--load_in_4bit does not work under FSDP2 (fully_shard cannot slice bitsandbytes' packed "
                           "4-bit weights); use one GPU or DDP (multi_gpu.yaml)")
+
+
+def launch_backend(world: int) -> tuple[str, bool]:
+    """(backend, offload) the launch asks for, read from what accelerate launch exports, before the
+    Accelerator exists: single, ddp, zero1/2/3 or fsdp2; offload: the optimizer state (and ZeRO-3's or
+    FSDP2's weights) on the CPU."""
+    if fsdp_version() == 2 and world > 1:
+        return "fsdp2", fsdp_offload()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return ("ddp" if world > 1 else "single"), False
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path:
+        import json
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                zero = json.load(f).get("zero_optimization", {})
+            stage = str(zero.get("stage", stage))
+            offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+        except (OSError, ValueError, AttributeError):
+            pass  # accelerate names the file and what is wrong with it
+    return f"zero{stage if stage in ('1', '2', '3') else '2'}", offload not in ("none", "", None)
 
 
 def shards_model(accelerator) -> bool:

@@ -166,6 +166,18 @@ EVAL_HELP = {"data_path": "Data to evaluate on: .json/.jsonl/.parquet/.csv files
                           "directory (from prepare-data), or a Hugging Face dataset name. Repeat the flag for several."}
 
 
+PLAN_OPTIONS = {
+    "model": typer.Option(None, "--model", help="A local model folder, its config.json, or a family size sftkit "
+                          "knows (--list); nothing is downloaded."),
+    "gpus": typer.Option("1xH100", "--gpus", help="The devices: NxKIND (8xH100), NxMEMGB (1x24GB), or cpu / Nxcpu "
+                         "(this machine's memory)."),
+    "data": typer.Option(None, "--data", help="A prepared directory: its token counts give the time for the data, "
+                         "its longest example the activations."),
+    "json": typer.Option(False, "--json", help="Print JSON for scripts instead of the table."),
+    "list": typer.Option(False, "--list", help="List the family sizes sftkit knows, and exit."),
+}
+
+
 def build_app() -> typer.Typer:
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Supervised fine-tuning of Qwen3 models. Run `sftkit COMMAND --help` for options.")
@@ -218,6 +230,18 @@ def build_app() -> typer.Typer:
 
         gen, rest = split_options(overrides, GenerationOptions)
         eval_command(model, load_config(None, rest), output_dir, GenerationOptions(**gen))
+
+    @app.command("plan", cls=BoolFlagCommand)
+    @with_options(sft_options(dataclasses.fields(SFTConfig)))
+    def plan(model: str | None = PLAN_OPTIONS["model"], gpus: str = PLAN_OPTIONS["gpus"],
+             data: Path | None = PLAN_OPTIONS["data"], as_json: bool = PLAN_OPTIONS["json"],
+             list_sizes: bool = PLAN_OPTIONS["list"], overrides: dict | None = None):
+        """Peak memory per GPU, fit, speed and time of every sensible strategy (LoRA / QLoRA / full;
+        DDP / ZeRO / FSDP2; checkpointing) for a model and devices, before anything is launched; the
+        train flags given shape the run (--max_length, --per_device_train_batch_size, --packing, ...)."""
+        from sftkit.commands import plan_command
+
+        plan_command(model, gpus, data, overrides, as_json, list_sizes)
 
     @app.command("merge-lora", cls=BoolFlagCommand)
     @with_options(command_options("merge-lora"))

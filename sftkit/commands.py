@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sftkit.checkpoint import FINAL_DIR
 from sftkit.config import GenerationOptions, MergeOptions, SFTConfig
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, clip
 from sftkit.prechecks import check_data, check_eval, check_hub_name, check_train
 from sftkit.progress import console
 
@@ -128,3 +128,108 @@ def merge_command(adapter: Path, output_dir: Path, opts: MergeOptions) -> float:
     con.print(f"max |logit difference| vs base + adapter on {len(PROBES)} prompts: {report.max_logit_diff:.2e}{cast}")
     con.print(f"saved to {output_dir}")
     return report.max_logit_diff
+
+
+def flag_args(name: str, value) -> list[str]:
+    """One option as the command line spells it (a list: the flag repeated)."""
+    if isinstance(value, bool):
+        return [f"--{name}"] if value else [f"--{name}", "false"]
+    if isinstance(value, list):
+        return [a for v in value for a in (f"--{name}", str(v))]
+    return [f"--{name}", str(value)]
+
+
+def plan_command(model: str | None, gpus: str, data: Path | None, overrides: dict, as_json: bool = False,
+                 list_sizes: bool = False) -> list:
+    """`sftkit plan`: every sensible strategy's peak memory, fit, speed and time for the data, from
+    the model's config alone; the best one's command line. `overrides`: the train flags given."""
+    import dataclasses
+
+    from sftkit.plan import family_table
+
+    if list_sizes:
+        for name, values in family_table().items():
+            print(f"{name}  ({values.get('params_published', '?')} parameters, {values['model_type']})")
+        return []
+    model = model or overrides.pop("model_name_or_path", None)
+    if model is None:
+        raise ConfigError("--model is missing: a local model folder, its config.json, or a size from --list")
+    train_args = [arg for k, v in overrides.items() if k not in ("model_name_or_path", "data_path")
+                  for arg in flag_args(k, v)]
+    cfg = SFTConfig.from_dict(overrides, source="command line")
+
+    from sftkit.data.prepare import is_prepared, read_manifest
+    from sftkit.plan import (
+        Knobs,
+        command_line,
+        count_params,
+        host_memory,
+        knobs_of,
+        parse_device,
+        plan,
+        read_config,
+        strategy_of,
+        workload_of,
+    )
+
+    try:
+        config = read_config(model)
+        if config is not None:
+            count_params(config)  # every field the model reads is there and a number
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"--model {model}: its config cannot be read (a field missing or not a number: "
+                          f"{clip(str(err))})") from None
+    if config is None:
+        raise ConfigError(f"--model {model}: no config.json there, and not a size sftkit knows "
+                          "(sftkit plan --list names them); pass a local folder or its config.json")
+    try:
+        device = parse_device(gpus, host_memory())
+    except ValueError:
+        raise ConfigError(f"--gpus {gpus}: expected NxKIND (8xH100, 1xA100), NxMEMGB (1x24GB) or cpu / Nxcpu") from None
+    manifest = None
+    if data is not None:
+        if not is_prepared(str(data)):
+            raise ConfigError(f"--data {data}: not a prepared directory (sftkit prepare-data writes one)")
+        manifest = read_manifest(Path(data))
+    knobs: Knobs = knobs_of(cfg, device.cuda)
+    if device.cuda:
+        knobs = dataclasses.replace(knobs, bf16=True, fp16=False)  # what a GPU run uses
+    ests = plan(config, strategy_of(cfg), workload_of(cfg, manifest), device, knobs)
+    args = ["--model_name_or_path", model] + (["--data_path", str(data)] if data is not None else []) + train_args
+    if as_json:
+        print(json.dumps({"model": model, "device": dataclasses.asdict(device), "strategies": [
+            {**e.record(), "command": command_line(e.strategy, device, args)} for e in ests]}, indent=1))
+        return ests
+    print_plan(model, device, ests, cfg, args)
+    return ests
+
+
+def print_plan(model: str, device, ests: list, cfg: SFTConfig, args: list[str]) -> None:
+    """sftkit plan's table, what its numbers rest on, and the best strategy's command line."""
+    from rich.table import Table
+
+    from sftkit.plan import command_line, duration, human, strategy_of
+
+    con = console()
+    what = f"{device.count} x {device.kind}" + (f" ({human(device.memory)} each)" if device.cuda else
+                                                f" ({human(device.memory)} of memory)")
+    table = Table(title=f"{model} on {what}", title_justify="left")
+    for col in ("strategy", "peak / process", "fits", "tokens/s", "time for the data"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for e in ests:
+        table.add_row(e.strategy.label(), human(e.peak), "yes" if e.fits else "no",
+                      "?" if e.tokens_per_s is None else f"{e.tokens_per_s:,.0f}", duration(e.dataset_s))
+    con.print(table)
+    if device.cuda:
+        mfu = "measured on an H100" if device.mfu_measured else "assumed: the H100's measured"
+        speed = (f"sftkit's FLOPs count at MFU {device.mfu:.3f} ({mfu}) of {device.peak_tflops:g} TFLOPS"
+                 if device.peak_tflops else "unknown for this GPU (no peak TFLOPS on record)")
+    else:
+        speed = f"sftkit's FLOPs count at {device.peak_tflops:g} TFLOPS a process (measured on a 2-core CPU)"
+    con.print(f"speed: {speed}; memory: the peak of one process (weights, gradients, AdamW, activations, the loss "
+              f"head{', in bf16' if device.cuda else ', fp32, as resident memory'})", highlight=False)
+    mine = [e for e in ests if e.fits and e.strategy.method == strategy_of(cfg).method] or [e for e in ests if e.fits]
+    if mine:
+        con.print(f"best: {command_line(mine[0].strategy, device, args)}", highlight=False, soft_wrap=True)
+    else:
+        con.print("[yellow]nothing fits: more GPUs, a shorter --max_length or --per_device_train_batch_size 1[/yellow]")

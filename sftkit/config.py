@@ -19,9 +19,11 @@ from typing import Any
 from sftkit.data.options import DataOptions, Mixing
 from sftkit.errors import ConfigError, quote
 from sftkit.options import (
+    AUTO,
     EVAL,
     NOT_IDENTITY,
     PREPARE,
+    IntOrAuto,
     above,
     at_least,
     between,
@@ -78,8 +80,13 @@ class TrainOptions:
     """Passes over the training data (fractions allowed). Ignored when max_steps > 0."""
     max_steps: int = field(default=-1, metadata={**NOT_IDENTITY, **at_least(1, off=-1)})
     """Optimizer steps to run; -1 means as many as num_train_epochs takes."""
-    per_device_train_batch_size: int = field(default=4, metadata=at_least(1))
-    """Examples per micro-batch on each process."""
+    per_device_train_batch_size: IntOrAuto = field(default=4, metadata=at_least(1, off=AUTO, off_means="auto"))
+    """Examples per micro-batch on each process; auto: the largest that fits (see below).
+
+    auto: the largest micro-batch the memory model (`sftkit plan`) says fits, with the accumulation
+    that keeps the step at 4 x gradient_accumulation_steps examples per process (what the default
+    micro-batch of 4 gives), so a step holds the same examples as with the default; said once at
+    the start."""
     per_device_eval_batch_size: int = field(default=8, metadata={**EVAL, **NOT_IDENTITY, **at_least(1)})
     """Examples per evaluation batch on each process."""
     gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
@@ -162,6 +169,15 @@ class TrainOptions:
 
     Rows are filled best-fit decreasing; position_ids restart at each example, and no attention
     crosses from one example to another."""
+    memory_check: bool = field(default=True, metadata=NOT_IDENTITY)
+    """Stop before the model loads when the memory model predicts the run will not fit; false: train anyway.
+
+    The memory model (`sftkit plan`) predicts this process's peak; a run predicted above the device's
+    memory (a GPU's, or this machine's shared by its processes) stops with one line naming the
+    strategies that fit.
+
+    The prediction, and the best strategy's, are in metrics.jsonl's start line (memory_forecast);
+    the end line has the measured peak beside it."""
     packing_check: bool = field(default=True, metadata=NOT_IDENTITY)
     """With packing: before step 1, a few examples go through the model packed and one at a time;
     a difference beyond round-off (examples that see each other) stops the run.

@@ -118,10 +118,22 @@ def _as_list(value: Any, item: type) -> Any:
     return value
 
 
+AUTO = -1  # an IntOrAuto field's value for "auto"
+IntOrAuto = int  # a field's annotation: an int, or the word auto (stored as AUTO)
+
+
+def _as_int_or_auto(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        return AUTO if text == "auto" else int(text) if text.lstrip("-").isdigit() else value
+    return value
+
+
 # field type -> (what the command line parses, coerce a YAML/Python value, test the result, name in errors)
 TYPES: dict[str, tuple[type, Any, Any, str]] = {
     "str": (str, lambda v: v, lambda v: isinstance(v, str), "str"),
     "int": (int, lambda v: v, lambda v: _plain(v, int), "int"),
+    "IntOrAuto": (str, _as_int_or_auto, lambda v: _plain(v, int), "int or auto"),
     "float": (float, _as_float, lambda v: _plain(v, (int, float)), "float"),
     "bool": (bool, lambda v: v, lambda v: isinstance(v, bool), "bool"),
     "list[str]": (list[str], lambda v: _as_list(v, str), lambda v: isinstance(v, list), "list of strings"),

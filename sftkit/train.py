@@ -55,6 +55,7 @@ from sftkit.errors import ConfigError, SftkitError
 from sftkit.evaluate import evaluate_loss
 from sftkit.lock import FolderLock
 from sftkit.loss import FusedHead, fused_head, loss_sums
+from sftkit.memory_check import check_fits, forecast, resolve_auto_batch
 from sftkit.metrics import (
     MetricsLog,
     Throughput,
@@ -74,6 +75,7 @@ from sftkit.models import (
 )
 from sftkit.neftune import add_neftune
 from sftkit.packing_check import SCAN, check_packing, leak_error, probe_examples
+from sftkit.plan import LORA_IMPORT_BYTES
 from sftkit.run_dir import Resume, base_identity, claim, find_resume, portable, run_identity, spelled_run_identity
 from sftkit.sequence_parallel import SequenceGroup, sequence_group
 from sftkit.sharding import clip_grad_norm_, is_sharded, shard
@@ -108,6 +110,7 @@ class Run:
     meter: Throughput | None = None  # set by fit: windows start with the loop
     last_loss: float | None = None   # the last logged train loss, for the end line
     packing_check: dict | None = None  # probe_packing's record, for the start line
+    forecast: dict | None = None  # the memory model's prediction (memory_check.py), for the start and end lines
 
     @property
     def out(self) -> Path:
@@ -187,6 +190,7 @@ def setup(cfg: SFTConfig, console=None) -> Run:
     """Build the run: accelerator, data, model, optimizer, schedule, and the state to start from.
     The output folder and the checkpoint to resume are checked before the model loads."""
     check_device(cfg, console if int(os.environ.get("RANK", "0")) == 0 else None)
+    cfg = resolve_auto_batch(cfg, console)  # before the accelerator: DeepSpeed's batch fields take it
     accelerator = make_accelerator(cfg, log_with=cfg.trackers)
     lock = claim(cfg, accelerator)  # one writer per folder, until this process ends
     with lock.released_on_error():  # a refused start leaves no lock (nor the folder it made)
@@ -199,7 +203,9 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
-    train_set, eval_set, data_fp = load_sets(cfg, accelerator, tokenizer, console)
+    train_set, eval_set, manifest = load_sets(cfg, accelerator, tokenizer, console)
+    data_fp = manifest["fingerprint"]
+    forecast = predict_memory(cfg, manifest)  # refused here, before the model loads, if it will not fit
     sequence = sequence_group(cfg, accelerator)  # None unless --sequence_parallel_size > 1
     # each sequence group of N processes trains one data-parallel share of the step
     schedule = Schedule(lengths(train_set), cfg.per_device_train_batch_size,
@@ -248,7 +254,8 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
               tokenizer, train_set, eval_set, schedule, steps, state,
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s, lock=lock, saved_step=state.step if resume else None,
-              balance=router_balance(unwrapped.config, cfg.router_aux_loss_coef), sequence=sequence)
+              balance=router_balance(unwrapped.config, cfg.router_aux_loss_coef), sequence=sequence,
+              forecast=forecast)
     if sequence is not None and run.balance is not None:
         raise ConfigError(f"--sequence_parallel_size {sequence.size}: the MoE balance loss is computed per example, "
                           "and an example's tokens are split over processes here; add --router_aux_loss_coef 0")
@@ -281,7 +288,7 @@ def probe_packing(run: Run) -> dict | None:
 
 
 def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
-    """(train set, eval set or None, the train set's fingerprint), prepared on rank 0 first; the
+    """(train set, eval set or None, the train set's manifest), prepared on rank 0 first; the
     other ranks then find its cache."""
     main, opts = accelerator.is_main_process, cfg.data_options()
     with accelerator.main_process_first():
@@ -294,7 +301,20 @@ def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
     eval_set = load_prepared(eval_dir) if eval_dir else None
     if cfg.val_size:
         train_set, eval_set = hold_out(train_set, cfg.val_size, cfg.seed, console if main else None)
-    return train_set, eval_set, manifest["fingerprint"]
+    return train_set, eval_set, manifest
+
+
+def predict_memory(cfg: SFTConfig, manifest: dict) -> dict | None:
+    """The memory model's peak for this process (its start-up memory measured now, on a CPU),
+    checked against the device: a run that will not fit stops here. The start line's record."""
+    framework = None
+    if not torch.cuda.is_available() and (now := rss_mb()) is not None:
+        import sys
+
+        framework = now * 2**20 + (LORA_IMPORT_BYTES if cfg.use_lora and "peft" not in sys.modules else 0)
+    est = forecast(cfg, manifest, framework)
+    check_fits(cfg, est, manifest)
+    return est.record() if est else None
 
 
 def check_lengths(cfg: SFTConfig, train_dir: Path, longest: int) -> None:
@@ -364,7 +384,7 @@ def start_outputs(run: Run, trainable: int, total: int, resumed: int | None, con
         "loss_chunk_rows": run.head.chunk if run.head else None,
         "attention": cfg.attention(run.cuda),
         "linear_attention": linear_attention_path_of(model, run.cuda, cfg.packing, cfg.padding_free(run.cuda)),
-        "packing_check": run.packing_check,
+        "packing_check": run.packing_check, "memory_forecast": run.forecast,
         **({"router_aux_loss_coef": run.balance.coef} if run.balance else {}),  # what -1 (the config's) resolved to
     }, first=True)
 
@@ -628,6 +648,7 @@ def finish(run: Run, stop: StopRequest | None = None, console=None) -> dict:
                    supervised_tokens=state.supervised_tokens,
                    elapsed_s=round(state.elapsed_s, 2), **run.meter.whole_run(),
                    peak_rss_mb=rss_mb, peak_rss_mb_per_rank=rss, peak_gpu_mem_gb=peak_gpu_gb(),
+                   predicted_peak_mb=run.forecast["peak_mb"] if run.forecast else None,
                    param_fingerprints=prints,
                    ranks_in_sync=None if prints is None else all(p == prints[0] for p in prints))
     run.log.write(summary)
