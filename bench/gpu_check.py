@@ -191,7 +191,14 @@ def row(base: dict, r: dict) -> dict:
             "attention": start.get("attention"), "linear_attention": start.get("linear_attention"),
             "experts": start.get("experts"),
             "trainable_params": start.get("trainable_params"), "total_params": start.get("total_params"),
-            "note": r["note"]}
+            **predicted(start.get("memory_forecast")), "note": r["note"]}
+
+
+def predicted(forecast: dict | None) -> dict:
+    """The memory model's prediction for an sftkit run (sftkit/plan.py), to set beside what it measured."""
+    if not forecast:
+        return {}
+    return {"predicted_gb": finite(forecast["peak_mb"] / 1024), "predicted_tok_s": finite(forecast.get("tokens_per_s"))}
 
 
 def pytest_gpu(out: Path, timeout: float) -> str:
@@ -228,9 +235,9 @@ def markdown(summary: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; varlen kernel: {env['varlen_kernel']}",
              f"command: `bash bench/gpu_check.sh OUTDIR` (sftkit {summary['commit']})", ""]
     mem = "peak GPU GB" if cuda else "peak RSS GB"
-    lines += [(f"| run | system | model | method | tokens x rows | supervised tok/s | tok/s | MFU | {mem} | fused_loss "
-               "| linear_attention | attention | experts | trainable | status |"),
-              "|---|---|---|---|---|" + "---:|" * 4 + "---|" * 4 + "---:|---|"]
+    lines += [(f"| run | system | model | method | tokens x rows | supervised tok/s | tok/s | MFU | {mem} "
+               "| predicted GB, tok/s | fused_loss | linear_attention | attention | experts | trainable | status |"),
+              "|---|---|---|---|---|" + "---:|" * 5 + "---|" * 4 + "---:|---|"]
     for r in summary["rows"]:
         ratio = r.get("sftkit_over")
         status = r["status"] + (f" (sftkit: {ratio['sup_tok_s']:.2f}x tok/s, {ratio['peak_memory']:.2f}x memory)"
@@ -238,6 +245,7 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {r['run']} | {r['system']} | {r['model']} | {r['method']} | {r['shape']} | "
                      f"{cell(r.get('sup_tok_s'), '{:,.0f}')} | {cell(r.get('tok_s'), '{:,.0f}')} | "
                      f"{cell(r.get('mfu'), '{:.3f}')} | {cell(r.get('peak_gb'), '{:.2f}')} | "
+                     f"{cell(r.get('predicted_gb'), '{:.2f}')}, {cell(r.get('predicted_tok_s'), '{:,.0f}')} | "
                      f"{fused(r)} | {cell(r.get('linear_attention'))} | {cell(r.get('attention'))} | "
                      f"{cell(r.get('experts'))} | "
                      f"{cell(r.get('trainable_params'), '{:,}')} | {status} |")

@@ -54,7 +54,7 @@ from bench import models, synthetic
 from bench.child import REPO, offline, python, report, run
 
 SYSTEMS = ("sftkit", "trl_default", "trl_best", "trl_liger", "bare")
-START_FIELDS = ("fused_loss", "loss_chunk_rows", "attention", "linear_attention", "mixed_precision", "trainable_params",
+START_FIELDS = ("memory_forecast", "fused_loss", "loss_chunk_rows", "attention", "linear_attention", "mixed_precision", "trainable_params",
                 "total_params")
 
 

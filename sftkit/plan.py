@@ -37,7 +37,7 @@ FAMILY_FILE = "family_configs.json"  # in sftkit/assets: the published configs o
 # blocks: there the counted bytes stand (an assumption until a GPU run measures them).
 ACTIVATION_FACTOR = {"cpu": 1.15, "cuda": 1.0}
 CPU_ACCUMULATED = 1.6
-CPU_CHECKPOINT_KEPT = {"full": 0.3, "lora": 0.7}
+CPU_CHECKPOINT_KEPT = {"full": 0.3, "lora": 0.6}
 # Resident memory of a CPU training process before its model loads: the Python, torch,
 # transformers, accelerate and datasets imports, the tokenizer and the prepared set (`train`
 # measures its own instead); peft's import for LoRA; and what the first steps add whatever the

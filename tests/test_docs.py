@@ -58,3 +58,10 @@ def test_python_snippets_live_where_a_test_runs_them():
     """tests/test_api.py runs docs/python-api.md's ```python blocks; one elsewhere would go untested."""
     stray = [p.name for p in TEXTS if p.name != "python-api.md" and "```python" in p.read_text()]
     assert not stray
+
+
+def test_readme_plan_table_is_what_plan_computes():
+    """The README's plans for Qwen3-8B and Qwen3.5-9B are bench/plan_table.py's output for this code."""
+    from bench.plan_table import table
+
+    assert table() in README.read_text(), "README.md's plan table is stale: run python -m bench.plan_table"
