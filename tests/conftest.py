@@ -414,6 +414,19 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def predicted_peak_holds(out_dir: Path, tolerance: float = 0.15) -> dict:
+    """A run's predicted peak memory (metrics.jsonl's start line, sftkit/plan.py) is within `tolerance`
+    of the peak resident memory its largest rank reached (the end line). Only a fresh process's
+    memory says this: one forked from the warm server shares the server's pages and free heap."""
+    lines = read_metrics(out_dir)
+    forecast = next(r for r in lines if r.get("event") == "start")["memory_forecast"]
+    end = next(r for r in lines if r.get("event") == "end")
+    measured = max(end["peak_rss_mb_per_rank"])
+    assert end["predicted_peak_mb"] == forecast["peak_mb"]
+    assert abs(forecast["peak_mb"] / measured - 1) <= tolerance, (forecast, measured)
+    return forecast
+
+
 def steps(out_dir: Path) -> list[dict]:
     """The records of a run's optimizer steps (those with a loss), from its metrics.jsonl."""
     return [r for r in read_metrics(out_dir) if "loss" in r]

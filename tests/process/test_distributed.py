@@ -20,6 +20,7 @@ from conftest import (
     final_weights,
     free_port,
     losses,
+    predicted_peak_holds,
     rank_env,
     read_metrics,
     run_cli,
@@ -88,6 +89,8 @@ def test_two_processes_match_one(config, kind, rtol, request, tmp_path):
     assert end["event"] == "end" and end["step"] == 4
     if not config.startswith("zero3"):  # under ZeRO-3 each rank holds a slice, not a copy
         assert len(end["param_fingerprints"]) == 2 and end["ranks_in_sync"] is True
+    if config == "multi_gpu":  # fresh ranks: their resident memory is a user's (tests/process/test_plan_memory.py)
+        assert "buckets" in predicted_peak_holds(out)["parts_mb"]
     assert losses(out) == pytest.approx(losses(single), rel=rtol)
     got, ref = final_weights(out), final_weights(single)
     assert got.keys() == ref.keys() and all(t.numel() > 0 for t in got.values())

@@ -10,13 +10,12 @@ import shutil
 
 import pytest
 import yaml
-from conftest import TWO, one_error, read_metrics, run_cli
+from conftest import one_error, predicted_peak_holds, run_cli
 
 from bench.synthetic import multi_turn, rows, write
 from sftkit.models import bundled_tokenizer_dir
 from sftkit.plan import family_table
 
-TOLERANCE = 0.15  # the bound: predicted within 15% of the measured peak
 COMMON = ["--max_steps", "2", "--save_steps", "0", "--logging_steps", "1", "--dataloader_num_workers", "0",
           "--max_length", "1024", "--warmup_ratio", "0"]
 
@@ -27,39 +26,27 @@ def conversations(tmp_path_factory):
     return write(tmp_path_factory.mktemp("plan") / "chats.jsonl", rows(multi_turn, 64, seed=0))
 
 
-def predicted_and_measured(out) -> tuple[float, float, dict]:
-    lines = read_metrics(out)
-    start = next(r for r in lines if r.get("event") == "start")
-    end = next(r for r in lines if r.get("event") == "end")
-    assert end["predicted_peak_mb"] == start["memory_forecast"]["peak_mb"]
-    return start["memory_forecast"]["peak_mb"], max(end["peak_rss_mb_per_rank"]), start["memory_forecast"]
-
-
-# name: (model: the built-in tiny one or a tests/family.py kind, flags, launched on two ranks). Each a
-# fresh process, as a user starts it: a process forked from the warm server shares its pages, and
-# its resident memory is not a fresh one's.
+# name: (model: the built-in tiny one or a tests/family.py kind, flags). Each a fresh process, as a
+# user starts it. Two more fresh runs check the same: test_distributed's DDP run (2 ranks, LoRA,
+# accumulation) and test_start_up's quiet LoRA run (a checkpoint each step).
 RUNS = {
-    "lora packed, checkpointing": ("tiny-qwen3", ["--use_lora", "--packing", "--gradient_checkpointing"], False),
+    "lora packed, checkpointing": ("tiny-qwen3", ["--use_lora", "--packing", "--gradient_checkpointing"]),
     "qwen3.5 full, accumulation": ("qwen3_5", ["--per_device_train_batch_size", "2",
-                                               "--gradient_accumulation_steps", "2"], False),
-    "moe lora": ("qwen3_moe", ["--use_lora", "--lora_dropout", "0"], False),
-    "ddp full": ("tiny-qwen3", ["--per_device_train_batch_size", "2"], True),
+                                               "--gradient_accumulation_steps", "2"]),
 }
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_predicted_peak_is_within_15_percent_of_the_measured_one(name, conversations, family_model, tmp_path):
-    model, flags, two = RUNS[name]
+    model, flags = RUNS[name]
     model = model if model == "tiny-qwen3" else str(family_model(model))
     out = tmp_path / "run"
     run_cli("train", "--model_name_or_path", model, "--data_path", str(conversations), "--output_dir", str(out),
-            *COMMON, *flags, fresh=True, **({"launch": ["--config_file", "accelerate_configs/multi_gpu.yaml", *TWO],
-                                             "env": {"ACCELERATE_USE_CPU": "true"}} if two else {}))
-    predicted, measured, forecast = predicted_and_measured(out)
-    assert abs(predicted / measured - 1) <= TOLERANCE, (predicted, measured, forecast)
-    # the prediction is made of the parts of this run, and it says which moment holds the peak
+            *COMMON, *flags, fresh=True)
+    forecast = predicted_peak_holds(out)
+    # the prediction is made of this run's parts, and it says which moment holds the peak
     assert forecast["moment"] in ("load", "step", "save") and forecast["parts_mb"]["framework"] > 0
-    assert ("buckets" in forecast["parts_mb"]) == two
+    assert forecast["parts_mb"]["activations"] > 0 and forecast["parts_mb"]["loss_head"] > 0
 
 
 @pytest.fixture(scope="module")

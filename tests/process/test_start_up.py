@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from conftest import BIN, LORA, ROOT, SAMPLE, run_cli
+from conftest import BIN, LORA, ROOT, SAMPLE, predicted_peak_holds, run_cli
 
 DEMO = ROOT / "data" / "demo_alpaca.json"  # 8 rows; at max_length 40 one of them is too long
 
@@ -100,6 +100,7 @@ def test_a_train_run_prints_no_third_party_warnings(tmp_path):
     args = [*LORA, "--data_path", SAMPLE, "--max_steps", "2", "--save_steps", "1"]
     quiet = run_cli("train", *args, "--output_dir", str(tmp_path / "q"), fresh=True)  # import-time lines too
     assert quiet.stderr.strip() == "", quiet.stderr
+    predicted_peak_holds(tmp_path / "q")  # a fresh LoRA run: the memory model's prediction holds here too
     for noise in ("Setting accelerator to CPU", "Removed shared tensor", "Loading weights", "Writing model shards",
                   "Failed to load CPU gemm_4bit_forward"):  # the last: bitsandbytes, when installed, imported by PEFT
         assert noise not in quiet.stdout
