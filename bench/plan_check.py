@@ -6,7 +6,8 @@ beside the peak resident memory the process reached (its end line, peak_rss_mb: 
 
 Prints one table (predicted, measured, ratio, the moment the model puts the peak at, the parts)
 and writes DIR/plan_check.json. The runs span tiny to 200M parameters, LoRA and full, checkpointing
-on and off, packed and padded, 2-process DDP and FSDP2, a Qwen3.5 and a MoE shape.
+on and off, packed and padded, QLoRA (where bitsandbytes is installed), 2-process DDP and FSDP2, a
+Qwen3.5 and a MoE shape.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ LORA = ["--use_lora", "--learning_rate", "1e-3"]
 RUNS = {
     "tiny-full": ("tiny-qwen3", [], None),
     "tiny-lora": ("tiny-qwen3", LORA, None),
+    "h256-qlora-ckpt": ("q3-h256", [*LORA, "--load_in_4bit", "--gradient_checkpointing"], None),
     "h256-full": ("q3-h256", [], None),
     "h256-full-packed": ("q3-h256", ["--packing", "--per_device_train_batch_size", "2"], None),
     "h256-lora-ckpt": ("q3-h256", [*LORA, "--gradient_checkpointing"], None),
@@ -53,6 +55,7 @@ RUNS = {
                                           "--per_device_train_batch_size", "4"], None),
     "h768-lora-accum": ("q3-h768", [*LORA, "--per_device_train_batch_size", "2",
                                     "--gradient_accumulation_steps", "2"], None),
+    "h768-qlora": ("q3-h768", [*LORA, "--load_in_4bit", "--per_device_train_batch_size", "2"], None),
     "q3.5-full": ("q3.5-h256", ["--per_device_train_batch_size", "2"], None),
     "moe-lora": ("moe-h256", [*LORA, "--lora_dropout", "0"], None),
     "h256-ddp-full": ("q3-h256", ["--per_device_train_batch_size", "2"], "ddp"),

@@ -38,6 +38,9 @@ FAMILY_FILE = "family_configs.json"  # in sftkit/assets: the published configs o
 ACTIVATION_FACTOR = {"cpu": 1.15, "cuda": 1.0}
 CPU_ACCUMULATED = 1.6
 CPU_CHECKPOINT_KEPT = {"full": 0.3, "lora": 0.6}
+# QLoRA on a CPU (bitsandbytes' CPU backend): its 4-bit matmuls cast each input to bf16 and back,
+# which keeps this multiple of LoRA's activations (measured once: h768, 2 x 1024 tokens)
+CPU_QLORA_ACTIVATIONS = 1.35
 # Resident memory of a CPU training process before its model loads: the Python, torch,
 # transformers, accelerate and datasets imports, the tokenizer and the prepared set (`train`
 # measures its own instead); peft's import for LoRA; and what the first steps add whatever the
@@ -395,6 +398,8 @@ def activations(c, s: Strategy, k: Knobs, d: Device, rows: int, seq: int, tokens
         total = checkpointed if d.cuda else max(checkpointed, total * CPU_CHECKPOINT_KEPT["lora" if lora else "full"])
     if not d.cuda and s.accumulation > 1:
         total *= CPU_ACCUMULATED
+    if not d.cuda and s.method == "qlora":
+        total *= CPU_QLORA_ACTIVATIONS
     if k.attention == "eager":  # the attention probabilities, per head and query-key pair
         full = c.num_hidden_layers - len(linear_attention_layers(c))
         total += rows * full * c.num_attention_heads * seq * seq * 2 * size
@@ -409,7 +414,9 @@ def loss_head(c, s: Strategy, k: Knobs, d: Device, supervised: int, lora: bool) 
     if chunk <= 0 or s.backend == "zero3" or k.fp16:  # the plain path: fp32 logits, their log-softmax and gradient
         return supervised * vocab * 4 * 3
     rows = min(chunk, supervised)
-    head = rows * vocab * (4 + (4 if k.bf16 else 0)) + supervised * h * 4 * 2  # logits/softmax; rows and their gradient
+    # a bf16 matmul (--bf16, or a LoRA base loaded in bf16: QLoRA's) gives bf16 logits, fp32 softmax, bf16 gradient
+    low = k.bf16 or s.method == "qlora"
+    head = rows * vocab * (8 if low else 4) + supervised * h * 4 * 2  # logits/softmax; rows and their gradient
     if not lora:  # the lm_head's gradient, summed over chunks (fp32 on a CPU: a temporary per chunk under bf16)
         head += vocab * h * 4 * (2 if k.bf16 and not d.cuda else 1)
     if k.bf16 and not lora:
