@@ -91,7 +91,7 @@ def check_launch(accelerator) -> None:
                           "--config_file accelerate_configs/multi_gpu.yaml (DDP) or a deepspeed_*.yaml")
     # accelerate launch --num_processes N without --multi_gpu or a config file starts ONE process;
     # its simple launcher still exports MASTER_ADDR for the N it was asked for
-    simple_launch = "ACCELERATE_MIXED_PRECISION" in os.environ and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true"
+    simple_launch = "ACCELERATE_MIXED_PRECISION" in os.environ and not deepspeed_launched()
     if started == 1 and simple_launch and "MASTER_ADDR" in os.environ:
         raise ConfigError("accelerate launch was asked for several processes but started one (MASTER_ADDR is set, "
                           "WORLD_SIZE is not: no --multi_gpu and no config file). Add --config_file "
@@ -160,20 +160,33 @@ def check_sequence_world(size: int, world: int) -> None:
                           f"of {size} (--num_processes) or pick a divisor of {world}")
 
 
-def check_deepspeed_file(cfg: SFTConfig) -> None:
-    """The batch check above, from the JSON file accelerate launch names, before anything heavy is
-    imported: the Accelerator's own check would come only after the imports and set-up."""
+def deepspeed_launched() -> bool:
+    """accelerate launch started this process with a DeepSpeed config (it exports this)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+
+
+def deepspeed_file() -> dict:
+    """The DeepSpeed JSON that accelerate launch names, read before the Accelerator exists; {} without
+    one, or where it cannot be read (accelerate then names the file and what is wrong with it)."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" or not path or cfg.per_device_train_batch_size == AUTO:
-        return  # auto: checked by make_accelerator once the micro-batch is chosen
+    if not deepspeed_launched() or not path:
+        return {}
     import json
 
     try:
         with open(path, encoding="utf-8") as f:
             ds = json.load(f)
     except (OSError, ValueError):
-        return  # accelerate names the file and what is wrong with it
-    if isinstance(ds, dict):
+        return {}
+    return ds if isinstance(ds, dict) else {}
+
+
+def check_deepspeed_file(cfg: SFTConfig) -> None:
+    """The batch check above, from the JSON file accelerate launch names, before anything heavy is
+    imported: the Accelerator's own check would come only after the imports and set-up."""
+    if cfg.per_device_train_batch_size == AUTO:
+        return  # checked by make_accelerator once the micro-batch is chosen
+    if ds := deepspeed_file():
         check_deepspeed_batch(ds, cfg, launched_processes())
 
 
@@ -187,7 +200,7 @@ def make_accelerator(cfg: SFTConfig, log_with: str | None = None):
     # Without a GPU, DeepSpeed needs gloo named here: otherwise every rank silently trains alone
     # (the data not split, the loss doubled). The time-out is an option: rank 0 may tokenize a big
     # set while the others wait.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    deepspeed = deepspeed_launched()
     launched = launched_processes() > 1 or deepspeed
     backend = "gloo" if launched and not torch.cuda.is_available() else None
     timeout = timedelta(minutes=cfg.ddp_timeout_minutes)
@@ -279,21 +292,14 @@ def launch_backend(world: int) -> tuple[str, bool]:
     FSDP2's weights) on the CPU."""
     if fsdp_version() == 2 and world > 1:
         return "fsdp2", fsdp_offload()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+    if not deepspeed_launched():
         return ("ddp" if world > 1 else "single"), False
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
     offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if path:
-        import json
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                zero = json.load(f).get("zero_optimization", {})
-            stage = str(zero.get("stage", stage))
-            offload = (zero.get("offload_optimizer") or {}).get("device", "none")
-        except (OSError, ValueError, AttributeError):
-            pass  # accelerate names the file and what is wrong with it
+    zero = deepspeed_file().get("zero_optimization")
+    if isinstance(zero, dict):  # the JSON file, where there is one, is what DeepSpeed reads
+        stage = str(zero.get("stage", stage))
+        offload = (zero.get("offload_optimizer") or {}).get("device", "none")
     return f"zero{stage if stage in ('1', '2', '3') else '2'}", offload not in ("none", "", None)
 
 

@@ -55,6 +55,13 @@ LORA_DROPOUT = 0.05  # lora_dropout's value where no expert parameter is targete
 LOSS_CHUNK_BYTES = {"cpu": int(0.3 * 2**30), "cuda": int(1.25 * 2**30)}
 
 
+def loss_chunk_rows(cuda: bool, vocab_size: int) -> int:
+    """loss_chunk_size -1 on this device and vocabulary: the most rows, a power of two, whose fp32
+    logits fit LOSS_CHUNK_BYTES."""
+    rows = LOSS_CHUNK_BYTES["cuda" if cuda else "cpu"] // (4 * vocab_size)
+    return 1 << max(rows.bit_length() - 1, 4)
+
+
 @dataclass
 class ModelOptions:
     model_name_or_path: str = "tiny-qwen3"
@@ -351,10 +358,7 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
 
     def loss_chunk(self, cuda: bool, vocab_size: int) -> int:
         """loss_chunk_size, with -1 resolved for the device and the vocabulary (see its docstring)."""
-        if self.loss_chunk_size >= 0:
-            return self.loss_chunk_size
-        rows = LOSS_CHUNK_BYTES["cuda" if cuda else "cpu"] // (4 * vocab_size)
-        return 1 << max(rows.bit_length() - 1, 4)
+        return self.loss_chunk_size if self.loss_chunk_size >= 0 else loss_chunk_rows(cuda, vocab_size)
 
     def padding_free(self, cuda: bool) -> bool:
         """Packed micro-batches become one row with no padding (attention that takes varlen offsets)."""

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 from sftkit.arch.flops import attention, delta_net, flops_per_step_fn, head_dim, is_moe_layer, peak_flops
 from sftkit.arch.table import arch_of, linear_attention_layers
+from sftkit.config import loss_chunk_rows
 
 GiB = 2**30
 FAMILY_FILE = "family_configs.json"  # in sftkit/assets: the published configs of every family size
@@ -261,7 +262,16 @@ class Workload:
     tokens: int = 0           # the whole prepared set, one epoch (0: unknown)
     supervised_tokens: int = 0
     epochs: float = 1.0
-    supervised_fraction: float = 1.0  # of a micro-batch's tokens (the prepared set's; 1 when unknown)
+
+    @property
+    def supervised_fraction(self) -> float:
+        """Of a micro-batch's tokens: the prepared set's share, 1 when unknown."""
+        return self.supervised_tokens / self.tokens if self.tokens and self.supervised_tokens else 1.0
+
+    @property
+    def row_length(self) -> int:
+        """Tokens in a row of the largest micro-batch: a packed row is full, a padded one the longest example."""
+        return self.max_length if self.packing else min(self.max_length, self.longest or self.max_length)
 
 
 @dataclass(frozen=True)
@@ -353,7 +363,7 @@ def estimate(c, s: Strategy, w: Workload, d: Device, k: Knobs = Knobs()) -> Esti
     if s.sharded:  # the decoder layer being computed, gathered whole, and the next one prefetched
         parts["gathered_layers"] = 2 * base / c.num_hidden_layers
 
-    rows, seq = s.micro_batch, w.max_length if w.packing else min(w.max_length, w.longest or w.max_length)
+    rows, seq = s.micro_batch, w.row_length
     tokens = rows * seq // s.sequence_parallel
     parts["activations"] = activations(c, s, k, d, rows, seq, tokens, lora)
     parts["loss_head"] = loss_head(c, s, k, d, int(tokens * w.supervised_fraction) or 1, lora)
@@ -368,13 +378,8 @@ def estimate(c, s: Strategy, w: Workload, d: Device, k: Knobs = Knobs()) -> Esti
     moment = max(moments, key=moments.get)
     est = Estimate(s, moments[moment], moment, {name: v for name, v in parts.items() if v})
     est.fits = est.peak <= d.usable if d.memory else True
-    speed(est, c, s, w, d, trainable, lora, tokens, max(1, d.count // s.sequence_parallel))
+    speed(est, c, w, d, trainable, tokens, base, p.total)
     return est
-
-
-def base_bytes(c, s: Strategy) -> float:
-    """The weights in 16 bits (a GPU run's), as ZeRO-3 with offload moves them."""
-    return count_params(c).total * (0.52 if s.method == "qlora" else 2)
 
 
 def trainable_params(c, s: Strategy, k: Knobs) -> int:
@@ -410,7 +415,7 @@ def loss_head(c, s: Strategy, k: Knobs, d: Device, supervised: int, lora: bool) 
     """The loss head's memory at the end of the forward (sftkit/loss.py): one chunk of logits and its
     softmax, the lm_head's gradient where it trains, or the plain path's logits of every supervised token."""
     vocab, h = c.vocab_size, c.hidden_size
-    chunk = k.loss_chunk if k.loss_chunk >= 0 else loss_chunk(d.cuda, vocab)
+    chunk = k.loss_chunk if k.loss_chunk >= 0 else loss_chunk_rows(d.cuda, vocab)
     if chunk <= 0 or s.backend == "zero3" or k.fp16:  # the plain path: fp32 logits, their log-softmax and gradient
         return supervised * vocab * 4 * 3
     rows = min(chunk, supervised)
@@ -432,18 +437,14 @@ def load_bytes(c, s: Strategy, p: Params, base: float, k: Knobs) -> float:
     return file_size if same else file_size + base
 
 
-def loss_chunk(cuda: bool, vocab: int) -> int:
-    from sftkit.config import LOSS_CHUNK_BYTES
-
-    rows = LOSS_CHUNK_BYTES["cuda" if cuda else "cpu"] // (4 * vocab)
-    return 1 << max(rows.bit_length() - 1, 4)
-
-
-def speed(est: Estimate, c, s: Strategy, w: Workload, d: Device, trainable: int, lora: bool,
-          tokens: int, dp: int) -> None:
-    """Tokens per second of the whole run (all processes) and the time for the dataset."""
+def speed(est: Estimate, c, w: Workload, d: Device, trainable: int, tokens: int, base: float, total: int) -> None:
+    """Tokens per second of the whole run (all processes) and the time for the dataset. `tokens`: a
+    micro-batch's per process; `base`: one process's weights, in the dtype the run holds them;
+    `total`: the model's parameters."""
+    s = est.strategy
+    lora = s.method != "full"
     flops = flops_per_step_fn(c, lora)
-    length = w.max_length if w.packing else min(w.max_length, w.longest or w.max_length)
+    length = w.row_length
     per_token = flops(length, int(length * w.supervised_fraction), length * length) / length
     if s.checkpointing:
         per_token *= 3 / 2 if lora else 4 / 3  # one more forward: LoRA's step is 2 forwards' work, a full one 3
@@ -457,13 +458,13 @@ def speed(est: Estimate, c, s: Strategy, w: Workload, d: Device, trainable: int,
         share = trainable / max(1, d.count)  # gradients down and weights up in 16 bits, AdamW on the CPU
         comm_s += 2 * 2 * share / PCIE_BYTES_PER_S + share / CPU_ADAM_PARAMS_PER_S
     if s.offload and s.backend == "zero3":  # the weights come from the CPU for the forward, recompute and backward
-        comm_s += 3 * est.strategy.accumulation * base_bytes(c, s) / d.count / PCIE_BYTES_PER_S
+        comm_s += 3 * s.accumulation * base / d.count / PCIE_BYTES_PER_S
     if s.sharded and d.count > 1:
-        comm_s += 3 * 2 * count_params(c).total / LINK_BYTES_PER_S * (1 - OVERLAP)
+        comm_s += 3 * 2 * total / LINK_BYTES_PER_S * (1 - OVERLAP)
     seconds = compute_s + comm_s
     if s.method == "qlora":
         seconds /= QLORA_SLOWDOWN
-    est.tokens_per_s = step_tokens * dp / seconds
+    est.tokens_per_s = step_tokens * max(1, d.count // s.sequence_parallel) / seconds  # data-parallel groups
     if w.tokens and w.epochs:
         est.dataset_s = w.tokens * w.epochs / est.tokens_per_s
 
@@ -552,10 +553,6 @@ def largest_micro_batch(c, s: Strategy, w: Workload, d: Device, k: Knobs, step_e
     return None
 
 
-def as_json(ests: list[Estimate]) -> str:
-    return json.dumps([e.record() for e in ests], indent=1)
-
-
 def human(x: float) -> str:
     return f"{x / GiB:.1f} GiB" if x >= GiB else f"{x / 2**20:.0f} MiB"
 
@@ -568,7 +565,6 @@ def duration(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
 
 
 # ---- from a run's options --------------------------------------------------------------------------
@@ -589,8 +585,7 @@ def workload_of(cfg, manifest: dict | None = None) -> Workload:
     m = manifest or {}
     tokens, supervised = m.get("tokens") or 0, m.get("supervised_tokens") or 0
     epochs = cfg.num_train_epochs if cfg.max_steps < 0 else 0.0
-    return Workload(cfg.max_length, (m.get("length") or {}).get("max") or 0, cfg.packing, tokens, supervised,
-                    epochs, supervised / tokens if tokens and supervised else 1.0)
+    return Workload(cfg.max_length, (m.get("length") or {}).get("max") or 0, cfg.packing, tokens, supervised, epochs)
 
 
 # ---- the command line of a strategy ---------------------------------------------------------------
