@@ -16,10 +16,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from sftkit.arch.packed_attention import offsets
+from sftkit.arch.vision import Vision, mrope_positions
 from sftkit.data.render import IGNORE_INDEX
 
 GROUP_SPAN = 64  # length grouping sorts within windows of 64 optimizer steps: little padding, still random
@@ -136,7 +138,8 @@ def total_steps(schedule: Schedule, epochs: float, max_steps: int) -> int:
     return max(1, math.ceil(epochs * schedule.steps_per_epoch))
 
 
-def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: bool = False) -> MicroBatch:
+def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: bool = False,
+            vision: Vision | None = None) -> MicroBatch:
     """Rows of examples -> a right-padded micro-batch.
 
     Padded: one example per row, with an attention mask. Packed: several examples per row with
@@ -185,6 +188,8 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     inputs = {"input_ids": ids, "position_ids": positions} if packed else {"input_ids": ids, "attention_mask": mask}
+    if vision is not None:
+        inputs.update(image_inputs(rows, seqs, positions, vision))
     if packed:
         # each row's examples, then its padding as a sequence of its own, rows end to end
         cu, longest = offsets([n for row, s in zip(rows, seqs) for n in
@@ -195,13 +200,44 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
                       torch.tensor(lengths, dtype=torch.long))
 
 
+def image_inputs(rows: list[list[dict]], seqs: list[list[int]], positions: torch.Tensor, vision: Vision) -> dict:
+    """A vision-language model's inputs beyond the ids: position_ids (4, rows, width), the text
+    positions then each example's own M-RoPE positions (sftkit/arch/vision.py), and where the rows
+    hold images, their pixel_values and image_grid_thw, in the order their tokens come (row by row)."""
+    from sftkit.data.images import pixels
+
+    paths = [path for row in rows for e in row for path in e.get("images") or ()]
+    got = pixels([Path(p).read_bytes() for p in paths], vision.processor) if paths else None
+    grids = [tuple(g) for g in got["image_grid_thw"].tolist()] if got else []
+    mrope = positions[None].repeat(3, 1, 1)
+    k = 0
+    for i, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n, m = len(e["input_ids"]), len(e.get("images") or ())
+            if m:
+                ids = torch.as_tensor(seqs[i][at:at + n])
+                want = sum(t * h * w // vision.merge_size ** 2 for t, h, w in grids[k:k + m])
+                if int((ids == vision.image_token_id).sum()) != want:
+                    raise ValueError(f"an example holds {int((ids == vision.image_token_id).sum())} image tokens "
+                                     f"where the image processor makes {want}: its set was prepared with another "
+                                     "image processor; prepare it again with this model")
+                mrope[:, i, at:at + n] = mrope_positions(ids, grids[k:k + m], vision.image_token_id, vision.merge_size)
+                k += m
+            at += n
+    out = {"position_ids": torch.cat([positions[None], mrope])}
+    if got:
+        out.update(pixel_values=got["pixel_values"].float(), image_grid_thw=got["image_grid_thw"].long())
+    return out
+
+
 def load_micro_batch(dataset, rows: list[list[int]], pad_id: int, packed: bool = False,
-                     padding_free: bool = False) -> MicroBatch:
+                     padding_free: bool = False, vision: Vision | None = None) -> MicroBatch:
     """Collate these rows of example indices; with none, one example with no supervised token keeps
     every rank in step (each rank must run forward and backward) while adding nothing to the loss."""
     if not rows:
-        return collate([[{**dataset[0], "weight": 0}]], pad_id, packed)
-    return collate([[dataset[i] for i in row] for row in rows], pad_id, packed, padding_free)
+        return collate([[{**dataset[0], "weight": 0}]], pad_id, packed, vision=vision)
+    return collate([[dataset[i] for i in row] for row in rows], pad_id, packed, padding_free, vision)
 
 
 def shard_sequence(batch: MicroBatch, size: int, index: int) -> MicroBatch:
@@ -211,6 +247,8 @@ def shard_sequence(batch: MicroBatch, size: int, index: int) -> MicroBatch:
     offsets (its attention sees every token after the all-to-all) and the targets of its own
     logits; tokens, slots and attention pairs are split so that their sums over the shards are the
     row's."""
+    if "pixel_values" in batch.inputs:
+        raise ValueError("sequence parallelism does not split rows with images")
     ids, positions = batch.inputs["input_ids"], batch.inputs["position_ids"]
     if ids.shape[0] != 1:
         raise ValueError("sequence parallelism shards padding-free rows (packing with varlen attention)")
@@ -273,15 +311,16 @@ class StepBatches(torch.utils.data.Dataset):
     workers can then collate ahead of the training loop, and a resumed run starts at any step."""
 
     def __init__(self, dataset, schedule: Schedule, accumulation: int, rank: int, pad_id: int,
-                 packed: bool, padding_free: bool = False, sequence: tuple[int, int] = (1, 0)):
+                 packed: bool, padding_free: bool = False, sequence: tuple[int, int] = (1, 0),
+                 vision: Vision | None = None):
         self.dataset, self.schedule, self.accumulation, self.rank = dataset, schedule, accumulation, rank
-        self.pad_id, self.packed, self.padding_free = pad_id, packed, padding_free
+        self.pad_id, self.packed, self.padding_free, self.vision = pad_id, packed, padding_free, vision
         self.sequence = sequence  # (processes sharing each row, this one's shard): sequence parallelism
 
     def __getitem__(self, step: int) -> list[MicroBatch]:
         first = step * self.accumulation
         batches = [load_micro_batch(self.dataset, self.schedule.examples(first + i, self.rank), self.pad_id,
-                                    self.packed, self.padding_free) for i in range(self.accumulation)]
+                                    self.packed, self.padding_free, self.vision) for i in range(self.accumulation)]
         size, index = self.sequence
         return batches if size == 1 else [shard_sequence(b, size, index) for b in batches]
 
@@ -305,7 +344,10 @@ class PackedStep:
             parts = {}
             for name, shape, dtype in fields:
                 n = math.prod(shape)
-                parts[name] = self.buffer[at:at + n].view(shape).to(dtype)
+                part = self.buffer[at:at + n]
+                # float32 travels as its bits (see pack)
+                parts[name] = part.int().view(torch.float32).view(shape) if dtype == torch.float32 else \
+                    part.view(shape).to(dtype)
                 at += n
             keep, targets = parts.pop("keep"), parts.pop("targets")
             extra = {k: parts.pop(k) for k in PER_EXAMPLE if k in parts}
@@ -321,7 +363,8 @@ def pack(batches: list[MicroBatch]) -> PackedStep:
         numbers = {k: v for k, v in b.inputs.items() if not torch.is_tensor(v)}
         layout.append(([(k, tuple(t.shape), t.dtype) for k, t in tensors.items()], b.tokens, b.slots, b.attn_pairs,
                        numbers))
-        pieces += [t.reshape(-1).long() for t in tensors.values()]
+        pieces += [t.reshape(-1).view(torch.int32).long() if t.dtype == torch.float32 else t.reshape(-1).long()
+                   for t in tensors.values()]
     return PackedStep(torch.cat(pieces), layout)
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftkit.accel import is_zero3
+from sftkit.arch.layout import copy_processor_files
 from sftkit.arch.layout import restore as restore_layout
 from sftkit.digest import algo_of, of_bytes, of_files
 from sftkit.errors import ConfigError, SftkitError
@@ -188,6 +189,7 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
         if state_dict is not None:
             check_saved_shapes(path, unwrapped)
         restore_layout(path, cfg.model_name_or_path)  # a Qwen3.5 base: its vision tower and MTP weights too
+        copy_processor_files(cfg.model_name_or_path, path)  # and the processor serving takes images with
         apply_umask(path)
     accelerator.wait_for_everyone()
 

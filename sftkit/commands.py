@@ -14,7 +14,7 @@ from sftkit.progress import console
 
 def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
     from sftkit.data.prepare import load_prepared, prepare
-    from sftkit.models import load_tokenizer
+    from sftkit.models import load_image_spec, load_tokenizer
     from sftkit.report import print_examples, print_manifest
     from sftkit.run_dir import check_output_dir
 
@@ -26,7 +26,8 @@ def prepare_command(cfg: SFTConfig, inspect_n: int = 0) -> dict:
     check_data(cfg.data_path, cfg)
     check_hub_name(cfg.model_name_or_path)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
-    manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, cfg.mixing())
+    manifest = prepare(cfg.data_options(), cfg.data_path, out, tokenizer, con, cfg.mixing(),
+                       image_spec=load_image_spec(cfg.model_name_or_path, tokenizer))
     print_manifest(manifest, out, con)
     if inspect_n:
         print_examples(load_prepared(out), tokenizer, inspect_n, con)
@@ -85,21 +86,27 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
     many prompts (samples.jsonl) and exact match, token F1 and ROUGE-L against the references."""
     out = check_eval(model_path, cfg, output_dir)  # before torch imports, as in train
     from sftkit.accel import make_accelerator
+    from sftkit.arch.vision import vision_of
     from sftkit.data.dataset import prepared_dir
     from sftkit.data.prepare import load_prepared
-    from sftkit.evaluate import evaluate_loss, load_for_eval
+    from sftkit.evaluate import eval_image_spec, eval_tokenizer, evaluate_loss, load_for_eval
     from sftkit.io import atomic_write_json
     from sftkit.report import print_eval
 
     con = console()
     accelerator = make_accelerator(cfg)
-    model, tokenizer = load_for_eval(model_path, cfg)
+    tokenizer = eval_tokenizer(model_path, cfg)  # its chat template is checked before any weights load
+    image_spec = eval_image_spec(model_path, cfg, tokenizer)
     with accelerator.main_process_first():
         data_dir = prepared_dir(cfg.data_options(), cfg.data_path, tokenizer,
-                                con if accelerator.is_main_process else None)
+                                con if accelerator.is_main_process else None, image_spec=image_spec)
     dataset = load_prepared(data_dir)
+    images = "images" in dataset.column_names
+    model, tokenizer = load_for_eval(model_path, cfg, vision=images)
     model = accelerator.prepare(model)
-    result = evaluate_loss(model, dataset, accelerator, cfg.per_device_eval_batch_size, tokenizer.pad_token_id)
+    vision = vision_of(accelerator.unwrap_model(model).config, image_spec.processor) if images else None
+    result = evaluate_loss(model, dataset, accelerator, cfg.per_device_eval_batch_size, tokenizer.pad_token_id,
+                           vision=vision)
     result.update(model=str(model_path), data=cfg.data_path)
     if gen is not None and gen.num_samples > 0:
         from sftkit.generate import generate_samples, reference_metrics

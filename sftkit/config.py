@@ -48,6 +48,7 @@ PACKING_ATTENTION = ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "fl
 # row with no padding at all; eager/sdpa would build a block mask quadratic in that row instead.
 VARLEN_ATTENTION = ("varlen", "flash_attention_2", "flash_attention_3")
 DTYPES = ("float32", "bfloat16", "float16")
+VISION_TRAINING = ("frozen", "merger", "tower")
 LORA_DROPOUT = 0.05  # lora_dropout's value where no expert parameter is targeted
 # loss_chunk_size -1: one chunk's fp32 logits at most this many bytes (cpu, cuda). On a CPU a larger
 # chunk runs no faster; on a GPU 1.25 GiB (2048 rows of Qwen3) keeps the lm_head gradient's pass per
@@ -77,6 +78,12 @@ class ModelOptions:
     flash-attn's if installed, a per-example sdpa loop on a CPU."""
     chat_template: str | None = None
     """A Jinja chat template file that replaces the tokenizer's own. Default: the model's template."""
+    train_vision: str = "frozen"
+    """With images in the data: what of the vision tower trains. frozen (its default), merger (the
+    projection into the language model), or tower (the whole vision tower and merger).
+
+    Under LoRA the merger or tower train in full (PEFT's modules_to_save); LoRA's adapters stay on the
+    language model."""
 
 
 @dataclass
@@ -296,6 +303,7 @@ class SFTConfig(LogOptions, LoraOptions, TrainOptions, DataOptions, ModelOptions
         DataOptions.validate(self)  # every field's type, then the data group's values
         check_choice(self, "lr_scheduler_type", SCHEDULERS)
         check_choice(self, "torch_compile_backend", COMPILE_BACKENDS)
+        check_choice(self, "train_vision", VISION_TRAINING)
         backend = next(f for f in dataclasses.fields(self) if f.name == "torch_compile_backend")
         if self.torch_compile_backend != default_of(backend) and not self.torch_compile:
             raise ConfigError(f"torch_compile_backend {self.torch_compile_backend} set without torch_compile; add "

@@ -66,8 +66,10 @@ def _format(h, algo: str) -> str:
 
 
 def record(root: Path, under: str) -> dict[str, dict]:
-    """{path relative to root: {"size": bytes, "digest": ...}} for every file under root/under."""
-    files = sorted(p for p in (root / under).rglob("*") if p.is_file())
+    """{path relative to root: {"size": bytes, "digest": ...}} for every file under root/under (the
+    file itself where it is one; nothing where it is missing)."""
+    top = root / under
+    files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
     return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "digest": d}
             for p, d in zip(files, of_files(files))}
 

@@ -64,10 +64,13 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     import torch  # the checks above come first: peft's import alone takes seconds
     from transformers import AutoModelForCausalLM
 
+    from sftkit.arch.layout import adapter_on_vision_model, copy_processor_files
     from sftkit.arch.layout import restore as restore_layout
 
     tokenizer = load_tokenizer(tokenizer_source)
-    base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto")
+    # an adapter trained on images: merged into the vision-language model it was trained on
+    base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto",
+                      vision=adapter_on_vision_model(adapter))
     if getattr(base.config, "quantization_config", None):
         raise ConfigError(f"{base_name} is quantized; merge into the full-precision base (load it without "
                           "quantization), since merged low-bit weights lose the adapter's update")
@@ -94,6 +97,7 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
         with atomic_directory(Path(output_dir)) as tmp:  # a failure removes tmp: no half-written folder stays
             merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=opts.max_shard_size)
             restore_layout(tmp, base_name)  # a Qwen3.5 base: written as the vision-language model it came as
+            copy_processor_files(base_name, tmp)
             tokenizer.save_pretrained(tmp)
             gen = merged.generation_config
             ensure_stop_token(gen, tokenizer)

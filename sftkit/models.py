@@ -150,6 +150,30 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: st
     return tok
 
 
+def load_image_spec(name: str, tokenizer):
+    """The model's image processor as rendering needs it (sftkit.data.images.ImageSpec), or None for
+    a text model: a vision-language config (vision_config) with a preprocessor_config.json beside it.
+    transformers picks the processor's PIL form where torchvision is absent (same token counts)."""
+    import json
+
+    p = Path(resolve_model_path(name))
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(config, dict) and "vision_config" in config and (p / "preprocessor_config.json").is_file()):
+        return None
+    from transformers import AutoImageProcessor
+
+    from sftkit.data.images import image_spec
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(p)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the image processor of '{name}': {' '.join(str(err).split())[:200]}") from None
+    return image_spec(processor, tokenizer)
+
+
 def min_saved_bytes(name: str) -> int:
     """The least a saved copy of a local model's weights takes: half its safetensors files (float32
     saved as bfloat16 is the largest shrink); 0 where the weights are not local files."""
@@ -170,10 +194,12 @@ def check_weights_format(path: str, allow_pickle: bool = False) -> None:
 
 
 def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-               extra: dict | None = None):
-    """`extra`: more arguments for from_pretrained (a quantization config and its device map)."""
+               extra: dict | None = None, vision: bool = False):
+    """`extra`: more arguments for from_pretrained (a quantization config and its device map).
+    `vision`: the vision-language model (its image-text class, vision tower and all), for data with
+    images; otherwise a vision-language checkpoint loads as its text model alone."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = resolve_model_path(name)
     check_model_code(path, trust_remote_code)
@@ -183,7 +209,7 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
 
         attn_implementation = register()
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(
             path, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, use_safetensors=True if Path(path).is_dir() else None,
             **(extra or {}),
@@ -192,12 +218,16 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
         raise ConfigError(f"cannot load model '{name}': {' '.join(str(err).split())[:300]}") from None
 
 
-def build_for_training(cfg, cuda: bool = False, sequence=None):
+def build_for_training(cfg, cuda: bool = False, sequence=None, vision: bool = False):
     """The model as it trains: base weights, then LoRA or not, gradient checkpointing, no cache.
     `cuda`: it trains on a GPU, which decides what attn_implementation auto means. `sequence`: the
-    process's SequenceGroup under sequence parallelism (its attention then splits heads)."""
+    process's SequenceGroup under sequence parallelism (its attention then splits heads). `vision`:
+    the data has images: the vision-language model, its vision tower trained as cfg.train_vision says."""
     attention = cfg.attention(cuda)
-    model = load_model(cfg.model_name_or_path, base_dtype(cfg), attention, cfg.trust_remote_code, quantized(cfg, cuda))
+    model = load_model(cfg.model_name_or_path, base_dtype(cfg), attention, cfg.trust_remote_code, quantized(cfg, cuda),
+                       vision)
+    if vision:
+        freeze_vision(model, cfg.train_vision)
     if attention == "varlen":
         from sftkit.arch.packed_attention import check_model
 
@@ -226,7 +256,8 @@ def build_for_training(cfg, cuda: bool = False, sequence=None):
                           use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
                           target_modules=lora_targets(cfg, model.config),
                           target_parameters=lora_parameters(cfg, model.config) or None,
-                          modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
+                          modules_to_save=list(cfg.modules_to_save) + vision_modules_to_save(cfg, vision) or None,
+                          task_type="CAUSAL_LM")
         try:
             model = get_peft_model(model, lora)
         except ValueError as err:
@@ -235,6 +266,29 @@ def build_for_training(cfg, cuda: bool = False, sequence=None):
     if cfg.torch_compile:
         compile_layers(model, cfg.torch_compile_backend)
     return model
+
+
+# where Qwen3.5 and Qwen3-VL keep their vision tower, and within it the merger(s) into the language model
+VISION_TOWER = "visual"
+VISION_MERGERS = ("merger", "deepstack_merger_list")
+
+
+def freeze_vision(model, train_vision: str) -> None:
+    """The vision tower's parameters frozen, all of them ("frozen"), all but the mergers ("merger"),
+    or none ("tower")."""
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if VISION_TOWER not in parts:
+            continue
+        merger = any(m in parts for m in VISION_MERGERS)
+        param.requires_grad_(train_vision == "tower" or (train_vision == "merger" and merger))
+
+
+def vision_modules_to_save(cfg, vision: bool) -> list[str]:
+    """Under LoRA, what of the vision tower trains in full (PEFT's modules_to_save)."""
+    if not vision or cfg.train_vision == "frozen":
+        return []
+    return [f"{VISION_TOWER}.{m}" for m in VISION_MERGERS] if cfg.train_vision == "merger" else [VISION_TOWER]
 
 
 def compile_layers(model, backend: str) -> None:

@@ -61,13 +61,13 @@ def layer_kind(config, index: int) -> str:
 
 
 def check_packing(model, config, examples: list[dict], pad_id: int, padding_free: bool, device,
-                  head: FusedHead | None, half: bool) -> PackingCheck:
+                  head: FusedHead | None, half: bool, vision=None) -> PackingCheck:
     """Run `examples` packed in one row (as training collates them) and each alone (padded layout),
     in eval mode without gradients, and compare every layer's hidden states and the loss. Every
     rank runs the same examples, so sharded models (ZeRO-3, FSDP2) gather in step."""
     start = time.perf_counter()
-    packed = collate([examples], pad_id, packed=True, padding_free=padding_free).to(device)
-    apart = [collate([[e]], pad_id, packed=False).to(device) for e in examples]
+    packed = collate([examples], pad_id, packed=True, padding_free=padding_free, vision=vision).to(device)
+    apart = [collate([[e]], pad_id, packed=False, vision=vision).to(device) for e in examples]
     training = model.training
     model.eval()  # no dropout: the two layouts see the same function
     try:

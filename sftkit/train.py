@@ -31,6 +31,7 @@ from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.arch.moe import RouterBalance, router_balance
 from sftkit.arch.packed_linear_attention import kernel_warning, linear_attention_path_of
 from sftkit.arch.table import text_config
+from sftkit.arch.vision import Vision, vision_of
 from sftkit.batching import (
     MicroBatch,
     PackedSteps,
@@ -70,6 +71,7 @@ from sftkit.models import (
     build_for_training,
     count_parameters,
     experts_note,
+    load_image_spec,
     load_tokenizer,
     resolve_model_path,
 )
@@ -111,6 +113,7 @@ class Run:
     last_loss: float | None = None   # the last logged train loss, for the end line
     packing_check: dict | None = None  # probe_packing's record, for the start line
     forecast: dict | None = None  # the memory model's prediction (memory_check.py), for the start and end lines
+    vision: Vision | None = None  # the data has images: how a micro-batch's become the model's inputs
 
     @property
     def out(self) -> Path:
@@ -203,7 +206,15 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
-    train_set, eval_set, manifest = load_sets(cfg, accelerator, tokenizer, console)
+    image_spec = load_image_spec(cfg.model_name_or_path, tokenizer)  # None: a text model
+    train_set, eval_set, manifest = load_sets(cfg, accelerator, tokenizer, console, image_spec)
+    images = "images" in train_set.column_names or (eval_set is not None and "images" in eval_set.column_names)
+    if images and image_spec is None:
+        raise ConfigError(f"the training data has images, but {cfg.model_name_or_path} is a text model (no image "
+                          "processor, preprocessor_config.json); train a vision-language model on it (Qwen3.5, Qwen3-VL)")
+    if images and cfg.sequence_parallel_size > 1:
+        raise ConfigError(f"--sequence_parallel_size {cfg.sequence_parallel_size} splits packed rows over processes, "
+                          "and an image's tokens must stay with its pixels; train data with images without it")
     data_fp = manifest["fingerprint"]
     forecast = predict_memory(cfg, manifest)  # refused here, before the model loads, if it will not fit
     sequence = sequence_group(cfg, accelerator)  # None unless --sequence_parallel_size > 1
@@ -224,7 +235,7 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
         cfg, spelled_fingerprint(cfg.data_options(), cfg.data_path, tokenizer, cfg.mixing()),
         accelerator.num_processes)) if cfg.resume_from_checkpoint else None
     cuda = accelerator.device.type == "cuda"  # Run.cuda, before there is a Run
-    model = build_for_training(cfg, cuda, sequence)  # auto attention: varlen on a GPU
+    model = build_for_training(cfg, cuda, sequence, images)  # auto attention: varlen on a GPU
     add_neftune(model, cfg.neftune_noise_alpha)  # train mode only: eval and final/ never see it
     trainable, total = count_parameters(model)
     if shards_model(accelerator):  # FSDP2: sharded here, before the optimizer sees its parameters
@@ -255,7 +266,7 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s, lock=lock, saved_step=state.step if resume else None,
               balance=router_balance(unwrapped.config, cfg.router_aux_loss_coef), sequence=sequence,
-              forecast=forecast)
+              forecast=forecast, vision=vision_of(unwrapped.config, image_spec.processor) if images else None)
     if sequence is not None and run.balance is not None:
         raise ConfigError(f"--sequence_parallel_size {sequence.size}: the MoE balance loss is computed per example, "
                           "and an example's tokens are split over processes here; add --router_aux_loss_coef 0")
@@ -281,20 +292,21 @@ def probe_packing(run: Run) -> dict | None:
     model = run.accelerator.unwrap_model(run.model)
     half = run.accelerator.mixed_precision != "no" or next(model.parameters()).dtype != torch.float32
     check = check_packing(run.model, model.config, [run.train_set[i] for i in chosen], run.tokenizer.pad_token_id,
-                          cfg.padding_free(run.cuda), run.accelerator.device, run.head, half)
+                          cfg.padding_free(run.cuda), run.accelerator.device, run.head, half, run.vision)
     if check.leaked:
         raise leak_error(check)
     return check.record()
 
 
-def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None):
+def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None, image_spec=None):
     """(train set, eval set or None, the train set's manifest), prepared on rank 0 first; the
-    other ranks then find its cache."""
+    other ranks then find its cache. `image_spec`: the model's image processor, for rows with images."""
     main, opts = accelerator.is_main_process, cfg.data_options()
     with accelerator.main_process_first():
-        train_dir = prepared_dir(opts, cfg.data_path, tokenizer, console if main else None, cfg.mixing())
+        train_dir = prepared_dir(opts, cfg.data_path, tokenizer, console if main else None, cfg.mixing(),
+                                 image_spec=image_spec)
         eval_dir = prepared_dir(opts, [cfg.eval_data_path], tokenizer, console if main else None,
-                                label="eval data") if cfg.eval_data_path else None
+                                label="eval data", image_spec=image_spec) if cfg.eval_data_path else None
     manifest = read_manifest(train_dir)
     train_set = load_prepared(train_dir)
     check_lengths(cfg, train_dir, manifest.get("length", {}).get("max") or max(lengths(train_set), default=0))
@@ -394,7 +406,7 @@ def step_batches(run: Run) -> StepBatches:
     size, index = (run.sequence.size, run.sequence.index) if run.sequence else (1, 0)
     return StepBatches(run.train_set, run.schedule, run.cfg.gradient_accumulation_steps,
                        run.accelerator.process_index // size, run.tokenizer.pad_token_id, run.cfg.packing,
-                       run.cfg.padding_free(run.cuda), (size, index))
+                       run.cfg.padding_free(run.cuda), (size, index), run.vision)
 
 
 def step_loader(run: Run, stop: StopRequest | None = None):
@@ -575,7 +587,8 @@ def log_eval(run: Run, stop: StopRequest | None = None, bar=None) -> dict | None
     if bar is not None:
         bar.eval_started()
     ev = evaluate_loss(run.model, run.eval_set, run.accelerator, run.cfg.per_device_eval_batch_size,
-                       run.tokenizer.pad_token_id, run.head, should_stop=stop and (lambda: stop.requested))
+                       run.tokenizer.pad_token_id, run.head, should_stop=stop and (lambda: stop.requested),
+                       vision=run.vision)
     if ev is not None:
         run.log.write({"step": run.state.step, "eval_loss": ev["loss"], "eval_ppl": ev["perplexity"]},
                       step=run.state.step)

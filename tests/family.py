@@ -58,6 +58,13 @@ def _text_config(kind: str) -> dict:
     raise ValueError(kind)
 
 
+# the Qwen3 tokenizer's ids of the vision tokens (a real Qwen3.5 config holds its own vocabulary's)
+_VISION_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                  "vision_end_token_id": 151653}
+# the image processor of a tiny model: the vision tower's patches (4 pixels, merged 2x2), images
+# resized to between 8x8 and 32x32 pixels, so that an image is 1 to 16 tokens
+_IMAGE_PROCESSOR = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2,
+                    "size": {"shortest_edge": 64, "longest_edge": 1024}}
 _VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
            "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64, "num_position_embeddings": 16}
 
@@ -78,7 +85,8 @@ def build(kind: str, path: Path, seed: int = 0, overrides: dict | None = None) -
         if kind in ("qwen3_5", "qwen3_5_moe"):
             cls = "Qwen3_5" if kind == "qwen3_5" else "Qwen3_5Moe"
             config = getattr(transformers, f"{cls}Config")(text_config=text, vision_config=_VISION,
-                                                           tie_word_embeddings=text["tie_word_embeddings"])
+                                                           tie_word_embeddings=text["tie_word_embeddings"],
+                                                           **_VISION_TOKENS)
             model = getattr(transformers, f"{cls}ForConditionalGeneration")(config)
         else:
             config = transformers.AutoConfig.for_model(kind, **text)
@@ -88,11 +96,20 @@ def build(kind: str, path: Path, seed: int = 0, overrides: dict | None = None) -
     model.save_pretrained(path, max_shard_size="20MB" if kind in ("qwen3_5", "qwen3_5_moe") else "5GB")
     if kind in ("qwen3_5", "qwen3_5_moe"):
         _add_mtp_weights(path, text["hidden_size"], seed)
+        image_processor().save_pretrained(path)
     tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
     tok.chat_template = (TEMPLATES / TEMPLATE[kind]).read_text()
     tok.save_pretrained(path)
     GenerationConfig.from_pretrained(bundled_tokenizer_dir()).save_pretrained(path)
     return path
+
+
+def image_processor():
+    """The tiny vision-language models' image processor (transformers' Qwen2-VL one, PIL form: this
+    machine has no torchvision)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(**_IMAGE_PROCESSOR)
 
 
 def _add_mtp_weights(path: Path, hidden: int, seed: int) -> None:

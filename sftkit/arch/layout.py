@@ -20,6 +20,8 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TEXT_SHARD = "model-text.safetensors"        # a single-file save, renamed beside the extra shard
 EXTRA_SHARD = "model-vision-mtp.safetensors"  # the source's tensors that the text model does not hold
+# how a vision-language checkpoint turns images (and videos) into its inputs: served beside the model
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def vision_language_config(source: str | Path) -> dict | None:
@@ -86,3 +88,28 @@ def with_saved_ties(config: dict, saved: Path) -> dict:
         return config
     return {**config, "tie_word_embeddings": False,
             "text_config": {**config["text_config"], "tie_word_embeddings": False}}
+
+
+def copy_processor_files(source: str | Path, saved: Path) -> list[str]:
+    """The source checkpoint's image and video processor files, copied into `saved` where they are
+    not there already (a served vision-language model needs them to take an image); their names."""
+    import shutil
+
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (Path(source) / name).is_file() and not (saved / name).exists():
+            shutil.copyfile(Path(source) / name, saved / name)
+            copied.append(name)
+    return copied
+
+
+def adapter_on_vision_model(adapter: Path) -> bool:
+    """Whether a LoRA adapter was trained on a vision-language model (its names go through
+    `language_model`), which its base must then be loaded as; False for one on a text model."""
+    from safetensors import safe_open
+
+    file = adapter / "adapter_model.safetensors"
+    if not file.is_file():
+        return False
+    with safe_open(str(file), framework="pt") as f:
+        return any(".language_model." in key for key in f.keys())  # noqa: SIM118 (safe_open is no dict)

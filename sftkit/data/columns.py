@@ -119,8 +119,10 @@ class Fitted:
     no_supervised: int     # dropped: no supervised token after position 0 (what is left of it)
 
 
-def fit_lengths(cols: Columns, max_length: int, truncation: str) -> Fitted:
-    """Apply the truncation policy to every example; refused rows are neither kept nor counted here."""
+def fit_lengths(cols: Columns, max_length: int, truncation: str, whole: np.ndarray | None = None) -> Fitted:
+    """Apply the truncation policy to every example; refused rows are neither kept nor counted here.
+    `whole`: per row, whether it may not be cut (it holds images, whose tokens go whole or not at
+    all): such a row longer than max_length is dropped as too long, whatever the truncation."""
     starts, ends = cols.offsets[:-1].copy(), cols.offsets[1:].copy()
     long = (ends - starts) > max_length
     if truncation == "left":
@@ -130,6 +132,8 @@ def fit_lengths(cols: Columns, max_length: int, truncation: str) -> Fitted:
     refused = np.zeros(len(cols), dtype=bool)
     refused[list(cols.refused)] = True
     too_long = long & ~refused if truncation == "drop" else np.zeros(len(cols), dtype=bool)
+    if whole is not None:
+        too_long |= long & whole & ~refused
     # supervised tokens of a window from its second token on: position 0 has no context to predict from
     counts = _offsets((cols.labels != IGNORE_INDEX).astype(np.int64))
     none = (counts[ends] - counts[np.minimum(starts + 1, ends)] == 0) & ~refused & ~too_long

@@ -14,10 +14,11 @@ from sftkit.errors import ConfigError, DataError
 
 
 def prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
-                 mixing: Mixing | None = None, label: str = "data") -> Path:
+                 mixing: Mixing | None = None, label: str = "data", image_spec=None) -> Path:
     """A directory holding the prepared form of `specs` (mixed by `mixing`), building it if needed.
-    With a console, one line says what of it was dropped, cut or is worth a look (see data_note)."""
-    out = _prepared_dir(opts, specs, tokenizer, console, mixing)
+    With a console, one line says what of it was dropped, cut or is worth a look (see data_note).
+    `image_spec`: the model's image processor (sftkit.data.images.ImageSpec) where it takes images."""
+    out = _prepared_dir(opts, specs, tokenizer, console, mixing, image_spec)
     note = data_note(prep.read_manifest(out) or {}, opts, label)
     if note and console is not None:
         console.print(f"[yellow]{note}; see {out / prep.MANIFEST}[/yellow]", highlight=False)
@@ -84,7 +85,7 @@ def hold_out(dataset, size: float, seed: int, console=None):
 
 
 def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
-                  mixing: Mixing | None = None) -> Path:
+                  mixing: Mixing | None = None, image_spec=None) -> Path:
     from sftkit.io import cache_dir, check_cache_writable, remove_stale_tmp
 
     if any(prep.is_prepared(s) for s in specs) and (len(specs) > 1 or mixing):
@@ -113,10 +114,15 @@ def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
                 console.print(f"note: prepared cache {out} was damaged ({problem}); rebuilding", markup=False,
                               highlight=False)
             discard(out, inode)
+        elif image_spec is not None and prep.images_changed(prep.read_manifest(out) or {}, image_spec):
+            if console is not None:
+                console.print(f"note: an image of prepared cache {out} changed on disk since; preparing again",
+                              markup=False, highlight=False)
+            discard(out, inode)
     if not prep.is_prepared(out):
         check_cache_writable(out)
         remove_stale_tmp(out.parent)
-    prep.prepare(opts, specs, out, tokenizer, console, mixing, cache=True, fp=fp)
+    prep.prepare(opts, specs, out, tokenizer, console, mixing, cache=True, fp=fp, image_spec=image_spec)
     return out
 
 

@@ -489,32 +489,67 @@ def _tool_call(value: Any, field: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": value["name"], "arguments": arguments}}
 
 
-_PART_TYPES = ("text", "reasoning", "tool_call")
+_PART_TYPES = ("text", "reasoning", "tool_call", "image", "image_url")
+IMAGE = "image"
+"""A content part that stands for an image: {"type": "image", "source": the row's value (None: the
+next of the row's `images` column), "field": where it is}; sftkit/data/images.py reads it."""
 
 
-def _content(value: Any, field: str, role: str) -> tuple[str, list[str], list[dict[str, Any]]]:
+def _content(value: Any, field: str, role: str) -> tuple[str | list[dict[str, Any]], list[str], list[dict[str, Any]]]:
     """(text, reasoning parts, tool calls) of a turn's content: a string (null for an assistant that
-    only calls tools), or a list of parts: OpenAI's {type: text, text} or LLaMA-Factory's
-    {type: text | reasoning | tool_call, value}."""
+    only calls tools), or a list of parts: OpenAI's {type: text, text}, {type: image | image_url}
+    or LLaMA-Factory's {type: text | reasoning | tool_call, value}. Content with an image is a list
+    of text and image parts, in order."""
     if value is None or isinstance(value, str):
         return _valid_text(value or "", field), [], []
     if not isinstance(value, list):
         raise RowError(field, f"expected a string or a list of content parts, got {_kind(value)}")
-    texts, reasoning, calls = [], [], []
+    parts: list[dict[str, Any]] = []
+    reasoning, calls = [], []
     for j, part in enumerate(value):
         where = f"{field}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in _PART_TYPES:
             got = _show(kind) if isinstance(part, dict) else _kind(part)
             raise RowError(where, f"only {', '.join(_PART_TYPES)} content parts are supported, got {got}")
+        if kind in ("image", "image_url"):
+            if role not in ("user", "tool"):
+                raise RowError(where, f"an image belongs in a user message, not in the {role}'s")
+            parts.append({"type": IMAGE, "source": _image_source(part, kind, where), "field": where})
+            continue
         key = "text" if kind == "text" and "text" in part else "value"
         if kind != "text" and role != "assistant":
             raise RowError(where, f"a {kind} part belongs in an assistant message, not a {role} message")
         if kind == "tool_call":
             calls.append(_tool_call(part.get(key), f"{where}.{key}"))
             continue
-        (texts if kind == "text" else reasoning).append(_text(part.get(key), f"{where}.{key}", allow_empty=False))
-    return "".join(texts), reasoning, calls
+        text = _text(part.get(key), f"{where}.{key}", allow_empty=False)
+        if kind == "reasoning":
+            reasoning.append(text)
+        elif parts and parts[-1]["type"] == "text":
+            parts[-1]["text"] += text
+        else:
+            parts.append({"type": "text", "text": text})
+    if not any(p["type"] == IMAGE for p in parts):
+        return "".join(p["text"] for p in parts), reasoning, calls
+    return parts, reasoning, calls
+
+
+def _image_source(part: dict[str, Any], kind: str, where: str) -> Any:
+    """The image an image part names (OpenAI's image_url.url, or image / url / path), or None for
+    TRL's bare {"type": "image"}, which takes the next of the row's `images`."""
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if url is None:
+            raise RowError(f"{where}.image_url", "is missing its url")
+        return url
+    return next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
+
+
+def text_of(content: str | list[dict[str, Any]]) -> str:
+    """A message's text: its content, or the text parts of content with images."""
+    return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
 
 
 def check_conversation(msgs: Conversation, field: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sftkit._version import __version__
-from sftkit.data import formats, registry, sources
+from sftkit.data import formats, images, registry, sources
 from sftkit.data.columns import Columns, fit_lengths, from_rendered
 from sftkit.data.options import (
     AUTO_CORES_PER_PROC,
@@ -47,6 +47,8 @@ from sftkit.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
 DATASET_DIR = "dataset"
+IMAGES_DIR = "images"  # the set's images, a file each, named by the sha256 of its bytes
+IMAGE_INDEX = "images.arrow"  # each saved example's images (their sha256), in order: beside dataset/
 CHUNK = 512  # conversations per tokenizer call: big enough that the Rust tokenizer batches well
 BAD_ROWS_LISTED = 5
 FORMAT = 2  # layout of the saved set (2: input_ids, labels, length); part of the fingerprint
@@ -151,11 +153,35 @@ def resolve_sources(specs: list[str], opts: DataOptions) -> list[tuple[int, sour
             for s in sources.resolve(spec, opts.dataset_config, opts.dataset_split, opts.dataset_info)]
 
 
+@dataclass
+class ImageSink:
+    """Where prepare-data puts the images of the rows it reads: the model's ImageSpec (None: a text
+    model, which a row with images is an error for) and a folder of image files named by their
+    sha256, each written once."""
+
+    spec: images.ImageSpec | None
+    folder: Path | None = None
+    count: int = 0        # image parts read
+    stored: int = 0       # distinct images written
+    nbytes: int = 0
+    files: dict = field(default_factory=dict)  # local image file read -> (size, mtime_ns): image_files_changed
+
+    def put(self, picture: images.Picture) -> None:
+        self.count += 1
+        target = self.folder / picture.sha256
+        if not target.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(picture.data)
+            self.stored += 1
+            self.nbytes += len(picture.data)
+
+
 def read_rows(srcs: list[tuple[int, sources.Source]], opts: DataOptions, tally: Loaded,
-              limit: int | None = None) -> Iterator[Row]:
+              limit: int | None = None, sink: ImageSink | None = None) -> Iterator[Row]:
     """Every valid row, read and validated as it is taken (the first `limit` of each source); what
     was read, and each bad row, is counted in `tally`. A bad row stops here unless
-    opts.skip_bad_rows."""
+    opts.skip_bad_rows. `sink`: where the rows' images go (each read and checked); None leaves
+    image parts unread (the checks before the imports)."""
     base_map = formats.parse_field_map(opts.field_map)
     for origin, src in srcs:
         field_map = {**base_map, **dict(src.field_map)}  # a dataset_info.json entry's own columns and tags
@@ -172,6 +198,9 @@ def read_rows(srcs: list[tuple[int, sources.Source]], opts: DataOptions, tally: 
                 fmt = counts["format"] = fmt or formats.detect_format(row)
                 msgs, tools = formats.to_conversation(row, fmt, field_map)
                 switches = formats.row_switches(row)
+                if sink is not None and isinstance(row, dict) and images.has_images(row):
+                    base = None if src.hub else Path(src.path).parent
+                    images.gather(msgs, row, base, sink.spec, sink.put, sink.files)
             except formats.RowError as err:
                 error = DataError(src.path, where, err.field, err.problem)
                 if not opts.skip_bad_rows:
@@ -375,11 +404,13 @@ def mix(origins: list[int], weights: list[float], seed: int) -> list[int]:
 
 
 def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, console=None,
-            mixing: Mixing | None = None, cache: bool = False, fp: str | None = None) -> dict:
+            mixing: Mixing | None = None, cache: bool = False, fp: str | None = None,
+            image_spec: images.ImageSpec | None = None) -> dict:
     """Build `out_dir` (dataset + manifest.json + lengths.png) unless it already holds this
     fingerprint. `mixing`: one weight per entry of `specs` (see `mix`). `cache`: out_dir is a
     content-addressed cache entry that other processes may be building or reading at once.
-    `fp`: the fingerprint when the caller has computed it (it reads every byte of the data)."""
+    `fp`: the fingerprint when the caller has computed it (it reads every byte of the data).
+    `image_spec`: the model's image processor where it takes images (rows with images need one)."""
     from sftkit.io import atomic_directory, atomic_write_json
     from sftkit.progress import progress_bar
 
@@ -391,20 +422,21 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
     tokenizer_fp = tokenizer_fingerprint(tokenizer, serialised)
     fp = fp or fingerprint(srcs, tokenizer, opts, mixing, tokenizer_fp)
     old = read_manifest(out_dir)
-    if old and old.get("fingerprint") == fp and is_prepared(out_dir):
+    if old and data_fingerprint(old) == fp and is_prepared(out_dir) and not images_changed(old, image_spec):
         old["cached"] = True
         return old
     if out_dir.exists() and any(out_dir.iterdir()) and old is None:
         raise ConfigError(f"{out_dir} exists and is not a prepare-data output; choose another --output_dir")
     start = time.time()
-    template, render_opts = template_spec(tokenizer, serialised), render_options(opts)
+    template, render_opts = with_image_token(template_spec(tokenizer, serialised), image_spec), render_options(opts)
     check_switches(tokenizer, template, render_opts)
     chars_per_token = max_token_chars(tokenizer)
     tally, dropped, truncated = Loaded(), Counter(), 0
     with atomic_directory(out_dir, replace=not cache) as tmp:
         spool = Spool(tmp / SPOOL)
+        sink = ImageSink(image_spec, tmp / IMAGES_DIR)
         try:
-            rows = read_rows(srcs, opts, tally)
+            rows = read_rows(srcs, opts, tally, sink=sink)
             procs, ahead = processes_ahead(opts.num_proc, rows)
             label = f"preparing ({procs} processes)" if procs > 1 else "preparing"
             with gc_paused(), progress_bar(label, console) as bar:
@@ -412,10 +444,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
                                                      template, procs, chars_per_token, opts, tally):
                     refused_rows(rendered.refused, chunk, opts.skip_bad_rows, tally)
                     tally.unserved += rendered.unserved
-                    fitted = fit_lengths(rendered, opts.max_length, opts.truncation)
-                    dropped.update(too_long=fitted.too_long, no_supervised_tokens=fitted.no_supervised)
-                    truncated += fitted.truncated
-                    spool.add(fitted.columns, [o for o, k in zip(chunk.origin, fitted.kept.tolist()) if k])
+                    truncated += keep_chunk(chunk, rendered, opts, spool, sink.count > 0, dropped)
                     bar(len(chunk.convs))
         finally:
             spool.close()
@@ -425,9 +454,11 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
         if not len(spool):
             raise DataError(", ".join(s.path for _, s in srcs), "", None, nothing_left(dropped, tally, opts))
         order, mixed = weigh(spool.origins, specs, mixing)
-        saved = spool.save(tmp / DATASET_DIR, fp, order)
+        shown = spool.save_images(tmp / IMAGE_INDEX, order) if sink.count else None
+        set_fp = fp if shown is None else images_fingerprint(fp, shown, image_spec)
+        saved = spool.save(tmp / DATASET_DIR, set_fp, order)
         manifest = {
-            "sftkit_version": __version__, "fingerprint": fp, "format": FORMAT, "sources": tally.per_source,
+            "sftkit_version": __version__, "fingerprint": set_fp, "format": FORMAT, "sources": tally.per_source,
             "files_not_read": not_read, "rows_in": tally.rows_in, "examples_kept": len(spool),
             "dropped": {k: dropped.get(k, 0) for k in ("bad_row", "too_long", "no_supervised_tokens")},
             "truncated": truncated, "warnings": {k: tally.warnings.get(k, 0) for k in ("empty_reply",)},
@@ -439,17 +470,87 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
             "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
             "options": opts.example_options(), "seconds": round(time.time() - start, 2),
         }
+        manifest.update(images_manifest(fp, shown, sink) if shown else {})
         if opts.multi_turn == "expand":
             manifest["examples_per_row"] = {str(k): v for k, v in sorted(tally.examples_per_row.items())}
         extra = sum((k - 1) * v for k, v in tally.examples_per_row.items())  # examples beyond one a row
         assert manifest["rows_in"] + extra == manifest["examples_kept"] + sum(manifest["dropped"].values())
         plot_lengths(tmp / "lengths.png", saved.lengths, opts.max_length)
-        manifest["files"] = record_files(tmp, DATASET_DIR)  # checked before each use: dataset.damage
+        manifest["files"] = {name: entry for under in (DATASET_DIR, IMAGES_DIR, IMAGE_INDEX)  # checked before each
+                             for name, entry in record_files(tmp, under).items()}  # use: dataset.damage
         atomic_write_json(tmp / MANIFEST, manifest)
     if tally.unserved and console is not None:
         console.print(unserved_note(tally.unserved), markup=False, highlight=False)
     manifest["cached"] = False
     return manifest
+
+
+def with_image_token(template: TemplateSpec, spec: images.ImageSpec | None) -> TemplateSpec:
+    """The template spec, with the image token it expands where the model takes images."""
+    if spec is None:
+        return template
+    if spec.token not in template.special_ids:
+        raise ConfigError(f"the image processor's token {spec.token!r} is not a special token of the "
+                          "tokenizer; use the vision-language model's own tokenizer")
+    return dataclasses.replace(template, image_token=spec.token)
+
+
+def keep_chunk(chunk: Loaded, rendered: Columns, opts: DataOptions, spool: Spool, with_images: bool,
+               dropped: Counter) -> int:
+    """A rendered chunk through the length policy into the spool (with each kept example's images,
+    which are never cut: an example with images longer than max_length is dropped); its drops
+    counted in `dropped`; returns how many were cut."""
+    shown = [images.pictures_of(c) for c in chunk.convs] if with_images else None
+    whole = np.array([bool(p) for p in shown], dtype=bool) if shown else None
+    fitted = fit_lengths(rendered, opts.max_length, opts.truncation, whole)
+    dropped.update(too_long=fitted.too_long, no_supervised_tokens=fitted.no_supervised)
+    kept = fitted.kept.tolist()
+    spool.add(fitted.columns, [o for o, k in zip(chunk.origin, kept) if k],
+              [[p.sha256 for p in ps] for ps, k in zip(shown, kept) if k] if shown else None)
+    return fitted.truncated
+
+
+def images_manifest(fp: str, shown: dict, sink: ImageSink) -> dict:
+    """What manifest.json says of a set's images: the rows' fingerprint (the set's own holds the
+    images too), their counts, the processor that counted their tokens, and the local image files
+    read (images_changed)."""
+    return {"data_fingerprint": fp, "images": {
+        "examples_with_images": shown["examples"], "images": shown["images"], "stored": sink.stored,
+        "bytes": sink.nbytes, "processor_sha256": hashlib.sha256(sink.spec.config.encode()).hexdigest()},
+        "image_files": {path: list(stat) for path, stat in sorted(sink.files.items())}}
+
+
+def data_fingerprint(manifest: dict) -> str | None:
+    """The fingerprint of a prepared set's rows, data files and options: its set's fingerprint, or
+    for a set with images, what that was built on (the images' bytes go in too: images_fingerprint)."""
+    return manifest.get("data_fingerprint", manifest.get("fingerprint"))
+
+
+def images_fingerprint(fp: str, shown: dict, spec: images.ImageSpec) -> str:
+    """A set's fingerprint with its images: the rows' fingerprint, the image processor's config and
+    every saved example's images by their bytes' sha256, in order."""
+    h = hashlib.sha256(f"{fp}|images|{spec.config}|".encode())
+    h.update(shown["digest"].encode())
+    return h.hexdigest()
+
+
+def images_changed(manifest: dict, spec: images.ImageSpec | None) -> bool:
+    """Whether a prepared set with images no longer holds what its rows name: an image file read
+    for it has changed since (its size or time, then its bytes' sha256 against the set's copies),
+    or the model's image processor is another. A set without images: False."""
+    shown = manifest.get("images")
+    if not shown:
+        return False
+    if spec is None or shown.get("processor_sha256") != hashlib.sha256(spec.config.encode()).hexdigest():
+        return True
+    for path, (size, mtime) in (manifest.get("image_files") or {}).items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return True
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return True  # said conservatively: a touched file is prepared again
+    return False
 
 
 def files_not_read(specs: list[str], console) -> list[str]:
@@ -570,8 +671,19 @@ def quiet_datasets() -> Iterator[None]:
 
 
 def load_prepared(path: str | Path):
-    """The saved examples of a prepare-data output (a `datasets.Dataset` with input_ids, labels)."""
+    """The saved examples of a prepare-data output (a `datasets.Dataset` with input_ids, labels;
+    in a set with images, `images` too: each example's image files, in order)."""
     import datasets
 
     with quiet_datasets():
-        return datasets.load_from_disk(str(Path(path) / DATASET_DIR))
+        dataset = datasets.load_from_disk(str(Path(path) / DATASET_DIR))
+        index = Path(path) / IMAGE_INDEX
+        if not index.is_file():
+            return dataset
+        import pyarrow as pa
+
+        with pa.memory_map(str(index)) as source:
+            names = pa.ipc.open_file(source).read_all().column("images").to_pylist()
+        folder = (Path(path) / IMAGES_DIR).absolute()
+        return dataset.add_column("images", [[str(folder / n) for n in row] for row in names],
+                                  feature=datasets.Sequence(datasets.Value("string")))

@@ -34,7 +34,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftkit.data.formats import PLAIN, Conversation
+from sftkit.data.formats import IMAGE, PLAIN, Conversation
+from sftkit.data.images import pictures_of
 from sftkit.data.options import SWITCHES
 from sftkit.data.template import apply
 
@@ -80,6 +81,7 @@ class TemplateSpec:
     block_close: str               # "<|im_end|>"
     reads: frozenset[str]          # the SWITCHES the template's source names
     eos_id: int | None = None      # appended to PLAIN rows (TRL's text and prompt-completion) so they stop
+    image_token: str | None = None  # "<|image_pad|>" where the model takes images: each expands to its tokens
     encoder: Any = field(compare=False, repr=False, default=None)  # plain_text_encoder(tokenizer)
     # the generation prompt's text after the header, per set of switches (see reply_opening)
     openings: dict = field(compare=False, repr=False, default_factory=dict)
@@ -191,7 +193,11 @@ def prepare_messages(msgs: Conversation, opts: RenderOptions, table: dict[str, s
     out = []
     for m in msgs:
         m = dict(m)
-        m["content"] = _escape(m["content"], table)
+        if isinstance(m["content"], list):  # text and images: the template renders each image's placeholder
+            m["content"] = [{"type": "text", "text": _escape(p["text"], table)} if p["type"] == "text"
+                            else {"type": IMAGE} for p in m["content"]]
+        else:
+            m["content"] = _escape(m["content"], table)
         if m.get("reasoning_content") is not None:
             m["reasoning_content"] = _escape(m["reasoning_content"], table)
         if opts.reasoning == "drop" and m["role"] == "assistant":
@@ -278,7 +284,13 @@ def row_pieces(msgs: Conversation, tokenizer, spec: TemplateSpec, opts: RenderOp
         opening = reply_opening(tokenizer, spec, switches)
     except (jinja2.TemplateError, TypeError) as err:
         return Refused(None, f"the chat template refuses this row: {err}")
-    return split_pieces(text, spec, opening)
+    pieces = split_pieces(text, spec, opening)
+    images = len(pictures_of(msgs))
+    placed = sum(p.is_special and p.text == spec.image_token for p in pieces) if images else 0
+    if placed != images:
+        return Refused("images", f"the chat template places {placed} image(s) for the row's {images}; use the "
+                       "vision-language model's own template, which places each image")
+    return pieces
 
 
 def plain_pieces(conv: Conversation) -> list[_Piece]:
@@ -421,8 +433,15 @@ def _ids_and_labels(conv: Conversation, pieces: list[_Piece], spec: TemplateSpec
     keep = {n_blocks - 1} if train_on == "last" else set(range(prompt_replies, n_blocks))
     ids = [] if ids is None else ids
     labels = [] if labels is None else labels
+    pictures = iter(pictures_of(conv))
     for p in pieces:
         trained = p.supervised_from is not None and p.block in keep
+        if p.is_special and p.text == spec.image_token:
+            # the processor's expansion: one token per merged patch, never supervised
+            n = next(pictures).tokens
+            ids.extend([spec.special_ids[p.text]] * n)
+            labels.extend([IGNORE_INDEX] * n)
+            continue
         if p.is_special:
             ids.append(spec.special_ids[p.text])
             labels.append(ids[-1] if trained else IGNORE_INDEX)

@@ -62,14 +62,19 @@ class Spool:
         self._starts = [0]  # the first row of each record batch, and one past the last row
         self._lengths: list[np.ndarray] = []
         self._origins: list[np.ndarray] = []
+        self._images: list[list[str]] = []  # per example, its images' sha256 (only in a set with images)
 
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def add(self, cols: Columns, origins) -> None:
-        """Append these examples, each with the data_path entry it came from."""
+    def add(self, cols: Columns, origins, images: list[list[str]] | None = None) -> None:
+        """Append these examples, each with the data_path entry it came from (and its images' sha256,
+        in a set with images)."""
         if not len(cols):
             return
+        if images is not None or self._images:
+            self._images.extend([[]] * (len(self) - len(self._images)))  # the text examples before
+            self._images.extend(images or [[]] * len(cols))
         for batch in table(cols).to_batches():
             self._writer.write_batch(batch)
             self._starts.append(self._starts[-1] + batch.num_rows)
@@ -83,6 +88,23 @@ class Spool:
     @property
     def origins(self) -> np.ndarray:
         return np.concatenate(self._origins) if self._origins else np.zeros(0, np.int32)
+
+    def save_images(self, path: Path, order: np.ndarray | None = None) -> dict:
+        """Write each saved example's images (the examples at `order`, else all) as an Arrow file of
+        one list<string> column; returns the counts and a digest of the whole list."""
+        import hashlib
+
+        import pyarrow as pa
+
+        keys = self._images + [[]] * (len(self) - len(self._images))
+        saved = keys if order is None else [keys[i] for i in order.tolist()]
+        h = hashlib.sha256()
+        for names in saved:
+            h.update((",".join(names) + "\n").encode())
+        column = pa.array(saved, pa.list_(pa.string()))
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("images", column.type)])) as w:
+            w.write_table(pa.table({"images": column}))
+        return {"examples": sum(1 for n in saved if n), "images": sum(map(len, saved)), "digest": h.hexdigest()}
 
     def close(self) -> None:
         if not self._sink.closed:

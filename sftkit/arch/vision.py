@@ -1,0 +1,73 @@
+"""What a vision-language model (Qwen3.5, Qwen3-VL) needs beside the token ids of a micro-batch:
+each image's pixels and grid, and the multimodal rotary positions (M-RoPE) of every token.
+
+M-RoPE gives each token three positions (time, height, width). Text tokens have the same number in
+all three, counting on from the token before; an image's tokens have the image's start position in
+time and the start plus their row and column (after merging) in height and width, and the text after
+an image continues from the start plus the larger of its merged height and width. transformers
+computes them for a whole row (`get_rope_index`); here each example gets its own, starting at 0,
+so that a packed row holds each example exactly as it is alone. `mrope_positions` follows Qwen3.5's
+and Qwen3-VL's `get_rope_index` for images (checked against it in tests/test_images.py).
+
+The model is handed `position_ids` of shape (4, rows, tokens): row 0 the text positions (restarting
+at each example, what packed attention reads) and rows 1-3 the M-RoPE positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Vision:
+    """How a micro-batch's images become model inputs: the image processor, and the model's image
+    token and spatial merge size."""
+
+    processor: Any
+    image_token_id: int
+    merge_size: int
+
+
+def vision_of(model_config, processor) -> Vision:
+    """The Vision of a vision-language config and its image processor."""
+    merge = model_config.vision_config.spatial_merge_size
+    if getattr(processor, "merge_size", merge) != merge:
+        from sftkit.errors import ConfigError
+
+        raise ConfigError(f"the image processor merges {processor.merge_size}x{processor.merge_size} patches, the "
+                          f"model's vision tower {merge}x{merge}; use the model's own preprocessor_config.json")
+    return Vision(processor, model_config.image_token_id, merge)
+
+
+def mrope_positions(ids: torch.Tensor, grids: list[tuple[int, int, int]], image_token_id: int,
+                    merge: int) -> torch.Tensor:
+    """(3, len(ids)) M-RoPE positions of one example alone, its images' (t, h, w) grids in order."""
+    out = torch.empty((3, len(ids)), dtype=torch.long)
+    is_image = (ids == image_token_id).tolist()
+    at, pos, k = 0, 0, 0
+    n = len(is_image)
+    while at < n:
+        end = at
+        while end < n and is_image[end] == is_image[at]:
+            end += 1
+        if not is_image[at]:
+            out[:, at:end] = torch.arange(pos, pos + end - at)
+            pos += end - at
+        else:
+            while at < end:  # consecutive images: one grid each
+                t, h, w = grids[k]
+                k += 1
+                gh, gw = h // merge, w // merge
+                size = t * gh * gw
+                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+                out[0, at:at + size] = tt.reshape(-1) + pos
+                out[1, at:at + size] = hh.reshape(-1) + pos
+                out[2, at:at + size] = ww.reshape(-1) + pos
+                pos += max(h, w) // merge
+                at += size
+            continue
+        at = end
+    return out
