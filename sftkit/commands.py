@@ -112,7 +112,8 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
         from sftkit.generate import generate_samples, reference_metrics
         from sftkit.io import atomic_write_text
 
-        samples = generate_samples(accelerator, accelerator.unwrap_model(model), tokenizer, cfg, gen)
+        samples = generate_samples(accelerator, accelerator.unwrap_model(model), tokenizer, cfg, gen,
+                                   image_spec if images else None)
         if accelerator.is_main_process:
             atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
             result.update(generation=reference_metrics(samples), num_samples=len(samples))

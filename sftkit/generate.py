@@ -9,6 +9,9 @@ as a server would render it.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+from sftkit.data.images import ImageSpec, pictures_of, pixels
 
 THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
 
@@ -26,19 +29,26 @@ def sample_pairs(convs: list[list[dict]], n: int) -> list[tuple[list[dict], str]
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, switches: dict,
-             do_sample: bool, temperature: float, top_p: float, batch_size: int, device) -> list[str]:
-    """`switches`: the chat-template switches to pass (DataOptions.template_switches())."""
+             do_sample: bool, temperature: float, top_p: float, batch_size: int, device,
+             images: Images | None = None) -> list[str]:
+    """`switches`: the chat-template switches to pass (DataOptions.template_switches()). `images`:
+    the prompts' images (their parts hold Pictures), for a vision-language model."""
     import torch
 
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **switches)
              for p in prompts]
+    if images is not None:  # each image's placeholder expanded to its tokens, as the processor does
+        texts = [images.expand(t, pictures_of(p)) for t, p in zip(texts, prompts)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     out: list[str] = []
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
+                              add_special_tokens=False)
+            if images is not None:
+                batch.update(images.inputs(batch["input_ids"], prompts[start:start + batch_size]))
+            batch = batch.to(device)
             with torch.no_grad():
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature if do_sample else None,
@@ -49,6 +59,30 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, s
     finally:
         tokenizer.padding_side = side
     return out
+
+
+@dataclass
+class Images:
+    """The images of the prompts generated from: their bytes by sha256, the model's image processor
+    and image token."""
+
+    data: dict[str, bytes]
+    spec: ImageSpec
+    token_id: int
+
+    def expand(self, text: str, pictures: list) -> str:
+        """The rendered prompt with each image placeholder repeated to its image's tokens."""
+        pieces = text.split(self.spec.token)
+        if len(pieces) != len(pictures) + 1:
+            raise ValueError(f"the prompt places {len(pieces) - 1} images for its {len(pictures)}")
+        return pieces[0] + "".join(self.spec.token * p.tokens + rest for p, rest in zip(pictures, pieces[1:]))
+
+    def inputs(self, ids, prompts: list[list[dict]]) -> dict:
+        """pixel_values, image_grid_thw and mm_token_type_ids (which positions are image tokens, for
+        the model's M-RoPE) of a batch of prompts."""
+        found = [self.data[p.sha256] for prompt in prompts for p in pictures_of(prompt)]
+        out = {"mm_token_type_ids": (ids == self.token_id).long()}
+        return {**out, **pixels(found, self.spec.processor)} if found else out
 
 
 def token_f1(pred: str, ref: str) -> float:
@@ -89,20 +123,29 @@ def reference_metrics(samples: list[dict]) -> dict:
     }
 
 
-def generate_samples(accelerator, model, tokenizer, cfg, gen) -> list[dict]:
+def shown(prompt: list[dict]) -> list[dict]:
+    """A prompt as samples.jsonl records it: an image as {"type": "image", "sha256": ...}."""
+    return [{**m, "content": [{"type": "image", "sha256": p["picture"].sha256} if p["type"] == "image" else p
+                              for p in m["content"]]} if isinstance(m["content"], list) else m for m in prompt]
+
+
+def generate_samples(accelerator, model, tokenizer, cfg, gen, image_spec: ImageSpec | None = None) -> list[dict]:
     """Completions for the first gen.num_samples conversations of cfg.data_path, sharded over
-    ranks and gathered in order; each with its prompt and its reference reply."""
+    ranks and gathered in order; each with its prompt and its reference reply. `image_spec`: the
+    model's image processor, for prompts with images."""
     from accelerate.utils import gather_object
 
-    from sftkit.data.prepare import load_conversations, resolve_sources
+    from sftkit.data.prepare import ImageSink, load_conversations, resolve_sources
 
     opts = cfg.data_options()
-    loaded = load_conversations(resolve_sources(cfg.data_path, opts), opts)
+    sink = ImageSink(image_spec) if image_spec is not None else None
+    loaded = load_conversations(resolve_sources(cfg.data_path, opts), opts, sink=sink)
     pairs = sample_pairs(loaded.convs, gen.num_samples)
     mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    images = Images(sink.data, image_spec, tokenizer.convert_tokens_to_ids(image_spec.token)) if sink else None
     completions = generate(model, tokenizer, [pairs[i][0] for i in mine], gen.max_new_tokens,
                            opts.template_switches(), gen.do_sample, gen.temperature, gen.top_p,
-                           cfg.per_device_eval_batch_size, accelerator.device)
-    rows = gather_object([{"index": i, "prompt": pairs[i][0], "reference": pairs[i][1], "completion": c}
+                           cfg.per_device_eval_batch_size, accelerator.device, images)
+    rows = gather_object([{"index": i, "prompt": shown(pairs[i][0]), "reference": pairs[i][1], "completion": c}
                           for i, c in zip(mine, completions)])
     return sorted(rows, key=lambda r: r["index"])

@@ -151,27 +151,22 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: st
 
 
 def load_image_spec(name: str, tokenizer):
-    """The model's image processor as rendering needs it (sftkit.data.images.ImageSpec), or None for
-    a text model: a vision-language config (vision_config) with a preprocessor_config.json beside it.
-    transformers picks the processor's PIL form where torchvision is absent (same token counts)."""
+    """The model's image processor as rendering needs it (sftkit.data.images.ImageSpec; the processor
+    itself loads when an image needs it), or None for a text model: a vision-language config
+    (vision_config) with a preprocessor_config.json beside it. transformers picks the processor's
+    PIL form where torchvision is absent (same token counts)."""
     import json
+
+    from sftkit.data.images import PROCESSOR_CONFIG, image_spec
 
     p = Path(resolve_model_path(name))
     try:
         config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not (isinstance(config, dict) and "vision_config" in config and (p / "preprocessor_config.json").is_file()):
+    if not (isinstance(config, dict) and "vision_config" in config and (p / PROCESSOR_CONFIG).is_file()):
         return None
-    from transformers import AutoImageProcessor
-
-    from sftkit.data.images import image_spec
-
-    try:
-        processor = AutoImageProcessor.from_pretrained(p)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot load the image processor of '{name}': {' '.join(str(err).split())[:200]}") from None
-    return image_spec(processor, tokenizer)
+    return image_spec(p, tokenizer)
 
 
 def min_saved_bytes(name: str) -> int:

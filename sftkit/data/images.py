@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import re
@@ -31,6 +32,7 @@ from typing import Any
 from sftkit.data.formats import IMAGE, Conversation, RowError
 
 PLACEHOLDER = "<image>"  # LLaMA-Factory's
+PROCESSOR_CONFIG = "preprocessor_config.json"
 IMAGE_PART_KEYS = ("image", "url", "path")  # where an {"type": "image"} part holds its image
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -38,23 +40,31 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 @dataclass(frozen=True)
 class ImageSpec:
     """What rendering needs of a vision-language model's image processor: its image token (the one
-    placeholder the processor expands) and the processor itself, for the token counts."""
+    placeholder the processor expands), the folder it loads from and its config's text (in the
+    prepared set's fingerprint). The processor itself loads on first use: a text-only set on a
+    vision-language model never imports it (bench/RESULTS.md: 70 MB of the process's memory)."""
 
     token: str                      # "<|image_pad|>"
-    processor: Any = field(compare=False, repr=False)
-    merge_size: int = 2
-    config: str = ""                # the processor's JSON: in the prepared set's fingerprint
+    source: str                     # the model folder holding preprocessor_config.json
+    config: str = ""                # that file's text
+
+    @functools.cached_property
+    def processor(self):
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(self.source)
 
     def tokens(self, height: int, width: int) -> int:
         """The image tokens of an image of this size, as the processor expands its placeholder."""
-        return self.processor.get_number_of_image_patches(height, width, {}) // self.merge_size ** 2
+        processor = self.processor
+        return processor.get_number_of_image_patches(height, width, {}) // processor.merge_size ** 2
 
 
-def image_spec(processor, tokenizer) -> ImageSpec:
-    """The spec of a loaded image processor (transformers' Qwen2-VL one, which Qwen3-VL and Qwen3.5
-    use), with the tokenizer's image token."""
+def image_spec(source: str | Path, tokenizer) -> ImageSpec:
+    """The spec of a model folder's image processor (transformers' Qwen2-VL one, which Qwen3-VL and
+    Qwen3.5 use), with the tokenizer's image token."""
     token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-    return ImageSpec(token, processor, int(getattr(processor, "merge_size", 2)), processor.to_json_string())
+    return ImageSpec(token, str(source), (Path(source) / PROCESSOR_CONFIG).read_text())
 
 
 @dataclass(frozen=True)

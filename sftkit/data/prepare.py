@@ -160,14 +160,18 @@ class ImageSink:
     sha256, each written once."""
 
     spec: images.ImageSpec | None
-    folder: Path | None = None
+    folder: Path | None = None  # None: the bytes kept in `data` instead (generation's prompts)
     count: int = 0        # image parts read
     stored: int = 0       # distinct images written
     nbytes: int = 0
-    files: dict = field(default_factory=dict)  # local image file read -> (size, mtime_ns): image_files_changed
+    files: dict = field(default_factory=dict)  # local image file read -> (size, mtime_ns): images_changed
+    data: dict = field(default_factory=dict)   # sha256 -> bytes, where there is no folder
 
     def put(self, picture: images.Picture) -> None:
         self.count += 1
+        if self.folder is None:
+            self.data[picture.sha256] = picture.data
+            return
         target = self.folder / picture.sha256
         if not target.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -228,10 +232,11 @@ def expanded(row: Row, tally: Loaded) -> Iterator[Row]:
     tally.examples_per_row[made] += 1
 
 
-def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, limit: int | None = None) -> Loaded:
+def load_conversations(srcs: list[tuple[int, sources.Source]], opts: DataOptions, limit: int | None = None,
+                       sink: ImageSink | None = None) -> Loaded:
     """Every valid row in memory (read_rows), for the callers that need them all at once."""
     loaded = Loaded()
-    for row in read_rows(srcs, opts, loaded, limit):
+    for row in read_rows(srcs, opts, loaded, limit, sink):
         loaded.add(row)
     return loaded
 
@@ -454,7 +459,7 @@ def prepare(opts: DataOptions, specs: list[str], out_dir: Path, tokenizer, conso
         if not len(spool):
             raise DataError(", ".join(s.path for _, s in srcs), "", None, nothing_left(dropped, tally, opts))
         order, mixed = weigh(spool.origins, specs, mixing)
-        shown = spool.save_images(tmp / IMAGE_INDEX, order) if sink.count else None
+        shown = spool.save_images(tmp / IMAGE_INDEX, order) if spool.has_images else None
         set_fp = fp if shown is None else images_fingerprint(fp, shown, image_spec)
         saved = spool.save(tmp / DATASET_DIR, set_fp, order)
         manifest = {

@@ -89,6 +89,11 @@ class Spool:
     def origins(self) -> np.ndarray:
         return np.concatenate(self._origins) if self._origins else np.zeros(0, np.int32)
 
+    @property
+    def has_images(self) -> bool:
+        """Whether a kept example holds an image."""
+        return any(self._images)
+
     def save_images(self, path: Path, order: np.ndarray | None = None) -> dict:
         """Write each saved example's images (the examples at `order`, else all) as an Arrow file of
         one list<string> column; returns the counts and a digest of the whole list."""
