@@ -26,8 +26,8 @@ from sftkit.errors import DataError
     ({"conversations": [{"from": "alien", "value": "a"}]}, "conversations[0].from", "unknown role"),
     ({"messages": [{"role": "user", "content": "a"}]}, "messages", "no assistant reply to train on"),
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "x"}]},
-     "messages[0].content[0]", "only text, reasoning, tool_call, image, image_url content parts are supported, "
-     "got 'video'"),
+     "messages[0].content[0]", ("only text, reasoning, tool_call, image, image_url content parts are supported, "
+                                "got 'video'")),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "x"}]},
      "messages[0].content[0].image_url", "is missing its url"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "image"}]}]},

@@ -276,7 +276,7 @@ def test_pixels_cross_the_worker_boundary_bit_for_bit(vl, mixed_set):
     class Config:  # what vision_of reads
         image_token_id = config["image_token_id"]
 
-        class vision_config:  # noqa: N801
+        class vision_config:
             spatial_merge_size = config["vision_config"]["spatial_merge_size"]
 
     vision = vision_of(Config, load_image_spec(str(model_dir), None).processor)
