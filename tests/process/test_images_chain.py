@@ -1,0 +1,92 @@
+"""Image-and-text rows through the real CLI on a tiny random-init Qwen3.5 (tests/family.py): the
+forms of tests/test_images.py through prepare-data, LoRA packed (stopped and resumed exactly),
+full fine-tuning unpadded, eval (loss and generation for image prompts) and merge-lora, each output
+the vision-language checkpoint again, with its image processor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import final_weights, losses, read_metrics, run_cli, stopped_at, write_jsonl
+from test_family import check_layout
+from test_images import picture, rows_of_each_form
+
+SHORT = ["--logging_steps", "1", "--max_length", "256", "--dataloader_num_workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def image_data(family_model, tmp_path_factory):
+    """(model, prepared set, its source files): the four forms and a text-only file."""
+    model = family_model("qwen3_5")
+    data = tmp_path_factory.mktemp("image_rows")
+    picture(data / "wide.png", 20, 30, 0)
+    picture(data / "tall.jpg", 40, 12, 1)
+    picture(data / "small.png", 9, 9, 2)
+    files = [write_jsonl(data / f"{form}.jsonl", rows * 2) for form, (rows, _) in rows_of_each_form(data).items()]
+    files.append(write_jsonl(data / "text.jsonl", [{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(4)]))
+    out = data / "prepared"
+    run_cli("prepare-data", "--model_name_or_path", str(model), *[a for f in files for a in ("--data_path", str(f))],
+            "--output_dir", str(out), "--max_length", "256")
+    return model, out, files
+
+
+def test_lora_packed_on_images_resumes_exactly_evals_and_merges(image_data, tmp_path):
+    model, prepared, files = image_data
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["images"]["examples_with_images"] == 10 and manifest["examples_kept"] == 14
+    args = ["train", "--model_name_or_path", str(model), "--data_path", str(prepared), "--use_lora", "--packing",
+            "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            *SHORT]
+    whole = tmp_path / "whole"
+    run_cli(*args, "--output_dir", str(whole))
+    start = next(r for r in read_metrics(whole) if r.get("event") == "start")
+    assert start["packing_check"]["leaked"] is None and start["packing_check"]["examples"] >= 2
+    resumed = stopped_at(whole, tmp_path / "resumed", 2)
+    run_cli(*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
+    assert losses(resumed) == losses(whole)
+    for name, tensor in final_weights(whole).items():
+        assert torch.equal(final_weights(resumed)[name], tensor), name
+    # the adapter holds the language model's LoRA alone; eval and generation read the images
+    adapter = whole / "final"
+    assert all(".language_model." in k and "visual" not in k for k in final_weights(whole))
+    assert (adapter / "preprocessor_config.json").is_file()
+    ev = tmp_path / "eval"
+    run_cli("eval", "--model", str(adapter), "--data_path", str(files[0]), "--output_dir", str(ev),
+            "--num_samples", "2", "--max_new_tokens", "3")
+    result = json.loads((ev / "eval.json").read_text())
+    samples = [json.loads(line) for line in (ev / "samples.jsonl").read_text().splitlines()]
+    assert result["num_samples"] == 2 and all(s["prompt"][0]["content"][0]["type"] == "image" for s in samples)
+    merged = tmp_path / "merged"
+    run_cli("merge-lora", "--adapter", str(adapter), "--output_dir", str(merged))
+    check_layout(merged, model, "qwen3_5")
+    assert (merged / "preprocessor_config.json").read_bytes() == (model / "preprocessor_config.json").read_bytes()
+    again = tmp_path / "eval_merged"
+    run_cli("eval", "--model", str(merged), "--data_path", str(files[0]), "--output_dir", str(again))
+    assert json.loads((again / "eval.json").read_text())["loss"] == pytest.approx(result["loss"], rel=1e-4)
+
+
+def test_full_fine_tuning_on_images_keeps_the_tower_and_the_layout(image_data, tmp_path):
+    model, prepared, _ = image_data
+    out = tmp_path / "full"
+    run_cli("train", "--model_name_or_path", str(model), "--data_path", str(prepared), "--max_steps", "2",
+            "--save_steps", "0", "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2",
+            "--learning_rate", "1e-3", *SHORT, "--output_dir", str(out))
+    check_layout(out / "final", model, "qwen3_5")  # the vision tower byte for byte: frozen by default
+    assert (out / "final" / "preprocessor_config.json").is_file()
+    trained = next(r for r in read_metrics(out) if r.get("event") == "start")["trainable_params"]
+    run_cli("train", "--model_name_or_path", str(model), "--data_path", str(prepared), "--max_steps", "1",
+            "--save_steps", "0", "--train_vision", "merger", *SHORT, "--output_dir", str(tmp_path / "merger"))
+    with_merger = next(r for r in read_metrics(tmp_path / "merger") if r.get("event") == "start")["trainable_params"]
+    assert with_merger > trained
+
+
+def test_images_on_a_text_model_are_refused_before_it_loads(image_data, tmp_path):
+    _, _, files = image_data
+    result = run_cli("train", "--data_path", str(files[0]), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                     check=False)
+    assert result.returncode == 2 and "the model is a text model" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
