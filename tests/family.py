@@ -104,6 +104,35 @@ def build(kind: str, path: Path, seed: int = 0, overrides: dict | None = None) -
     return path
 
 
+def build_qwen3_vl(path: Path, seed: int = 0) -> Path:
+    """A tiny random-init Qwen3-VL (`qwen3_vl`: a Qwen3 text model with interleaved M-RoPE, and a
+    vision tower whose first block also feeds the text model's first layer, "deepstack"), saved with
+    the vendored Qwen3 tokenizer and Qwen3.5-2B's template: Qwen3-VL's own template is not among the
+    ones kept offline (../shared/qwen/templates), and sftkit renders whatever template it is given,
+    which places images the same way."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from sftkit.models import bundled_tokenizer_dir
+
+    text = {**{k: v for k, v in _COMMON.items()}, "intermediate_size": 128, "num_hidden_layers": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                "mrope_interleaved": True}}
+    vision = {**_VISION, "depth": 2, "deepstack_visual_indexes": [0]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                                            **_VISION_TOKENS)
+        transformers.Qwen3VLForConditionalGeneration(config).save_pretrained(path)
+    image_processor().save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
+    tok.chat_template = (TEMPLATES / "qwen3_5_nothink.jinja").read_text()
+    tok.save_pretrained(path)
+    GenerationConfig.from_pretrained(bundled_tokenizer_dir()).save_pretrained(path)
+    return Path(path)
+
+
 def image_processor():
     """The tiny vision-language models' image processor (transformers' Qwen2-VL one, PIL form: this
     machine has no torchvision)."""

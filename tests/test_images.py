@@ -41,6 +41,15 @@ def vl(family_model, tmp_path_factory):
     return family_model("qwen3_5"), data
 
 
+@pytest.fixture(scope="module")
+def vision_models(vl, tmp_path_factory):
+    """model_type -> a tiny vision-language model of it: Qwen3.5 (Gated DeltaNet and gated attention)
+    and Qwen3-VL (a Qwen3 text model, interleaved M-RoPE, deepstack features)."""
+    import family
+
+    return {"qwen3_5": vl[0], "qwen3_vl": family.build_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl"))}
+
+
 def data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
@@ -198,14 +207,15 @@ def test_images_for_a_text_model_and_a_cut_image_are_refused(vl, tmp_path):
     assert "images" not in manifest  # nothing with an image was kept
 
 
-def test_mrope_positions_are_the_models(vl, tmp_path):
+@pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_vl"])
+def test_mrope_positions_are_the_models(vl, vision_models, tmp_path, kind):
     from sftkit.arch.vision import mrope_positions, vision_of
     from sftkit.batching import collate
     from sftkit.models import load_image_spec, load_model
 
-    model_dir, data = vl
+    model_dir, data = vision_models[kind], vl[1]
     rows, _ = rows_of_each_form(data)["llamafactory_sharegpt"]
-    _, ds = prepared(model_dir, [write_jsonl(data / "mrope.jsonl", rows)], tmp_path / "out")
+    _, ds = prepared(model_dir, [write_jsonl(data / f"mrope_{kind}.jsonl", rows)], tmp_path / "out")
     model = load_model(str(model_dir), vision=True)
     vision = vision_of(model.config, load_image_spec(str(model_dir), None).processor)
     batch = collate([[ds[0]]], 151643, packed=False, vision=vision)
@@ -233,21 +243,24 @@ def assert_same_gradients(got: dict, want: dict, what: str) -> None:
     Measured 2026-12-07: at most 2.2e-5 (Gated DeltaNet's convolution; the PyTorch fallback computes
     in float32 whatever the model's dtype, so float64 still leaves 1.5e-7); M-RoPE positions running
     across the packed row instead moved gradients by 0.58 of their largest."""
-    assert got.keys() == want.keys() and any("linear_attn" in n for n in got)
+    assert got.keys() == want.keys() and any("visual" in n for n in got)
     for name, expected in want.items():
         scale = max(1.0, expected.abs().max().item())
         torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=5e-5 * scale, msg=f"{what}: {name}")
 
 
-def test_packed_image_rows_train_as_each_alone(vl, mixed_set):
+@pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_vl"])
+def test_packed_image_rows_train_as_each_alone(vision_models, mixed_set, kind):
     """The loss and every gradient of image rows packed in one row (padding-free or not) equal
     theirs trained each alone: images stay with their example, each example's M-RoPE positions
-    start afresh, Gated DeltaNet layers get the boundaries."""
+    start afresh, Gated DeltaNet layers get the boundaries. The fused loss head gives the plain
+    head's loss and gradients on them."""
     from sftkit.arch.vision import vision_of
     from sftkit.batching import collate
+    from sftkit.loss import fused_head
     from sftkit.models import keep_linear_attention_apart, load_image_spec, load_model
 
-    model_dir, _ = vl
+    model_dir = vision_models[kind]  # the same tokenizer: mixed_set's ids are either's
     model = load_model(str(model_dir), vision=True)
     keep_linear_attention_apart(model, packing=True)
     vision = vision_of(model.config, load_image_spec(str(model_dir), None).processor)
@@ -263,6 +276,11 @@ def test_packed_image_rows_train_as_each_alone(vl, mixed_set):
     padded = loss_and_grads(model, collate([[e] for e in examples], 151643, packed=False, vision=vision))
     assert padded[0] == pytest.approx(alone[0], rel=1e-6)
     assert_same_gradients(padded[1], alone[1], "padded")
+    head = fused_head(model, "no", False, 64)
+    assert head is not None
+    fused = loss_and_grads(model, collate([examples], 151643, packed=True, vision=vision), head)
+    assert fused[0] == pytest.approx(alone[0], rel=1e-6)
+    assert_same_gradients(fused[1], alone[1], "fused head")
 
 
 def test_pixels_cross_the_worker_boundary_bit_for_bit(vl, mixed_set):

@@ -68,6 +68,9 @@ ARCHS: dict[str, Arch] = {
     "qwen3_5_moe": Arch("Qwen3.5 MoE", lora_modules=ATTENTION + DELTANET_3_5 + SHARED_EXPERT,
                         lora_expert_parameters=EXPERTS, moe=True, gated_attention=True),
 }
+# Qwen3-VL: a Qwen3 text model (multimodal rotary positions, vision features added to its first
+# layers' hidden states) under a vision tower
+ARCHS["qwen3_vl"] = ARCHS["qwen3_vl_text"] = Arch("Qwen3-VL")
 # the text model's own config inside a vision-language checkpoint
 ARCHS["qwen3_5_text"] = ARCHS["qwen3_5"]
 ARCHS["qwen3_5_moe_text"] = ARCHS["qwen3_5_moe"]
