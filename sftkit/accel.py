@@ -153,6 +153,23 @@ def check_deepspeed_batch(ds: dict, cfg: SFTConfig, world: int) -> None:
                               f"set it to \"auto\" in the DeepSpeed JSON, or change the flags to match")
 
 
+def fill_hidden_sizes(accelerator, config) -> None:
+    """DeepSpeed's "auto" bucket sizes, which accelerate fills from `model.config.hidden_size` as it
+    prepares the model: a vision-language config keeps that in its text config, where accelerate
+    does not look (it raises). Filled here from the text model's, by accelerate's own rules."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    from sftkit.arch.table import text_config
+
+    hidden = text_config(config).hidden_size
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
 def check_sequence_world(size: int, world: int) -> None:
     """--sequence_parallel_size divides the processes (checked again when the groups are made)."""
     if world % size:

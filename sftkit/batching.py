@@ -22,6 +22,7 @@ import torch
 
 from sftkit.arch.packed_attention import offsets
 from sftkit.arch.vision import Vision, mrope_positions
+from sftkit.data.images import pixels, stand_in
 from sftkit.data.render import IGNORE_INDEX
 
 GROUP_SPAN = 64  # length grouping sorts within windows of 64 optimizer steps: little padding, still random
@@ -59,6 +60,12 @@ class MicroBatch:
     # weight-0 rows; and each example's token count. Per-example terms (the MoE balance loss) read them.
     segments: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    # A vision-language run's micro-batch without an image: a stand-in image's pixel_values and grid,
+    # which the loss runs through the vision tower and adds times 0 (loss.forward_loss), so that every
+    # rank's tower runs once a micro-batch (ZeRO-3 and FSDP2 gather its weights on each, DDP waits
+    # for the gradients of a trained merger).
+    stand_in_pixels: torch.Tensor | None = None
+    stand_in_grid: torch.Tensor | None = None
 
     @property
     def counted_tokens(self) -> int:
@@ -80,7 +87,7 @@ class MicroBatch:
                                       if getattr(self, k) is not None})
 
 
-PER_EXAMPLE = ("segments", "lengths")  # MicroBatch's optional per-example tensors
+PER_EXAMPLE = ("segments", "lengths", "stand_in_pixels", "stand_in_grid")  # MicroBatch's optional tensors
 
 
 class Schedule:
@@ -188,8 +195,12 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     inputs = {"input_ids": ids, "position_ids": positions} if packed else {"input_ids": ids, "attention_mask": mask}
+    without = {}
     if vision is not None:
         inputs.update(image_inputs(rows, seqs, positions, vision))
+        if "pixel_values" not in inputs:
+            got = pixels([stand_in()], vision.processor)
+            without = {"stand_in_pixels": got["pixel_values"].float(), "stand_in_grid": got["image_grid_thw"].long()}
     if packed:
         # each row's examples, then its padding as a sequence of its own, rows end to end
         cu, longest = offsets([n for row, s in zip(rows, seqs) for n in
@@ -197,15 +208,13 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, padding_free: boo
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     pairs = sum(len(e["input_ids"]) ** 2 for row in rows for e in row)
     return MicroBatch(inputs, keep, labels[:, 1:][keep[:, :-1]], int(mask.sum()), ids.numel(), pairs, segments,
-                      torch.tensor(lengths, dtype=torch.long))
+                      torch.tensor(lengths, dtype=torch.long), **without)
 
 
 def image_inputs(rows: list[list[dict]], seqs: list[list[int]], positions: torch.Tensor, vision: Vision) -> dict:
     """A vision-language model's inputs beyond the ids: position_ids (4, rows, width), the text
     positions then each example's own M-RoPE positions (sftkit/arch/vision.py), and where the rows
     hold images, their pixel_values and image_grid_thw, in the order their tokens come (row by row)."""
-    from sftkit.data.images import pixels
-
     paths = [path for row in rows for e in row for path in e.get("images") or ()]
     got = pixels([Path(p).read_bytes() for p in paths], vision.processor) if paths else None
     grids = [tuple(g) for g in got["image_grid_thw"].tolist()] if got else []

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sftkit.arch.moe import RouterBalance, balance_loss_sum
 from sftkit.arch.table import arch_of
+from sftkit.arch.vision import stand_in_tower
 
 
 @dataclass
@@ -87,14 +88,17 @@ def forward_loss(model, batch, head: FusedHead | None = None, **extra) -> tuple[
     `use_cache=False`: with a cache, transformers ignores packed position_ids silently and the
     examples of a packed row attend to each other.
     """
-    if head is None:
-        out = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False, **extra)
-        return F.cross_entropy(out.logits.float(), batch.targets, reduction="sum"), out
-    # An all-False mask: the model's own lm_head projects no row. hidden_states[-1] is the final,
-    # normed hidden state, the lm_head's input (checked against the plain path in tests).
-    out = model(**batch.inputs, logits_to_keep=torch.zeros_like(batch.keep), use_cache=False,
-                **{**extra, "output_hidden_states": True})
-    return fused_cross_entropy(out.hidden_states[-1][batch.keep], batch.targets, head), out
+    with stand_in_tower(model, batch) as tower:  # no image here: the vision tower runs anyway, times 0
+        if head is None:
+            out = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False, **extra)
+            loss = F.cross_entropy(out.logits.float(), batch.targets, reduction="sum")
+        else:
+            # An all-False mask: the model's own lm_head projects no row. hidden_states[-1] is the final,
+            # normed hidden state, the lm_head's input (checked against the plain path in tests).
+            out = model(**batch.inputs, logits_to_keep=torch.zeros_like(batch.keep), use_cache=False,
+                        **{**extra, "output_hidden_states": True})
+            loss = fused_cross_entropy(out.hidden_states[-1][batch.keep], batch.targets, head)
+    return sum(tower, loss), out
 
 
 def fused_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: FusedHead) -> torch.Tensor:

@@ -26,7 +26,15 @@ from typing import Any
 
 import torch
 
-from sftkit.accel import check_device, distributed_type, fsdp_offload, is_zero3, make_accelerator, shards_model
+from sftkit.accel import (
+    check_device,
+    distributed_type,
+    fill_hidden_sizes,
+    fsdp_offload,
+    is_zero3,
+    make_accelerator,
+    shards_model,
+)
 from sftkit.arch.flops import flops_per_step_fn, peak_flops
 from sftkit.arch.moe import RouterBalance, router_balance
 from sftkit.arch.packed_linear_attention import kernel_warning, linear_attention_path_of
@@ -242,6 +250,7 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
         model = shard(model, cfg.bf16, accelerator.device.type, fsdp_offload())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
+    fill_hidden_sizes(accelerator, model.config)
     if is_sharded(model):  # prepare() would wrap it in DDP: only the optimizer goes through it
         optimizer = accelerator.prepare(optimizer)
     else:

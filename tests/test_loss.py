@@ -67,6 +67,7 @@ def test_every_table_entry_is_checked_and_unknown_types_take_the_plain_path():
     from transformers import AutoConfig
 
     checked = set(family.KINDS + DENSE) | {"qwen3_5_text", "qwen3_5_moe_text"}  # what the test above loads
+    checked |= {"qwen3_vl", "qwen3_vl_text"}  # tests/test_images.py: fused against plain, on image rows
     assert {t for t, a in ARCHS.items() if a.fused_loss} <= checked
     assert not arch_of(AutoConfig.for_model("gemma2")).fused_loss
 

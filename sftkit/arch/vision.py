@@ -15,6 +15,8 @@ at each example, what packed attention reads) and rows 1-3 the M-RoPE positions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,3 +73,35 @@ def mrope_positions(ids: torch.Tensor, grids: list[tuple[int, int, int]], image_
             continue
         at = end
     return out
+
+
+@contextmanager
+def tower_runs(model, pixel_values: torch.Tensor, grid: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """For a micro-batch without images: within this block, the model's forward also runs its vision
+    tower on a stand-in image, where it runs on images (after the token embedding, before the
+    language model: ZeRO-3 gathers each module's weights in the order they run, and every rank must
+    gather in one order); the list it yields then holds 0 x all the tower made, for the loss. So
+    the tower runs once a micro-batch on every rank, without changing the loss or any gradient."""
+    modules = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules()}
+    tower, language = modules["visual"], modules["language_model"]
+    made: list[torch.Tensor] = []
+
+    def run(module, args, kwargs):
+        out = tower(pixel_values.to(next(tower.parameters()).dtype), grid_thw=grid)
+        parts = [v for v in out.values() if torch.is_tensor(v)] + \
+            [t for v in out.values() if isinstance(v, (list, tuple)) for t in v if torch.is_tensor(t)]
+        made.append(sum(p.float().sum() for p in parts) * 0.0)
+
+    handle = language.register_forward_pre_hook(run, with_kwargs=True, prepend=True)  # before ZeRO-3's own
+    try:
+        yield made
+    finally:
+        handle.remove()
+
+
+def stand_in_tower(model, batch):
+    """tower_runs for a micro-batch that carries a stand-in image, else a block that does nothing
+    (and yields an empty list)."""
+    if batch.stand_in_pixels is None:
+        return nullcontext([])
+    return tower_runs(model, batch.stand_in_pixels, batch.stand_in_grid)

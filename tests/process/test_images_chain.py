@@ -1,7 +1,9 @@
 """Image-and-text rows through the real CLI on a tiny random-init Qwen3.5 (tests/family.py): the
 forms of tests/test_images.py through prepare-data, LoRA packed (stopped and resumed exactly),
 full fine-tuning unpadded, eval (loss and generation for image prompts) and merge-lora, each output
-the vision-language checkpoint again, with its image processor."""
+the vision-language checkpoint again, with its image processor; two ranks where one micro-batch
+has an image and the other none (ZeRO-3 in `make test`, DDP with a trained merger and FSDP2
+behind `-m family`) train what one process trains."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import final_weights, losses, read_metrics, run_cli, stopped_at, write_jsonl
+from conftest import ROOT, TWO, final_weights, losses, read_metrics, run_cli, stopped_at, write_jsonl
 from test_family import check_layout
 from test_images import picture, rows_of_each_form
 
@@ -90,3 +92,40 @@ def test_images_on_a_text_model_are_refused_before_it_loads(image_data, tmp_path
     assert result.returncode == 2 and "the model is a text model" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def two_rank_config(name: str, tmp_path) -> list[str]:
+    if name == "multi_gpu":
+        return ["--config_file", "accelerate_configs/multi_gpu.yaml"]
+    if name == "fsdp2":
+        return ["--config_file", "accelerate_configs/fsdp2.yaml"]
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every tensor partitioned
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    config = (ROOT / "accelerate_configs" / "deepspeed_zero3.yaml").read_text()
+    (tmp_path / "acc.yaml").write_text(config.replace("ds_configs/zero3.json", str(tmp_path / "ds.json")))
+    return ["--config_file", str(tmp_path / "acc.yaml")]
+
+
+@pytest.mark.parametrize("config, vision", [
+    ("zero3", "frozen"),
+    pytest.param("multi_gpu", "merger", marks=pytest.mark.family),
+    pytest.param("fsdp2", "frozen", marks=pytest.mark.family),
+])
+def test_two_ranks_with_and_without_images_train_what_one_does(image_data, tmp_path, config, vision):
+    """Micro-batches of one example on each of two ranks: where one holds an image and the other
+    none, both run the vision tower (a stand-in image, times 0), so ZeRO-3 and FSDP2 gather its
+    weights on both and DDP gets the trained merger's gradient from both."""
+    model, _, files = image_data
+    # one row with an image and one without: each step (an epoch) gives each rank one of them
+    pair = [write_jsonl(tmp_path / "image.jsonl", [json.loads(files[0].read_text().splitlines()[0])]),
+            write_jsonl(tmp_path / "text.jsonl", [json.loads(files[4].read_text().splitlines()[0])])]
+    shutil.copy(files[0].parent / "wide.png", tmp_path)
+    shutil.copy(files[0].parent / "tall.jpg", tmp_path)
+    args = ["train", "--model_name_or_path", str(model), *[a for f in pair for a in ("--data_path", str(f))],
+            "--max_steps", "3", "--save_steps", "0", "--train_vision", vision, *SHORT]
+    run_cli(*args, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "one"))
+    env = {"ACCELERATE_USE_CPU": "true"} if config == "multi_gpu" else {}
+    run_cli(*args, "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two"),
+            launch=[*two_rank_config(config, tmp_path), *TWO], env=env)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
