@@ -62,15 +62,15 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     check_free_space(output_dir, merged_bytes(adapter, base_name, opts.dtype, tokenizer_source))
     remove_stale_tmp(output_dir.parent)  # what a merge killed mid-write left
     import torch  # the checks above come first: peft's import alone takes seconds
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from sftkit.arch.layout import adapter_on_vision_model, copy_processor_files
     from sftkit.arch.layout import restore as restore_layout
 
     tokenizer = load_tokenizer(tokenizer_source)
     # an adapter trained on images: merged into the vision-language model it was trained on
-    base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto",
-                      vision=adapter_on_vision_model(adapter))
+    vision = adapter_on_vision_model(adapter)
+    base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto", vision=vision)
     if getattr(base.config, "quantization_config", None):
         raise ConfigError(f"{base_name} is quantized; merge into the full-precision base (load it without "
                           "quantization), since merged low-bit weights lose the adapter's update")
@@ -102,7 +102,8 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
             gen = merged.generation_config
             ensure_stop_token(gen, tokenizer)
             gen.save_pretrained(tmp)
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            reloaded = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(
+                tmp, dtype=dtype).eval()
             with torch.no_grad():
                 saved = (reloaded(**batch).logits.float() - cast).abs().max().item()
             tolerance = _tolerance(dtype, cast.abs().max().item())

@@ -204,13 +204,31 @@ def load_model(name: str, dtype=None, attn_implementation: str = "sdpa", trust_r
 
         attn_implementation = register()
     try:
-        return (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(
+        return (AutoModelForImageTextToText if vision or image_text_only(path) else AutoModelForCausalLM).from_pretrained(
             path, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, use_safetensors=True if Path(path).is_dir() else None,
             **(extra or {}),
         )
     except (OSError, ValueError) as err:  # ValueError: e.g. custom code refused without trust_remote_code
         raise ConfigError(f"cannot load model '{name}': {' '.join(str(err).split())[:300]}") from None
+
+
+def image_text_only(path: str) -> bool:
+    """Whether a local checkpoint's architecture has no text-only class in transformers (Qwen3-VL:
+    only `Qwen3VLForConditionalGeneration`), so that even text data trains it whole; Qwen3.5 has
+    one (`Qwen3_5ForCausalLM`, its text model alone)."""
+    import json
+
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    try:
+        kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def build_for_training(cfg, cuda: bool = False, sequence=None, vision: bool = False):
@@ -221,8 +239,8 @@ def build_for_training(cfg, cuda: bool = False, sequence=None, vision: bool = Fa
     attention = cfg.attention(cuda)
     model = load_model(cfg.model_name_or_path, base_dtype(cfg), attention, cfg.trust_remote_code, quantized(cfg, cuda),
                        vision)
-    if vision:
-        freeze_vision(model, cfg.train_vision)
+    # a vision tower that text data never reaches (Qwen3-VL loads whole) stays frozen
+    freeze_vision(model, cfg.train_vision if vision else "frozen")
     if attention == "varlen":
         from sftkit.arch.packed_attention import check_model
 

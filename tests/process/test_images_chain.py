@@ -129,3 +129,29 @@ def test_two_ranks_with_and_without_images_train_what_one_does(image_data, tmp_p
     run_cli(*args, "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two"),
             launch=[*two_rank_config(config, tmp_path), *TWO], env=env)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+@pytest.mark.family
+@pytest.mark.parametrize("kind", ["qwen3_5_moe", "qwen3_vl"])
+def test_other_vision_language_models_train_eval_and_merge_on_images(image_data, family_model, tmp_path, kind):
+    """Qwen3.5-MoE (routed experts under the vision tower) and Qwen3-VL (deepstack features) through
+    LoRA packed, eval and merge-lora on the image rows, each merged model loaded with its image-text
+    class and giving the adapter's eval loss."""
+    import family
+
+    _, _, files = image_data
+    model = family_model(kind) if kind != "qwen3_vl" else family.build_qwen3_vl(tmp_path / "qwen3_vl")
+    out = tmp_path / "run"
+    run_cli("train", "--model_name_or_path", str(model), *[a for f in files for a in ("--data_path", str(f))],
+            "--use_lora", "--packing", "--max_steps", "2", "--save_steps", "0", "--per_device_train_batch_size", "2",
+            *SHORT, "--output_dir", str(out))
+    assert next(r for r in read_metrics(out) if r.get("event") == "start")["packing_check"]["leaked"] is None
+    run_cli("eval", "--model", str(out / "final"), "--data_path", str(files[0]), "--output_dir", str(tmp_path / "e1"))
+    run_cli("merge-lora", "--adapter", str(out / "final"), "--output_dir", str(tmp_path / "merged"))
+    run_cli("eval", "--model", str(tmp_path / "merged"), "--data_path", str(files[0]), "--output_dir",
+            str(tmp_path / "e2"))
+    first, second = (json.loads((tmp_path / e / "eval.json").read_text())["loss"] for e in ("e1", "e2"))
+    assert second == pytest.approx(first, rel=1e-4)
+    from transformers import AutoModelForImageTextToText
+
+    assert "ForConditionalGeneration" in type(AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")).__name__
