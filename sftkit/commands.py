@@ -104,7 +104,8 @@ def eval_command(model_path: str, cfg: SFTConfig, output_dir: Path | None,
     images = "images" in dataset.column_names
     model, tokenizer = load_for_eval(model_path, cfg, vision=images)
     model = accelerator.prepare(model)
-    vision = vision_of(accelerator.unwrap_model(model).config, image_spec.processor) if images else None
+    vision = vision_of(accelerator.unwrap_model(model).config, image_spec.processor,
+                       tokenizer.convert_tokens_to_ids(image_spec.token)) if images else None
     result = evaluate_loss(model, dataset, accelerator, cfg.per_device_eval_batch_size, tokenizer.pad_token_id,
                            vision=vision)
     result.update(model=str(model_path), data=cfg.data_path)

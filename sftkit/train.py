@@ -220,6 +220,8 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
     if images and image_spec is None:
         raise ConfigError(f"the training data has images, but {cfg.model_name_or_path} is a text model (no image "
                           "processor, preprocessor_config.json); train a vision-language model on it (Qwen3.5, Qwen3-VL)")
+    if images and accelerator.is_main_process and console is not None:
+        console.print(images_note(manifest, cfg.train_vision), highlight=False)
     if images and cfg.sequence_parallel_size > 1:
         raise ConfigError(f"--sequence_parallel_size {cfg.sequence_parallel_size} splits packed rows over processes, "
                           "and an image's tokens must stay with its pixels; train data with images without it")
@@ -275,7 +277,8 @@ def build_run(cfg: SFTConfig, accelerator, lock: FolderLock, console=None) -> Ru
               flops_per_step_fn(unwrapped.config, cfg.use_lora), peak_flops(device, cfg.mfu_peak_tflops),
               start_time=time.time() - state.elapsed_s, lock=lock, saved_step=state.step if resume else None,
               balance=router_balance(unwrapped.config, cfg.router_aux_loss_coef), sequence=sequence,
-              forecast=forecast, vision=vision_of(unwrapped.config, image_spec.processor) if images else None)
+              forecast=forecast, vision=vision_of(unwrapped.config, image_spec.processor,
+                                                  tokenizer.convert_tokens_to_ids(image_spec.token)) if images else None)
     if sequence is not None and run.balance is not None:
         raise ConfigError(f"--sequence_parallel_size {sequence.size}: the MoE balance loss is computed per example, "
                           "and an example's tokens are split over processes here; add --router_aux_loss_coef 0")
@@ -305,6 +308,16 @@ def probe_packing(run: Run) -> dict | None:
     if check.leaked:
         raise leak_error(check)
     return check.record()
+
+
+def images_note(manifest: dict, train_vision: str) -> str:
+    """`images: 10 examples hold 13 images; the vision tower is frozen (...)`: what of the run sees images."""
+    shown = manifest.get("images") or {}
+    what = {"frozen": "the vision tower is frozen (--train_vision merger or tower trains it)",
+            "merger": "the vision tower's merger trains, the rest of it is frozen",
+            "tower": "the whole vision tower trains"}[train_vision]
+    return (f"images: {shown.get('examples_with_images', 0):,} examples of the training data hold "
+            f"{shown.get('images', 0):,} images; {what}")
 
 
 def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None, image_spec=None):

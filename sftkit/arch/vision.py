@@ -33,14 +33,18 @@ class Vision:
     merge_size: int
 
 
-def vision_of(model_config, processor) -> Vision:
-    """The Vision of a vision-language config and its image processor."""
+def vision_of(model_config, processor, token_id: int | None = None) -> Vision:
+    """The Vision of a vision-language config and its image processor; `token_id`: the tokenizer's
+    id of the image token the ids were made with, which must be the one the model replaces."""
+    from sftkit.errors import ConfigError
+
     merge = model_config.vision_config.spatial_merge_size
     if getattr(processor, "merge_size", merge) != merge:
-        from sftkit.errors import ConfigError
-
         raise ConfigError(f"the image processor merges {processor.merge_size}x{processor.merge_size} patches, the "
                           f"model's vision tower {merge}x{merge}; use the model's own preprocessor_config.json")
+    if token_id is not None and token_id != model_config.image_token_id:
+        raise ConfigError(f"the tokenizer's image token is id {token_id}, the model's config says image_token_id "
+                          f"{model_config.image_token_id}; use the tokenizer saved with the model")
     return Vision(processor, model_config.image_token_id, merge)
 
 
