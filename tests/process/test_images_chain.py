@@ -129,6 +129,10 @@ def test_two_ranks_with_and_without_images_train_what_one_does(image_data, tmp_p
     run_cli(*args, "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two"),
             launch=[*two_rank_config(config, tmp_path), *TWO], env=env)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    if config == "zero3":  # and one process accumulating two micro-batches of one
+        run_cli(*args, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                "--output_dir", str(tmp_path / "accumulated"))
+        assert losses(tmp_path / "accumulated") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
 
 
 @pytest.mark.family
