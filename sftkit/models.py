@@ -152,21 +152,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: st
 
 def load_image_spec(name: str, tokenizer):
     """The model's image processor as rendering needs it (sftkit.data.images.ImageSpec; the processor
-    itself loads when an image needs it), or None for a text model: a vision-language config
-    (vision_config) with a preprocessor_config.json beside it. transformers picks the processor's
-    PIL form where torchvision is absent (same token counts)."""
-    import json
+    itself loads when an image needs it), or None for a text model. transformers picks the
+    processor's PIL form where torchvision is absent (same token counts)."""
+    from sftkit.data.images import image_spec
 
-    from sftkit.data.images import PROCESSOR_CONFIG, image_spec
-
-    p = Path(resolve_model_path(name))
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not (isinstance(config, dict) and "vision_config" in config and (p / PROCESSOR_CONFIG).is_file()):
-        return None
-    return image_spec(p, tokenizer)
+    return image_spec(resolve_model_path(name), tokenizer)
 
 
 def min_saved_bytes(name: str) -> int:

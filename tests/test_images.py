@@ -339,3 +339,14 @@ def test_a_changed_image_is_prepared_again(vl, tmp_path):
     after = json.loads((again / "manifest.json").read_text())["fingerprint"]
     assert after != before
     assert [Path(p).read_bytes() for p in load_prepared(again)[0]["images"]] == [Path(image).read_bytes()]
+
+
+def test_sftdataset_reads_images_with_the_tokenizers_model(vl):
+    from sftkit import SFTDataset
+    from sftkit.models import load_tokenizer
+
+    model, data = vl
+    rows, _ = rows_of_each_form(data)["trl_images"]
+    ds = SFTDataset(str(write_jsonl(data / "api.jsonl", rows)), load_tokenizer(str(model)))
+    assert (np.array(ds[0]["input_ids"]) == IMAGE_TOKEN).sum() > 0 and len(ds[0]["images"]) == 1
+    assert Path(ds[0]["images"][0]).read_bytes() == (data / "small.png").read_bytes()

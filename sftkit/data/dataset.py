@@ -177,11 +177,14 @@ class SFTDataset:
     """Tokenized SFT examples: `ds[i]` -> input_ids, attention_mask, labels (lists of int).
 
     labels are -100 where the model is not trained and are NOT shifted (the Hugging Face
-    convention: the model shifts them). Built with the same code as `sftkit prepare-data`.
+    convention: the model shifts them). Built with the same code as `sftkit prepare-data`. Rows
+    with images need the vision-language model's folder (`model`, else the tokenizer's own folder):
+    its image processor counts their tokens; `ds[i]["images"]` then lists each example's image files.
     """
 
     def __init__(self, data_path: str | list[str], tokenizer, max_length: int | None = None,
-                 format_type: str | None = None, use_chat_template: bool = True, **options):
+                 format_type: str | None = None, use_chat_template: bool = True, model: str | None = None,
+                 **options):
         if not use_chat_template:
             raise ConfigError("SFTDataset renders with the chat template only; pass use_chat_template=True")
         specs = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
@@ -191,7 +194,10 @@ class SFTDataset:
         if format_type is not None:
             values["format_type"] = format_type
         opts = DataOptions(data_path=[str(s) for s in specs], **values)
-        self.path = prepared_dir(opts, opts.data_path, tokenizer)
+        from sftkit.data.images import image_spec
+
+        self.path = prepared_dir(opts, opts.data_path, tokenizer,
+                                 image_spec=image_spec(model or getattr(tokenizer, "name_or_path", ""), tokenizer))
         self.manifest = prep.read_manifest(self.path)
         self._data = prep.load_prepared(self.path)
 
@@ -200,4 +206,5 @@ class SFTDataset:
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         row = self._data[i]
-        return {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": row["labels"]}
+        out = {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": row["labels"]}
+        return {**out, "images": row["images"]} if "images" in row else out

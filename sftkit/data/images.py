@@ -60,11 +60,20 @@ class ImageSpec:
         return processor.get_number_of_image_patches(height, width, {}) // processor.merge_size ** 2
 
 
-def image_spec(source: str | Path, tokenizer) -> ImageSpec:
+def image_spec(source: str | Path, tokenizer) -> ImageSpec | None:
     """The spec of a model folder's image processor (transformers' Qwen2-VL one, which Qwen3-VL and
-    Qwen3.5 use), with the tokenizer's image token."""
-    token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-    return ImageSpec(token, str(source), (Path(source) / PROCESSOR_CONFIG).read_text())
+    Qwen3.5 use), with the tokenizer's image token; None for a text model: one without a
+    vision-language config (vision_config) and a preprocessor_config.json beside it."""
+    import json
+
+    try:
+        config = json.loads((Path(source) / "config.json").read_text())
+        processor = (Path(source) / PROCESSOR_CONFIG).read_text()
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(config, dict) and "vision_config" in config):
+        return None
+    return ImageSpec(getattr(tokenizer, "image_token", None) or "<|image_pad|>", str(source), processor)
 
 
 @dataclass(frozen=True)
