@@ -350,3 +350,41 @@ def test_sftdataset_reads_images_with_the_tokenizers_model(vl):
     ds = SFTDataset(str(write_jsonl(data / "api.jsonl", rows)), load_tokenizer(str(model)))
     assert (np.array(ds[0]["input_ids"]) == IMAGE_TOKEN).sum() > 0 and len(ds[0]["images"]) == 1
     assert Path(ds[0]["images"][0]).read_bytes() == (data / "small.png").read_bytes()
+
+
+def test_a_unified_processor_config_is_read_as_well(vl, tmp_path):
+    """transformers 5's processor.save_pretrained writes processor_config.json alone (the image
+    processor's config under "image_processor"): the same ids as from preprocessor_config.json."""
+    model, data = vl
+    unified = shutil.copytree(model, tmp_path / "model")
+    config = json.loads((unified / "preprocessor_config.json").read_text())
+    (unified / "processor_config.json").write_text(json.dumps({"image_processor": config,
+                                                                "processor_class": "Qwen3VLProcessor"}))
+    (unified / "preprocessor_config.json").unlink()
+    rows, _ = rows_of_each_form(data)["llamafactory_alpaca"]
+    file = write_jsonl(data / "unified.jsonl", rows)
+    got, want = prepared(unified, [file], tmp_path / "a")[1][0], prepared(model, [file], tmp_path / "b")[1][0]
+    assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"]
+    assert [Path(p).name for p in got["images"]] == [Path(p).name for p in want["images"]]
+
+
+def test_a_decoded_hub_image_is_stored_as_png(vl):
+    """A Hub dataset's Image feature comes decoded (a PIL image): stored as its PNG, whose pixels
+    are the image's."""
+    import hashlib
+
+    from PIL import Image
+
+    from sftkit.data import formats, images
+    from sftkit.models import load_image_spec
+
+    model, data = vl
+    decoded = Image.open(data / "tall.jpg").convert("RGB")
+    row = {"messages": [{"role": "user", "content": "<image>Which?"}, {"role": "assistant", "content": "That."}],
+           "images": [decoded]}
+    msgs, _ = formats.to_conversation(row, "messages")
+    stored = []
+    assert images.gather(msgs, row, None, load_image_spec(str(model), None), stored.append) == 1
+    assert stored[0].sha256 == hashlib.sha256(stored[0].data).hexdigest()
+    assert np.array_equal(np.asarray(images.decode(stored[0].data)), np.asarray(decoded))
+    assert (stored[0].width, stored[0].height) == decoded.size

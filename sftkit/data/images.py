@@ -33,6 +33,7 @@ from sftkit.data.formats import IMAGE, Conversation, RowError
 
 PLACEHOLDER = "<image>"  # LLaMA-Factory's
 PROCESSOR_CONFIG = "preprocessor_config.json"
+UNIFIED_CONFIG = "processor_config.json"
 IMAGE_PART_KEYS = ("image", "url", "path")  # where an {"type": "image"} part holds its image
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -68,12 +69,26 @@ def image_spec(source: str | Path, tokenizer) -> ImageSpec | None:
 
     try:
         config = json.loads((Path(source) / "config.json").read_text())
-        processor = (Path(source) / PROCESSOR_CONFIG).read_text()
     except (OSError, ValueError):
         return None
-    if not (isinstance(config, dict) and "vision_config" in config):
+    processor = processor_config(Path(source))
+    if not (isinstance(config, dict) and "vision_config" in config) or processor is None:
         return None
     return ImageSpec(getattr(tokenizer, "image_token", None) or "<|image_pad|>", str(source), processor)
+
+
+def processor_config(folder: Path) -> str | None:
+    """The text of a folder's image processor config: preprocessor_config.json, or the unified
+    processor_config.json that transformers 5's processor.save_pretrained writes (the image
+    processor's under "image_processor"); None where there is neither."""
+    for name in (PROCESSOR_CONFIG, UNIFIED_CONFIG):
+        try:
+            text = (folder / name).read_text()
+        except OSError:
+            continue
+        if name == PROCESSOR_CONFIG or '"image_processor"' in text:
+            return text
+    return None
 
 
 @dataclass(frozen=True)
