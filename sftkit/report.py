@@ -22,6 +22,10 @@ def print_manifest(m: dict, out: Path, con) -> None:
         t.add_row(f"weight {mx['weight']:g}: {mx['data_path']}", f"{mx['examples']:,} -> {mx['after_weighting']:,}")
     if m.get("mixing"):
         t.add_row("examples saved (after weighting)", f"{m['examples_saved']:,}")
+    if m.get("images"):
+        shown = m["images"]
+        t.add_row("examples with images", f"{shown['examples_with_images']:,}")
+        t.add_row("images (distinct, stored)", f"{shown['images']:,} ({shown['stored']:,}, {shown['bytes'] / 2**20:,.1f} MB)")
     t.add_row("tokens", f"{m['tokens']:,}")
     t.add_row("supervised tokens", f"{m['supervised_tokens']:,} ({m['supervised_tokens'] / max(m['tokens'], 1):.0%})")
     for k, v in m["length"].items():
@@ -57,9 +61,18 @@ def print_examples(dataset, tokenizer, n: int, con) -> None:
     for i in range(min(n, len(dataset))):
         row = dataset[i]
         text = Text()
-        for tok, lab in zip(row["input_ids"], row["labels"]):
-            piece = tokenizer.decode([tok])
-            text.append(piece, style="bold green" if lab != IGNORE_INDEX else "dim")
+        ids, labels = row["input_ids"], row["labels"]
+        image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        at = 0
+        while at < len(ids):
+            piece = tokenizer.decode([ids[at]])
+            run = 1
+            if "images" in row:  # an image's tokens: one placeholder shown with its count
+                while at + run < len(ids) and ids[at + run] == ids[at] and piece == image_token:
+                    run += 1
+            text.append(piece if run == 1 else f"{piece} x {run}",
+                        style="bold green" if labels[at] != IGNORE_INDEX else "dim")
+            at += run
         con.rule(f"example {i}: {len(row['input_ids'])} tokens, "
                  f"{sum(lab != IGNORE_INDEX for lab in row['labels'])} supervised (green)")
         con.print(text)
