@@ -388,3 +388,15 @@ def test_a_decoded_hub_image_is_stored_as_png(vl):
     assert stored[0].sha256 == hashlib.sha256(stored[0].data).hexdigest()
     assert np.array_equal(np.asarray(images.decode(stored[0].data)), np.asarray(decoded))
     assert (stored[0].width, stored[0].height) == decoded.size
+
+
+def test_prepare_data_reports_the_images(vl, tmp_path, cli):
+    model, data = vl
+    rows, _ = rows_of_each_form(data)["llamafactory_alpaca"]
+    file = write_jsonl(data / "report.jsonl", rows)
+    result = cli("prepare-data", "--model_name_or_path", model, "--data_path", file, "--output_dir", tmp_path / "out",
+                 "--inspect", "1")
+    assert result.exit_code == 0, result.output
+    assert "examples with images" in result.output and "2 (2," in result.output
+    # 20x30 pixels are 8 tokens (resized to 16x32, 4-pixel patches merged 2x2), 40x12 are 10
+    assert "<|vision_start|><|image_pad|> x 8<|vision_end|>Describe <|vision_start|><|image_pad|> x 10" in result.output
