@@ -317,7 +317,8 @@ def images_note(manifest: dict, train_vision: str) -> str:
             "merger": "the vision tower's merger trains, the rest of it is frozen",
             "tower": "the whole vision tower trains"}[train_vision]
     return (f"images: {shown.get('examples_with_images', 0):,} examples of the training data hold "
-            f"{shown.get('images', 0):,} images; {what}")
+            f"{shown.get('images', 0):,} images; {what}; the memory forecast counts the language model only "
+            "(not the tower's weights, activations or the pixels)")
 
 
 def load_sets(cfg: SFTConfig, accelerator, tokenizer, console=None, image_spec=None):
