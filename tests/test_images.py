@@ -400,3 +400,19 @@ def test_prepare_data_reports_the_images(vl, tmp_path, cli):
     assert "examples with images" in result.output and "2 (2," in result.output
     # 20x30 pixels are 8 tokens (resized to 16x32, 4-pixel patches merged 2x2), 40x12 are 10
     assert "<|vision_start|><|image_pad|> x 8<|vision_end|>Describe <|vision_start|><|image_pad|> x 10" in result.output
+
+
+def test_child_processes_prepare_the_same_set_with_images(vl, tmp_path):
+    """Image rows rendered by two child processes (600 rows: two chunks) give the set one process
+    gives, byte for byte; a bad image among them is skipped and counted with --skip_bad_rows."""
+    model, data = vl
+    rows = [{"instruction": f"<image>Row {i}?", "output": f"Answer {i}.", "images": ["small.png"]} if i % 2 else
+            {"instruction": f"Row {i}?", "output": f"Answer {i}."} for i in range(600)]
+    rows.append({"instruction": "<image>x", "output": "y", "images": ["missing.png"]})
+    file = write_jsonl(data / "many.jsonl", rows)
+    one, _ = prepared(model, [file], tmp_path / "one", num_proc=1, skip_bad_rows=True)
+    two, _ = prepared(model, [file], tmp_path / "two", num_proc=2, skip_bad_rows=True)
+    assert one["fingerprint"] == two["fingerprint"] and one["dropped"]["bad_row"] == 1
+    assert one["images"]["examples_with_images"] == 300 and one["images"]["stored"] == 1
+    for name in ("dataset/data-00000-of-00001.arrow", "images.arrow"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
