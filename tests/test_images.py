@@ -416,3 +416,23 @@ def test_child_processes_prepare_the_same_set_with_images(vl, tmp_path):
     assert one["images"]["examples_with_images"] == 300 and one["images"]["stored"] == 1
     for name in ("dataset/data-00000-of-00001.arrow", "images.arrow"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_a_set_prepared_with_another_image_processor_is_refused(vl, tmp_path):
+    from sftkit.data.dataset import prepared_dir
+    from sftkit.errors import ConfigError
+    from sftkit.models import load_image_spec, load_tokenizer
+
+    model, data = vl
+    rows, _ = rows_of_each_form(data)["trl_images"]
+    file = write_jsonl(data / "other_processor.jsonl", rows)
+    prepared(model, [file], tmp_path / "set")
+    other = shutil.copytree(model, tmp_path / "other")
+    config = json.loads((other / "preprocessor_config.json").read_text())
+    (other / "preprocessor_config.json").write_text(json.dumps({**config, "size": {"shortest_edge": 256,
+                                                                                   "longest_edge": 4096}}))
+    tok = load_tokenizer(str(other))
+    opts = DataOptions(data_path=[str(tmp_path / "set")])
+    with pytest.raises(ConfigError, match="prepared with another image processor"):
+        prepared_dir(opts, opts.data_path, tok, image_spec=load_image_spec(str(other), tok))
+    assert prepared_dir(opts, opts.data_path, tok, image_spec=load_image_spec(str(model), tok)) == tmp_path / "set"
