@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftkit.accel import is_zero3
-from sftkit.arch.layout import copy_processor_files
+from sftkit.arch.layout import copy_processor_files, vision_language_config
 from sftkit.arch.layout import restore as restore_layout
 from sftkit.digest import algo_of, of_bytes, of_files
 from sftkit.errors import ConfigError, SftkitError
@@ -201,6 +201,8 @@ def model_card(cfg) -> str:
             else "a fully fine-tuned model")
     load = ("peft.AutoPeftModelForCausalLM.from_pretrained(this folder), or `sftkit merge-lora --adapter "
             "this folder` for a standalone model" if cfg.use_lora
+            else "transformers.AutoModelForImageTextToText.from_pretrained(this folder) (a vision-language model; "
+            "AutoModelForCausalLM gives Qwen3.5's text model alone)" if vision_language_config(cfg.model_name_or_path)
             else "transformers.AutoModelForCausalLM.from_pretrained(this folder)")
     data = ", ".join(f"`{d}`" for d in cfg.data_path) or "(none named)"
     return (f"# Fine-tuned with sftkit\n\nThis folder holds {kind} of `{cfg.model_name_or_path}`, trained on "
