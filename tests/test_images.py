@@ -6,6 +6,7 @@ each alone, the vision tower frozen by default, and a changed image file prepare
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -109,12 +110,18 @@ def reference_processor(model: Path, monkeypatch):
                             video_processor=None, chat_template=tok.chat_template)
 
 
-def prepared(model: Path, files: list[Path], out: Path, **options):
-    from transformers import AutoTokenizer
+@functools.cache
+def tokenizer_of(model: Path):
+    """The model's tokenizer, loaded once for the module (prepare only reads it)."""
+    from sftkit.models import load_tokenizer
 
+    return load_tokenizer(str(model))
+
+
+def prepared(model: Path, files: list[Path], out: Path, **options):
     from sftkit.models import load_image_spec
 
-    tok = AutoTokenizer.from_pretrained(model)
+    tok = tokenizer_of(model)
     manifest = prepare(DataOptions(**options), [str(f) for f in files], out, tok,
                        image_spec=load_image_spec(str(model), tok))
     return manifest, load_prepared(out)
@@ -323,12 +330,12 @@ def test_the_vision_tower_is_frozen_unless_asked(vl, train_vision, trained):
 
 def test_a_changed_image_is_prepared_again(vl, tmp_path):
     from sftkit.data.dataset import prepared_dir
-    from sftkit.models import load_image_spec, load_tokenizer
+    from sftkit.models import load_image_spec
 
     model, data = vl
     image = shutil.copy(data / "wide.png", tmp_path / "x.png")
     file = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "<image>What?", "output": "Noise.", "images": ["x.png"]}])
-    tok = load_tokenizer(str(model))
+    tok = tokenizer_of(model)
     spec = load_image_spec(str(model), tok)
     opts = DataOptions(data_path=[str(file)])
     first = prepared_dir(opts, [str(file)], tok, image_spec=spec)
@@ -347,7 +354,7 @@ def test_sftdataset_reads_images_with_the_tokenizers_model(vl):
 
     model, data = vl
     rows, _ = rows_of_each_form(data)["trl_images"]
-    ds = SFTDataset(str(write_jsonl(data / "api.jsonl", rows)), load_tokenizer(str(model)))
+    ds = SFTDataset(str(write_jsonl(data / "api.jsonl", rows)), tokenizer_of(model))
     assert (np.array(ds[0]["input_ids"]) == IMAGE_TOKEN).sum() > 0 and len(ds[0]["images"]) == 1
     assert Path(ds[0]["images"][0]).read_bytes() == (data / "small.png").read_bytes()
 
@@ -436,3 +443,27 @@ def test_a_set_prepared_with_another_image_processor_is_refused(vl, tmp_path):
     with pytest.raises(ConfigError, match="prepared with another image processor"):
         prepared_dir(opts, opts.data_path, tok, image_spec=load_image_spec(str(other), tok))
     assert prepared_dir(opts, opts.data_path, tok, image_spec=load_image_spec(str(model), tok)) == tmp_path / "set"
+
+
+def test_template_switches_and_tool_calls_render_as_the_processor_does(vl, tmp_path, monkeypatch):
+    """--enable_thinking false and a tool-calling conversation with an image: the processor's ids."""
+    from PIL import Image
+
+    model, data = vl
+    processor = reference_processor(model, monkeypatch)
+    call = {"type": "function", "function": {"name": "zoom", "arguments": {"factor": 2}}}
+    tools = [{"type": "function", "function": {"name": "zoom", "description": "Zoom in.",
+                                               "parameters": {"type": "object", "properties": {"factor": {"type": "integer"}}}}}]
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "wide.png"}, {"type": "text", "text": "Zoom."}]},
+                        {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "content": "zoomed"},
+                        {"role": "assistant", "content": "Done."}], "tools": tools}
+    want_messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(data / "wide.png")},
+                                                   {"type": "text", "text": "Zoom."}]}, *row["messages"][1:]]
+    file = write_jsonl(data / "tools.jsonl", [row])
+    _, ds = prepared(model, [file], tmp_path / "out", enable_thinking=False)
+    want = processor.apply_chat_template(want_messages, tools=tools, tokenize=True, return_dict=True,
+                                         enable_thinking=False)
+    assert ds[0]["input_ids"] == want["input_ids"][0]
+    labels = np.array(ds[0]["labels"])
+    assert processor.tokenizer.decode(np.array(ds[0]["input_ids"])[labels != IGNORE_INDEX]).endswith("Done.<|im_end|>")
