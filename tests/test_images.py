@@ -350,7 +350,6 @@ def test_a_changed_image_is_prepared_again(vl, tmp_path):
 
 def test_sftdataset_reads_images_with_the_tokenizers_model(vl):
     from sftkit import SFTDataset
-    from sftkit.models import load_tokenizer
 
     model, data = vl
     rows, _ = rows_of_each_form(data)["trl_images"]
