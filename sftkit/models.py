@@ -156,7 +156,25 @@ def load_image_spec(name: str, tokenizer):
     processor's PIL form where torchvision is absent (same token counts)."""
     from sftkit.data.images import image_spec
 
-    return image_spec(resolve_model_path(name), tokenizer)
+    return None if name == TINY else image_spec(model_folder(name), tokenizer)  # the preset is a text model
+
+
+def model_folder(name: str) -> str:
+    """A folder on disk holding the model's config and processor files: `name` itself, or a Hub id's
+    snapshot in the Hugging Face cache (those small files fetched there where they are missing)."""
+    if Path(name).is_dir():
+        return name
+    from transformers.utils import cached_file
+
+    from sftkit.arch.layout import PROCESSOR_FILES
+
+    try:
+        config = cached_file(name, "config.json")
+        for file in PROCESSOR_FILES:
+            cached_file(name, file, _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):  # not a Hub id, or unreachable: read as a folder (none, so a text model)
+        return name
+    return str(Path(config).parent) if config else name
 
 
 def min_saved_bytes(name: str) -> int:
