@@ -36,6 +36,7 @@ from sftkit.arch.layout import restore as restore_layout
 from sftkit.digest import algo_of, of_bytes, of_files
 from sftkit.errors import ConfigError, SftkitError
 from sftkit.io import apply_umask, atomic_write_text
+from sftkit.models import model_folder
 from sftkit.sharding import full_state_dict, is_sharded
 
 CHECKPOINT_PREFIX = "checkpoint-"   # checkpoint-N: the state after step N
@@ -188,8 +189,9 @@ def save_model(accelerator, model, tokenizer, cfg, path: Path) -> None:
         atomic_write_text(path / MODEL_CARD, model_card(cfg))  # in place of PEFT's empty card
         if state_dict is not None:
             check_saved_shapes(path, unwrapped)
-        restore_layout(path, cfg.model_name_or_path)  # a Qwen3.5 base: its vision tower and MTP weights too
-        copy_processor_files(cfg.model_name_or_path, path)  # and the processor serving takes images with
+        base = model_folder(cfg.model_name_or_path)  # a Hub id: its snapshot in the cache
+        restore_layout(path, base)  # a Qwen3.5 base: its vision tower and MTP weights too
+        copy_processor_files(base, path)  # and the processor serving takes images with
         apply_umask(path)
     accelerator.wait_for_everyone()
 

@@ -47,7 +47,7 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     from sftkit.fit import check_adapter_fits
     from sftkit.io import atomic_directory, check_free_output, check_free_space, check_not_an_input, remove_stale_tmp
     from sftkit.lock import check_unlocked
-    from sftkit.models import adapter_base, load_adapter, load_model, load_tokenizer
+    from sftkit.models import adapter_base, load_adapter, load_model, load_tokenizer, model_folder
 
     check_unlocked(Path(output_dir))  # first: a live run's folder is refused for that, whatever else is wrong
     given, adapter = adapter, Path(model_in(str(adapter)))
@@ -96,8 +96,8 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     try:
         with atomic_directory(Path(output_dir)) as tmp:  # a failure removes tmp: no half-written folder stays
             merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=opts.max_shard_size)
-            restore_layout(tmp, base_name)  # a Qwen3.5 base: written as the vision-language model it came as
-            copy_processor_files(base_name, tmp)
+            restore_layout(tmp, model_folder(base_name))  # a Qwen3.5 base: written as the vision-language model it came as
+            copy_processor_files(model_folder(base_name), tmp)
             tokenizer.save_pretrained(tmp)
             gen = merged.generation_config
             ensure_stop_token(gen, tokenizer)

@@ -3,6 +3,7 @@ the model as it trains (LoRA, checkpointing, compile); an adapter on its base.""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,7 @@ TINY_CONFIG = dict(  # noqa: C408 -- keyword form, to comment each value
     # nothing short of retraining the norms can sharpen the output: LoRA cannot memorise even 4 replies.
     initializer_range=0.5,
 )
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name: what may name a model on the Hugging Face Hub
 TINY_INIT_SEED = 0  # the preset's weights are the same everywhere, so an adapter's base can be rebuilt
 
 
@@ -162,7 +164,9 @@ def load_image_spec(name: str, tokenizer):
 def model_folder(name: str) -> str:
     """A folder on disk holding the model's config and processor files: `name` itself, or a Hub id's
     snapshot in the Hugging Face cache (those small files fetched there where they are missing)."""
-    if Path(name).is_dir():
+    if name == TINY:
+        return resolve_model_path(name)
+    if Path(name).is_dir() or not HUB_ID.fullmatch(name):
         return name
     from transformers.utils import cached_file
 
