@@ -70,6 +70,7 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     tokenizer = load_tokenizer(tokenizer_source)
     # an adapter trained on images: merged into the vision-language model it was trained on
     vision = adapter_on_vision_model(adapter)
+    folder = model_folder(base_name)  # a Hub id: its snapshot in the cache
     base = load_model(base_name, getattr(torch, opts.dtype) if opts.dtype else "auto", vision=vision)
     if getattr(base.config, "quantization_config", None):
         raise ConfigError(f"{base_name} is quantized; merge into the full-precision base (load it without "
@@ -96,8 +97,8 @@ def merge_adapter(adapter: Path, output_dir: Path, opts) -> MergeReport:
     try:
         with atomic_directory(Path(output_dir)) as tmp:  # a failure removes tmp: no half-written folder stays
             merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=opts.max_shard_size)
-            restore_layout(tmp, model_folder(base_name))  # a Qwen3.5 base: written as the vision-language model it came as
-            copy_processor_files(model_folder(base_name), tmp)
+            restore_layout(tmp, folder)  # a Qwen3.5 base: written as the vision-language model it came as
+            copy_processor_files(folder, tmp)
             tokenizer.save_pretrained(tmp)
             gen = merged.generation_config
             ensure_stop_token(gen, tokenizer)

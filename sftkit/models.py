@@ -293,14 +293,11 @@ def build_for_training(cfg, cuda: bool = False, sequence=None, vision: bool = Fa
     return model
 
 
-# where Qwen3.5 and Qwen3-VL keep their vision tower, and within it the merger(s) into the language model
-VISION_TOWER = "visual"
-VISION_MERGERS = ("merger", "deepstack_merger_list")
-
-
 def freeze_vision(model, train_vision: str) -> None:
     """The vision tower's parameters frozen, all of them ("frozen"), all but the mergers ("merger"),
     or none ("tower")."""
+    from sftkit.arch.vision import VISION_MERGERS, VISION_TOWER
+
     for name, param in model.named_parameters():
         parts = name.split(".")
         if VISION_TOWER not in parts:
@@ -311,6 +308,8 @@ def freeze_vision(model, train_vision: str) -> None:
 
 def vision_modules_to_save(cfg, vision: bool) -> list[str]:
     """Under LoRA, what of the vision tower trains in full (PEFT's modules_to_save)."""
+    from sftkit.arch.vision import VISION_MERGERS, VISION_TOWER
+
     if not vision or cfg.train_vision == "frozen":
         return []
     return [f"{VISION_TOWER}.{m}" for m in VISION_MERGERS] if cfg.train_vision == "merger" else [VISION_TOWER]

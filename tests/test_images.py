@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -466,3 +467,15 @@ def test_template_switches_and_tool_calls_render_as_the_processor_does(vl, tmp_p
     assert ds[0]["input_ids"] == want["input_ids"][0]
     labels = np.array(ds[0]["labels"])
     assert processor.tokenizer.decode(np.array(ds[0]["input_ids"])[labels != IGNORE_INDEX]).endswith("Done.<|im_end|>")
+
+
+def test_a_bad_row_leaves_no_image_in_the_set(vl, tmp_path):
+    """--skip_bad_rows: a row whose second image is missing stores not even its first."""
+    model, data = vl
+    file = write_jsonl(data / "half_bad.jsonl", [
+        {"instruction": "<image> and <image>", "output": "Two.", "images": ["tall.jpg", "missing.png"]},
+        {"instruction": "<image>One.", "output": "One.", "images": ["small.png"]}])
+    manifest, _ = prepared(model, [file], tmp_path / "out", skip_bad_rows=True)
+    assert manifest["dropped"]["bad_row"] == 1 and manifest["images"]["stored"] == 1
+    stored = {p.name for p in (tmp_path / "out" / "images").iterdir()}
+    assert stored == {hashlib.sha256((data / "small.png").read_bytes()).hexdigest()}

@@ -108,8 +108,10 @@ def adapter_on_vision_model(adapter: Path) -> bool:
     `language_model`), which its base must then be loaded as; False for one on a text model."""
     from safetensors import safe_open
 
+    from sftkit.arch.vision import LANGUAGE_MODEL
+
     file = adapter / "adapter_model.safetensors"
     if not file.is_file():
         return False
     with safe_open(str(file), framework="pt") as f:
-        return any(".language_model." in key for key in f.keys())  # noqa: SIM118 (safe_open is no dict)
+        return any(f".{LANGUAGE_MODEL}." in key for key in f.keys())  # noqa: SIM118 (safe_open is no dict)

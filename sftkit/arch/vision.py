@@ -22,6 +22,12 @@ from typing import Any
 
 import torch
 
+# where Qwen3.5 and Qwen3-VL keep their vision tower, within it the merger(s) into the language model,
+# and beside it the language model: module names
+VISION_TOWER = "visual"
+VISION_MERGERS = ("merger", "deepstack_merger_list")
+LANGUAGE_MODEL = "language_model"
+
 
 @dataclass(frozen=True)
 class Vision:
@@ -87,7 +93,7 @@ def tower_runs(model, pixel_values: torch.Tensor, grid: torch.Tensor) -> Iterato
     gather in one order); the list it yields then holds 0 x all the tower made, for the loss. So
     the tower runs once a micro-batch on every rank, without changing the loss or any gradient."""
     modules = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules()}
-    tower, language = modules["visual"], modules["language_model"]
+    tower, language = modules[VISION_TOWER], modules[LANGUAGE_MODEL]
     made: list[torch.Tensor] = []
 
     def run(module, args, kwargs):

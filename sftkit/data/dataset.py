@@ -103,8 +103,7 @@ def _prepared_dir(opts: DataOptions, specs: list[str], tokenizer, console=None,
         if manifest.get("tokenizer_sha256") != prep.tokenizer_fingerprint(tokenizer):
             raise ConfigError(f"{specs[0]} was prepared with another tokenizer or chat template "
                               f"({manifest.get('tokenizer')}); run prepare-data again with this model")
-        if image_spec is not None and manifest.get("images") and prep.images_changed(
-                {"images": manifest["images"]}, image_spec):  # its image token counts are another processor's
+        if image_spec is not None and prep.processor_changed(manifest, image_spec):
             raise ConfigError(f"{specs[0]} was prepared with another image processor, whose images are another "
                               "number of tokens; run prepare-data again with this model")
         return Path(specs[0])

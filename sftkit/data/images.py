@@ -34,7 +34,6 @@ from sftkit.data.formats import IMAGE, Conversation, RowError
 PLACEHOLDER = "<image>"  # LLaMA-Factory's
 PROCESSOR_CONFIG = "preprocessor_config.json"
 UNIFIED_CONFIG = "processor_config.json"
-IMAGE_PART_KEYS = ("image", "url", "path")  # where an {"type": "image"} part holds its image
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -48,6 +47,11 @@ class ImageSpec:
     token: str                      # "<|image_pad|>"
     source: str                     # the model folder holding preprocessor_config.json
     config: str = ""                # that file's text
+
+    @property
+    def digest(self) -> str:
+        """The sha256 of the processor's config: what a prepared set records of the processor."""
+        return hashlib.sha256(self.config.encode()).hexdigest()
 
     @functools.cached_property
     def processor(self):
@@ -232,7 +236,7 @@ def gather(msgs: Conversation, row: dict[str, Any], base: Path | None, spec: Ima
         raise RowError("images" if column else parts[0]["field"], "this row has images, but the model is a text "
                        "model (no image processor, preprocessor_config.json); use a vision-language model "
                        "(Qwen3.5, Qwen3-VL) or remove the images")
-    used = 0
+    used, found = 0, []
     for part in parts:
         source, where = part.pop("source"), part.pop("field")
         if source is None:
@@ -241,12 +245,13 @@ def gather(msgs: Conversation, row: dict[str, Any], base: Path | None, spec: Ima
                                + ("" if column else "; give the images in an images column or in the parts"))
             source, where = column[used], f"images[{used}]"
             used += 1
-        found = picture(read_image(source, where, base, seen), where, spec)
-        store(found)
-        part["picture"] = found.stored()
+        found.append(picture(read_image(source, where, base, seen), where, spec))
+        part["picture"] = found[-1].stored()
     if used != len(column):
         raise RowError("images", f"holds {len(column)} image(s) but the conversation places {used} (one "
                        f"{PLACEHOLDER} in the text, or one image part, per image)")
+    for one in found:  # stored once the whole row holds: a bad row leaves no image behind
+        store(one)
     return len(parts)
 
 

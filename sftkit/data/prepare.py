@@ -521,7 +521,7 @@ def images_manifest(fp: str, shown: dict, sink: ImageSink) -> dict:
     read (images_changed)."""
     return {"data_fingerprint": fp, "images": {
         "examples_with_images": shown["examples"], "images": shown["images"], "stored": sink.stored,
-        "bytes": sink.nbytes, "processor_sha256": hashlib.sha256(sink.spec.config.encode()).hexdigest()},
+        "bytes": sink.nbytes, "processor_sha256": sink.spec.digest},
         "image_files": {path: list(stat) for path, stat in sorted(sink.files.items())}}
 
 
@@ -539,14 +539,21 @@ def images_fingerprint(fp: str, shown: dict, spec: images.ImageSpec) -> str:
     return h.hexdigest()
 
 
-def images_changed(manifest: dict, spec: images.ImageSpec | None) -> bool:
-    """Whether a prepared set with images no longer holds what its rows name: an image file read
-    for it has changed since (its size or time, then its bytes' sha256 against the set's copies),
-    or the model's image processor is another. A set without images: False."""
+def processor_changed(manifest: dict, spec: images.ImageSpec | None) -> bool:
+    """Whether a prepared set's images were counted in tokens by another image processor than
+    `spec` (or there is none now). A set without images: False."""
     shown = manifest.get("images")
-    if not shown:
+    return bool(shown) and (spec is None or shown.get("processor_sha256") != spec.digest)
+
+
+def images_changed(manifest: dict, spec: images.ImageSpec | None) -> bool:
+    """Whether a prepared set with images no longer holds what its rows name: the model's image
+    processor is another (processor_changed), or an image file read for it is gone or has another
+    size or time since (said conservatively: a file only touched is prepared again too). A set
+    without images: False."""
+    if not manifest.get("images"):
         return False
-    if spec is None or shown.get("processor_sha256") != hashlib.sha256(spec.config.encode()).hexdigest():
+    if processor_changed(manifest, spec):
         return True
     for path, (size, mtime) in (manifest.get("image_files") or {}).items():
         try:
@@ -554,7 +561,7 @@ def images_changed(manifest: dict, spec: images.ImageSpec | None) -> bool:
         except OSError:
             return True
         if (st.st_size, st.st_mtime_ns) != (size, mtime):
-            return True  # said conservatively: a touched file is prepared again
+            return True
     return False
 
 
